@@ -1,0 +1,91 @@
+"""SRPOConfig: DPOConfig plus the fields of the SRPO objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+ALIGN_LOSSES = ("odds_ratio", "sigmoid")
+
+
+@dataclass
+class SRPOConfig(DPOConfig):
+    r"""
+    Configuration for [`SRPOTrainer`]: every [`~trl.DPOConfig`] field, plus the SRPO objective
+
+        L = L_ref + srpo_lambda * L_align
+
+    where `L_ref` is the mean token NLL of the verified reference path (closed with EOS) and `L_align`
+    prefers the favorable continuation over the unfavorable one from the same reasoning prefix.
+
+    Parameters:
+        srpo_lambda (`float`, defaults to `0.3`): weight of the alignment term (RPO's default).
+            `0` trains on the reference paths only (plain NLL).
+        align_loss (`str`, defaults to `"odds_ratio"`): `"odds_ratio"` (RPO / ORPO style, on mean
+            token log-probs, no reference model, no `beta`) or `"sigmoid"` (Step-DPO: DPO on the
+            continuation tokens only, summed log-probs, a frozen reference model, `beta`).
+        step_separator (`str`, defaults to `"\n"`): joins reasoning steps; each prefix step ends with it.
+        fallback_reference_eos (`bool`, defaults to `True`): whether a row without `reference` closes
+            its fallback reference path `prefix + chosen` with EOS. Set to `False` when continuations
+            are single steps rather than paths to a final answer.
+    """
+
+    srpo_lambda: float = field(
+        default=0.3,
+        metadata={
+            "help": "Weight lambda of the alignment term in L = L_ref + lambda * L_align (RPO's default 0.3). "
+            "0 trains on the reference paths only."
+        },
+    )
+    align_loss: str = field(
+        default="odds_ratio",
+        metadata={
+            "help": "Alignment loss between the favorable and unfavorable continuation: 'odds_ratio' (RPO/ORPO "
+            "style on mean token log-probs; reference-free, no beta) or 'sigmoid' (Step-DPO: DPO on continuation "
+            "tokens with summed log-probs, a frozen reference model and beta).",
+            "choices": list(ALIGN_LOSSES),
+        },
+    )
+    step_separator: str = field(
+        default="\n",
+        metadata={"help": "String that joins reasoning steps; the same on every path."},
+    )
+    fallback_reference_eos: bool = field(
+        default=True,
+        metadata={
+            "help": "For rows without a 'reference' column the reference path is prefix + chosen; whether to close "
+            "it with EOS. Set False when 'chosen' is a single step rather than the rest of the path."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.align_loss not in ALIGN_LOSSES:
+            raise ValueError(f"`align_loss` must be one of {list(ALIGN_LOSSES)}, got {self.align_loss!r}.")
+        if self.srpo_lambda < 0:
+            raise ValueError(f"`srpo_lambda` must be >= 0 (it weights a loss term), got {self.srpo_lambda}.")
+        if not self.step_separator:
+            raise ValueError("`step_separator` must be a non-empty string (e.g. '\\n'); steps cannot be joined by ''.")
+        # DPO knobs that SRPO does not compute: refuse them rather than silently ignoring them.
+        if list(self.loss_type) != ["sigmoid"]:
+            raise ValueError(
+                f"`loss_type={self.loss_type}` is a DPOTrainer option; SRPOTrainer computes the SRPO objective. "
+                "Choose the alignment term with `align_loss` ('odds_ratio' or 'sigmoid') instead."
+            )
+        if self.ld_alpha is not None or self.use_weighting or self.f_divergence_type != "reverse_kl":
+            raise ValueError(
+                "`ld_alpha`, `use_weighting` and `f_divergence_type` are DPO variants that SRPOTrainer does not "
+                "implement; leave them at their defaults."
+            )
+        if self.align_loss == "odds_ratio":
+            if self.precompute_ref_log_probs:
+                raise ValueError(
+                    "`precompute_ref_log_probs=True` needs a reference model, which `align_loss='odds_ratio'` does "
+                    "not use. Set `align_loss='sigmoid'` (Step-DPO) or drop `precompute_ref_log_probs`."
+                )
+            if self.sync_ref_model:
+                raise ValueError(
+                    "`sync_ref_model=True` needs a reference model, which `align_loss='odds_ratio'` does not use. "
+                    "Set `align_loss='sigmoid'` or drop `sync_ref_model`."
+                )

@@ -1,0 +1,205 @@
+"""StepPairDataset: validated step-pair rows on top of a `datasets.Dataset`.
+
+    pairs = StepPairDataset.from_jsonl("pairs.jsonl")
+    pairs = StepPairDataset.from_list([{"prompt": ..., "prefix": [...], "chosen": ..., "rejected": ...}])
+    pairs = StepPairDataset.from_exploration("explored.jsonl", max_pairs_per_point=4)
+
+Every row is validated when the dataset is built (a bad row raises an error naming the row and
+field). The Arrow-backed `datasets.Dataset` stays underneath: `map`, `filter`, caching,
+`push_to_hub` and the rest are forwarded to it, and `SRPOTrainer` accepts the wrapper directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+from datasets import Dataset
+
+from .rows import RowError, normalize_row
+
+logger = logging.getLogger(__name__)
+
+
+def _resolve_images(row: dict, base_dir: Path) -> dict:
+    images = row.get("images")
+    if images:
+        row["images"] = [
+            str(base_dir / im) if isinstance(im, str) and not os.path.isabs(im) else im for im in images
+        ]
+    return row
+
+
+def _read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (expected a JSON-lines file, one object per line)")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(_resolve_images(obj, path.parent))
+    return rows
+
+
+def _canonical_rows(rows: Iterable[dict], source: str) -> list[dict]:
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(normalize_row(row, i))
+        except RowError as e:
+            raise RowError(f"{e.index} ({source})", e.field, e.problem) from None
+    if not out:
+        raise ValueError(f"{source}: no rows; a step-pair dataset needs at least one (prompt, chosen, rejected) row")
+    if not any(r["images"] for r in out):  # text-only: no `images` column, so trainers see a text dataset
+        for r in out:
+            r.pop("images")
+    if all(r["reference"] is None for r in out):
+        for r in out:
+            r.pop("reference")
+    return out
+
+
+class StepPairDataset:
+    """Step-pair rows (see the row format in the README) backed by a `datasets.Dataset`."""
+
+    def __init__(self, dataset: Dataset, report: dict | None = None):
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"StepPairDataset wraps a datasets.Dataset, got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.report = report or {}
+
+    # ---- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_list(cls, rows: list[dict], source: str = "list") -> "StepPairDataset":
+        return cls(Dataset.from_list(_canonical_rows(rows, source)))
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset) -> "StepPairDataset":
+        return cls.from_list(list(dataset), source="dataset")
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike) -> "StepPairDataset":
+        """Rows from a JSON-lines file; relative image paths are resolved against the file's folder."""
+        return cls.from_list(_read_jsonl(path), source=str(path))
+
+    @classmethod
+    def from_exploration(
+        cls,
+        explored: str | os.PathLike | list[dict],
+        max_pairs_per_point: int | None = None,
+        seed: int = 0,
+    ) -> "StepPairDataset":
+        """Expand exploration records into every (favorable, unfavorable) pair at each branch point.
+
+        `explored` is the JSON-lines output of `srpo-trl explore` (or its records as dicts): per
+        record a `reference` path and `points`, each with `branch_point`, `prefix` and sampled
+        `continuations` (`text`, `verified`). Continuations are de-duplicated per point; a text that
+        was judged both ways is dropped from both sides. At most `max_pairs_per_point` pairs are kept
+        per point (a seeded sample, so every favorable/unfavorable text has a chance). Records whose
+        `status` is not "ok" and points without both outcomes build no pair; all of it is counted in
+        `.report` and logged.
+        """
+        records = _read_jsonl(explored) if not isinstance(explored, list) else explored
+        rng = random.Random(seed)
+        report: Counter = Counter()
+        rows = []
+        for rec_no, record in enumerate(records):
+            report["records"] += 1
+            status = record.get("status", "ok")
+            if status != "ok":
+                report[f"records_skipped_{status}"] += 1
+                continue
+            for point in record.get("points") or []:
+                report["points"] += 1
+                verdicts: dict[str, set] = {}
+                for cont in point.get("continuations") or []:
+                    text = cont.get("text")
+                    if not isinstance(text, str) or not text.strip():
+                        report["continuations_empty"] += 1
+                        continue
+                    verdicts.setdefault(text, set()).add(bool(cont.get("verified")))
+                conflicting = [t for t, v in verdicts.items() if len(v) > 1]
+                report["continuations_conflicting"] += len(conflicting)
+                good = [t for t, v in verdicts.items() if v == {True}]
+                bad = [t for t, v in verdicts.items() if v == {False}]
+                if not good or not bad:
+                    report["points_one_sided"] += 1
+                    continue
+                report["points_with_both"] += 1
+                pairs = list(itertools.product(good, bad))
+                if max_pairs_per_point is not None and len(pairs) > max_pairs_per_point:
+                    report["pairs_capped"] += len(pairs) - max_pairs_per_point
+                    keep = sorted(rng.sample(range(len(pairs)), max_pairs_per_point))
+                    pairs = [pairs[i] for i in keep]
+                for chosen, rejected in pairs:
+                    row = {
+                        "id": str(record.get("id", rec_no)),
+                        "prompt": record["prompt"],
+                        "prefix": list(point.get("prefix") or []),
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "reference": record.get("reference") or None,
+                        "branch_point": int(point.get("branch_point", len(point.get("prefix") or []))),
+                    }
+                    if record.get("images"):
+                        row["images"] = record["images"]
+                    rows.append(row)
+        report["pairs"] = len(rows)
+        report = dict(report)
+        logger.warning("Step pairs from exploration: %s", ", ".join(f"{k}={v}" for k, v in sorted(report.items())))
+        if not rows:
+            raise ValueError(
+                f"No step pair could be built from the exploration output ({report}). Pairs need points where some "
+                "continuations pass the verifier and some fail: sample more (num_samples) or at a higher temperature."
+            )
+        out = cls.from_list(rows, source="exploration")
+        out.report = report
+        return out
+
+    # ---- the datasets.Dataset underneath ----------------------------------------------------------
+
+    def to_jsonl(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for row in self.dataset:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.dataset[key]
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def __repr__(self) -> str:
+        return f"StepPairDataset({self.dataset!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        # Forward everything else (map, filter, select, train_test_split, push_to_hub, ...) to the Dataset.
+        if name == "dataset":
+            raise AttributeError(name)
+        attr = getattr(self.dataset, name)
+        if not callable(attr):
+            return attr
+
+        def wrapped(*args, **kwargs):
+            result = attr(*args, **kwargs)
+            return StepPairDataset(result, self.report) if isinstance(result, Dataset) else result
+
+        return wrapped

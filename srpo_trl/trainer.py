@@ -1,0 +1,437 @@
+"""SRPOTrainer: the SRPO objective as a swap-in for TRL's DPOTrainer.
+
+    L = L_ref + srpo_lambda * L_align
+
+`L_ref` is the mean token NLL of the reference path (closed with EOS) given the prompt, averaged
+over rows. `L_align` compares the favorable and unfavorable continuation from the same reasoning
+prefix, on continuation tokens only: the odds ratio of their mean token log-probs (default, no
+reference model), or Step-DPO's sigmoid loss on summed log-probs against a frozen reference.
+
+The constructor, PEFT handling, DeepSpeed / FSDP preparation of the reference model, reference
+log-prob precomputation, logging and the model card are DPOTrainer's. What this class replaces:
+dataset preparation (step-pair rows, validated and encoded segment by segment), the collator, the
+loss, and the reference log-probs of the sigmoid mode. TRL's private surface used here is pinned
+by the tested TRL range in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import textwrap
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import AutoProcessor, ProcessorMixin
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import dpo_trainer as _dpo_module
+from trl.trainer.utils import get_config_model_id, use_adapter
+
+from .collator import NON_MODEL_KEYS, DataCollatorForStepPairs
+from .config import SRPOConfig
+from .dataset import StepPairDataset
+from .rows import (
+    RowError,
+    check_image_count,
+    encode_prompt_text,
+    encode_text_segments,
+    normalize_row,
+    render_prompt,
+    tokenizer_of,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BRANCH_BUCKET = 8  # metrics by branch point: k = 0..7 and "8+"
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler, 2012)."""
+    x = x.clamp(max=-1e-12)  # a mean log-prob of exactly 0 would make the odds infinite
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def odds_ratio_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row -log sigmoid(log odds(y+) - log odds(y-)) on mean token log-probs, and the log odds ratio."""
+    log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+    return -F.logsigmoid(log_odds), log_odds
+
+
+@contextlib.contextmanager
+def _without_reference_model(active: bool, policy_is_path: bool):
+    """Keep DPOTrainer.__init__ from loading a reference model that the odds-ratio loss never uses.
+
+    DPOTrainer builds one with `create_model_from_path` when none is given (and no PEFT); a model
+    built from a config has no path to reload, and a 7B copy would waste memory. The policy itself,
+    when given as a path, is the first call and loads normally.
+    """
+    if not active:
+        yield
+        return
+    original = _dpo_module.create_model_from_path
+    calls = 0
+
+    def create(path, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(path, **kwargs) if (policy_is_path and calls == 1) else None
+
+    _dpo_module.create_model_from_path = create
+    try:
+        yield
+    finally:
+        _dpo_module.create_model_from_path = original
+
+
+def _as_srpo_config(args: DPOConfig) -> SRPOConfig:
+    if isinstance(args, SRPOConfig):
+        return args
+    logger.warning("SRPOTrainer got a %s; converting it to SRPOConfig with the SRPO defaults.", type(args).__name__)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    return SRPOConfig(**values)
+
+
+class SRPOTrainer(DPOTrainer):
+    """Trainer for SRPO (Safety-aware Reasoning Path Optimization, arXiv 2509.12060).
+
+    Same constructor as [`~trl.DPOTrainer`]. `train_dataset` holds step-pair rows (`prompt`,
+    optional `images`, `prefix`, `chosen`, `rejected`, optional `reference`): a
+    [`StepPairDataset`], a `datasets.Dataset` / `IterableDataset`, or plain DPO data (which is a
+    step-pair dataset with an empty prefix, the chosen answer serving as reference path).
+
+    With `align_loss="odds_ratio"` (default) no reference model is created or run. With
+    `align_loss="sigmoid"` the reference is `ref_model`, else the PEFT model with adapters
+    disabled, else a copy of the policy reloaded from its path (or precomputed log-probs).
+    """
+
+    _tag_names = ["trl", "srpo"]
+    _name = "SRPO"
+    _paper = {
+        "title": "When Safe Unimodal Inputs Collide: Optimizing Reasoning Chains for Cross-Modal Safety in "
+        "Multimodal Large Language Models",
+        "id": "2509.12060",
+        "citation": textwrap.dedent("""\
+            @inproceedings{srpo2026,
+                title        = {{When Safe Unimodal Inputs Collide: Optimizing Reasoning Chains for Cross-Modal Safety in Multimodal Large Language Models}},
+                booktitle    = {Proceedings of the AAAI Conference on Artificial Intelligence},
+                year         = 2026,
+                eprint       = {arXiv:2509.12060},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: SRPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config) or "model"
+            args = SRPOConfig(f"{name.rstrip('/').split('/')[-1]}-SRPO")
+        args = _as_srpo_config(args)
+        train_dataset = self._unwrap(train_dataset)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._unwrap(v) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._unwrap(eval_dataset)
+
+        odds_ratio = args.align_loss == "odds_ratio"
+        if (
+            not odds_ratio
+            and ref_model is None
+            and peft_config is None
+            and not is_peft_model(model)
+            and not args.precompute_ref_log_probs
+            and not isinstance(model, str)
+            and not get_config_model_id(model.config)
+        ):
+            raise ValueError(
+                "align_loss='sigmoid' needs a reference model, and this model has no path to reload one from "
+                "(it was built from a config). Pass `ref_model=`, train with `peft_config=` (the reference is the "
+                "model with adapters disabled), save the model and pass its folder, or set "
+                "`precompute_ref_log_probs=True`."
+            )
+
+        if processing_class is None:
+            source = model if isinstance(model, str) else get_config_model_id(model.config)
+            if not source:
+                raise ValueError("Pass `processing_class=` (a tokenizer or processor): the model has no path to load one from.")
+            processing_class = AutoProcessor.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+        self._is_processor = isinstance(processing_class, ProcessorMixin)
+
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        first = next(iter(train_dataset))
+        self.dropped_rows: dict[str, list] = {}
+        if "image" in first or "images" in first:
+            if not self._is_processor:
+                raise ValueError(
+                    "The dataset has images but `processing_class` is a tokenizer; pass the model's processor."
+                )
+            train_dataset = self._prepare_vision_dataset(train_dataset, processing_class, args, "train")
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {
+                    k: self._prepare_vision_dataset(v, processing_class, args, k) for k, v in eval_dataset.items()
+                }
+            elif eval_dataset is not None:
+                eval_dataset = self._prepare_vision_dataset(eval_dataset, processing_class, args, "eval")
+
+        if data_collator is None:
+            data_collator = DataCollatorForStepPairs(
+                processing_class=processing_class,
+                step_separator=args.step_separator,
+                max_length=args.max_length,
+                fallback_reference_eos=args.fallback_reference_eos,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+
+        with _without_reference_model(odds_ratio and ref_model is None, isinstance(model, str)):
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        if odds_ratio and ref_model is not None:
+            logger.warning("align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used.")
+        self.srpo_lambda = args.srpo_lambda
+        self.align_loss = args.align_loss
+
+    # ---- data ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _unwrap(dataset):
+        if isinstance(dataset, StepPairDataset):
+            return dataset.dataset
+        if isinstance(dataset, list):
+            return StepPairDataset.from_list(dataset).dataset
+        return dataset
+
+    def _report_dropped(self, name: str, dropped: list[tuple[int, str]], total: int, max_length) -> None:
+        """Every dropped row is counted and named (the first few) in a warning, and kept in `dropped_rows`."""
+        self.dropped_rows[name] = dropped
+        if dropped:
+            shown = "; ".join(f"row {i}: {why}" for i, why in dropped[:5])
+            logger.warning(
+                "%s dataset: dropped %d of %d rows that do not fit max_length=%s (%s%s). Raise max_length to keep them.",
+                name, len(dropped), total, max_length, shown, " ..." if len(dropped) > 5 else "",
+            )  # fmt: skip
+
+    @staticmethod
+    def _fit_problem(prompt_len: int, seg: dict, max_length: int | None) -> str | None:
+        """Why a row cannot be trained on at `max_length` (its continuation or reference cut away), or None."""
+        if max_length is None:
+            return None
+        context = prompt_len + len(seg["prefix_ids"])
+        if context >= max_length:
+            return f"prompt + prefix is {context} tokens, no room for the continuations"
+        if prompt_len >= max_length:
+            return f"prompt is {prompt_len} tokens, no room for the reference path"
+        return None
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Validate and encode text step-pair rows (cached by `datasets`); drop and report rows that
+        do not fit `max_length`."""
+        if isinstance(dataset, Dataset) and "chosen_ids" in dataset.column_names:
+            return dataset  # already prepared (evaluate() calls this again)
+        tokenizer = tokenizer_of(processing_class)
+        separator, eos_fallback = args.step_separator, args.fallback_reference_eos
+
+        def encode(example, idx):
+            row = normalize_row(example, idx)
+            seg = encode_text_segments(row, processing_class, separator, eos_fallback)
+            seg["prompt_ids"] = encode_prompt_text(row, tokenizer)
+            seg["_drop"] = self._fit_problem(len(seg["prompt_ids"]), seg, args.max_length) or ""
+            return seg
+
+        map_kwargs = {"with_indices": True}
+        if isinstance(dataset, Dataset):
+            map_kwargs.update(num_proc=args.dataset_num_proc, desc=f"Encoding {dataset_name} step pairs")
+        dataset = dataset.map(encode, **map_kwargs)
+        if isinstance(dataset, Dataset):
+            reasons = dataset["_drop"]
+            dropped = [(i, why) for i, why in enumerate(reasons) if why]
+            self._report_dropped(dataset_name, dropped, len(dataset), args.max_length)
+            if dropped:
+                dataset = dataset.select([i for i, why in enumerate(reasons) if not why])
+        else:  # streaming: rows cannot be counted ahead; the collator raises on a row that does not fit
+            dataset = dataset.filter(lambda ex: not ex["_drop"])
+        return dataset.remove_columns("_drop")
+
+    def _prepare_vision_dataset(self, dataset, processor, args: SRPOConfig, name: str):
+        """Vision rows are encoded on the fly (pixels are too large to store). Here they are only
+        validated, and, with `max_length`, measured so that rows that cannot fit are dropped and
+        reported before training rather than failing mid-run."""
+        if isinstance(dataset, IterableDataset):
+            return dataset
+        image_token = getattr(processor, "image_token", None)
+        dropped = []
+        for i, example in enumerate(dataset):
+            row = normalize_row(example, i)
+            check_image_count(row, i, image_token)
+            if args.max_length is not None:
+                from .collator import load_images
+
+                images = load_images(row["images"], i)
+                text = render_prompt(processor, row["prompt"], images)
+                kwargs = {"images": [images]} if images else {}
+                prompt_len = len(processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0])
+                seg = encode_text_segments(row, processor, args.step_separator, args.fallback_reference_eos)
+                why = self._fit_problem(prompt_len, seg, args.max_length)
+                if why:
+                    dropped.append((i, why))
+        self._report_dropped(name, dropped, len(dataset), args.max_length)
+        if dropped:
+            keep = set(range(len(dataset))) - {i for i, _ in dropped}
+            dataset = dataset.select(sorted(keep))
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = [
+                "prompt_ids", "prefix_ids", "chosen_ids", "rejected_ids", "reference_ids",
+                "prompt", "images", "image", "prefix", "chosen", "rejected", "reference",
+                "branch_point", "ref_chosen_logps", "ref_rejected_logps",
+            ]  # fmt: skip
+
+    # ---- log-probs -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _model_kwargs(inputs: dict) -> dict:
+        kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        kwargs["use_cache"] = False
+        return kwargs
+
+    def _sequence_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Summed log-probs and token counts of every sequence over its `loss_mask`, and the outputs."""
+        loss_mask = inputs["loss_mask"]
+        labels = inputs["input_ids"].masked_fill(loss_mask == 0, -100)
+        outputs = model(**self._model_kwargs(inputs), labels=labels, fused_lm_head=True)
+        shift_mask = loss_mask[:, 1:]
+        # Prompt-learning PEFT prepends virtual tokens; keep the positions of the real tokens.
+        per_token = outputs.log_probs[:, -shift_mask.size(1) :]
+        mask = shift_mask.to(per_token.dtype)
+        return (per_token * mask).sum(dim=1), mask.sum(dim=1), outputs
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference summed log-probs of the chosen and rejected continuations (sigmoid mode).
+
+        Only the first two thirds of the batch (chosen, rejected) are scored: the reference-path
+        sequences are not needed by the reference model.
+        """
+        n = inputs["input_ids"].size(0) // 3
+        sub = {}
+        for key, value in inputs.items():
+            if not isinstance(value, torch.Tensor) or key in {"ref_chosen_logps", "ref_rejected_logps", "branch_point"}:
+                continue
+            # Sequence-major tensors and vision tensors are both stored as three equal copies / groups.
+            sub[key] = value[: value.size(0) * 2 // 3]
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            sums, _, _ = self._sequence_logps(model, sub)
+        return sums[:n], sums[n : 2 * n]
+
+    # ---- the loss --------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        n = inputs["input_ids"].size(0) // 3
+        sums, counts, outputs = self._sequence_logps(model, inputs)
+        means = sums / counts.clamp(min=1)
+        chosen_mean, rejected_mean, reference_mean = means.split(n)
+        chosen_sum, rejected_sum, _ = sums.split(n)
+
+        nll = -reference_mean.mean()
+        metrics: dict[str, torch.Tensor] = {}
+        if self.align_loss == "odds_ratio":
+            align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
+            preferred = chosen_mean > rejected_mean
+            metrics["log_odds_ratio"] = log_odds.detach()
+        else:
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+            chosen_rewards = self.beta * (chosen_sum - ref_chosen)
+            rejected_rewards = self.beta * (rejected_sum - ref_rejected)
+            align = -F.logsigmoid(chosen_rewards - rejected_rewards)
+            preferred = chosen_rewards > rejected_rewards
+            metrics["rewards/chosen"] = chosen_rewards.detach()
+            metrics["rewards/rejected"] = rejected_rewards.detach()
+            metrics["rewards/margins"] = (chosen_rewards - rejected_rewards).detach()
+            metrics["rewards/accuracies"] = preferred.float()
+        loss = nll + self.srpo_lambda * align.mean()
+
+        metrics["loss/reference"] = -reference_mean.detach()
+        metrics["loss/align"] = align.detach()
+        metrics["logps/chosen"] = chosen_mean.detach()
+        metrics["logps/rejected"] = rejected_mean.detach()
+        metrics["margin"] = (chosen_mean - rejected_mean).detach()
+        metrics["accuracy"] = preferred.float()
+        self._log_metrics(mode, metrics, inputs)
+
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**self._model_kwargs(inputs))
+            return loss, outputs
+        return loss
+
+    def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor], inputs: dict) -> None:
+        gather = self.accelerator.gather_for_metrics
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(gather(value).float().mean().item())
+        if "branch_point" in inputs:  # where in the chain the pair sits: accuracy per branch point
+            k = gather(inputs["branch_point"]).clamp(max=MAX_BRANCH_BUCKET)
+            acc = gather(metrics["accuracy"])
+            for bucket in k.unique().tolist():
+                label = f"{bucket}" if bucket < MAX_BRANCH_BUCKET else f"{MAX_BRANCH_BUCKET}+"
+                self._metrics[mode][f"accuracy/branch_{label}"].append(acc[k == bucket].mean().item())
+        if mode == "train":
+            tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        try:
+            return self._compute_loss(model, inputs, return_outputs)
+        except ValueError as e:
+            if "Image features and image tokens do not match" in str(e):
+                raise ValueError(
+                    f"Image tokens and image features do not match ({e}). Check that each row's prompt has one "
+                    "image placeholder per image, and that max_length (now "
+                    f"{self.args.max_length}) does not cut image tokens (max_length=None is safest with images)."
+                ) from e
+            raise
+
+
+__all__ = ["SRPOTrainer", "odds_ratio_loss", "log1mexp", "RowError"]
