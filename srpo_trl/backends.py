@@ -1,0 +1,629 @@
+"""Generation backends: one layer shared by exploration, evaluation and the record-writing agents.
+
+Two implementations of :class:`GenerationBackend`:
+
+* :class:`TransformersBackend` -- in-process ``model.generate`` (text models and VLMs), batched with
+  left padding, seeded. The model sees exactly what the trainer scores: the prompt rendered by
+  :func:`srpo_trl.rows.render_prompt` followed by the partial assistant reasoning.
+* :class:`OpenAICompatibleBackend` -- an OpenAI-compatible HTTP server (vLLM, SGLang, TGI, hosted
+  APIs), with retries and exponential backoff, and a small thread pool to keep the server busy.
+
+Both answer two calls::
+
+    backend.generate([GenerationRequest(prompt, images, assistant_prefix)], num_samples=10,
+                     temperature=0.5, max_new_tokens=512, seed=0)   # -> list (per request) of lists of str
+    backend.chat(messages, images=None, temperature=0.0)              # -> str (judges, record agents)
+
+``generate`` returns only the newly generated text (after ``assistant_prefix``), without special
+tokens, stopped at EOS / end of turn.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from .rows import DEFAULT_STEP_SEPARATOR, end_of_answer_text, render_prompt, tokenizer_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BackendError",
+    "GenerationRequest",
+    "GenerationBackend",
+    "TransformersBackend",
+    "OpenAICompatibleBackend",
+    "load_image",
+    "load_images",
+]
+
+
+class BackendError(RuntimeError):
+    """Generation failed for good (after the retries): the message names the URL / request and the last error."""
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate from.
+
+    ``prompt``: plain text, or chat messages in TRL's conversational format.
+    ``images``: PIL images or file paths (a path that cannot be read raises an error naming the file).
+    ``assistant_prefix``: partial assistant reasoning to continue (the same assistant turn, NOT a new
+    turn); typically :func:`srpo_trl.rows.continuation_prefix_text` of the prefix steps.
+    """
+
+    prompt: str | list[dict]
+    images: list = field(default_factory=list)
+    assistant_prefix: str = ""
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        num_samples: int = 1,
+        temperature: float = 0.5,
+        max_new_tokens: int = 512,
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """``num_samples`` continuations for each request, in request order."""
+        ...
+
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        images: list | None = None,
+        temperature: float = 0.0,
+        max_new_tokens: int = 512,
+    ) -> str:
+        """One answer to a chat (judges, record agents)."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+
+def load_image(image: Any, base_dir: str | os.PathLike | None = None):
+    """A PIL image from a PIL image or a path (relative paths resolve against ``base_dir``).
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or unreadable.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path} (paths in records are relative to the records file)")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
+        except Exception as exc:  # PIL raises several types for broken files
+            raise ValueError(f"image file {path} cannot be read as an image: {exc}") from exc
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):  # datasets' Image feature, undecoded
+        if image.get("bytes"):
+            try:
+                with Image.open(io.BytesIO(image["bytes"])) as img:
+                    img.load()
+                    return img.copy()
+            except Exception as exc:
+                raise ValueError(f"image bytes ({image.get('path') or 'no path'}) cannot be read: {exc}") from exc
+        return load_image(image["path"], base_dir)
+    raise TypeError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
+
+
+def load_images(images: list | None, base_dir: str | os.PathLike | None = None) -> list:
+    return [load_image(img, base_dir) for img in (images or [])]
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process transformers backend
+# ----------------------------------------------------------------------------------------------
+
+
+class TransformersBackend:
+    """In-process generation with ``model.generate`` (text models and VLMs).
+
+    The text generated from is ``render_prompt(processing_class, prompt, images) + assistant_prefix``,
+    tokenized the way the trainer tokenizes it: the prompt on its own (with the processor for a VLM,
+    BOS only for a raw string prompt), then the assistant prefix step by step (split after each
+    ``separator``), so that a prefix's token ids are those the trainer scores.
+
+    Requests x samples are generated ``batch_size`` sequences at a time (left padding). Sampling
+    uses pure temperature sampling: ``top_k``/``top_p`` of the model's generation config are
+    overridden (Qwen VL checkpoints ship ``top_k=1``, which would make every sample identical); pass
+    ``generation_kwargs`` to change that. ``seed`` makes the samples reproducible for the same
+    requests and ``batch_size``; the caller's global RNG state is left untouched.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processing_class: Any,
+        batch_size: int = 8,
+        separator: str = DEFAULT_STEP_SEPARATOR,
+        generation_kwargs: dict | None = None,
+        show_progress: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.processing_class = processing_class
+        self.tokenizer = tokenizer_of(processing_class)
+        self.batch_size = batch_size
+        self.separator = separator
+        self.generation_kwargs = {"top_k": 0, "top_p": 1.0, **(generation_kwargs or {})}
+        self.show_progress = show_progress
+        self.is_processor = hasattr(processing_class, "tokenizer") and processing_class is not self.tokenizer
+        self._pad_id = self.tokenizer.pad_token_id
+        if self._pad_id is None:
+            self._pad_id = self.tokenizer.eos_token_id
+        if self._pad_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+
+    # -- tokenization --------------------------------------------------------------------------
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _prefix_ids(self, assistant_prefix: str) -> list[int]:
+        if not assistant_prefix:
+            return []
+        if not self.separator:
+            return self._text_ids(assistant_prefix)
+        pieces = assistant_prefix.split(self.separator)
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            ids += self._text_ids(piece if last else piece + self.separator)
+        return ids
+
+    def _stop_ids(self, request: GenerationRequest, images: list) -> list[int]:
+        stop = set()
+        eos = self.tokenizer.eos_token_id
+        if eos is not None:
+            stop.add(eos)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            stop.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        if not isinstance(request.prompt, str):
+            end_text = end_of_answer_text(self.processing_class, request.prompt, images)
+            end_ids = self._text_ids(end_text)
+            if end_ids:
+                stop.add(end_ids[0])  # the end-of-turn token (e.g. <|im_end|>)
+        return sorted(stop)
+
+    def _encode(self, request: GenerationRequest, images: list) -> dict:
+        """One request as unpadded tensors: ``input_ids`` plus any vision inputs of the processor."""
+        text = render_prompt(self.processing_class, request.prompt, images)
+        raw_prompt = isinstance(request.prompt, str)
+        if self.is_processor:
+            kwargs = {"text": [text], "return_tensors": "pt"}
+            if images:
+                kwargs["images"] = images
+            kwargs["add_special_tokens"] = raw_prompt  # a chat template already writes BOS
+            enc = dict(self.processing_class(**kwargs))
+            seq_len = enc["input_ids"].shape[1]
+            per_token = {k: v[0].tolist() for k, v in enc.items() if hasattr(v, "dim") and v.dim() == 2 and v.shape == (1, seq_len)}
+            rest = {k: v for k, v in enc.items() if k not in per_token}
+        else:
+            if images:
+                raise ValueError("images were given but the processing class is a tokenizer, not a processor")
+            ids = self.tokenizer(text, add_special_tokens=raw_prompt)["input_ids"]
+            per_token = {"input_ids": ids, "attention_mask": [1] * len(ids)}
+            rest = {}
+        prefix_ids = self._prefix_ids(request.assistant_prefix)
+        for k in per_token:
+            if k == "input_ids":
+                per_token[k] = per_token[k] + prefix_ids
+            elif k == "attention_mask":
+                per_token[k] = per_token[k] + [1] * len(prefix_ids)
+            else:  # token type ids / mm_token_type_ids: the prefix is text
+                per_token[k] = per_token[k] + [0] * len(prefix_ids)
+        return {"per_token": per_token, "rest": rest}
+
+    def _collate(self, encoded: list[dict]) -> dict:
+        import torch
+
+        max_len = max(len(e["per_token"]["input_ids"]) for e in encoded)
+        batch: dict[str, Any] = {}
+        for key in encoded[0]["per_token"]:
+            pad = self._pad_id if key == "input_ids" else 0
+            rows = [[pad] * (max_len - len(e["per_token"][key])) + e["per_token"][key] for e in encoded]
+            batch[key] = torch.tensor(rows, dtype=torch.long)
+        for key in {k for e in encoded for k in e["rest"]}:
+            # Rows without images contribute nothing (Qwen-style flat pixel/grid tensors).
+            values = [e["rest"][key] for e in encoded if key in e["rest"]]
+            batch[key] = torch.cat(values, dim=0) if hasattr(values[0], "dim") else values
+        return batch
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        num_samples: int = 1,
+        temperature: float = 0.5,
+        max_new_tokens: int = 512,
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        import torch
+        from tqdm.auto import tqdm
+
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not requests:
+            return []
+        prepared = []
+        for i, req in enumerate(requests):
+            if not isinstance(req, GenerationRequest):
+                raise TypeError(f"request {i}: expected a GenerationRequest, got {type(req).__name__}")
+            images = load_images(req.images)
+            prepared.append((self._encode(req, images), self._stop_ids(req, images)))
+        items = [r for r in range(len(requests)) for _ in range(num_samples)]
+        # Group sequences with the same keys (text-only vs with images) so that a batch collates.
+        chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        out: list[list[str]] = [[] for _ in requests]
+        device = getattr(self.model, "device", None) or next(self.model.parameters()).device
+        do_sample = temperature > 0
+        fork_devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
+        was_training = getattr(self.model, "training", False)
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                    if fork_devices:
+                        torch.cuda.manual_seed_all(seed)
+                bar = tqdm(chunks, desc="generate", unit="batch", disable=not self.show_progress or len(chunks) < 2)
+                for chunk in bar:
+                    out_texts = self._generate_chunk(
+                        [prepared[r][0] for r in chunk],
+                        sorted({t for r in chunk for t in prepared[r][1]}),
+                        do_sample,
+                        temperature,
+                        max_new_tokens,
+                        device,
+                    )
+                    for r, text in zip(chunk, out_texts):
+                        out[r].append(text)
+        finally:
+            if was_training:
+                self.model.train()
+        return out
+
+    def _generate_chunk(self, encoded, stop_ids, do_sample, temperature, max_new_tokens, device) -> list[str]:
+        import torch
+
+        batch = self._collate(encoded)
+        batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+        kwargs = dict(self.generation_kwargs)
+        kwargs.update(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=self._pad_id,
+            eos_token_id=stop_ids or None,
+        )
+        if do_sample:
+            kwargs["temperature"] = temperature
+        else:
+            kwargs.pop("top_k", None)
+            kwargs.pop("top_p", None)
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        with torch.no_grad():
+            generated = self.model.generate(**batch, **kwargs)
+        new = generated[:, batch["input_ids"].shape[1] :].tolist()
+        stops = set(stop_ids)
+        texts = []
+        for ids in new:
+            for j, tok in enumerate(ids):
+                if tok in stops:
+                    ids = ids[:j]
+                    break
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return texts
+
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        images: list | None = None,
+        temperature: float = 0.0,
+        max_new_tokens: int = 512,
+    ) -> str:
+        request = GenerationRequest(prompt=messages, images=list(images or []))
+        return self.generate([request], num_samples=1, temperature=temperature, max_new_tokens=max_new_tokens)[0][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP backend
+# ----------------------------------------------------------------------------------------------
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _image_data_url(image: Any) -> str:
+    img = load_image(image)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def to_openai_messages(messages: list[dict], images: list | None = None) -> list[dict]:
+    """TRL conversational messages (+ images) -> OpenAI chat messages with ``image_url`` parts.
+
+    ``{"type": "image"}`` placeholders take the images in order; when the messages carry no
+    placeholder, the images go at the start of the first user message (as TRL does for VLMs).
+    """
+    images = list(images or [])
+    urls = [_image_data_url(img) for img in images]
+    n_placeholders = sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and p.get("type") == "image"
+    )
+    if n_placeholders and n_placeholders != len(urls):
+        raise ValueError(f"the messages have {n_placeholders} image placeholder(s) but {len(urls)} image(s) were given")
+    out: list[dict] = []
+    next_url = iter(urls)
+    placed = n_placeholders > 0
+    for m in messages:
+        if "role" not in m:
+            raise ValueError(f"a chat message needs a 'role': {m!r}")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if not isinstance(p, dict):
+                    parts.append({"type": "text", "text": str(p)})
+                elif p.get("type") == "image":
+                    if p.get("image") is not None and not urls:
+                        parts.append({"type": "image_url", "image_url": {"url": _image_data_url(p["image"])}})
+                    else:
+                        parts.append({"type": "image_url", "image_url": {"url": next(next_url)}})
+                elif p.get("type") == "text":
+                    parts.append({"type": "text", "text": p.get("text", "")})
+                else:
+                    parts.append(p)
+            content = parts
+        if not placed and urls and m["role"] == "user":
+            text_parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + text_parts
+            placed = True
+        out.append({"role": m["role"], "content": content})
+    if urls and not placed:
+        raise ValueError("images were given but the messages have no user message to attach them to")
+    return out
+
+
+class OpenAICompatibleBackend:
+    """Generation through an OpenAI-compatible server (vLLM, SGLang, TGI, hosted APIs).
+
+    * chat prompts -> ``POST {base_url}/v1/chat/completions`` (images as base64 data-URL
+      ``image_url`` parts). A partial assistant reasoning (``assistant_prefix``) is sent as the
+      final assistant message with ``continue_final_message: true, add_generation_prompt: false``
+      (vLLM / SGLang semantics): the server continues that message instead of opening a new turn.
+    * string prompts -> ``POST {base_url}/v1/completions`` with ``prompt + assistant_prefix``.
+
+    ``n``, ``temperature``, ``max_tokens`` and ``seed`` are passed through; when a server returns
+    fewer than ``n`` choices, the missing samples are asked for again. Connection errors,
+    timeouts, HTTP 5xx / 429 and malformed replies are retried ``max_retries`` times with
+    exponential backoff (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``), then
+    :class:`BackendError` names the URL and the last error. Other 4xx replies fail at once.
+    Requests of one ``generate`` call run on ``concurrency`` threads.
+
+    ``base_url`` may end in ``/v1`` or not. ``api_key`` defaults to ``$OPENAI_API_KEY``.
+    ``extra_body`` is merged into every request body (e.g. ``{"top_p": 1.0}``).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        concurrency: int = 8,
+        extra_body: dict | None = None,
+        show_progress: bool = True,
+    ):
+        if not base_url or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        base = base_url.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        self.base_url = base
+        self.model = model
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.concurrency = max(1, concurrency)
+        self.extra_body = dict(extra_body or {})
+        self.show_progress = show_progress
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _post_once(self, url: str, body: dict) -> dict:
+        data = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:500].decode("utf-8", "replace") if exc.fp else ""
+            message = f"HTTP {exc.code} {exc.reason}: {detail}".strip()
+            if exc.code == 429 or exc.code >= 500:
+                retry_after = None
+                try:
+                    retry_after = float(exc.headers.get("Retry-After")) if exc.headers.get("Retry-After") else None
+                except (TypeError, ValueError):
+                    retry_after = None
+                raise _Retryable(message, retry_after) from exc
+            raise BackendError(f"POST {url} failed: {message}") from exc
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _Retryable(f"malformed JSON in the reply ({exc}): {raw[:200]!r}") from exc
+        if not isinstance(payload, dict):
+            raise _Retryable(f"the reply is not a JSON object: {raw[:200]!r}")
+        return payload
+
+    def _post(self, path: str, body: dict, parse) -> Any:
+        url = self.base_url + path
+        last = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                return parse(self._post_once(url, body))
+            except _Retryable as exc:
+                last = exc
+                if attempt == self.max_retries:
+                    break
+                delay = exc.retry_after if exc.retry_after is not None else self.backoff * (2**attempt)
+                delay = min(delay, 60.0) * (1 + 0.1 * random.random())
+                logger.warning("POST %s: %s; retry %d/%d in %.2fs", url, exc, attempt + 1, self.max_retries, delay)
+                time.sleep(delay)
+        raise BackendError(f"POST {url} failed after {self.max_retries + 1} attempt(s): {last}")
+
+    @staticmethod
+    def _choices(payload: dict, key: str) -> list[str]:
+        choices = payload.get("choices")
+        if not isinstance(choices, list) or not choices:
+            if "error" in payload:
+                raise _Retryable(f"the server returned an error: {payload['error']}")
+            raise _Retryable(f"the reply has no 'choices': {json.dumps(payload)[:200]}")
+        texts = []
+        ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        for c in ordered:
+            if not isinstance(c, dict):
+                raise _Retryable(f"malformed choice: {c!r}")
+            if key == "message":
+                msg = c.get("message")
+                content = msg.get("content") if isinstance(msg, dict) else None
+                if isinstance(content, list):
+                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            else:
+                content = c.get("text")
+            if not isinstance(content, str):
+                raise _Retryable(f"malformed choice (no {'message.content' if key == 'message' else 'text'}): {c!r}")
+            texts.append(content)
+        return texts
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _body_for(self, request: GenerationRequest, n: int, temperature: float, max_new_tokens: int, seed):
+        body: dict[str, Any] = {"model": self.model, "n": n, "temperature": temperature, "max_tokens": max_new_tokens}
+        if seed is not None:
+            body["seed"] = seed
+        if isinstance(request.prompt, str):
+            if request.images:
+                raise ValueError("images need a chat prompt (list of messages); /v1/completions takes text only")
+            body["prompt"] = request.prompt + request.assistant_prefix
+            path, key = "/v1/completions", "text"
+        else:
+            messages = to_openai_messages(request.prompt, request.images)
+            if request.assistant_prefix:
+                messages.append({"role": "assistant", "content": request.assistant_prefix})
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            body["messages"] = messages
+            path, key = "/v1/chat/completions", "message"
+        body.update(self.extra_body)
+        return path, key, body
+
+    def _one(self, request: GenerationRequest, n: int, temperature: float, max_new_tokens: int, seed) -> list[str]:
+        texts: list[str] = []
+        for extra in range(n + 1):  # a server that ignores n: ask again for the rest
+            want = n - len(texts)
+            if want <= 0:
+                break
+            s = None if seed is None else seed + extra
+            path, key, body = self._body_for(request, want, temperature, max_new_tokens, s)
+            texts += self._post(path, body, lambda p: self._choices(p, key))
+        return texts[:n]
+
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        *,
+        num_samples: int = 1,
+        temperature: float = 0.5,
+        max_new_tokens: int = 512,
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        from tqdm.auto import tqdm
+
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not requests:
+            return []
+        # Validate (and encode images) before any network call, so bad input fails fast.
+        for i, req in enumerate(requests):
+            if not isinstance(req, GenerationRequest):
+                raise TypeError(f"request {i}: expected a GenerationRequest, got {type(req).__name__}")
+            self._body_for(req, 1, temperature, max_new_tokens, seed)
+
+        def run(req):
+            return self._one(req, num_samples, temperature, max_new_tokens, seed)
+
+        if len(requests) == 1 or self.concurrency == 1:
+            return [run(r) for r in requests]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
+            futures = [pool.submit(run, r) for r in requests]
+            bar = tqdm(total=len(futures), desc="generate", unit="req", disable=not self.show_progress)
+            results = []
+            try:
+                for fut in futures:
+                    results.append(fut.result())
+                    bar.update(1)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+            finally:
+                bar.close()
+            return results
+
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        images: list | None = None,
+        temperature: float = 0.0,
+        max_new_tokens: int = 512,
+    ) -> str:
+        request = GenerationRequest(prompt=list(messages), images=list(images or []))
+        return self._one(request, 1, temperature, max_new_tokens, None)[0]
