@@ -1,0 +1,142 @@
+"""SRPOTrainer on vision-language models: Qwen2.5-VL, Qwen2-VL, LLaVA-NeXT.
+
+The loss equals an independent computation (each sequence scored alone, plain logits, float64),
+and the model receives exactly the vision inputs the processor produced.
+"""
+
+import math
+
+import pytest
+import torch
+from trl.data_utils import prepare_multimodal_messages
+
+from srpo_trl import StepPairDataset, SRPOTrainer
+from srpo_trl.tiny import make_image, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
+
+from helpers import srpo_args
+
+
+def vlm_rows():
+    red, blue, green = make_image(0), make_image(1), make_image(2)
+    return [
+        {
+            "prompt": [{"role": "user", "content": "What should I do with this?"}],
+            "images": [red],
+            "prefix": ["The image shows a bottle."],
+            "chosen": "It is bleach, keep it away from acids.",
+            "rejected": "Drink it.",
+            "reference": ["The image shows a bottle.", "It is bleach, keep it away from acids.", "Answer: store it safely."],
+        },
+        {  # two images, no prefix, no reference
+            "prompt": [{"role": "user", "content": "Can these two go together?"}],
+            "images": [blue, green],
+            "prefix": [],
+            "chosen": "No, never combine them.",
+            "rejected": "Yes, mix them in a closed room to get a stronger cleaner.",
+        },
+    ]
+
+
+def vlm_plain_means(model, processor, row):
+    """Mean log-probs of chosen / rejected / reference for one row, each sequence scored alone."""
+    tok = processor.tokenizer
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    text = processor.apply_chat_template(
+        prepare_multimodal_messages(row["prompt"], row["images"]), tokenize=False, add_generation_prompt=True
+    )
+    prompt = processor(text=[text], images=[row["images"]], return_tensors="pt", add_special_tokens=False)
+    prompt_ids = prompt["input_ids"][0].tolist()
+    prefix = [i for s in row["prefix"] for i in enc(s + "\n")]
+    end = enc("<|im_end|>\n")
+    if row.get("reference"):
+        ref = [i for s in row["reference"][:-1] for i in enc(s + "\n")] + enc(row["reference"][-1]) + end
+    else:
+        ref = prefix + enc(row["chosen"]) + end
+    means = []
+    for rest, start in (
+        (prefix + enc(row["chosen"]), len(prompt_ids) + len(prefix)),
+        (prefix + enc(row["rejected"]), len(prompt_ids) + len(prefix)),
+        (ref, len(prompt_ids)),
+    ):
+        ids = prompt_ids + rest
+        kwargs = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if "mm_token_type_ids" in prompt:
+            kwargs["mm_token_type_ids"] = torch.tensor([prompt["mm_token_type_ids"][0].tolist() + [0] * len(rest)])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs).logits
+        logp = logits[0].double().log_softmax(-1)
+        means.append(logp[start - 1 : len(ids) - 1].gather(1, torch.tensor(ids[start:])[:, None]).mean().item())
+    return means
+
+
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen2_vl": tiny_qwen2_vl, "llava_next": tiny_llava_next}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava_next"])
+def test_vlm_loss_matches_plain_forward(tmp_path, family):
+    model, processor = BUILDERS[family](seed=1)
+    rows = vlm_rows()
+    trainer = SRPOTrainer(
+        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=2, srpo_lambda=0.7),
+        train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
+    )  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch).item()
+    nll, align = [], []
+    for row in rows:
+        c, d, r = vlm_plain_means(model, processor, row)
+        nll.append(-r)
+        log_odds = (c - d) - (math.log(1 - math.exp(c)) - math.log(1 - math.exp(d)))
+        align.append(math.log1p(math.exp(-log_odds)))
+    assert got == pytest.approx(sum(nll) / 2 + 0.7 * sum(align) / 2, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next"])
+def test_model_receives_what_the_processor_produced_and_trains(tmp_path, family):
+    model, processor = BUILDERS[family](seed=2)
+    rows = vlm_rows()
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = SRPOTrainer(
+        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2),
+        train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
+    )  # fmt: skip
+    trainer.train()
+
+    texts = [
+        processor.apply_chat_template(prepare_multimodal_messages(r["prompt"], r["images"]), tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
+    direct = processor(text=texts, images=[r["images"] for r in rows], return_tensors="pt", padding=True)
+    got = seen[0]
+    assert torch.equal(got["pixel_values"], torch.cat([direct["pixel_values"]] * 3))
+    key = "image_grid_thw" if family == "qwen2_5_vl" else "image_sizes"
+    assert torch.equal(got[key], torch.cat([direct[key]] * 3))
+    assert got[key].shape[0] == 3 * 3  # three images in the batch, once per sequence group
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    per_seq = (got["input_ids"] == image_token_id).sum(1)
+    expected = (direct["input_ids"] == image_token_id).sum(1)
+    assert per_seq.tolist() == expected.tolist() * 3
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("visual" in n or "vision" in n for n in changed), "the vision tower got no gradient"
+
+
+def test_standard_vlm_prompt_with_wrong_image_count_is_refused(tmp_path):
+    model, processor = tiny_qwen2_5_vl(seed=3)
+    rows = [{"prompt": "<|vision_start|><|image_pad|><|vision_end|> What is it?", "images": [make_image(0), make_image(1)], "chosen": "a", "rejected": "b"}]
+    with pytest.raises(ValueError, match="row 0: field 'images': the prompt has 1 image placeholder"):
+        SRPOTrainer(model=model, args=srpo_args(tmp_path), train_dataset=StepPairDataset.from_list(rows), processing_class=processor)
+
+
+def test_text_model_with_image_rows_is_refused(tmp_path):
+    from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
+
+    tok = build_tokenizer()
+    rows = vlm_rows()[:1]
+    with pytest.raises(ValueError, match="pass the model's processor"):
+        SRPOTrainer(model=tiny_causal_lm(tok), args=srpo_args(tmp_path), train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
