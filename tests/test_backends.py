@@ -218,3 +218,159 @@ def test_string_prompt_with_images_is_refused(openai_server, tmp_path):
     backend = _backend(openai_server)
     with pytest.raises(ValueError, match="chat prompt"):
         backend.generate([GenerationRequest("p", images=[str(_png(tmp_path / "a.png"))])])
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process transformers backend (tiny models from srpo_trl.tiny)
+# ----------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+from srpo_trl.backends import TransformersBackend  # noqa: E402
+from srpo_trl.rows import encode_prompt_text, steps_ids  # noqa: E402
+
+CHAT = [{"role": "user", "content": "The picture shows a bottle of bleach. How do I clean the toilet fastest?"}]
+STEPS = ["The image shows bleach.", "The user wants to clean."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from srpo_trl.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    from srpo_trl.tiny import tiny_causal_lm
+
+    return tiny_causal_lm(tok, seed=0)
+
+
+def _spy(monkeypatch, model):
+    calls = []
+    original = model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return calls
+
+
+def test_transformers_seeded_samples_are_reproducible(tok, lm):
+    backend = TransformersBackend(lm, tok, batch_size=4, show_progress=False)
+    assert isinstance(backend, GenerationBackend)
+    reqs = [GenerationRequest(CHAT, assistant_prefix="The image shows bleach.\n"), GenerationRequest("Q: what?\n")]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = backend.generate(reqs, num_samples=3, temperature=1.0, max_new_tokens=8, seed=7)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG is untouched
+    b = backend.generate(reqs, num_samples=3, temperature=1.0, max_new_tokens=8, seed=7)
+    c = backend.generate(reqs, num_samples=3, temperature=1.0, max_new_tokens=8, seed=8)
+    assert [len(x) for x in a] == [3, 3]
+    assert a == b
+    assert a != c
+    assert len(set(a[0])) > 1  # samples differ from each other (top_k=1 of a generation config would not)
+
+
+def test_transformers_sampling_overrides_greedy_generation_config(tok, lm):
+    lm.generation_config.top_k = 1  # as Qwen VL checkpoints ship it: every sample would be the same
+    try:
+        backend = TransformersBackend(lm, tok, show_progress=False)
+        out = backend.generate([GenerationRequest(CHAT)], num_samples=4, temperature=1.0, max_new_tokens=6, seed=0)
+        assert len(set(out[0])) > 1
+    finally:
+        lm.generation_config.top_k = None
+
+
+def test_transformers_left_padded_batches_match_one_by_one(tok, lm):
+    reqs = [
+        GenerationRequest(CHAT),
+        GenerationRequest([{"role": "user", "content": "hi"}], assistant_prefix="Hello.\n"),
+        GenerationRequest("A much longer plain text prompt that needs no chat template at all.\n"),
+    ]
+    one = TransformersBackend(lm, tok, batch_size=1, show_progress=False).generate(reqs, temperature=0, max_new_tokens=8)
+    many = TransformersBackend(lm, tok, batch_size=8, show_progress=False).generate(reqs, temperature=0, max_new_tokens=8)
+    assert one == many
+    assert all(len(x) == 1 and x[0] for x in one)
+
+
+def test_transformers_input_is_what_training_scores(tok, lm, monkeypatch):
+    """Prompt rendered and tokenized as the trainer does, then the prefix steps tokenized step by step."""
+    calls = _spy(monkeypatch, lm)
+    backend = TransformersBackend(lm, tok, show_progress=False)
+    prefix = "".join(s + "\n" for s in STEPS)
+    backend.generate([GenerationRequest(CHAT, assistant_prefix=prefix), GenerationRequest("Q?\n")], max_new_tokens=2)
+    ids, mask = calls[0]["input_ids"], calls[0]["attention_mask"]
+    row0 = ids[0][mask[0].bool()].tolist()
+    assert row0 == encode_prompt_text({"prompt": CHAT}, tok) + steps_ids(tok, STEPS, "\n", close_last=True)
+    row1 = ids[1][mask[1].bool()].tolist()
+    assert row1 == encode_prompt_text({"prompt": "Q?\n"}, tok)
+    assert mask[1][0] == 0 and ids[1][0] == tok.pad_token_id  # left padding
+    assert tok.convert_tokens_to_ids("<|im_end|>") in calls[0]["eos_token_id"]
+    assert calls[0]["top_k"] == 0 and calls[0]["top_p"] == 1.0 and calls[0]["temperature"] == 0.5
+
+
+class _ScriptedLM(torch.nn.Module):
+    """generate() appends a fixed script of token ids: checks what the backend returns."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.script = script
+        from transformers import GenerationConfig
+
+        self.generation_config = GenerationConfig()
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        tail = torch.tensor([self.script] * input_ids.shape[0])
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_transformers_returns_new_text_only_stopped_at_end_of_turn(tok):
+    def ids(t):
+        return tok(t, add_special_tokens=False)["input_ids"]
+
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    model = _ScriptedLM(ids("Never mix them.") + [im_end] + ids(" leaked text"))
+    backend = TransformersBackend(model, tok, show_progress=False)
+    out = backend.generate([GenerationRequest(CHAT, assistant_prefix="Step one.\n")], num_samples=2)
+    assert out == [["Never mix them.", "Never mix them."]]
+    assert backend.chat(CHAT) == "Never mix them."
+
+
+def test_transformers_vlm_images_reach_the_model(tmp_path, monkeypatch):
+    from srpo_trl.tiny import make_image, tiny_qwen2_5_vl
+
+    model, processor = tiny_qwen2_5_vl(seed=0)
+    path = tmp_path / "bleach.png"
+    make_image(3, size=(56, 56)).save(path)
+    calls = _spy(monkeypatch, model)
+    backend = TransformersBackend(model, processor, batch_size=4, show_progress=False)
+    reqs = [
+        GenerationRequest([{"role": "user", "content": "What is this?"}], images=[str(path)], assistant_prefix="A bottle.\n"),
+        GenerationRequest([{"role": "user", "content": "Hello there"}]),
+    ]
+    out = backend.generate(reqs, num_samples=2, max_new_tokens=4, seed=0)
+    assert [len(x) for x in out] == [2, 2]
+    assert out == backend.generate(reqs, num_samples=2, max_new_tokens=4, seed=0)
+    kw = calls[0]
+    assert kw["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]  # one 56x56 image per sample of request 0
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (kw["input_ids"] == image_pad).sum(dim=1).tolist() == [4, 4, 0, 0]  # 16 patches / merge 2x2
+    prefix_ids = processor.tokenizer("A bottle.\n", add_special_tokens=False)["input_ids"]
+    assert kw["input_ids"][0, -len(prefix_ids) :].tolist() == prefix_ids
+    if "mm_token_type_ids" in kw:  # the prefix is text
+        assert kw["mm_token_type_ids"][0, -len(prefix_ids) :].tolist() == [0] * len(prefix_ids)
+
+
+def test_transformers_missing_image_names_the_file(tmp_path):
+    from srpo_trl.tiny import tiny_qwen2_5_vl
+
+    model, processor = tiny_qwen2_5_vl(seed=0)
+    backend = TransformersBackend(model, processor, show_progress=False)
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        backend.generate([GenerationRequest(CHAT, images=[str(tmp_path / "gone.png")])])
