@@ -1,0 +1,356 @@
+"""Tiny tokenizers, models and processors built entirely in code (no model hub).
+
+Tests, the demo and CI cannot download anything, so every model family SRPO supports has a
+miniature here: a byte-level BPE tokenizer with a ChatML template, a Qwen2 causal LM, Qwen2.5-VL,
+Qwen2-VL and LLaVA-NeXT. They are real transformers classes with real configs, just a few thousand
+parameters, so they exercise the same code paths (processors, vision towers, rope) as the full
+models. Seeds make weights reproducible; building never touches the global RNG.
+
+Facts and traps behind the numbers: shared/notes/offline-tiny-models.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+from tokenizers import pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl import Qwen2VLProcessor
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+PAD = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
+LLAVA_IMAGE = "<image>"
+SPECIAL_TOKENS = [PAD, IM_START, IM_END, VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD, LLAVA_IMAGE]
+
+# A little English about images, safety and step-by-step answers, so common words become single
+# tokens and test sequences stay short.
+CORPUS = [
+    "The image shows a bottle of bleach on a shelf next to a cleaner.",
+    "What is in the image? What should I do with this? Is this safe?",
+    "The user wants to clean the kitchen. The picture shows a knife and a plant.",
+    "Mixing bleach with acid cleaners makes toxic gas. Never mix them in a closed room.",
+    "I cannot help with that, but here is a safe way to do it.",
+    "Step 1: look at the picture. Step 2: think about the risk. Step 3: answer the question.",
+    "Answer: store it safely, keep it away from children, and use it alone.",
+    "Yes, it is safe to water the plant. No, it is poisonous, do not eat it.",
+    "Can these two go together? How do I clean the toilet fastest?",
+    "The assistant explains the reason step by step and then gives a final answer.",
+    "A red square, a blue circle and a green triangle are in the photo.",
+    "You are a helpful and harmless assistant. Please describe the scene.",
+    "The model should refuse harmful requests and help with safe ones.",
+    "There is a person, a car, a dog, a cat, a tree, a house and a road.",
+    "First, second, third, then, because, so, therefore, however, finally.",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000, one two three four five.",
+]
+
+# ChatML as Qwen renders it. Structured content: text parts verbatim, image parts as the model
+# family's placeholder. Message content is never stripped: the trainer relies on
+# template(prompt + [assistant X]) == template(prompt, add_generation_prompt=True) + X + "<|im_end|>\n".
+_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- elif message['content'] is not none -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- elif part['type'] in ('image', 'image_url') or 'image' in part or 'image_url' in part -%}"
+    "{{- IMAGE -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- VIDEO -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+IMAGE_STYLES = {
+    # style: (image placeholder in the template, video placeholder, tokenizer's image token)
+    "qwen": (VISION_START + IMAGE_PAD + VISION_END, VISION_START + VIDEO_PAD + VISION_END, IMAGE_PAD),
+    "llava": (LLAVA_IMAGE, LLAVA_IMAGE, LLAVA_IMAGE),
+}
+
+
+def chat_template(image_style: str = "qwen") -> str:
+    """The ChatML Jinja template with image parts rendered for ``image_style`` ("qwen" or "llava")."""
+    image, video, _ = IMAGE_STYLES[image_style]
+    return _CHAT_TEMPLATE.replace("IMAGE", repr(image)).replace("VIDEO", repr(video))
+
+
+@functools.lru_cache(maxsize=16)
+def _trained_bpe(corpus: tuple[str, ...], vocab_size: int) -> tuple[str, str]:
+    """Train a byte-level BPE once per (corpus, vocab_size): its (vocab JSON, merges JSON).
+
+    Trained with exactly Qwen2's normalizer and pre-tokenizer, because a saved folder reloads as
+    ``Qwen2Tokenizer`` (``AutoTokenizer`` follows the model type), which rebuilds that pipeline
+    around the vocabulary: any other pipeline would tokenize differently after a round trip.
+    """
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    template = Qwen2Tokenizer()._tokenizer  # Qwen2's normalizer, pre-tokenizer and decoder
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = template.pre_tokenizer
+    tok.decoder = template.decoder
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,  # ids 0..7, in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no <unk>
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    return json.dumps(model["vocab"]), json.dumps(model["merges"])
+
+
+def build_tokenizer(
+    corpus: list[str] | None = None, vocab_size: int = 512, image_style: str = "qwen"
+) -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer with Qwen's ChatML special tokens and template.
+
+    Trained on the built-in ``CORPUS`` plus ``corpus``; the same inputs give the same vocabulary.
+    It is a ``Qwen2Tokenizer`` (a ``PreTrainedTokenizerFast``), the class a saved folder reloads
+    as. ``eos`` is ``<|im_end|>`` (a chat turn ends with it), ``pad`` is ``<|endoftext|>``, there
+    is no BOS (like Qwen). ``image_style="llava"`` renders image parts as ``<image>`` and makes it
+    the tokenizer's ``image_token``; the default renders ``<|vision_start|><|image_pad|><|vision_end|>``.
+    """
+    if image_style not in IMAGE_STYLES:
+        raise ValueError(f"image_style must be one of {sorted(IMAGE_STYLES)}, got {image_style!r}")
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _trained_bpe(tuple(CORPUS) + tuple(corpus or ()), vocab_size)
+    _, _, image_token = IMAGE_STYLES[image_style]
+    extra = {"image_token": image_token}
+    if image_style == "qwen":  # the names Qwen VL processors look up
+        extra.update(video_token=VIDEO_PAD, vision_start_token=VISION_START, vision_end_token=VISION_END)
+    tok = Qwen2Tokenizer(
+        vocab=json.loads(vocab),
+        merges=[tuple(pair) for pair in json.loads(merges)],
+        eos_token=IM_END,
+        pad_token=PAD,
+        unk_token=None,
+        bos_token=None,
+        extra_special_tokens=extra,
+        chat_template=chat_template(image_style),
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    # Never split a special token, whichever style names it.
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    return tok
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def _seeded(seed: int, build):
+    """Call ``build()`` with the torch RNG seeded, leaving the caller's RNG state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _text_kwargs(tok, hidden_size: int, num_hidden_layers: int) -> dict:
+    """Qwen2-style text settings shared by every family: 4 heads of ``hidden_size // 4``."""
+    pad, im_end = tok.convert_tokens_to_ids(PAD), tok.convert_tokens_to_ids(IM_END)
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=pad,
+        eos_token_id=im_end,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+    )
+
+
+def _set_generation(model, tok):
+    """Generation stops at the end of a chat turn (``<|im_end|>``) or at ``<|endoftext|>``."""
+    pad, im_end = tok.convert_tokens_to_ids(PAD), tok.convert_tokens_to_ids(IM_END)
+    model.generation_config.eos_token_id = [im_end, pad]
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = pad
+    return model
+
+
+def tiny_causal_lm(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+    """A ``Qwen2ForCausalLM`` sized for ``tokenizer`` (fp32, sdpa attention, seeded weights)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**_text_kwargs(tokenizer, hidden_size, num_hidden_layers), attn_implementation="sdpa")
+    model = _seeded(seed, lambda: Qwen2ForCausalLM(config))
+    return _set_generation(model.float().eval(), tokenizer)
+
+
+class _ImageOnly:
+    """Mixin for Qwen VL processors that leaves the video processor out.
+
+    Without torchvision the stock processor cannot be built at all (transformers' type check of the
+    video processor fails, even with ``video_processor=None``). Image-only use needs no video
+    processor, so this works with and without torchvision. Saved folders name the stock class, so
+    they load with ``AutoProcessor`` wherever torchvision is installed.
+    """
+
+    @classmethod
+    def get_attributes(cls):
+        return [name for name in super().get_attributes() if name != "video_processor"]
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["processor_class"] = self.stock_class.__name__
+        return out
+
+
+class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` for images only (see :class:`_ImageOnly`)."""
+
+    stock_class = Qwen2_5_VLProcessor
+
+
+class Qwen2VLImageOnlyProcessor(_ImageOnly, Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` for images only (see :class:`_ImageOnly`)."""
+
+    stock_class = Qwen2VLProcessor
+
+IMAGE_ONLY_PROCESSORS = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor, "qwen2_vl": Qwen2VLImageOnlyProcessor}
+
+
+def _qwen_image_processor():
+    """28x28 pixels is one merged image token; images are scaled to at most 56x56 (4 tokens)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+
+
+def _qwen_vl(family: str, seed: int, hidden_size: int, num_hidden_layers: int):
+    tok = build_tokenizer()
+    head_dim = hidden_size // 4
+    quarter = head_dim // 2 // 4
+    # mrope splits head_dim/2 rotary frequencies over (time, height, width).
+    mrope = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    text = _text_kwargs(tok, hidden_size, num_hidden_layers)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+    ids = {
+        "image_token_id": tok.convert_tokens_to_ids(IMAGE_PAD),
+        "video_token_id": tok.convert_tokens_to_ids(VIDEO_PAD),
+        "vision_start_token_id": tok.convert_tokens_to_ids(VISION_START),
+        "vision_end_token_id": tok.convert_tokens_to_ids(VISION_END),
+    }
+    common_vision = dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(
+            common_vision, hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size,
+            window_size=56, fullatt_block_indexes=[1],
+        )  # fmt: skip
+    else:
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(common_vision, embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+    config = Config(text_config=text, vision_config=vision, attn_implementation="sdpa", tie_word_embeddings=False, **ids)
+    model = _seeded(seed, lambda: Model(config))
+    processor = IMAGE_ONLY_PROCESSORS[family](
+        image_processor=_qwen_image_processor(), tokenizer=tok, chat_template=tok.chat_template
+    )
+    return _set_generation(model.float().eval(), tok), processor
+
+
+def tiny_qwen2_5_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+    """A tiny ``Qwen2_5_VLForConditionalGeneration`` and its image-only processor."""
+    return _qwen_vl("qwen2_5_vl", seed, hidden_size, num_hidden_layers)
+
+
+def tiny_qwen2_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+    """A tiny ``Qwen2VLForConditionalGeneration`` and its image-only processor."""
+    return _qwen_vl("qwen2_vl", seed, hidden_size, num_hidden_layers)
+
+
+LLAVA_GRID_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+
+
+def tiny_llava_next(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+    """A tiny ``LlavaNextForConditionalGeneration`` (CLIP vision tower, Qwen2 text) and its processor.
+
+    The vision tower sees 28x28 crops (2x2 patches of 14); an image is resized to the best of
+    ``LLAVA_GRID_PINPOINTS`` for its aspect ratio and cut into crops, so images of different shapes
+    give different token counts, and ``image_sizes`` tells the model how to unpad them.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = build_tokenizer(image_style="llava")
+    text = dict(_text_kwargs(tok, hidden_size, num_hidden_layers), model_type="qwen2")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=28, patch_size=14, projection_dim=32,
+    )  # fmt: skip
+    config = LlavaNextConfig(
+        text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+        vision_feature_select_strategy="default", vision_feature_layer=-1, image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
+        image_seq_length=(28 // 14) ** 2, attn_implementation="sdpa", tie_word_embeddings=False,
+    )  # fmt: skip
+    model = _seeded(seed, lambda: LlavaNextForConditionalGeneration(config))
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
+    )  # fmt: skip
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=tok.chat_template,
+    )  # fmt: skip
+    return _set_generation(model.float().eval(), tok), processor
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def make_image(color_or_seed=0, size: tuple[int, int] = (28, 28)):
+    """A small RGB PIL image: an int gives seeded random pixels (distinct images per seed), a color
+    (name or RGB tuple) a solid image. ``size`` is (width, height) as PIL has it."""
+    from PIL import Image
+
+    if isinstance(color_or_seed, int) and not isinstance(color_or_seed, bool):
+        gen = torch.Generator().manual_seed(color_or_seed)
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
+        return Image.fromarray(pixels.numpy(), "RGB")
+    return Image.new("RGB", size, color_or_seed)
+
+
+__all__ = [
+    "build_tokenizer",
+    "chat_template",
+    "make_image",
+    "tiny_causal_lm",
+    "tiny_qwen2_5_vl",
+    "tiny_qwen2_vl",
+    "tiny_llava_next",
+    "Qwen2_5_VLImageOnlyProcessor",
+    "Qwen2VLImageOnlyProcessor",
+    "IMAGE_ONLY_PROCESSORS",
+]
