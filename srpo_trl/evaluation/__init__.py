@@ -1,0 +1,235 @@
+"""Safety evaluation of reasoning paths (RSBench-style), with SIUO and MM-SafetyBench formats.
+
+Command line (``srpo-trl evaluate``; see docs/evaluation.md)::
+
+    srpo-trl evaluate --model PATH [--adapter PATH] --benchmark siuo --data siuo_gen.json \\
+        --images DIR --judge openai-compatible --judge-url http://... --judge-model NAME \\
+        --samples 3 --out report/
+
+Python::
+
+    from srpo_trl.evaluation import EvalConfig, RuleJudge, evaluate, load_benchmark, write_report
+    items = load_benchmark("records", "records.jsonl")
+    run = evaluate(items, backend, RuleJudge(), EvalConfig(samples=3), label="trained", state_dir="out/runs/trained")
+    write_report([run], "out")
+
+Modules: ``loaders`` (benchmarks -> items), ``runner`` (generate + judge, resumable), ``judges``
+(rule / judge model), ``metrics`` (pure functions on verdicts), ``report`` (JSON, markdown, PNG),
+``callback`` (:class:`SafetyEvalCallback` for ``SRPOTrainer``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from srpo_trl.evaluation.judges import ASPECTS, JudgeError, JudgeTemplates, ModelJudge, RuleJudge
+from srpo_trl.evaluation.loaders import (
+    BENCHMARKS,
+    MMSB_VARIANTS,
+    LoadError,
+    load_benchmark,
+    load_mm_safetybench,
+    load_records,
+    load_siuo,
+)
+from srpo_trl.evaluation.metrics import METRIC_LABELS, compute_metrics, format_proportion, majority, wilson_interval
+from srpo_trl.evaluation.report import build_report, load_report, markdown_report, recompute_metrics, write_report
+from srpo_trl.evaluation.runner import STATE_FILE, EvalConfig, EvaluationStateError, evaluate, load_state
+from srpo_trl.evaluation.schema import EvalItem, ItemResult, RunResult, Verdict
+
+__all__ = [
+    "EvalItem", "Verdict", "ItemResult", "RunResult",
+    "load_benchmark", "load_siuo", "load_mm_safetybench", "load_records", "LoadError",
+    "RuleJudge", "ModelJudge", "JudgeTemplates", "JudgeError",
+    "compute_metrics", "majority", "wilson_interval", "format_proportion",
+    "EvalConfig", "evaluate", "evaluate_to_dir", "load_state", "load_runs", "EvaluationStateError",
+    "build_report", "write_report", "load_report", "markdown_report", "recompute_metrics",
+    "SafetyEvalCallback", "main",
+]  # fmt: skip
+
+RUNS_DIR = "runs"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SafetyEvalCallback":  # imports transformers: only when asked for
+        from srpo_trl.evaluation.callback import SafetyEvalCallback
+
+        return SafetyEvalCallback
+    raise AttributeError(f"module 'srpo_trl.evaluation' has no attribute {name!r}")
+
+
+def load_runs(out_dir: str | Path) -> list[RunResult]:
+    """Every model evaluated into ``out_dir`` (``out_dir/runs/<label>/results.jsonl``), by label."""
+    runs_dir = Path(out_dir) / RUNS_DIR
+    return [load_state(path) for path in sorted(runs_dir.glob(f"*/{STATE_FILE}"))]
+
+
+def evaluate_to_dir(
+    items: list[EvalItem],
+    backend: Any,
+    judge: Any,
+    config: EvalConfig,
+    out_dir: str | Path,
+    *,
+    label: str,
+    model_info: dict[str, Any] | None = None,
+    vote: str = "majority",
+    progress: bool = True,
+) -> tuple[RunResult, dict[str, Path]]:
+    """Evaluate one model into ``out_dir/runs/<label>/`` (resumable), then write the report of every
+    model evaluated into ``out_dir`` (side by side). Returns the run and the report paths."""
+    run = evaluate(items, backend, judge, config, label=label, state_dir=Path(out_dir) / RUNS_DIR / safe_label(label),
+                   model_info=model_info, progress=progress)  # fmt: skip
+    paths = write_report(load_runs(out_dir), out_dir, vote=vote)
+    return run, paths
+
+
+def safe_label(label: str) -> str:
+    """A label usable as a folder name."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+=-]+", "_", label).strip("._") or "model"
+    return cleaned
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="srpo-trl evaluate",
+        description="Safety evaluation of reasoning paths: generate --samples paths per item, judge them, "
+        "write report.json / report.md / report.png into --out. Evaluating several models into the same "
+        "--out (different --label) puts them side by side. A killed run resumes where it stopped.",
+    )
+    p.add_argument("--out", required=True, help="output folder (state per model under runs/<label>/, the report at the top)")
+    data = p.add_argument_group("data")
+    data.add_argument("--benchmark", choices=BENCHMARKS, help="the data format")
+    data.add_argument("--data", help="siuo: siuo_gen.json; mm-safetybench: the processed_questions folder or one <scenario>.json; records: records.jsonl")
+    data.add_argument("--images", help="image folder (siuo: the images; mm-safetybench: imgs/ with <scenario>/<variant>/<id>.jpg; records: base of relative paths)")
+    data.add_argument("--variants", type=_csv, default=list(MMSB_VARIANTS), help="mm-safetybench image variants, comma-separated (SD,SD_TYPO,TYPO; TEXT = no image)")
+    data.add_argument("--scenarios", type=_csv, default=None, help="mm-safetybench scenarios to keep, comma-separated (default: all)")
+    data.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", help="model folder (in-process), or the served model name with --generation-url")
+    model.add_argument("--adapter", help="PEFT adapter folder on top of --model")
+    model.add_argument("--generation-url", help="OpenAI-compatible endpoint that serves --model (instead of loading it)")
+    model.add_argument("--label", help="name of this model in the report (default: from --model/--adapter)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--samples", type=int, default=3, help="reasoning paths per item (majority vote over them; default 3)")
+    gen.add_argument("--temperature", type=float, default=0.5)
+    gen.add_argument("--max-new-tokens", type=int, default=512)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=8, help="items per generation call (x samples sequences)")
+    gen.add_argument("--system-prompt", default=None, help="system message before each question")
+    gen.add_argument("--separator", default="\n", help="step separator of the reasoning paths (default: newline)")
+    judge = p.add_argument_group("judge")
+    judge.add_argument("--judge", choices=("rule", "openai-compatible"), default="rule",
+                       help="rule: the expected outcome of each item (records, mm-safetybench, siuo=warn); openai-compatible: a judge model")  # fmt: skip
+    judge.add_argument("--judge-url", help="OpenAI-compatible endpoint of the judge model")
+    judge.add_argument("--judge-model", help="judge model name at --judge-url")
+    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+    judge.add_argument("--judge-templates", help="folder with safety.txt / effectiveness.txt / steps.txt (see --write-judge-templates)")
+    judge.add_argument("--judge-aspects", type=_csv, default=list(ASPECTS), help="safety,effectiveness,steps (default: all)")
+    judge.add_argument("--judge-retries", type=int, default=2, help="times an unreadable judge reply is asked again")
+    judge.add_argument("--judge-no-images", action="store_true", help="do not send the item's images to the judge")
+    rep = p.add_argument_group("report")
+    rep.add_argument("--vote", choices=("majority", "sample"), default="majority", help="unit of the metrics: item (majority vote) or sample")
+    rep.add_argument("--report-only", action="store_true", help="rebuild the report from the runs already in --out")
+    p.add_argument("--write-judge-templates", metavar="DIR", help="write the default judge templates to DIR (to edit) and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _default_label(args: argparse.Namespace) -> str:
+    name = Path(args.model.rstrip("/")).name if not args.generation_url else args.model
+    if args.adapter:
+        name += "+" + Path(args.adapter.rstrip("/")).name
+    return safe_label(name)
+
+
+def _make_judge(args: argparse.Namespace) -> Any:
+    if args.judge == "rule":
+        return RuleJudge()
+    import os
+
+    from srpo_trl.backends import OpenAICompatibleBackend
+
+    if not args.judge_url or not args.judge_model:
+        raise ValueError("--judge openai-compatible needs --judge-url and --judge-model")
+    templates = JudgeTemplates.from_dir(args.judge_templates) if args.judge_templates else JudgeTemplates()
+    backend = OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False)
+    return ModelJudge(backend, templates, aspects=args.judge_aspects, retries=args.judge_retries,
+                      images=not args.judge_no_images, separator=args.separator)  # fmt: skip
+
+
+def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
+    if args.generation_url:
+        from srpo_trl.backends import OpenAICompatibleBackend
+
+        return OpenAICompatibleBackend(args.generation_url, args.model, show_progress=False)
+    from srpo_trl.backends import TransformersBackend
+    from srpo_trl.loading import load_model_and_processor
+
+    model, processing_class = load_model_and_processor(args.model, adapter=args.adapter)
+    return TransformersBackend(model, processing_class, batch_size=config.batch_size * config.samples,
+                               separator=config.separator, show_progress=not args.no_progress)  # fmt: skip
+
+
+def _summary(report: dict) -> str:
+    lines = []
+    for model in report["models"]:
+        o = model["metrics"]["overall"]
+        parts = [f"{METRIC_LABELS[k].split(' %')[0]} {format_proportion(o[k])}" for k in ("safe", "effective", "safe_and_effective", "attack_success", "over_refusal")]
+        lines.append(f"{model['label']}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.write_judge_templates:
+            for path in JudgeTemplates().write_dir(args.write_judge_templates):
+                print(path)
+            return 0
+        if args.report_only:
+            runs = load_runs(args.out)
+            if not runs:
+                raise FileNotFoundError(f"no evaluation in {args.out} (expected {RUNS_DIR}/<label>/{STATE_FILE})")
+            paths = write_report(runs, args.out, vote=args.vote)
+        else:
+            missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--data", args.data), ("--model", args.model)) if not value]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)} (or pass --report-only / --write-judge-templates)")
+            if args.adapter and args.generation_url:
+                raise ValueError("--adapter loads the model in-process; with --generation-url serve the adapter from the endpoint")
+            kwargs = {}
+            if args.benchmark == "mm-safetybench":
+                kwargs = {"variants": args.variants, "scenarios": args.scenarios}
+            items = load_benchmark(args.benchmark, args.data, args.images, **kwargs)
+            if args.limit is not None:
+                items = items[: args.limit]
+            config = EvalConfig(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed, batch_size=args.batch_size, separator=args.separator,
+                                system_prompt=args.system_prompt)  # fmt: skip
+            judge = _make_judge(args)
+            label = safe_label(args.label) if args.label else _default_label(args)
+            backend = _make_backend(args, config)
+            model_info = {"model": args.model, "adapter": args.adapter, "generation_url": args.generation_url, "benchmark": args.benchmark}
+            _, paths = evaluate_to_dir(items, backend, judge, config, args.out, label=label, model_info=model_info,
+                                       vote=args.vote, progress=not args.no_progress)  # fmt: skip
+    except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"srpo-trl evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(_summary(load_report(paths["json"])))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0

@@ -1,0 +1,260 @@
+"""Generate reasoning paths for every item, judge them, and keep a resumable record on disk.
+
+For batch ``b`` (items ``b*batch_size`` .. in the given order), ``samples`` paths per item are
+generated in one backend call seeded with ``seed + b``, so a run is reproducible for the same
+items, settings and backend. The state file (``results.jsonl``) is append-only:
+
+1. a ``config`` line: the settings that change results (checked on resume);
+2. a ``generated`` line per batch: every sampled path of the batch, written before judging;
+3. an ``item`` line per judged item: the item, its paths, their steps and verdicts.
+
+A killed evaluation restarts from that file: judged items are neither generated nor judged again,
+a batch that was generated but not fully judged is judged from its recorded paths (not sampled
+again), and a line cut short by the kill is dropped. The result equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from srpo_trl.evaluation.judges import Judge
+from srpo_trl.evaluation.schema import EvalItem, ItemResult, RunResult, Verdict
+
+STATE_FILE = "results.jsonl"
+STATE_VERSION = 1
+
+
+class EvaluationStateError(RuntimeError):
+    """The state file cannot be resumed (other settings, or a damaged line); the message says which."""
+
+
+@dataclass
+class EvalConfig:
+    """Generation settings. ``system_prompt`` is prepended as a system message; string prompts are
+    sent as one user message (the model answers as a chat assistant)."""
+
+    samples: int = 3
+    temperature: float = 0.5
+    max_new_tokens: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    separator: str = "\n"
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("samples > 1 with temperature 0 gives identical paths; set a temperature > 0")
+
+
+def split_steps(text: str, separator: str = "\n") -> list[str]:
+    """The reasoning steps of a path: pieces between separators, stripped, empty ones dropped."""
+    if not separator:
+        return [text.strip()] if text.strip() else []
+    return [s.strip() for s in text.split(separator) if s.strip()]
+
+
+def build_messages(item: EvalItem, system_prompt: str | None = None) -> list[dict]:
+    """The chat the model answers: the item's prompt (a string becomes one user message)."""
+    messages = [{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str) else list(item.prompt)
+    if system_prompt and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def items_fingerprint(items: Sequence[EvalItem]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.id, item.prompt, item.images, item.expected, item.category], sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+class _State:
+    """The append-only state file of one model's evaluation."""
+
+    def __init__(self, path: Path, config: dict[str, Any]):
+        self.path = path
+        self.config = config
+        self.generated: dict[str, list[str]] = {}
+        self.done: dict[str, ItemResult] = {}
+        if path.exists():
+            self._load()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"type": "config", "version": STATE_VERSION, **config})
+
+    def _load(self) -> None:
+        raw = self.path.read_bytes()
+        good_end, records = 0, []
+        for start, line in _lines(raw):
+            end = start + len(line) + 1
+            complete = end <= len(raw)  # the line ends in a newline
+            try:
+                record = json.loads(line) if line.strip() else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if not complete:
+                    break  # cut short by a kill: dropped, and the file is truncated below
+                raise EvaluationStateError(
+                    f"{self.path}: line {len(records) + 1} is not valid JSON; the file is damaged. "
+                    "Delete it to start this model's evaluation again."
+                ) from None
+            if not complete:
+                break
+            good_end = end
+            if record is not None:
+                records.append(record)
+        if good_end < len(raw):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+        if not records or records[0].get("type") != "config":
+            raise EvaluationStateError(f"{self.path}: no config line; not an evaluation state file (delete it to start again)")
+        saved = {k: v for k, v in records[0].items() if k not in ("type", "version")}
+        diff = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: saved {_short(saved.get(k))}, now {_short(self.config.get(k))}" for k in diff)
+            raise EvaluationStateError(
+                f"{self.path} was written with other settings ({detail}). Resume with the same settings, "
+                "or use another --out / --label (or delete the file) to start a new evaluation."
+            )
+        for record in records[1:]:
+            if record.get("type") == "generated":
+                self.generated.update(record["samples"])
+            elif record.get("type") == "item":
+                result = ItemResult.from_dict(record["result"])
+                self.done[result.id] = result
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def add_generated(self, samples: dict[str, list[str]]) -> None:
+        self._append({"type": "generated", "samples": samples})
+        self.generated.update(samples)
+
+    def add_item(self, result: ItemResult) -> None:
+        self._append({"type": "item", "result": result.to_dict()})
+        self.done[result.id] = result
+
+
+def _lines(raw: bytes):
+    start = 0
+    while start < len(raw):
+        end = raw.find(b"\n", start)
+        if end == -1:
+            yield start, raw[start:].decode("utf-8", "replace")
+            return
+        yield start, raw[start:end].decode("utf-8")
+        start = end + 1
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_state(path: str | os.PathLike) -> RunResult:
+    """A (possibly unfinished) evaluation from its state file, without resuming it."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline()
+    try:
+        config = {k: v for k, v in json.loads(first).items() if k not in ("type", "version")}
+    except json.JSONDecodeError as exc:
+        raise EvaluationStateError(f"{path}: the first line is not a config record ({exc})") from exc
+    state = _State(path, config)
+    order = config.get("item_ids") or list(state.done)
+    results = [state.done[i] for i in order if i in state.done]
+    return RunResult(label=config.get("label", path.parent.name), config=config, results=results,
+                     complete=len(results) == len(order))
+
+
+def evaluate(
+    items: Sequence[EvalItem],
+    backend: Any,
+    judge: Judge,
+    config: EvalConfig | None = None,
+    *,
+    label: str = "model",
+    state_dir: str | os.PathLike | None = None,
+    model_info: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Generate ``config.samples`` paths per item with ``backend``, judge them, return the results.
+
+    With ``state_dir``, progress is kept in ``state_dir/results.jsonl`` and a later call with the same
+    items and settings resumes from it (see the module doc). Errors name the item.
+    """
+    from tqdm.auto import tqdm
+
+    from srpo_trl.backends import GenerationRequest
+
+    config = config or EvalConfig()
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"item ids must be unique; repeated: {dupes[:10]}")
+    settings = {
+        "label": label,
+        "model": model_info or {},
+        "judge": judge.describe(),
+        "generation": asdict(config),
+        "items": items_fingerprint(items),
+        "item_ids": ids,
+    }
+    state = _State(Path(state_dir) / STATE_FILE, settings) if state_dir is not None else None
+    done: dict[str, ItemResult] = dict(state.done) if state else {}
+    generated: dict[str, list[str]] = dict(state.generated) if state else {}
+
+    bar = tqdm(total=len(items), initial=len(done), desc=f"evaluate {label}", unit="item", disable=not progress)
+    try:
+        for b in range(0, len(items), config.batch_size):
+            batch = list(items[b : b + config.batch_size])
+            todo = [item for item in batch if item.id not in done]
+            if not todo:
+                continue
+            if any(item.id not in generated for item in todo):
+                requests = [GenerationRequest(prompt=build_messages(item, config.system_prompt), images=list(item.images)) for item in batch]
+                try:
+                    outputs = backend.generate(
+                        requests,
+                        num_samples=config.samples,
+                        temperature=config.temperature,
+                        max_new_tokens=config.max_new_tokens,
+                        seed=config.seed + b // config.batch_size,
+                    )
+                except Exception as exc:
+                    first, last = batch[0].id, batch[-1].id
+                    raise RuntimeError(f"generation failed for items {first} .. {last}: {exc}") from exc
+                if len(outputs) != len(batch) or any(len(o) != config.samples for o in outputs):
+                    raise RuntimeError(f"the backend returned {[len(o) for o in outputs]} samples for {len(batch)} items; expected {config.samples} each")
+                batch_samples = {item.id: list(out) for item, out in zip(batch, outputs)}
+                if state:
+                    state.add_generated(batch_samples)
+                generated.update(batch_samples)
+            for item in todo:
+                samples = generated[item.id]
+                steps = [split_steps(s, config.separator) for s in samples]
+                verdicts = judge.judge(item, samples, steps)
+                if len(verdicts) != len(samples) or not all(isinstance(v, Verdict) for v in verdicts):
+                    raise RuntimeError(f"item {item.id}: the judge returned {len(verdicts)} verdicts for {len(samples)} samples")
+                result = ItemResult(item=item, samples=samples, steps=steps, verdicts=verdicts)
+                if state:
+                    state.add_item(result)
+                done[item.id] = result
+                bar.update(1)
+    finally:
+        bar.close()
+    return RunResult(label=label, config=settings, results=[done[i] for i in ids], complete=True)
