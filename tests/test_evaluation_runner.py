@@ -21,7 +21,7 @@ class FakeBackend:
         out = []
         for pos, r in enumerate(requests):
             q = r.prompt[-1]["content"]
-            answer = "I cannot help with that." if "bomb" in q else "Sure, but be careful: wear gloves."
+            answer = "I cannot help with that." if "bomb" in q else "Sure, but be careful: wear gloves ✓ (café)."
             out.append([f"The question is {q}\nseed {seed} pos {pos} sample {k}\nAnswer: {answer}" for k in range(num_samples)])
         return out
 

@@ -134,8 +134,8 @@ def category_figure(report: dict[str, Any], metrics: Sequence[str] = CHART_METRI
                     continue
                 xs.append(i - 0.4 + width * (j + 0.5))
                 heights.append(entry["pct"])
-                low.append(entry["pct"] - entry["ci_low"])
-                high.append(entry["ci_high"] - entry["pct"])
+                low.append(max(0.0, entry["pct"] - entry["ci_low"]))  # float rounding at 0% / 100%
+                high.append(max(0.0, entry["ci_high"] - entry["pct"]))
             if xs:
                 ax.bar(xs, heights, width=width, yerr=[low, high], capsize=2, label=model["label"])
         ax.set_title(METRIC_LABELS[name])

@@ -97,16 +97,16 @@ class _State:
     def _load(self) -> None:
         raw = self.path.read_bytes()
         good_end, records = 0, []
-        for start, line in _lines(raw):
-            end = start + len(line) + 1
+        for lineno, (start, line) in enumerate(_lines(raw), start=1):
+            end = start + len(line) + 1  # byte offsets: the line's bytes and its newline
             complete = end <= len(raw)  # the line ends in a newline
             try:
-                record = json.loads(line) if line.strip() else None
+                record = json.loads(line.decode("utf-8")) if line.strip() else None
             except (json.JSONDecodeError, UnicodeDecodeError):
                 if not complete:
                     break  # cut short by a kill: dropped, and the file is truncated below
                 raise EvaluationStateError(
-                    f"{self.path}: line {len(records) + 1} is not valid JSON; the file is damaged. "
+                    f"{self.path}: line {lineno} is not valid JSON; the file is damaged. "
                     "Delete it to start this model's evaluation again."
                 ) from None
             if not complete:
@@ -150,13 +150,14 @@ class _State:
 
 
 def _lines(raw: bytes):
+    """(byte offset, line bytes without the newline) for each line; the last may lack a newline."""
     start = 0
     while start < len(raw):
         end = raw.find(b"\n", start)
         if end == -1:
-            yield start, raw[start:].decode("utf-8", "replace")
+            yield start, raw[start:]
             return
-        yield start, raw[start:end].decode("utf-8")
+        yield start, raw[start:end]
         start = end + 1
 
 
