@@ -1,0 +1,888 @@
+"""Exploration: sample reasoning branches from the policy, verify them, and write what the pairs are built from.
+
+For each record (prompt, images, reference path, expected outcome / gold answer):
+
+1. the reference path: the record's own (``reference_source: "given"``), else N full answers are
+   sampled and the first that passes the verifier is kept, split into steps at its non-empty lines
+   (``"sampled"``); a record with no passing sample gets ``status: "no_reference"`` and is reported;
+2. branch points ``k``: the empty prefix and after every step of the reference except the last
+   (all of them, the first ``k``, or those a callable chooses); at each, N continuations are
+   sampled from ``prompt + images + prefix`` at the given temperature (batched);
+3. every continuation is verified on the whole path (prefix steps + continuation).
+
+Output: one JSON line per record, written and flushed as it goes (see docs/exploration.md for the
+contract ``StepPairDataset.from_exploration`` reads). Restarting with the same arguments resumes;
+under ``accelerate launch`` records are split by rank and rank 0 merges the shards.
+
+    srpo-trl explore --model PATH --records records.jsonl --out explored.jsonl \\
+        --num-samples 10 --temperature 0.5 --max-new-tokens 512 --verifier safety-outcome
+
+    from srpo_trl.exploration import explore
+    summary = explore("records.jsonl", backend, "safety-outcome", out="explored.jsonl")
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .backends import BackendError, GenerationRequest, load_image
+from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
+from .verifiers import SAFETY_LABELS, Verdict, VerifierError, as_verifier, normalize_safety_label
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RecordError",
+    "load_records",
+    "validate_record",
+    "select_branch_points",
+    "explore_record",
+    "explore",
+    "count_pairs",
+    "summarize",
+    "shard_path",
+    "merge_shards",
+    "main",
+]
+
+META_SUFFIX = ".meta.json"
+# What must match for a restart to resume into an existing output (anything that changes the samples).
+_RESUME_KEYS = ("num_samples", "temperature", "max_new_tokens", "branch_points", "seed", "separator", "verifier")
+
+
+class RecordError(ValueError):
+    """A record that cannot be explored: names the source line (or index) and the field."""
+
+    def __init__(self, where: str, field: str | None, problem: str):
+        self.where, self.field, self.problem = where, field, problem
+        super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input records
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_image(value: Any) -> bool:
+    try:
+        from PIL import Image
+
+        return isinstance(value, Image.Image)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def validate_record(record: Any, where: str, base_dir: Path | None = None, required: Iterable[str] = ()) -> dict:
+    """Check one input record; returns a copy with ``_images`` (resolved paths / PIL images) added.
+
+    ``where`` names it in errors (``records.jsonl:12``). ``required``: fields the verifier needs.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(where, None, f"a record must be a JSON object, got {type(record).__name__}")
+    rec = dict(record)
+    rid = rec.get("id")
+    if rid is None or (isinstance(rid, str) and not rid.strip()):
+        raise RecordError(where, "id", "is missing; every record needs a unique id (resume and the shards use it)")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise RecordError(where, "id", f"must be a string or an integer, got {type(rid).__name__}")
+    prompt = rec.get("prompt")
+    if prompt is None:
+        raise RecordError(where, "prompt", "is missing")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise RecordError(where, "prompt", "is empty")
+    elif isinstance(prompt, list) and prompt:
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise RecordError(where, "prompt", f"message {i} must be an object with 'role' and 'content'")
+    else:
+        raise RecordError(where, "prompt", "must be a string or a non-empty list of chat messages")
+    images = rec.get("images")
+    if images is None:
+        images = []
+    if not isinstance(images, list):
+        raise RecordError(where, "images", f"must be a list of image paths, got {type(images).__name__}")
+    resolved = []
+    for i, im in enumerate(images):
+        if isinstance(im, str):
+            path = Path(im)
+            if base_dir is not None and not path.is_absolute():
+                path = base_dir / path
+            if not path.is_file():
+                raise RecordError(where, f"images[{i}]", f"image file not found: {path} (paths are relative to the records file)")
+            resolved.append(str(path))
+        elif _is_image(im):
+            resolved.append(im)
+        else:
+            raise RecordError(where, f"images[{i}]", f"must be a file path (or a PIL image), got {type(im).__name__}")
+    rec["images"] = list(images)
+    rec["_images"] = resolved
+    reference = rec.get("reference")
+    if reference is not None:
+        if isinstance(reference, str) or not isinstance(reference, list):
+            raise RecordError(where, "reference", f"must be a list of steps (strings), got {type(reference).__name__}")
+        for i, step in enumerate(reference):
+            if not isinstance(step, str) or not step.strip():
+                raise RecordError(where, "reference", f"step {i} must be a non-empty string")
+        if not reference:
+            rec["reference"] = None
+    if rec.get("expected") is not None and normalize_safety_label(rec["expected"]) is None:
+        raise RecordError(where, "expected", f"is {rec['expected']!r}; use one of {', '.join(SAFETY_LABELS)}")
+    if rec.get("category") is not None and not isinstance(rec["category"], str):
+        raise RecordError(where, "category", f"must be a string, got {type(rec['category']).__name__}")
+    for name in required:
+        value = rec.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise RecordError(where, name, "is missing; the verifier needs it (or choose another verifier)")
+    return rec
+
+
+def load_records(records: str | os.PathLike | Iterable[dict], required: Iterable[str] = ()) -> tuple[list[dict], Path | None]:
+    """Validated records and the folder relative image paths resolve against (the records file's)."""
+    required = tuple(required)
+    out: list[dict] = []
+    seen: dict[Any, str] = {}
+    if isinstance(records, (str, os.PathLike)):
+        path = Path(records)
+        if not path.is_file():
+            raise FileNotFoundError(f"records file not found: {path} (expected JSON lines, one record per line)")
+        base = path.parent
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(where, None, f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from None
+                out.append(validate_record(obj, where, base, required))
+                out[-1]["_where"] = where
+    else:
+        base = None
+        for i, obj in enumerate(records):
+            where = f"record {i}"
+            out.append(validate_record(obj, where, None, required))
+            out[-1]["_where"] = where
+    for rec in out:
+        key = str(rec["id"])
+        if key in seen:
+            raise RecordError(rec["_where"], "id", f"{rec['id']!r} is already used at {seen[key]}; ids must be unique")
+        seen[key] = rec["_where"]
+    if not out:
+        raise ValueError(f"no records in {records if isinstance(records, (str, os.PathLike)) else 'the list'}")
+    return out, base
+
+
+# ----------------------------------------------------------------------------------------------
+# Branch points and pairs
+# ----------------------------------------------------------------------------------------------
+
+
+def select_branch_points(reference: list[str], branch_points: str | int | Callable = "all", record: dict | None = None) -> list[int]:
+    """Branch points of a reference of n steps: 0 (empty prefix) .. n-1 (after every step but the last).
+
+    ``"all"``: all of them; an int k: the first k; a callable ``(record, reference) -> list[int]``:
+    the points a locator chooses (validated, sorted, de-duplicated).
+    """
+    n = len(reference)
+    candidates = list(range(max(n, 1)))  # a one-step reference still has the empty prefix
+    if branch_points == "all" or branch_points is None:
+        return candidates
+    if isinstance(branch_points, bool):
+        raise ValueError("branch_points must be 'all', an integer or a callable")
+    if isinstance(branch_points, int):
+        if branch_points < 1:
+            raise ValueError(f"branch_points must be >= 1 (the first k points), got {branch_points}")
+        return candidates[:branch_points]
+    if isinstance(branch_points, str) and branch_points.isdigit():
+        return select_branch_points(reference, int(branch_points), record)
+    if callable(branch_points):
+        chosen = branch_points(record or {}, list(reference))
+        points = sorted({int(k) for k in chosen})
+        bad = [k for k in points if k not in candidates]
+        if bad:
+            raise ValueError(f"the branch-point locator chose {bad}, outside 0..{len(candidates) - 1} for a reference of {n} step(s)")
+        return points
+    raise ValueError(f"branch_points must be 'all', an integer or a callable, got {branch_points!r}")
+
+
+def count_pairs(point: dict, max_pairs_per_point: int | None = None) -> int:
+    """Pairs ``StepPairDataset.from_exploration`` builds at a point: distinct non-empty texts, a text
+    judged both ways dropped, every (favorable, unfavorable) combination, capped."""
+    verdicts: dict[str, set] = {}
+    for cont in point.get("continuations") or []:
+        text = cont.get("text")
+        if isinstance(text, str) and text.strip():
+            verdicts.setdefault(text, set()).add(bool(cont.get("verified")))
+    good = sum(1 for v in verdicts.values() if v == {True})
+    bad = sum(1 for v in verdicts.values() if v == {False})
+    pairs = good * bad
+    return min(pairs, max_pairs_per_point) if max_pairs_per_point is not None else pairs
+
+
+def _record_seed(seed: int | None, rid: Any, salt: int = 0) -> int | None:
+    """A per-record seed: the same samples whatever the order, the shard or a resume."""
+    if seed is None:
+        return None
+    return (int(seed) * 1_000_003 + zlib.crc32(str(rid).encode("utf-8")) + salt * 7919) % (2**31 - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# One record
+# ----------------------------------------------------------------------------------------------
+
+
+def _verify(verifier, record: dict, path_text: str) -> Verdict:
+    verdict = verifier(record, path_text)
+    if not isinstance(verdict, Verdict):
+        raise TypeError(f"the verifier returned {type(verdict).__name__}; it must return a Verdict")
+    return verdict
+
+
+def _point(k: int, prefix: list[str], texts: list[str], verifier, record: dict, separator: str) -> dict:
+    head = continuation_prefix_text(prefix, separator)
+    continuations, unverified = [], []
+    for text in texts:
+        verdict = _verify(verifier, record, head + text)
+        entry = {"text": text, "verified": bool(verdict.passed), "verdict": verdict.to_dict()}
+        (unverified if verdict.error else continuations).append(entry)
+    point = {"branch_point": k, "prefix": list(prefix), "continuations": continuations}
+    if unverified:  # the verifier could not decide: kept for the record, never used in a pair
+        for entry in unverified:
+            entry["verified"] = None
+        point["unverified"] = unverified
+    return point
+
+
+def _output_images(record: dict, out_dir: Path | None) -> list:
+    """Images as the output gives them. Relative paths stay relative, to the output file's folder
+    (``from_exploration`` resolves them there; the same strings as in the records when both files
+    share a folder); absolute paths stay as they are; PIL images are saved beside the output."""
+    out = []
+    for i, (given, resolved) in enumerate(zip(record["images"], record["_images"])):
+        if isinstance(given, str):
+            if out_dir is None or os.path.isabs(given):
+                out.append(given)
+            else:
+                out.append(os.path.relpath(os.path.abspath(resolved), os.path.abspath(out_dir)))
+        elif out_dir is None:
+            out.append(given)
+        else:  # a PIL image given from Python
+            folder = out_dir / "explored_images"
+            folder.mkdir(parents=True, exist_ok=True)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(record["id"]))
+            name = f"{safe}-{i}.png"
+            given.save(folder / name)
+            out.append(f"explored_images/{name}")
+    return out
+
+
+def explore_record(
+    record: dict,
+    backend,
+    verifier,
+    *,
+    num_samples: int = 10,
+    temperature: float = 0.5,
+    max_new_tokens: int = 512,
+    branch_points: str | int | Callable = "all",
+    seed: int | None = 0,
+    separator: str = DEFAULT_STEP_SEPARATOR,
+) -> dict:
+    """Explore one validated record (see :func:`validate_record`); returns its output line (without
+    ``images``, which :func:`explore` writes). A backend or image failure gives ``status: "failed"``."""
+    result: dict[str, Any] = {
+        "id": record["id"],
+        "prompt": record["prompt"],
+        "images": list(record["images"]),
+        "expected": record.get("expected"),
+        "answer": record.get("answer"),
+        "category": record.get("category"),
+        "reference": record.get("reference"),
+        "reference_source": "given" if record.get("reference") else None,
+        "status": "ok",
+        "error": None,
+        "points": [],
+    }
+    for key, value in record.items():  # keep the user's own fields (not ours)
+        if key not in result and not key.startswith("_"):
+            result[key] = value
+    try:
+        images = [load_image(im) for im in record["_images"]]
+        vrecord = {k: v for k, v in record.items() if not k.startswith("_")}
+        vrecord["images"] = images
+        reference = record.get("reference")
+        point0 = None
+        if not reference:
+            samples = backend.generate(
+                [GenerationRequest(record["prompt"], images, "")],
+                num_samples=num_samples,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                seed=_record_seed(seed, record["id"], 0),
+            )[0]
+            point0 = _point(0, [], samples, verifier, vrecord, separator)
+            for cont in point0["continuations"]:
+                steps = [line.strip() for line in cont["text"].splitlines() if line.strip()]
+                if cont["verified"] and steps:
+                    reference = steps
+                    break
+            if not reference:
+                labels = sorted({str(c["verdict"].get("label")) for c in point0["continuations"]})
+                result.update(
+                    status="no_reference",
+                    error=f"none of the {len(samples)} sampled answer(s) passed the verifier (labels seen: {', '.join(labels) or 'none'})",
+                    points=[point0],
+                )
+                return result
+            result.update(reference=reference, reference_source="sampled")
+        points = select_branch_points(reference, branch_points, vrecord)
+        todo = [k for k in points if not (k == 0 and point0 is not None)]
+        texts = backend.generate(
+            [GenerationRequest(record["prompt"], images, continuation_prefix_text(reference[:k], separator)) for k in todo],
+            num_samples=num_samples,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=_record_seed(seed, record["id"], 1),
+        ) if todo else []
+        by_k = dict(zip(todo, texts))
+        for k in points:
+            if k == 0 and point0 is not None:
+                result["points"].append(point0)
+            else:
+                result["points"].append(_point(k, reference[:k], by_k[k], verifier, vrecord, separator))
+    except (BackendError, OSError, ValueError) as exc:
+        if isinstance(exc, VerifierError):
+            raise
+        result.update(status="failed", error=f"{type(exc).__name__}: {exc}", points=[])
+        logger.error("record %r failed: %s", record["id"], result["error"])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files: resume, shards, merge
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_output(path: Path, repair: bool) -> list[dict]:
+    """Complete lines of an output file. A last line cut by a kill is dropped (and cut from the
+    file when ``repair``); a broken line elsewhere is an error naming the line."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    good, keep_bytes, pos = [], 0, 0
+    for i, raw in enumerate(lines):
+        last = i == len(lines) - 1
+        end = pos + len(raw) + (0 if last else 1)
+        if raw.strip():
+            try:
+                obj = json.loads(raw)
+                if not isinstance(obj, dict) or "id" not in obj:
+                    raise ValueError("not a record")
+                if last:  # no newline after it: the write was cut
+                    raise ValueError("unterminated")
+                good.append(obj)
+                keep_bytes = end
+            except ValueError:
+                if last or all(not x.strip() for x in lines[i + 1 :]):
+                    logger.warning("%s: line %d is incomplete (an interrupted run); it will be redone", path, i + 1)
+                    break
+                raise RecordError(f"{path}:{i + 1}", None, "is not a complete exploration record; fix or delete the line, or start a new --out") from None
+        else:
+            keep_bytes = end if not last else keep_bytes
+        pos = end
+    if repair and keep_bytes < len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep_bytes)
+    return good
+
+
+def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` writes: ``explored.jsonl`` -> ``explored.rank1-of2.jsonl``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.rank{rank}-of{world_size}{out.suffix or '.jsonl'}")
+
+
+def _shard_glob(out: Path) -> list[Path]:
+    pattern = f"{glob.escape(out.stem)}.rank*-of*{out.suffix or '.jsonl'}"
+    return sorted(p for p in out.parent.glob(pattern) if p.is_file())
+
+
+def _done_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".done")
+
+
+def merge_shards(out: str | os.PathLike, order: list[Any] | None = None) -> int:
+    """Merge ``out`` and every shard beside it into ``out`` (one line per id, the first complete one,
+    in ``order`` of ids when given), then delete the shards. Returns the number of records in ``out``."""
+    out = Path(out)
+    shards = _shard_glob(out)
+    records: dict[str, dict] = {}
+    for path in [out, *shards]:
+        for obj in _read_output(path, repair=False):
+            records.setdefault(str(obj["id"]), obj)
+    if order is not None:
+        rank_of = {str(rid): i for i, rid in enumerate(order)}
+        keys = sorted(records, key=lambda k: (rank_of.get(k, len(rank_of)), k))
+    else:
+        keys = list(records)
+    tmp = out.with_name(out.name + f".merge-{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for key in keys:
+            f.write(json.dumps(records[key], ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    for path in shards:
+        path.unlink(missing_ok=True)
+        _done_path(path).unlink(missing_ok=True)
+    return len(keys)
+
+
+def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None:
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    return rank, world_size
+
+
+def _check_meta(out: Path, meta: dict, overwrite: bool) -> None:
+    path = out.with_name(out.name + META_SUFFIX)
+    if path.exists() and not overwrite:
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        diff = [f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in _RESUME_KEYS if k in old and old.get(k) != meta.get(k)]
+        if diff:
+            raise ValueError(
+                f"{out} was written with other arguments ({'; '.join(diff)}). Resuming would mix samples: "
+                "rerun with the same arguments, choose another --out, or pass --overwrite to start again"
+            )
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------
+
+
+def summarize(results: list[dict], max_pairs_per_point: int | None = None) -> dict:
+    """Counts over output records: records by status, points, points with both outcomes, pairs that
+    ``from_exploration`` would build, the verifier's pass rate, failures with their reasons."""
+    s: dict[str, Any] = {
+        "records": len(results),
+        "records_ok": 0,
+        "records_no_reference": 0,
+        "records_failed": 0,
+        "references_sampled": 0,
+        "points": 0,
+        "points_with_both": 0,
+        "pairs": 0,
+        "continuations": 0,
+        "continuations_passed": 0,
+        "continuations_unverified": 0,
+        "pass_rate": None,
+        "failures": [],
+    }
+    for rec in results:
+        status = rec.get("status", "ok")
+        s[f"records_{status}" if status in ("ok", "no_reference", "failed") else "records_failed"] += 1
+        if rec.get("reference_source") == "sampled":
+            s["references_sampled"] += 1
+        if status != "ok":
+            s["failures"].append({"id": rec.get("id"), "status": status, "error": rec.get("error")})
+        for point in rec.get("points") or []:
+            conts = point.get("continuations") or []
+            s["continuations"] += len(conts)
+            s["continuations_passed"] += sum(1 for c in conts if c.get("verified"))
+            s["continuations_unverified"] += len(point.get("unverified") or [])
+            if status != "ok":
+                continue
+            s["points"] += 1
+            n = count_pairs(point, max_pairs_per_point)
+            if n:
+                s["points_with_both"] += 1
+                s["pairs"] += n
+    if s["continuations"]:
+        s["pass_rate"] = s["continuations_passed"] / s["continuations"]
+    return s
+
+
+def format_summary(s: dict) -> str:
+    rate = "n/a" if s["pass_rate"] is None else f"{100 * s['pass_rate']:.1f}%"
+    lines = [
+        "exploration summary",
+        f"  records: {s['records']} (ok {s['records_ok']}, no reference {s['records_no_reference']}, failed {s['records_failed']};"
+        f" references sampled {s['references_sampled']})",
+        f"  branch points: {s['points']}, with both outcomes: {s['points_with_both']}",
+        f"  pairs that would be built: {s['pairs']}",
+        f"  verifier pass rate: {rate} of {s['continuations']} continuation(s)"
+        + (f"; {s['continuations_unverified']} undecided (verifier errors)" if s["continuations_unverified"] else ""),
+    ]
+    if "resumed" in s:
+        lines.append(f"  this run: {s['explored_now']} explored, {s['resumed']} already in the output")
+    for f in s["failures"][:20]:
+        lines.append(f"  {f['status']}: {f['id']}: {f['error']}")
+    if len(s["failures"]) > 20:
+        lines.append(f"  ... and {len(s['failures']) - 20} more")
+    if s["records_ok"] and not s["pairs"]:
+        lines.append("  no pairs: sample more (--num-samples) or at a higher --temperature, or check the verifier")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def explore(
+    records: str | os.PathLike | Iterable[dict],
+    backend,
+    verifier: str | Callable = "safety-outcome",
+    *,
+    num_samples: int = 10,
+    temperature: float = 0.5,
+    max_new_tokens: int = 512,
+    branch_points: str | int | Callable = "all",
+    max_pairs_per_point: int | None = None,
+    seed: int | None = 0,
+    out: str | os.PathLike | None = None,
+    separator: str = DEFAULT_STEP_SEPARATOR,
+    retry_failed: bool = False,
+    overwrite: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    show_progress: bool = True,
+    print_summary: bool = True,
+    merge_poll_s: float = 2.0,
+) -> dict:
+    """Explore ``records`` (a JSONL path or dicts) with ``backend``; verify with ``verifier`` (a
+    registered name or a callable ``(record, path_text) -> Verdict``).
+
+    With ``out``, one line per record is appended and flushed as it goes; records already there
+    are skipped (``retry_failed`` redoes those with ``status: "failed"``; ``overwrite`` starts
+    again). Under ``accelerate launch`` (``RANK``/``WORLD_SIZE`` set, or ``rank``/``world_size``
+    given) each rank writes ``shard_path(out, rank, world)`` and rank 0 merges every shard into
+    ``out`` once all ranks are done. Returns the summary (see :func:`summarize`; ``results`` holds
+    the output records when ``out`` is None) and prints it.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if max_pairs_per_point is not None and max_pairs_per_point < 1:
+        raise ValueError(f"max_pairs_per_point must be >= 1, got {max_pairs_per_point}")
+    backend_sep = getattr(backend, "separator", separator)
+    if backend_sep != separator:
+        logger.warning("the backend tokenizes prefixes with separator %r but exploration joins steps with %r", backend_sep, separator)
+    verifier_name = verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__)
+    verifier = as_verifier(verifier)
+    required = tuple(getattr(verifier, "required_fields", ()))
+    recs, base_dir = load_records(records, required)
+    select_branch_points(["a", "b"], branch_points, {}) if not callable(branch_points) else None  # validate early
+    simulated = rank is not None or world_size is not None  # explicit ranks: no process group (tests, custom launchers)
+    rank, world_size = _dist_info(rank, world_size)
+    settings = dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                    separator=separator)  # fmt: skip
+
+    if out is None:
+        if world_size > 1:
+            raise ValueError("several processes need an output file (out=...) to write their shards to")
+        results = []
+        for rec in _progress(recs, show_progress, rank):
+            line = explore_record(rec, backend, verifier, branch_points=branch_points, **settings)
+            line["images"] = _output_images(rec, None)
+            results.append(line)
+        summary = summarize(results, max_pairs_per_point)
+        summary["results"] = results
+        if print_summary:
+            print(format_summary(summary))
+        return summary
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(settings, branch_points=branch_points if isinstance(branch_points, (int, str)) else "callable",
+                verifier=verifier_name, max_pairs_per_point=max_pairs_per_point)  # fmt: skip
+    multi = world_size > 1
+    group = _process_group() if multi and not simulated else None
+    if rank == 0:
+        if overwrite:
+            for p in [out, *_shard_glob(out)]:
+                p.unlink(missing_ok=True)
+                _done_path(p).unlink(missing_ok=True)
+        _check_meta(out, meta, overwrite)
+    # All ranks agree on a run token (so rank 0 never mistakes an old run's markers for this one's)
+    # and start reading what is done only after rank 0 has cleaned up.
+    token = _broadcast_token(group)
+    my_file = shard_path(out, rank, world_size) if multi else out
+    if multi:
+        _done_path(my_file).unlink(missing_ok=True)
+        if overwrite:
+            my_file.unlink(missing_ok=True)
+
+    # What is already done: the output, plus every shard of an earlier or current multi-process run.
+    existing = [] if overwrite and multi else _read_output(out, repair=not multi)
+    if not (overwrite and multi):
+        for shard in _shard_glob(out):
+            existing += _read_output(shard, repair=(shard == my_file))
+    if retry_failed and not multi:
+        kept = [r for r in existing if r.get("status") != "failed"]
+        if len(kept) != len(existing):
+            _rewrite(out, kept)
+            existing = kept
+    done = {str(r["id"]) for r in existing if not (retry_failed and r.get("status") == "failed")}
+    mine = [rec for i, rec in enumerate(recs) if i % world_size == rank]
+    todo = [rec for rec in mine if str(rec["id"]) not in done]
+    resumed = len(mine) - len(todo)
+    if resumed:
+        logger.warning("%s: %d record(s) already explored, %d to go", my_file, resumed, len(todo))
+
+    with my_file.open("a", encoding="utf-8") as f:
+        for rec in _progress(todo, show_progress, rank):
+            line = explore_record(rec, backend, verifier, branch_points=branch_points, **settings)
+            line["images"] = _output_images(rec, out.parent)
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.flush()
+
+    if multi:
+        _done_path(my_file).write_text(token)
+        merged_marker = out.with_name(out.name + ".merged")
+        if rank != 0:
+            if group is not None:  # wait for rank 0's merge, so that `out` is complete when we return
+                _wait_for(lambda: merged_marker.exists() and merged_marker.read_text() == token, "the merge by rank 0", merge_poll_s)
+            return {"rank": rank, "explored_now": len(todo), "resumed": resumed, "shard": str(my_file)}
+        shards = [shard_path(out, r, world_size) for r in range(world_size)]
+        _wait_for(
+            lambda: all(_done_path(p).exists() and _done_path(p).read_text() == token for p in shards),
+            "the other ranks' shards",
+            merge_poll_s,
+        )
+        if retry_failed:  # failed lines of earlier runs were redone in the shards: the new lines win
+            _drop_redone_failures(out)
+        merge_shards(out, order=[rec["id"] for rec in recs])
+        merged_marker.write_text(token)
+
+    results = _read_output(out, repair=False)
+    ids = {str(rec["id"]) for rec in recs}
+    summary = summarize([r for r in results if str(r["id"]) in ids], max_pairs_per_point)
+    summary.update(explored_now=len(todo), resumed=resumed, output=str(out))
+    if print_summary:
+        print(format_summary(summary))
+    return summary
+
+
+def _process_group():
+    """A gloo process group for the few collectives exploration needs (works beside NCCL), or None
+    when the processes were not started by a launcher (no MASTER_ADDR)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return None
+    if not dist.is_initialized():
+        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+            return None
+        from datetime import timedelta
+
+        dist.init_process_group(backend="gloo", timeout=timedelta(hours=12))
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def _broadcast_token(group) -> str:
+    if group is None:
+        return "run"
+    import uuid
+
+    import torch.distributed as dist
+
+    box = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    dist.barrier(group=group)
+    return box[0]
+
+
+def _wait_for(condition: Callable[[], bool], what: str, poll_s: float) -> None:
+    start = last = time.monotonic()
+    while not condition():
+        if time.monotonic() - last > 60:
+            logger.warning("waiting for %s (%.0f s so far)", what, time.monotonic() - start)
+            last = time.monotonic()
+        time.sleep(poll_s)
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _drop_redone_failures(out: Path) -> None:
+    redone = set()
+    for shard in _shard_glob(out):
+        redone |= {str(r["id"]) for r in _read_output(shard, repair=False)}
+    existing = _read_output(out, repair=False)
+    kept = [r for r in existing if not (r.get("status") == "failed" and str(r["id"]) in redone)]
+    if len(kept) != len(existing):
+        _rewrite(out, kept)
+
+
+def _progress(items: list, show: bool, rank: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"explore[rank {rank}]" if rank else "explore", unit="record", position=rank, disable=not show)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_verifier_factory(spec: str):
+    """``module:callable`` -> the callable (a user's own verifier factory or function)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"srpo-trl explore: --verifier {spec!r}: cannot import {name!r} from {module!r} ({exc})") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="srpo-trl explore",
+        description="Sample reasoning branches from a policy, verify them, and write what step pairs are built from.",
+    )
+    src = p.add_argument_group("policy (one of)")
+    src.add_argument("--model", help="a local model folder (save_pretrained; a PEFT adapter folder works too)")
+    src.add_argument("--adapter", help="a PEFT adapter folder to put on --model")
+    src.add_argument("--endpoint", help="base URL of an OpenAI-compatible server (vLLM, SGLang, ...), e.g. http://localhost:8000")
+    src.add_argument("--served-model", help="the model name the server serves (with --endpoint)")
+    src.add_argument("--api-key", default=None, help="API key for --endpoint (default: $OPENAI_API_KEY)")
+    p.add_argument("--records", required=True, help="input records, JSON lines")
+    p.add_argument("--out", required=True, help="output JSON lines (appended; a restart resumes)")
+    p.add_argument("--num-samples", type=int, default=10)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--branch-points", default="all", help="'all' or K (the first K points)")
+    p.add_argument("--max-pairs-per-point", type=int, default=None, help="cap used for the pair count in the summary")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--separator", default="\\n", help="step separator (escape sequences allowed; default \\n)")
+    p.add_argument("--verifier", default="safety-outcome",
+                   help="safety-outcome | final-answer | judge | any registered name | module:factory")  # fmt: skip
+    p.add_argument("--answer-extract", default="auto", choices=["auto", "boxed", "answer", "last-line", "regex"])
+    p.add_argument("--answer-pattern", default=None, help="regex with one group (final-answer verifier)")
+    p.add_argument("--judge-endpoint", default=None, help="judge server (default: --endpoint)")
+    p.add_argument("--judge-model", default=None, help="judge model name (default: --served-model)")
+    p.add_argument("--judge-template", default=None, help="a file with the judge prompt (str.format fields)")
+    p.add_argument("--judge-api-key", default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call (--model)")
+    p.add_argument("--dtype", default="float32", help="model dtype (--model), e.g. bfloat16")
+    p.add_argument("--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
+    p.add_argument("--max-retries", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests")
+    p.add_argument("--retry-failed", action="store_true", help="redo records whose status is 'failed'")
+    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _make_verifier(args) -> Any:
+    from .verifiers import get_verifier
+
+    name = args.verifier
+    if ":" in name and not name.startswith(("http:", "https:")):
+        made = _load_verifier_factory(name)
+        try:
+            return made() if isinstance(made, type) or made.__code__.co_argcount == 0 else made
+        except AttributeError:
+            return made
+    if name == "final-answer":
+        return get_verifier(name, extract=args.answer_extract, pattern=args.answer_pattern)
+    if name == "judge":
+        url = args.judge_endpoint or args.endpoint
+        model = args.judge_model or args.served_model
+        if not url or not model:
+            raise SystemExit("srpo-trl explore: --verifier judge needs --judge-endpoint and --judge-model (or --endpoint/--served-model)")
+        kwargs = {}
+        if args.judge_template:
+            kwargs["template"] = Path(args.judge_template).read_text(encoding="utf-8")
+        return get_verifier(name, base_url=url, model=model, api_key=args.judge_api_key or args.api_key,
+                            timeout=args.timeout, max_retries=args.max_retries, **kwargs)  # fmt: skip
+    try:
+        return get_verifier(name)
+    except KeyError as exc:
+        raise SystemExit(f"srpo-trl explore: {exc.args[0]}") from None
+
+
+def _make_backend(args):
+    from .backends import OpenAICompatibleBackend, TransformersBackend
+
+    if bool(args.model) == bool(args.endpoint):
+        raise SystemExit("srpo-trl explore: give either --model PATH or --endpoint URL --served-model NAME")
+    if args.endpoint:
+        if not args.served_model:
+            raise SystemExit("srpo-trl explore: --endpoint needs --served-model (the model name the server serves)")
+        return OpenAICompatibleBackend(args.endpoint, args.served_model, api_key=args.api_key, timeout=args.timeout,
+                                       max_retries=args.max_retries, concurrency=args.concurrency,
+                                       show_progress=False)  # fmt: skip
+    from .loading import load_model_and_processor
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model, processing_class = load_model_and_processor(args.model, adapter=args.adapter, dtype=args.dtype, device=device)
+    return TransformersBackend(model, processing_class, batch_size=args.batch_size,
+                               separator=args.separator, show_progress=False)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.separator = args.separator.encode("utf-8").decode("unicode_escape")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    bp = args.branch_points
+    if bp != "all":
+        if not bp.isdigit() or int(bp) < 1:
+            raise SystemExit(f"srpo-trl explore: --branch-points must be 'all' or a positive integer, got {bp!r}")
+        bp = int(bp)
+    try:
+        verifier = _make_verifier(args)
+        backend = _make_backend(args)
+        summary = explore(
+            args.records, backend, verifier, num_samples=args.num_samples, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, branch_points=bp, max_pairs_per_point=args.max_pairs_per_point,
+            seed=args.seed, out=args.out, separator=args.separator, retry_failed=args.retry_failed,
+            overwrite=args.overwrite, show_progress=not args.no_progress,
+        )  # fmt: skip
+    except (RecordError, FileNotFoundError, ValueError) as exc:
+        print(f"srpo-trl explore: {exc}", file=sys.stderr)
+        return 2
+    if "records" in summary and summary["records"] and summary["records_ok"] == 0:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
