@@ -107,6 +107,6 @@ def test_cli_errors_name_what_is_wrong(tmp_path, capsys):
 
 def test_write_judge_templates_then_use_them(tmp_path, capsys):
     folder = tmp_path / "t"
-    assert cli_main(["evaluate", "--out", str(tmp_path), "--write-judge-templates", str(folder)]) == 0
+    assert cli_main(["evaluate", "--write-judge-templates", str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["effectiveness.txt", "safety.txt", "steps.txt"]
     assert "{response}" in (folder / "safety.txt").read_text()

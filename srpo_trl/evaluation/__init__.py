@@ -99,6 +99,10 @@ def safe_label(label: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _unescape(value: str) -> str:
+    return value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write report.json / report.md / report.png into --out. Evaluating several models into the same "
         "--out (different --label) puts them side by side. A killed run resumes where it stopped.",
     )
-    p.add_argument("--out", required=True, help="output folder (state per model under runs/<label>/, the report at the top)")
+    p.add_argument("--out", help="output folder (state per model under runs/<label>/, the report at the top)")
     data = p.add_argument_group("data")
     data.add_argument("--benchmark", choices=BENCHMARKS, help="the data format")
     data.add_argument("--data", help="siuo: siuo_gen.json; mm-safetybench: the processed_questions folder or one <scenario>.json; records: records.jsonl")
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=8, help="items per generation call (x samples sequences)")
     gen.add_argument("--system-prompt", default=None, help="system message before each question")
-    gen.add_argument("--separator", default="\n", help="step separator of the reasoning paths (default: newline)")
+    gen.add_argument("--separator", default="\n", type=_unescape, help="step separator of the reasoning paths (default: newline; escapes like \\n work)")
     judge = p.add_argument_group("judge")
     judge.add_argument("--judge", choices=("rule", "openai-compatible"), default="rule",
                        help="rule: the expected outcome of each item (records, mm-safetybench, siuo=warn); openai-compatible: a judge model")  # fmt: skip
@@ -200,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in JudgeTemplates().write_dir(args.write_judge_templates):
                 print(path)
             return 0
+        if not args.out:
+            raise ValueError("--out is required: the folder for the runs and the report")
         if args.report_only:
             runs = load_runs(args.out)
             if not runs:
