@@ -570,6 +570,7 @@ def explore(
     overwrite: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
+    concurrent_records: int = 1,
     show_progress: bool = True,
     print_summary: bool = True,
     merge_poll_s: float = 2.0,
@@ -581,7 +582,9 @@ def explore(
     are skipped (``retry_failed`` redoes those with ``status: "failed"``; ``overwrite`` starts
     again). Under ``accelerate launch`` (``RANK``/``WORLD_SIZE`` set, or ``rank``/``world_size``
     given) each rank writes ``shard_path(out, rank, world)`` and rank 0 merges every shard into
-    ``out`` once all ranks are done. Returns the summary (see :func:`summarize`; ``results`` holds
+    ``out`` once all ranks are done. ``concurrent_records`` > 1 explores that many records at once on
+    threads (for an HTTP backend, to keep a server busy; lines are still written in input order).
+    Returns the summary (see :func:`summarize`; ``results`` holds
     the output records when ``out`` is None) and prints it.
     """
     if num_samples < 1:
@@ -601,14 +604,16 @@ def explore(
     settings = dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                     separator=separator)  # fmt: skip
 
+    if concurrent_records < 1:
+        raise ValueError(f"concurrent_records must be >= 1, got {concurrent_records}")
+
+    def explore_one(rec):
+        return explore_record(rec, backend, verifier, branch_points=branch_points, **settings)
+
     if out is None:
         if world_size > 1:
             raise ValueError("several processes need an output file (out=...) to write their shards to")
-        results = []
-        for rec in _progress(recs, show_progress, rank):
-            line = explore_record(rec, backend, verifier, branch_points=branch_points, **settings)
-            line["images"] = _output_images(rec, None)
-            results.append(line)
+        results = list(_run_records(recs, explore_one, None, concurrent_records, show_progress, rank))
         summary = summarize(results, max_pairs_per_point)
         summary["results"] = results
         if print_summary:
@@ -654,9 +659,7 @@ def explore(
         logger.warning("%s: %d record(s) already explored, %d to go", my_file, resumed, len(todo))
 
     with my_file.open("a", encoding="utf-8") as f:
-        for rec in _progress(todo, show_progress, rank):
-            line = explore_record(rec, backend, verifier, branch_points=branch_points, **settings)
-            line["images"] = _output_images(rec, out.parent)
+        for line in _run_records(todo, explore_one, out.parent, concurrent_records, show_progress, rank):
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
             f.flush()
 
@@ -745,10 +748,39 @@ def _drop_redone_failures(out: Path) -> None:
         _rewrite(out, kept)
 
 
-def _progress(items: list, show: bool, rank: int):
+def _run_records(recs: list[dict], explore_one, out_dir: Path | None, concurrent: int, show: bool, rank: int):
+    """Output lines of ``recs`` in input order, with a progress bar; ``concurrent`` records at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=f"explore[rank {rank}]" if rank else "explore", unit="record", position=rank, disable=not show)
+    def one(rec):
+        line = explore_one(rec)
+        line["images"] = _output_images(rec, out_dir)
+        return line
+
+    bar = tqdm(total=len(recs), desc=f"explore[rank {rank}]" if rank else "explore", unit="record", position=rank,
+               disable=not show)  # fmt: skip
+    try:
+        if concurrent == 1 or len(recs) < 2:
+            for rec in recs:
+                yield one(rec)
+                bar.update(1)
+            return
+        with ThreadPoolExecutor(max_workers=concurrent) as pool:
+            pending = []
+            it = iter(recs)
+            for rec in itertools.islice(it, concurrent):
+                pending.append(pool.submit(one, rec))
+            while pending:
+                line = pending.pop(0).result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(one, nxt))
+                yield line
+                bar.update(1)
+    finally:
+        bar.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -800,7 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
     p.add_argument("--max-retries", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests")
+    p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests per record (--endpoint)")
+    p.add_argument("--concurrent-records", type=int, default=None,
+                   help="records explored at once (default: 4 with --endpoint, 1 with --model)")  # fmt: skip
     p.add_argument("--retry-failed", action="store_true", help="redo records whose status is 'failed'")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     p.add_argument("--no-progress", action="store_true")
@@ -875,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens, branch_points=bp, max_pairs_per_point=args.max_pairs_per_point,
             seed=args.seed, out=args.out, separator=args.separator, retry_failed=args.retry_failed,
             overwrite=args.overwrite, show_progress=not args.no_progress,
+            concurrent_records=args.concurrent_records or (4 if args.endpoint else 1),
         )  # fmt: skip
     except (RecordError, FileNotFoundError, ValueError) as exc:
         print(f"srpo-trl explore: {exc}", file=sys.stderr)

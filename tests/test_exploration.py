@@ -318,6 +318,29 @@ def test_endpoint_failure_marks_the_record_failed_and_the_run_goes_on(tmp_path, 
     assert len(openai_server.requests) - before == 3  # 3 branch points of one record
 
 
+def test_concurrent_records_keep_a_server_busy_and_the_order(tmp_path, openai_server):
+    import threading
+
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def handler(req):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.15)
+        with lock:
+            active[0] -= 1
+        return [(WARN_TEXT if i % 2 == 0 else COMPLY_TEXT).format(i) for i in range(req.n)]
+
+    openai_server.handler = handler
+    backend = OpenAICompatibleBackend(openai_server.url, "policy", backoff=0.0, show_progress=False)
+    out = tmp_path / "o.jsonl"
+    explore(_records(6), backend, "safety-outcome", num_samples=2, branch_points=1, out=out, concurrent_records=3,
+            show_progress=False, print_summary=False)  # fmt: skip
+    assert [r["id"] for r in _lines(out)] == [f"r{i}" for i in range(6)]
+    assert peak[0] == 3
+
+
 def test_unreadable_image_fails_the_record_naming_the_file(tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
