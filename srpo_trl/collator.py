@@ -16,8 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import hashlib
+
+import numpy as np
 import torch
 from PIL import Image
+
+from .packing import allowed_matrix, pack_question
 
 from .rows import (
     DEFAULT_STEP_SEPARATOR,
@@ -30,6 +35,8 @@ from .rows import (
 )
 
 NON_MODEL_KEYS = {"loss_mask", "ref_chosen_logps", "ref_rejected_logps", "branch_point"}
+# Keys of a packed (prefix-sharing) batch that the trainer turns into model inputs itself.
+PACKED_KEYS = {"tree_mask", "shift_labels", "score_pos", "score_seq", "prompt_length", "packed_length"}
 
 
 def load_images(images: list, index: Any = "?") -> list:
@@ -75,6 +82,10 @@ class DataCollatorForStepPairs:
             rows out before training and reports them).
         fallback_reference_eos: close the fallback reference `prefix + chosen` with EOS.
         pad_to_multiple_of: pad the sequence length to a multiple of this value.
+        prefix_sharing: instead of 3B sequences, return one packed row per question (rows with the
+            same prompt and images): a token tree with `tree_mask` (ancestors only), depth
+            `position_ids`, `shift_labels`, and `score_seq` / `score_pos` telling which packed
+            positions score which of the 3B sequences. See `srpo_trl.packing`.
     """
 
     processing_class: Any
@@ -82,6 +93,7 @@ class DataCollatorForStepPairs:
     max_length: int | None = None
     fallback_reference_eos: bool = True
     pad_to_multiple_of: int | None = None
+    prefix_sharing: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tokenizer = tokenizer_of(self.processing_class)
@@ -90,6 +102,7 @@ class DataCollatorForStepPairs:
         if "prompt_ids" in examples[0]:
             prompts = [list(ex["prompt_ids"]) for ex in examples]
             segments = examples
+            keys = [tuple(p) for p in prompts]
         else:
             rows = [normalize_row(ex, ex.get("_row", f"{i} of the batch")) for i, ex in enumerate(examples)]
             segments = [
@@ -97,65 +110,137 @@ class DataCollatorForStepPairs:
                 for r in rows
             ]
             if hasattr(self.processing_class, "tokenizer"):  # processor: images and expanded image tokens
-                prompts, token_keys, extra = self._process_prompts(rows)
+                prompts, token_keys, extra, keys = self._process_prompts(rows)
             else:
                 prompts = [encode_prompt_text(r, tokenizer) for r in rows]
+                keys = [tuple(p) for p in prompts]
 
-        sequences, masks = [], []
+        n = len(examples)
+        seqs: list[tuple[list[int], int]] = []  # (tokens after the prompt, first scored index), 3n of them
         for part in ("chosen_ids", "rejected_ids"):
-            for prompt, seg in zip(prompts, segments):
-                sequences.append(prompt + list(seg["prefix_ids"]) + list(seg[part]))
-                masks.append([0] * (len(prompt) + len(seg["prefix_ids"])) + [1] * len(seg[part]))
-        for prompt, seg in zip(prompts, segments):
-            sequences.append(prompt + list(seg["reference_ids"]))
-            masks.append([0] * len(prompt) + [1] * len(seg["reference_ids"]))
-
+            for seg in segments:
+                seqs.append((list(seg["prefix_ids"]) + list(seg[part]), len(seg["prefix_ids"])))
+        seqs += [(list(seg["reference_ids"]), 0) for seg in segments]
         if self.max_length is not None:
-            for i, mask in enumerate(masks):
-                if sum(mask[: self.max_length]) == 0:
-                    group = ("chosen", "rejected", "reference")[i // len(examples)]
-                    raise RowError(
-                        examples[i % len(examples)].get("_row", i % len(examples)),
-                        group,
-                        f"is cut away entirely by max_length={self.max_length}; raise max_length or shorten the row",
-                    )
-            sequences = [s[: self.max_length] for s in sequences]
-            masks = [m[: self.max_length] for m in masks]
+            seqs = self._truncate(examples, prompts * 3, seqs)
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        output = {
-            "input_ids": _pad(sequences, pad_id, self.pad_to_multiple_of),
-            "attention_mask": _pad([[1] * len(s) for s in sequences], 0, self.pad_to_multiple_of),
-            "loss_mask": _pad(masks, 0, self.pad_to_multiple_of),
-        }
-        # Per-token processor outputs (mm_token_type_ids, token_type_ids): prompt values, zeros after.
-        for key, per_row in token_keys.items():
-            rows3 = [v + [0] * (len(s) - len(v)) for v, s in zip(per_row * 3, sequences)]
-            output[key] = _pad([r[: len(s)] for r, s in zip(rows3, sequences)], 0, self.pad_to_multiple_of)
-        for key, value in extra.items():
-            output[key] = torch.cat([value] * 3, dim=0)
+        if self.prefix_sharing:
+            output = self._packed(prompts, keys, seqs, token_keys, extra, pad_id)
+        else:
+            output = self._unpacked(prompts, seqs, token_keys, extra, pad_id)
         for key in ("ref_chosen_logps", "ref_rejected_logps", "branch_point"):
             if key in examples[0] and examples[0][key] is not None:
                 output[key] = torch.tensor([ex[key] for ex in examples])
+        assert len(seqs) == 3 * n
+        return output
+
+    def _truncate(self, examples, prompts, seqs):
+        """Cut each sequence to max_length (keep_start); a sequence with nothing left to score raises."""
+        out = []
+        for i, ((tokens, start), prompt) in enumerate(zip(seqs, prompts)):
+            room = self.max_length - len(prompt)
+            if room <= start:
+                group = ("chosen", "rejected", "reference")[i // len(examples)]
+                raise RowError(
+                    examples[i % len(examples)].get("_row", i % len(examples)),
+                    group,
+                    f"is cut away entirely by max_length={self.max_length}; raise max_length or shorten the row",
+                )
+            out.append((tokens[:room], start))
+        return out
+
+    def _unpacked(self, prompts, seqs, token_keys, extra, pad_id):
+        """3B right-padded sequences with a loss mask: the layout every model supports."""
+        prompts3 = prompts * 3
+        sequences = [p + t for p, (t, _) in zip(prompts3, seqs)]
+        masks = [[0] * (len(p) + start) + [1] * (len(t) - start) for p, (t, start) in zip(prompts3, seqs)]
+        multiple = self.pad_to_multiple_of
+        output = {
+            "input_ids": _pad(sequences, pad_id, multiple),
+            "attention_mask": _pad([[1] * len(s) for s in sequences], 0, multiple),
+            "loss_mask": _pad(masks, 0, multiple),
+        }
+        # Per-token processor outputs (mm_token_type_ids, token_type_ids): prompt values, zeros after.
+        for key, per_row in token_keys.items():
+            output[key] = _pad([v + [0] * (len(s) - len(v)) for v, s in zip(per_row * 3, sequences)], 0, multiple)
+        for key, value in extra.items():
+            output[key] = torch.cat([value] * 3, dim=0)
+        return output
+
+    def _packed(self, prompts, keys, seqs, token_keys, extra, pad_id):
+        """One tree-shaped row per question (rows with the same prompt and images)."""
+        n = len(prompts)
+        groups: dict[Any, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        rows, owners = [], []
+        for members in groups.values():
+            owned = [i + g * n for g in range(3) for i in members]  # chosen, rejected, reference of each row
+            rows.append(pack_question(prompts[members[0]], [seqs[j] for j in owned]))
+            owners.append(owned)
+        length = max(len(r.tokens) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        score_seq, score_pos = [], []
+        for g, (row, owned) in enumerate(zip(rows, owners)):
+            for seq_id, positions in zip(owned, row.scored):
+                score_seq += [seq_id] * len(positions)
+                score_pos += [g * length + p for p in positions]
+        output = {
+            "input_ids": _pad([r.tokens for r in rows], pad_id, self.pad_to_multiple_of and length),
+            "position_ids": _pad([r.depth for r in rows], 0, self.pad_to_multiple_of and length),
+            "shift_labels": _pad([r.shift_labels for r in rows], -100, self.pad_to_multiple_of and length),
+            "tree_mask": torch.from_numpy(np.stack([allowed_matrix(r.parent, length) for r in rows])),
+            "score_seq": torch.tensor(score_seq, dtype=torch.long),
+            "score_pos": torch.tensor(score_pos, dtype=torch.long),
+            "prompt_length": torch.tensor([r.prompt_length for r in rows]),
+            "packed_length": torch.tensor([len(r.tokens) for r in rows]),
+        }
+        first = [members[0] for members in groups.values()]
+        for key, per_row in token_keys.items():
+            output[key] = _pad([per_row[i] for i in first], 0, None)
+            output[key] = torch.nn.functional.pad(output[key], (0, length - output[key].size(1)))
+        for key, value in extra.items():  # vision tensors: one image set per question
+            output[key] = value
         return output
 
     def _process_prompts(self, rows: list[dict[str, Any]]):
-        """One processor call on the B prompts: token ids with image tokens expanded, and vision tensors."""
+        """Prompt token ids (image tokens expanded), per-token processor outputs and vision tensors.
+
+        Without prefix sharing the B prompts go through the processor once and the vision tensors
+        are later repeated for the three sequence groups. With it, rows that share prompt and images
+        (the same question) are processed once: the vision tensors hold one image set per question.
+        """
         processor = self.processing_class
         images = [load_images(r["images"], r.get("_row", i)) for i, r in enumerate(rows)]
         texts = [render_prompt(processor, r["prompt"], imgs) for r, imgs in zip(rows, images)]
-        kwargs = {"images": images} if any(images) else {}
+        keys = [(t, tuple(_image_digest(im) for im in imgs)) for t, imgs in zip(texts, images)]
+        if self.prefix_sharing:
+            unique = list(dict.fromkeys(keys))
+            first = [keys.index(k) for k in unique]
+        else:
+            first = list(range(len(rows)))
+        kwargs = {"images": [images[i] for i in first]} if any(images) else {}
         processed = processor(
-            text=texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False, **kwargs
-        )
+            text=[texts[i] for i in first], padding=True, padding_side="left", return_tensors="pt",
+            add_special_tokens=False, **kwargs,
+        )  # fmt: skip
         keep = processed["attention_mask"].bool()
-        prompts = [ids[k].tolist() for ids, k in zip(processed["input_ids"], keep)]
+        by_key = {keys[i]: j for j, i in enumerate(first)}
+        slot = [by_key[k] for k in keys]  # which processed prompt each row uses
+        prompts = [processed["input_ids"][j][keep[j]].tolist() for j in slot]
         token_keys, extra = {}, {}
         for key, value in processed.items():
             if key in ("input_ids", "attention_mask"):
                 continue
             if isinstance(value, torch.Tensor) and value.shape == processed["input_ids"].shape:
-                token_keys[key] = [v[k].tolist() for v, k in zip(value, keep)]
+                token_keys[key] = [value[j][keep[j]].tolist() for j in slot]
             elif isinstance(value, torch.Tensor):
                 extra[key] = value
-        return prompts, token_keys, extra
+        return prompts, token_keys, extra, keys
+
+
+def _image_digest(image) -> str:
+    """Content hash of a PIL image: rows of one question share their images only if the pixels match."""
+    return hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() + f"{image.size}{image.mode}"

@@ -29,6 +29,9 @@ class SRPOConfig(DPOConfig):
         fallback_reference_eos (`bool`, defaults to `True`): whether a row without `reference` closes
             its fallback reference path `prefix + chosen` with EOS. Set to `False` when continuations
             are single steps rather than paths to a final answer.
+        prefix_sharing (`bool`, defaults to `True`): score each question's sequences as one tree, every
+            shared token once (see docs/speed.md).
+        group_by_question (`bool`, defaults to `True`): batch the rows of a question together.
     """
 
     srpo_lambda: float = field(
@@ -56,6 +59,23 @@ class SRPOConfig(DPOConfig):
         metadata={
             "help": "For rows without a 'reference' column the reference path is prefix + chosen; whether to close "
             "it with EOS. Set False when 'chosen' is a single step rather than the rest of the path."
+        },
+    )
+
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Score all sequences of a question (chosen, rejected, reference of every row sharing the prompt "
+            "and images) in one packed row with a tree attention mask, so shared tokens (image tokens, reasoning "
+            "prefix) go through the model once. Same log-probs as separate scoring. Falls back, with one warning, to "
+            "the unpacked path where unsupported (e.g. flash-attention, prompt-learning PEFT)."
+        },
+    )
+    group_by_question: bool = field(
+        default=True,
+        metadata={
+            "help": "With prefix_sharing, shuffle questions rather than rows so that the rows of one question land in "
+            "the same batch and share their prompt; rows are grouped by the 'id' column, else by prompt."
         },
     )
 

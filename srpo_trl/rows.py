@@ -68,7 +68,8 @@ def normalize_row(row: dict[str, Any], index: Any) -> dict[str, Any]:
     """Validate one row and return it in canonical form.
 
     Canonical form: ``prompt`` (str or list of messages), ``images`` (list, possibly empty),
-    ``prefix`` (list of str), ``chosen``/``rejected`` (str), ``reference`` (list of str or None).
+    ``prefix`` (list of str), ``chosen``/``rejected`` (str), ``reference`` (list of str or None),
+    ``branch_point`` (int; defaults to the number of prefix steps).
     Other columns (``id``, ``branch_point``, ...) are kept as they are. Raises :class:`RowError`.
     """
     row = dict(row)
@@ -101,6 +102,13 @@ def normalize_row(row: dict[str, Any], index: Any) -> dict[str, Any]:
     row["prefix"] = _check_steps(row.get("prefix"), index, "prefix", allow_empty=True)
     reference = row.get("reference")
     row["reference"] = _check_steps(reference, index, "reference", allow_empty=False) if reference is not None else None
+
+    branch_point = row.get("branch_point")
+    if branch_point is None:
+        branch_point = len(row["prefix"])  # a prefix of k steps branches at point k
+    if isinstance(branch_point, bool) or not isinstance(branch_point, int) or branch_point < 0:
+        raise RowError(index, "branch_point", f"must be a non-negative integer, got {branch_point!r}")
+    row["branch_point"] = branch_point
 
     images = row.pop("image", None)
     if images is not None:

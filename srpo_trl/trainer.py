@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import textwrap
 from typing import Any
@@ -32,7 +33,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as _dpo_module
 from trl.trainer.utils import get_config_model_id, use_adapter
 
-from .collator import NON_MODEL_KEYS, DataCollatorForStepPairs
+from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
+from .packing import additive_mask
 from .config import SRPOConfig
 from .dataset import StepPairDataset
 from .rows import (
@@ -94,6 +96,60 @@ def _as_srpo_config(args: DPOConfig) -> SRPOConfig:
     logger.warning("SRPOTrainer got a %s; converting it to SRPOConfig with the SRPO defaults.", type(args).__name__)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return SRPOConfig(**values)
+
+
+_VLM_TYPES_WITH_PREFIX_SHARING = {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava"}
+
+
+def prefix_sharing_problem(model, peft_config=None) -> str | None:
+    """Why the packed tree forward cannot be used with this model, or None when it can."""
+    config = model.config
+    text_config = config.get_text_config()
+    attn = getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    if attn not in (None, "sdpa", "eager"):
+        return f"attention implementation {attn!r} takes no 4D tree mask; use 'sdpa' or 'eager'"
+    peft_configs = [peft_config] if peft_config is not None else []
+    if is_peft_model(model):
+        peft_configs += list(model.peft_config.values())
+    if any(getattr(c, "is_prompt_learning", False) for c in peft_configs):
+        return "prompt-learning PEFT prepends virtual tokens"
+    if text_config is not config and config.model_type not in _VLM_TYPES_WITH_PREFIX_SHARING:
+        return f"vision-language model type {config.model_type!r} is not one of {sorted(_VLM_TYPES_WITH_PREFIX_SHARING)}"
+    return None
+
+
+def question_keys(dataset: Dataset) -> list:
+    """Which question each row belongs to: its `id`, else its prompt (token ids or text) and images."""
+    if "id" in dataset.column_names:
+        return list(dataset["id"])
+    if "prompt_ids" in dataset.column_names:
+        return [tuple(p) for p in dataset["prompt_ids"]]
+    prompts = dataset.select_columns(["prompt"])["prompt"]
+    return [json.dumps(p, sort_keys=True, default=str) for p in prompts]
+
+
+class QuestionGroupedSampler(torch.utils.data.Sampler):
+    """Shuffles questions, not rows: the rows of a question come out together (in a random order),
+    so a batch holds few questions and the packed forward shares their prompts and prefixes."""
+
+    def __init__(self, keys: list, seed: int = 0):
+        self.groups: dict[Any, list[int]] = {}
+        for i, key in enumerate(keys):
+            self.groups.setdefault(key, []).append(i)
+        self.seed, self.epoch, self.length = seed, 0, len(keys)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        groups = list(self.groups.values())
+        for gi in torch.randperm(len(groups), generator=g).tolist():
+            rows = groups[gi]
+            yield from (rows[i] for i in torch.randperm(len(rows), generator=g).tolist())
 
 
 class SRPOTrainer(DPOTrainer):
@@ -198,6 +254,9 @@ class SRPOTrainer(DPOTrainer):
                 fallback_reference_eos=args.fallback_reference_eos,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
+        self._mrope_model = None
+        if not isinstance(model, str):  # decide now, so that reference precomputation packs too
+            self._setup_prefix_sharing(model, data_collator, args, peft_config)
 
         with _without_reference_model(odds_ratio and ref_model is None, isinstance(model, str)):
             super().__init__(
@@ -214,10 +273,36 @@ class SRPOTrainer(DPOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        if isinstance(model, str):
+            self._setup_prefix_sharing(self.model, data_collator, args, peft_config)
         if odds_ratio and ref_model is not None:
             logger.warning("align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used.")
         self.srpo_lambda = args.srpo_lambda
         self.align_loss = args.align_loss
+
+    # ---- prefix sharing ----------------------------------------------------------------------------
+
+    def _setup_prefix_sharing(self, model, collator, args: SRPOConfig, peft_config) -> None:
+        """Turn on the packed (tree) forward where the model supports it, else warn once and don't."""
+        self.prefix_sharing = False
+        if not args.prefix_sharing:
+            return
+        problem = prefix_sharing_problem(model, peft_config)
+        if problem is None and not isinstance(collator, DataCollatorForStepPairs):
+            problem = "a custom data_collator was given"
+        if problem:
+            logger.warning("Prefix sharing is off (%s); sequences are scored separately, with the same results.", problem)
+            return
+        self.prefix_sharing = collator.prefix_sharing = True
+        base = model.get_base_model() if is_peft_model(model) else model
+        inner = getattr(base, "model", None)
+        self._mrope_model = inner if hasattr(inner, "get_rope_index") else None
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not (self.prefix_sharing and self.args.group_by_question and isinstance(dataset, Dataset)):
+            return super()._get_train_sampler(train_dataset)
+        return QuestionGroupedSampler(question_keys(dataset), seed=self.args.seed)
 
     # ---- data ------------------------------------------------------------------------------------
 
@@ -320,12 +405,19 @@ class SRPOTrainer(DPOTrainer):
 
     @staticmethod
     def _model_kwargs(inputs: dict) -> dict:
-        kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS and k not in PACKED_KEYS}
         kwargs["use_cache"] = False
         return kwargs
 
     def _sequence_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Summed log-probs and token counts of every sequence over its `loss_mask`, and the outputs."""
+        """Summed log-probs and scored-token counts of the 3B sequences of a batch, and the outputs.
+
+        Unpacked batches hold the 3B sequences as rows with a `loss_mask`. Packed (prefix-sharing)
+        batches hold one tree per question; `score_seq` / `score_pos` map packed positions back to
+        the sequences they score.
+        """
+        if "tree_mask" in inputs:
+            return self._packed_sequence_logps(model, inputs)
         loss_mask = inputs["loss_mask"]
         labels = inputs["input_ids"].masked_fill(loss_mask == 0, -100)
         outputs = model(**self._model_kwargs(inputs), labels=labels, fused_lm_head=True)
@@ -335,19 +427,68 @@ class SRPOTrainer(DPOTrainer):
         mask = shift_mask.to(per_token.dtype)
         return (per_token * mask).sum(dim=1), mask.sum(dim=1), outputs
 
+    def _packed_sequence_logps(self, model, inputs: dict):
+        kwargs = self._model_kwargs(inputs)
+        kwargs["attention_mask"] = additive_mask(inputs["tree_mask"], self._compute_dtype(model))
+        if self._mrope_model is not None:
+            kwargs["position_ids"] = self._mrope_positions(inputs)
+        outputs = model(**kwargs, shift_labels=inputs["shift_labels"], fused_lm_head=True)
+        per_position = outputs.log_probs.reshape(-1)
+        num_sequences = int(inputs["score_seq"].max().item()) + 1
+        sums = per_position.new_zeros(num_sequences).index_add(0, inputs["score_seq"], per_position[inputs["score_pos"]])
+        counts = torch.bincount(inputs["score_seq"], minlength=num_sequences).to(sums.dtype)
+        return sums, counts, outputs
+
+    def _compute_dtype(self, model) -> torch.dtype:
+        """The dtype attention runs in: the autocast dtype under mixed precision, else the weights'."""
+        device_type = self.accelerator.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return next(p for p in model.parameters()).dtype
+
+    def _mrope_positions(self, inputs: dict) -> torch.Tensor:
+        """3-axis (mRoPE) positions for Qwen2-VL / Qwen2.5-VL packed rows.
+
+        The prompt's positions come from the model's own `get_rope_index` (image tokens get their
+        grid positions); every later token is text, so all three axes equal its depth plus the
+        prompt's offset (`mrope_position_deltas`), continuing from its branch point.
+        """
+        depth, prompt_length = inputs["position_ids"], inputs["prompt_length"]
+        width = int(prompt_length.max().item())
+        in_prompt = torch.arange(width, device=depth.device)[None, :] < prompt_length[:, None]
+        prompt_positions, deltas = self._mrope_model.get_rope_index(
+            input_ids=inputs["input_ids"][:, :width],
+            mm_token_type_ids=inputs["mm_token_type_ids"][:, :width],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=in_prompt.long(),
+        )
+        positions = (depth + deltas.to(depth.device).view(-1, 1)).unsqueeze(0).repeat(3, 1, 1)
+        positions[:, :, :width] = torch.where(in_prompt[None], prompt_positions.to(depth.device), positions[:, :, :width])
+        return positions
+
+    @staticmethod
+    def _num_rows(inputs: dict) -> int:
+        if "score_seq" in inputs:
+            return (int(inputs["score_seq"].max().item()) + 1) // 3
+        return inputs["input_ids"].size(0) // 3
+
     def compute_ref_log_probs(self, model, inputs):
         """Reference summed log-probs of the chosen and rejected continuations (sigmoid mode).
 
         Only the first two thirds of the batch (chosen, rejected) are scored: the reference-path
         sequences are not needed by the reference model.
         """
-        n = inputs["input_ids"].size(0) // 3
-        sub = {}
-        for key, value in inputs.items():
-            if not isinstance(value, torch.Tensor) or key in {"ref_chosen_logps", "ref_rejected_logps", "branch_point"}:
-                continue
-            # Sequence-major tensors and vision tensors are both stored as three equal copies / groups.
-            sub[key] = value[: value.size(0) * 2 // 3]
+        packed = "tree_mask" in inputs
+        n = self._num_rows(inputs)
+        if packed:  # the tree holds every sequence; score it whole and keep chosen / rejected
+            sub = inputs
+        else:
+            sub = {}
+            for key, value in inputs.items():
+                if not isinstance(value, torch.Tensor) or key in {"ref_chosen_logps", "ref_rejected_logps", "branch_point"}:
+                    continue
+                # Sequence-major tensors and vision tensors are both stored as three equal copies / groups.
+                sub[key] = value[: value.size(0) * 2 // 3]
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -365,7 +506,7 @@ class SRPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        n = inputs["input_ids"].size(0) // 3
+        n = self._num_rows(inputs)
         sums, counts, outputs = self._sequence_logps(model, inputs)
         means = sums / counts.clamp(min=1)
         chosen_mean, rejected_mean, reference_mean = means.split(n)
@@ -417,7 +558,8 @@ class SRPOTrainer(DPOTrainer):
                 label = f"{bucket}" if bucket < MAX_BRANCH_BUCKET else f"{MAX_BRANCH_BUCKET}+"
                 self._metrics[mode][f"accuracy/branch_{label}"].append(acc[k == bucket].mean().item())
         if mode == "train":
-            tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            real = inputs["packed_length"] if "packed_length" in inputs else inputs["attention_mask"]
+            tokens = gather(real.sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 

@@ -21,10 +21,12 @@ def tok():
     return build_tokenizer()
 
 
+@pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("lam", [0.3, 1.7])
-def test_odds_ratio_loss_matches_plain_forward(tmp_path, tok, lam):
+def test_odds_ratio_loss_matches_plain_forward(tmp_path, tok, lam, sharing):
     model = tiny_causal_lm(tok, seed=1)
-    trainer = make_trainer(tmp_path, model, tok, ROWS, srpo_lambda=lam)
+    trainer = make_trainer(tmp_path, model, tok, ROWS, srpo_lambda=lam, prefix_sharing=sharing)
+    assert trainer.prefix_sharing is sharing
     assert trainer.ref_model is None  # reference-free: nothing loaded or run
     got = trainer_loss(trainer, ROWS)
 
@@ -40,20 +42,23 @@ def test_odds_ratio_loss_matches_plain_forward(tmp_path, tok, lam):
     assert got == pytest.approx(expected, abs=1e-5)
 
 
-def test_lambda_zero_is_exactly_reference_nll(tmp_path, tok):
+@pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
+def test_lambda_zero_is_exactly_reference_nll(tmp_path, tok, sharing):
     model = tiny_causal_lm(tok, seed=2)
-    trainer = make_trainer(tmp_path, model, tok, ROWS, srpo_lambda=0.0)
+    trainer = make_trainer(tmp_path, model, tok, ROWS, srpo_lambda=0.0, prefix_sharing=sharing)
     got = trainer_loss(trainer, ROWS)
     expected = sum(-plain_logps(model, *hand_ids(tok, r)[2]).mean().item() for r in ROWS) / len(ROWS)
     assert got == pytest.approx(expected, abs=1e-5)
 
 
-def test_sigmoid_loss_matches_plain_forward(tmp_path, tok):
+@pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
+def test_sigmoid_loss_matches_plain_forward(tmp_path, tok, sharing):
     model = tiny_causal_lm(tok, seed=3)
     ref_model = tiny_causal_lm(tok, seed=4)  # a different reference, so the ratios are not trivially 0
     args = SRPOConfig(
         output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
         per_device_train_batch_size=3, max_length=None, align_loss="sigmoid", beta=0.25, srpo_lambda=0.5,
+        prefix_sharing=sharing,
     )  # fmt: skip
     trainer = SRPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok
@@ -73,7 +78,7 @@ def test_sigmoid_loss_matches_plain_forward(tmp_path, tok):
 
 
 def test_continuations_are_not_closed_and_prefix_is_context_only(tmp_path, tok):
-    trainer = make_trainer(tmp_path, tiny_causal_lm(tok), tok, ROWS[:1])
+    trainer = make_trainer(tmp_path, tiny_causal_lm(tok), tok, ROWS[:1], prefix_sharing=False)
     batch = trainer.data_collator([trainer.train_dataset[0]])
     chosen_scored = batch["input_ids"][0][batch["loss_mask"][0].bool()].tolist()
     rejected_scored = batch["input_ids"][1][batch["loss_mask"][1].bool()].tolist()
@@ -85,7 +90,7 @@ def test_continuations_are_not_closed_and_prefix_is_context_only(tmp_path, tok):
 
 
 def test_fallback_reference_without_eos(tmp_path, tok):
-    trainer = make_trainer(tmp_path, tiny_causal_lm(tok), tok, ROWS[1:2], fallback_reference_eos=False)
+    trainer = make_trainer(tmp_path, tiny_causal_lm(tok), tok, ROWS[1:2], fallback_reference_eos=False, prefix_sharing=False)
     batch = trainer.data_collator([trainer.train_dataset[0]])
     reference_scored = batch["input_ids"][2][batch["loss_mask"][2].bool()].tolist()
     assert tok.decode(reference_scored) == ROWS[1]["chosen"]

@@ -75,12 +75,13 @@ def vlm_plain_means(model, processor, row):
 BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen2_vl": tiny_qwen2_vl, "llava_next": tiny_llava_next}
 
 
+@pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava_next"])
-def test_vlm_loss_matches_plain_forward(tmp_path, family):
+def test_vlm_loss_matches_plain_forward(tmp_path, family, sharing):
     model, processor = BUILDERS[family](seed=1)
     rows = vlm_rows()
     trainer = SRPOTrainer(
-        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=2, srpo_lambda=0.7),
+        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=2, srpo_lambda=0.7, prefix_sharing=sharing),
         train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
     )  # fmt: skip
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
@@ -103,7 +104,7 @@ def test_model_receives_what_the_processor_produced_and_trains(tmp_path, family)
     model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = SRPOTrainer(
-        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2),
+        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, prefix_sharing=False),
         train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
     )  # fmt: skip
     trainer.train()
