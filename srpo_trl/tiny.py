@@ -78,7 +78,9 @@ _CHAT_TEMPLATE = (
 IMAGE_STYLES = {
     # style: (image placeholder in the template, video placeholder, tokenizer's image token)
     "qwen": (VISION_START + IMAGE_PAD + VISION_END, VISION_START + VIDEO_PAD + VISION_END, IMAGE_PAD),
-    "llava": (LLAVA_IMAGE, LLAVA_IMAGE, LLAVA_IMAGE),
+    # LLaVA-NeXT's own templates put a newline after each <image>; it also keeps the placeholder
+    # runs of consecutive images apart.
+    "llava": (LLAVA_IMAGE + "\n", LLAVA_IMAGE + "\n", LLAVA_IMAGE),
 }
 
 
@@ -123,8 +125,8 @@ def build_tokenizer(
     Trained on the built-in ``CORPUS`` plus ``corpus``; the same inputs give the same vocabulary.
     It is a ``Qwen2Tokenizer`` (a ``PreTrainedTokenizerFast``), the class a saved folder reloads
     as. ``eos`` is ``<|im_end|>`` (a chat turn ends with it), ``pad`` is ``<|endoftext|>``, there
-    is no BOS (like Qwen). ``image_style="llava"`` renders image parts as ``<image>`` and makes it
-    the tokenizer's ``image_token``; the default renders ``<|vision_start|><|image_pad|><|vision_end|>``.
+    is no BOS (like Qwen). ``image_style="llava"`` renders image parts as ``<image>\\n`` and makes
+    ``<image>`` the tokenizer's ``image_token``; the default renders ``<|vision_start|><|image_pad|><|vision_end|>``.
     """
     if image_style not in IMAGE_STYLES:
         raise ValueError(f"image_style must be one of {sorted(IMAGE_STYLES)}, got {image_style!r}")
