@@ -625,3 +625,32 @@ def test_explore_then_step_pairs_then_srpo_trainer(tmp_path, tiny_lm):
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, policy.parameters()))
+
+
+def test_vlm_explore_with_image_files_then_trainer(tmp_path):
+    import torch
+
+    from srpo_trl import SRPOConfig, SRPOTrainer, StepPairDataset
+    from srpo_trl.backends import TransformersBackend
+    from srpo_trl.tiny import make_image, tiny_qwen2_5_vl
+
+    model, processor = tiny_qwen2_5_vl(seed=0)
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    make_image(5).save(tmp_path / "data" / "img" / "bleach.png")
+    records = _write_jsonl(tmp_path / "data" / "records.jsonl", [{**r, "images": ["img/bleach.png"]} for r in _records(2)])
+    out = tmp_path / "out" / "explored.jsonl"
+    backend = TransformersBackend(model, processor, batch_size=12, show_progress=False)
+    summary = explore(records, backend, _coin_verifier, num_samples=4, max_new_tokens=6, seed=0, out=out,
+                      show_progress=False, print_summary=False)  # fmt: skip
+    assert summary["records_ok"] == 2 and summary["pairs"] > 0
+    pairs = StepPairDataset.from_exploration(out)
+    assert len(pairs) == summary["pairs"]
+    (image,) = pairs[0]["images"]
+    assert Path(image).resolve() == (tmp_path / "data" / "img" / "bleach.png").resolve()
+
+    policy, _ = tiny_qwen2_5_vl(seed=0)
+    args = SRPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                      max_length=None, dataloader_num_workers=0, disable_tqdm=True, max_steps=1,
+                      per_device_train_batch_size=2, learning_rate=1e-2)  # fmt: skip
+    trainer = SRPOTrainer(model=policy, args=args, train_dataset=pairs.select(range(2)), processing_class=processor)
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
