@@ -101,7 +101,7 @@ def _trained_bpe(corpus: tuple[str, ...], vocab_size: int) -> tuple[str, str]:
     from tokenizers import Tokenizer, models, normalizers, trainers
     from transformers import Qwen2Tokenizer
 
-    template = Qwen2Tokenizer()._tokenizer  # Qwen2's normalizer, pre-tokenizer and decoder
+    template = Qwen2Tokenizer().backend_tokenizer  # Qwen2's normalizer, pre-tokenizer and decoder
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = template.pre_tokenizer
