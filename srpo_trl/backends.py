@@ -180,6 +180,10 @@ class TransformersBackend:
             self._pad_id = self.tokenizer.eos_token_id
         if self._pad_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+        self._special_ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        for tid, added in (getattr(self.tokenizer, "added_tokens_decoder", None) or {}).items():
+            if getattr(added, "special", False):
+                self._special_ids.add(tid)
 
     # -- tokenization --------------------------------------------------------------------------
 
@@ -207,10 +211,14 @@ class TransformersBackend:
         if gen_eos is not None:
             stop.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         if not isinstance(request.prompt, str):
-            end_text = end_of_answer_text(self.processing_class, request.prompt, images)
-            end_ids = self._text_ids(end_text)
-            if end_ids:
-                stop.add(end_ids[0])  # the end-of-turn token (e.g. <|im_end|>)
+            # The end-of-turn token (e.g. <|im_end|>): the first special token of what closes an
+            # assistant turn; never a plain-text token such as a newline, which would cut every sample.
+            for tid in self._text_ids(end_of_answer_text(self.processing_class, request.prompt, images)):
+                if tid in self._special_ids:
+                    stop.add(tid)
+                    break
+                if self.tokenizer.decode([tid]).strip():
+                    break
         return sorted(stop)
 
     def _encode(self, request: GenerationRequest, images: list) -> dict:

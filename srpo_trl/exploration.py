@@ -598,7 +598,8 @@ def explore(
     verifier = as_verifier(verifier)
     required = tuple(getattr(verifier, "required_fields", ()))
     recs, base_dir = load_records(records, required)
-    select_branch_points(["a", "b"], branch_points, {}) if not callable(branch_points) else None  # validate early
+    if not callable(branch_points):
+        select_branch_points(["a", "b"], branch_points, {})  # a bad value fails now, not at the first record
     simulated = rank is not None or world_size is not None  # explicit ranks: no process group (tests, custom launchers)
     rank, world_size = _dist_info(rank, world_size)
     settings = dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,

@@ -27,7 +27,7 @@ import json
 import logging
 import re
 import string
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
@@ -130,6 +130,8 @@ def as_verifier(verifier: Any) -> Callable[[dict, str], Verdict]:
         return get_verifier(verifier)
     if not callable(verifier):
         raise TypeError(f"a verifier must be a name or a callable (record, path_text) -> Verdict, got {type(verifier).__name__}")
+    if isinstance(verifier, (FinalAnswerVerifier, SafetyOutcomeVerifier, JudgeVerifier)):
+        return verifier  # built in: already returns a Verdict
 
     def wrapped(record, path_text):
         result = verifier(record, path_text)
@@ -139,8 +141,6 @@ def as_verifier(verifier: Any) -> Callable[[dict, str], Verdict]:
             return Verdict(passed=result, label=None, reason=f"{getattr(verifier, '__name__', 'verifier')} returned {result}")
         raise TypeError(f"the verifier returned {type(result).__name__}; it must return a Verdict or a bool")
 
-    if isinstance(verifier, (FinalAnswerVerifier, SafetyOutcomeVerifier, JudgeVerifier)):
-        return verifier
     wrapped.required_fields = tuple(getattr(verifier, "required_fields", ()))
     wrapped.__name__ = getattr(verifier, "__name__", type(verifier).__name__)
     return wrapped

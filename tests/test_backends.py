@@ -374,3 +374,18 @@ def test_transformers_missing_image_names_the_file(tmp_path):
     backend = TransformersBackend(model, processor, show_progress=False)
     with pytest.raises(FileNotFoundError, match="gone.png"):
         backend.generate([GenerationRequest(CHAT, images=[str(tmp_path / "gone.png")])])
+
+
+def test_end_of_turn_after_a_newline_does_not_cut_samples_at_newlines():
+    """A template that closes turns with '\\n<|im_end|>': the stop token is <|im_end|>, not '\\n'."""
+    from srpo_trl.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    script = tok("Line one.\nLine two.", add_special_tokens=False)["input_ids"] + [im_end]
+    backend = TransformersBackend(_ScriptedLM(script), tok, show_progress=False)
+    assert backend.generate([GenerationRequest(CHAT)]) == [["Line one.\nLine two."]]
