@@ -46,6 +46,7 @@ __all__ = [
     "OpenAICompatibleBackend",
     "load_image",
     "load_images",
+    "to_openai_messages",
 ]
 
 

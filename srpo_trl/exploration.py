@@ -50,6 +50,7 @@ __all__ = [
     "explore",
     "count_pairs",
     "summarize",
+    "format_summary",
     "shard_path",
     "merge_shards",
     "main",
