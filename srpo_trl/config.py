@@ -32,6 +32,8 @@ class SRPOConfig(DPOConfig):
         prefix_sharing (`bool`, defaults to `True`): score each question's sequences as one tree, every
             shared token once (see docs/speed.md).
         group_by_question (`bool`, defaults to `True`): batch the rows of a question together.
+        ref_logps_cache_dir (`str`, *optional*): where precomputed reference log-probs are cached on
+            disk and found again by later runs (text and vision datasets).
     """
 
     srpo_lambda: float = field(
@@ -76,6 +78,15 @@ class SRPOConfig(DPOConfig):
         metadata={
             "help": "With prefix_sharing, shuffle questions rather than rows so that the rows of one question land in "
             "the same batch and share their prompt; rows are grouped by the 'id' column, else by prompt."
+        },
+    )
+
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "With precompute_ref_log_probs (align_loss='sigmoid'), reference log-probs are saved here, keyed by "
+            "the dataset's content, the reference model's weights and the encoding settings, and reused by later runs. "
+            "Default: $SRPO_TRL_CACHE or ~/.cache/srpo_trl/ref_logps. Set to '' to disable the disk cache."
         },
     )
 

@@ -20,18 +20,24 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoProcessor, ProcessorMixin
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as _dpo_module
-from trl.trainer.utils import get_config_model_id, use_adapter
+from trl.models import prepare_deepspeed
+from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
 from .packing import additive_mask
@@ -99,6 +105,22 @@ def _as_srpo_config(args: DPOConfig) -> SRPOConfig:
 
 
 _VLM_TYPES_WITH_PREFIX_SHARING = {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava"}
+
+
+def _table_digest(table) -> str:
+    """Content hash of an Arrow table, batch by batch: not its file path nor its schema metadata
+    (a memory-mapped cache of the same rows has another path and fingerprint in every run)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    digest = hashlib.blake2b(digest_size=16)
+    for batch in table.replace_schema_metadata(None).to_batches(max_chunksize=1024):  # metadata holds a random fingerprint
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        digest.update(sink.getvalue().to_pybytes())
+    return digest.hexdigest()
 
 
 def prefix_sharing_problem(model, peft_config=None) -> str | None:
@@ -233,7 +255,7 @@ class SRPOTrainer(DPOTrainer):
             raise ValueError("`train_dataset` is required")
         first = next(iter(train_dataset))
         self.dropped_rows: dict[str, list] = {}
-        if "image" in first or "images" in first:
+        if self._is_vision_rows(first):
             if not self._is_processor:
                 raise ValueError(
                     "The dataset has images but `processing_class` is a tokenizer; pass the model's processor."
@@ -258,7 +280,13 @@ class SRPOTrainer(DPOTrainer):
         if not isinstance(model, str):  # decide now, so that reference precomputation packs too
             self._setup_prefix_sharing(model, data_collator, args, peft_config)
 
-        with _without_reference_model(odds_ratio and ref_model is None, isinstance(model, str)):
+        # DPOTrainer refuses to precompute reference log-probs for vision datasets; SRPO does it (packed, cached),
+        # so the flag is hidden from DPOTrainer.__init__ and the precomputation runs below.
+        vision_precompute = self._is_vision_rows(first) and args.precompute_ref_log_probs
+        if vision_precompute:
+            args.precompute_ref_log_probs = False
+        skip_reference = ref_model is None and (odds_ratio or vision_precompute)
+        with _without_reference_model(skip_reference, isinstance(model, str)):
             super().__init__(
                 model=model,
                 ref_model=ref_model,
@@ -275,6 +303,14 @@ class SRPOTrainer(DPOTrainer):
             )
         if isinstance(model, str):
             self._setup_prefix_sharing(self.model, data_collator, args, peft_config)
+        if vision_precompute:
+            args.precompute_ref_log_probs = self.precompute_ref_logps = True
+            batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
+            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._precompute_ref_logps(v, k, batch_size) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
         if odds_ratio and ref_model is not None:
             logger.warning("align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used.")
         self.srpo_lambda = args.srpo_lambda
@@ -305,6 +341,10 @@ class SRPOTrainer(DPOTrainer):
         return QuestionGroupedSampler(question_keys(dataset), seed=self.args.seed)
 
     # ---- data ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_vision_rows(example: dict) -> bool:
+        return "image" in example or "images" in example
 
     @staticmethod
     def _unwrap(dataset):
@@ -501,6 +541,70 @@ class SRPOTrainer(DPOTrainer):
         ):
             sums, _, _ = self._sequence_logps(model, sub)
         return sums[:n], sums[n : 2 * n]
+
+    def _ref_logps_cache_file(self, dataset: Dataset, name: str) -> Path | None:
+        """Where this dataset's reference log-probs live on disk, keyed by what they depend on."""
+        directory = self.args.ref_logps_cache_dir
+        if directory == "":
+            return None
+        if directory is None:
+            directory = os.environ.get("SRPO_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "srpo_trl")
+            directory = os.path.join(directory, "ref_logps")
+        if getattr(self, "_ref_model_hash", None) is None:
+            self._ref_model_hash = self._precompute_model_hash or hash_module(self.ref_model or self.model)
+        indices = dataset._indices.column(0).to_pylist() if dataset._indices is not None else None
+        key = Hasher.hash(
+            (
+                _table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
+                indices,
+                self._ref_model_hash,
+                self.args.step_separator,
+                self.args.max_length,
+                self.args.fallback_reference_eos,
+                type(self.processing_class).__name__,
+                self.processing_class.__class__.__module__,
+                len(tokenizer_of(self.processing_class)),
+            )
+        )
+        return Path(directory) / f"{name}-{key}.json"
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """Reference log-probs of every row's chosen / rejected continuation, computed once (with the
+        same packed forward as training), cached on disk, and added to the dataset as columns."""
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("precompute_ref_log_probs needs a map-style Dataset (its length and order), not an IterableDataset.")
+        if "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        cache_file = self._ref_logps_cache_file(dataset, name)
+        if cache_file is not None and cache_file.exists():
+            cached = json.loads(cache_file.read_text())
+            if len(cached["chosen"]) == len(dataset):
+                logger.warning("Reusing reference log-probs for the %s dataset from %s", name, cache_file)
+                return dataset.add_column("ref_chosen_logps", cached["chosen"]).add_column(
+                    "ref_rejected_logps", cached["rejected"]
+                )
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False, num_workers=0)
+        )
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=not self.accelerator.is_local_main_process):
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(model, batch)
+            ref_chosen, ref_rejected = self.accelerator.gather_for_metrics((ref_chosen, ref_rejected))
+            chosen += ref_chosen.float().cpu().tolist()
+            rejected += ref_rejected.float().cpu().tolist()
+        if cache_file is not None and self.accelerator.is_main_process:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"chosen": chosen, "rejected": rejected}))
+            tmp.replace(cache_file)  # atomic: a killed run never leaves a half-written cache
+        self.accelerator.wait_for_everyone()
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
     # ---- the loss --------------------------------------------------------------------------------
 

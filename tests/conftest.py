@@ -23,3 +23,8 @@ def openai_server():
         yield server
     finally:
         server.stop()
+
+# Precomputed reference log-probs are cached on disk; keep the tests' cache out of ~/.cache.
+import tempfile as _tempfile
+
+os.environ.setdefault("SRPO_TRL_CACHE", _tempfile.mkdtemp(prefix="srpo-trl-cache-"))
