@@ -112,7 +112,7 @@ class StepPairDataset:
         was judged both ways is dropped from both sides. At most `max_pairs_per_point` pairs are kept
         per point (a seeded sample, so every favorable/unfavorable text has a chance). Records whose
         `status` is not "ok" and points without both outcomes build no pair; all of it is counted in
-        `.report` and logged.
+        `.report` and logged, as are continuations without a boolean `verified` (undecided).
         """
         records = _read_jsonl(explored) if not isinstance(explored, list) else explored
         rng = random.Random(seed)
@@ -132,7 +132,10 @@ class StepPairDataset:
                     if not isinstance(text, str) or not text.strip():
                         report["continuations_empty"] += 1
                         continue
-                    verdicts.setdefault(text, set()).add(bool(cont.get("verified")))
+                    if not isinstance(cont.get("verified"), bool):  # the verifier could not decide: no side
+                        report["continuations_unverified"] += 1
+                        continue
+                    verdicts.setdefault(text, set()).add(cont["verified"])
                 conflicting = [t for t, v in verdicts.items() if len(v) > 1]
                 report["continuations_conflicting"] += len(conflicting)
                 good = [t for t, v in verdicts.items() if v == {True}]

@@ -95,6 +95,7 @@ def explored_record(rid="r1", status="ok"):
                     {"text": "bad A", "verified": False},
                     {"text": "bad B", "verified": False},
                     {"text": "bad C", "verified": False},
+                    {"text": "undecided", "verified": None},
                 ],
             },
             {"branch_point": 1, "prefix": ["s1"], "continuations": [{"text": "only good", "verified": True}]},
@@ -119,6 +120,7 @@ def test_from_exploration_expands_every_pair_and_reports(caplog):
     assert len(ds) == 7
     assert ds.report["points_with_both"] == 2 and ds.report["points_one_sided"] == 1
     assert ds.report["records_skipped_no_reference"] == 1 and ds.report["continuations_conflicting"] == 1
+    assert ds.report["continuations_unverified"] == 1
     pairs0 = {(r["chosen"], r["rejected"]) for r in ds if r["branch_point"] == 0}
     assert pairs0 == {(g, b) for g in ("good A", "good B") for b in ("bad A", "bad B", "bad C")}
     last = [r for r in ds if r["branch_point"] == 2]
