@@ -625,7 +625,7 @@ class JudgeClient:
         reply = reply or ""
         if self.output == "json":
             obj = None
-            for candidate in _json_objects(reply):
+            for candidate in json_objects(reply):
                 if isinstance(candidate, dict) and self.field in candidate:
                     obj = candidate
             if obj is None:
@@ -672,7 +672,7 @@ class JudgeClient:
         return JudgeResult(None, "", raw, f"unparsable judge reply after {self.retries + 1} attempt(s): {problem}; last reply: {raw[:200]!r}", self.retries + 1)
 
 
-def _json_objects(text: str) -> list[Any]:
+def json_objects(text: str) -> list[Any]:
     """Every JSON object that can be decoded from ``text`` (code fences and prose around them are fine)."""
     decoder = json.JSONDecoder()
     out, i = [], 0

@@ -220,7 +220,7 @@ class RuleJudge:
 
 
 def _step_client_class():
-    from srpo_trl.verifiers import JudgeClient, _json_objects
+    from srpo_trl.verifiers import JudgeClient, json_objects
 
     class StepJudgeClient(JudgeClient):
         """A :class:`JudgeClient` whose reply is ``{"steps": [...]}`` with exactly ``num_steps`` labels."""
@@ -229,7 +229,7 @@ def _step_client_class():
 
         def parse(self, reply: str):
             obj = None
-            for candidate in _json_objects(reply or ""):
+            for candidate in json_objects(reply or ""):
                 if isinstance(candidate, dict) and "steps" in candidate:
                     obj = candidate
             if obj is None:
