@@ -214,3 +214,61 @@ def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, tok):
     resumed = run(tmp_path / "cut", seed=99, resume=str(tmp_path / "cut" / "checkpoint-3"))
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come back from the checkpoint's history
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], abs=1e-6)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, tok):
+    """Two micro-batches of one row accumulate to the same update as one batch of two rows."""
+    rows = ROWS[:2]
+    finals = []
+    for bs, ga in ((2, 1), (1, 2)):
+        model = tiny_causal_lm(tok, seed=12)
+        args = srpo_args(
+            tmp_path / f"{bs}-{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1,
+            learning_rate=1e-2, group_by_question=False, prefix_sharing=False,
+        )  # fmt: skip
+        trainer = SRPOTrainer(model=model, args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+        trainer.train()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in finals[0]:
+        assert torch.allclose(finals[0][name], finals[1][name], atol=1e-6), name
+
+
+def test_checkpoint_has_an_srpo_model_card(tmp_path, tok):
+    args = srpo_args(tmp_path, per_device_train_batch_size=3, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer = SRPOTrainer(model=tiny_causal_lm(tok), args=args, train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok)
+    trainer.train()
+    card = (tmp_path / "README.md").read_text()
+    assert "SRPO" in card and "2509.12060" in card and "srpo" in card
+
+
+def test_sigmoid_mode_logs_dpo_rewards(tmp_path, tok):
+    args = srpo_args(tmp_path, per_device_train_batch_size=3, max_steps=2, align_loss="sigmoid")
+    trainer = SRPOTrainer(
+        model=tiny_causal_lm(tok, seed=1), ref_model=tiny_causal_lm(tok, seed=2), args=args,
+        train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok,
+    )  # fmt: skip
+    trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h][0]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "loss/reference", "loss/align"):
+        assert key in log
+    assert log["rewards/margins"] == pytest.approx(log["rewards/chosen"] - log["rewards/rejected"], abs=1e-4)
+
+
+def test_conversational_continuation_continues_the_assistant_turn(tmp_path, tok):
+    row = {
+        "prompt": [{"role": "user", "content": "Is this safe?"}],
+        "prefix": ["It is a plant."],
+        "chosen": "It is safe to water.",
+        "rejected": "Eat it.",
+        "reference": ["It is a plant.", "Answer: water it."],
+    }
+    trainer = SRPOTrainer(
+        model=tiny_causal_lm(tok), args=srpo_args(tmp_path, prefix_sharing=False),
+        train_dataset=StepPairDataset.from_list([row]), processing_class=tok,
+    )  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    opened = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    chosen_text = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    reference_text = tok.decode(batch["input_ids"][2][batch["attention_mask"][2].bool()])
+    assert chosen_text == opened + "It is a plant.\nIt is safe to water."  # no new turn, not closed
+    assert reference_text == opened + "It is a plant.\nAnswer: water it.<|im_end|>\n"  # the reference closes the turn

@@ -37,28 +37,36 @@ def vlm_rows():
     ]
 
 
-def vlm_plain_means(model, processor, row):
+def vlm_plain_means(model, processor, row, reduce="mean"):
     """Mean log-probs of chosen / rejected / reference for one row, each sequence scored alone."""
     tok = processor.tokenizer
 
     def enc(text):
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    text = processor.apply_chat_template(
-        prepare_multimodal_messages(row["prompt"], row["images"]), tokenize=False, add_generation_prompt=True
-    )
+    if isinstance(row["prompt"], str):
+        text = row["prompt"]
+    else:
+        text = processor.apply_chat_template(
+            prepare_multimodal_messages(row["prompt"], row["images"]), tokenize=False, add_generation_prompt=True
+        )
     prompt = processor(text=[text], images=[row["images"]], return_tensors="pt", add_special_tokens=False)
     prompt_ids = prompt["input_ids"][0].tolist()
     prefix = [i for s in row["prefix"] for i in enc(s + "\n")]
-    end = enc("<|im_end|>\n")
+    end = enc("<|im_end|>\n") if not isinstance(row["prompt"], str) else [tok.eos_token_id]
     if row.get("reference"):
         ref = [i for s in row["reference"][:-1] for i in enc(s + "\n")] + enc(row["reference"][-1]) + end
     else:
         ref = prefix + enc(row["chosen"]) + end
+    return _score_three(model, prompt, prompt_ids, prefix, enc(row["chosen"]), enc(row["rejected"]), ref, reduce)
+
+
+def _score_three(model, prompt, prompt_ids, prefix, chosen, rejected, ref, reduce="mean"):
+    """Score chosen / rejected / reference, each sequence alone, from plain logits in float64."""
     means = []
     for rest, start in (
-        (prefix + enc(row["chosen"]), len(prompt_ids) + len(prefix)),
-        (prefix + enc(row["rejected"]), len(prompt_ids) + len(prefix)),
+        (prefix + chosen, len(prompt_ids) + len(prefix)),
+        (prefix + rejected, len(prompt_ids) + len(prefix)),
         (ref, len(prompt_ids)),
     ):
         ids = prompt_ids + rest
@@ -68,23 +76,43 @@ def vlm_plain_means(model, processor, row):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs).logits
         logp = logits[0].double().log_softmax(-1)
-        means.append(logp[start - 1 : len(ids) - 1].gather(1, torch.tensor(ids[start:])[:, None]).mean().item())
+        token_logps = logp[start - 1 : len(ids) - 1].gather(1, torch.tensor(ids[start:])[:, None])
+        means.append(token_logps.mean().item() if reduce == "mean" else token_logps.sum().item())
     return means
 
 
-BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen2_vl": tiny_qwen2_vl, "llava_next": tiny_llava_next}
+BUILDERS = {
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen2_5_vl_standard": tiny_qwen2_5_vl,
+    "qwen2_vl": tiny_qwen2_vl,
+    "llava_next": tiny_llava_next,
+}
+
+
+def standard_rows():
+    """Standard (non-chat) prompts: the image placeholders are written by the user."""
+    pad = "<|vision_start|><|image_pad|><|vision_end|>"
+    return [
+        {"prompt": f"{pad}Describe the risk.", "images": [make_image(2)], "prefix": ["A green square."], "chosen": "There is none.", "rejected": "Fire everywhere."},
+        {"prompt": f"{pad}{pad}Same colour?", "images": [make_image(3), make_image(4)], "prefix": [], "chosen": "No.", "rejected": "Yes, both red.",
+         "reference": ["No.", "Answer: they differ."]},
+    ]  # fmt: skip
+
+
+def _rows_for(family):
+    return standard_rows() if family == "qwen2_5_vl_standard" else vlm_rows()
 
 
 @pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava_next"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_vl_standard", "qwen2_vl", "llava_next"])
 def test_vlm_loss_matches_plain_forward(tmp_path, family, sharing):
     model, processor = BUILDERS[family](seed=1)
-    rows = vlm_rows()
+    rows = _rows_for(family)
     trainer = SRPOTrainer(
-        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=2, srpo_lambda=0.7, prefix_sharing=sharing),
+        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=len(rows), srpo_lambda=0.7, prefix_sharing=sharing),
         train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
     )  # fmt: skip
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     with torch.no_grad():
         got = trainer.compute_loss(trainer.model, batch).item()
     nll, align = [], []
@@ -93,32 +121,56 @@ def test_vlm_loss_matches_plain_forward(tmp_path, family, sharing):
         nll.append(-r)
         log_odds = (c - d) - (math.log(1 - math.exp(c)) - math.log(1 - math.exp(d)))
         align.append(math.log1p(math.exp(-log_odds)))
-    assert got == pytest.approx(sum(nll) / 2 + 0.7 * sum(align) / 2, abs=1e-5)
+    assert got == pytest.approx(sum(nll) / len(rows) + 0.7 * sum(align) / len(rows), abs=1e-5)
+
+
+@pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
+def test_vlm_sigmoid_loss_matches_plain_forward(tmp_path, sharing):
+    model, processor = tiny_qwen2_5_vl(seed=1)
+    ref_model, _ = tiny_qwen2_5_vl(seed=2)
+    rows = vlm_rows()
+    trainer = SRPOTrainer(
+        model=model, ref_model=ref_model, processing_class=processor, train_dataset=StepPairDataset.from_list(rows),
+        args=srpo_args(tmp_path, per_device_train_batch_size=2, srpo_lambda=0.4, align_loss="sigmoid", beta=0.3, prefix_sharing=sharing),
+    )  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch).item()
+    nll, align = [], []
+    for row in rows:
+        s_c, s_r, _ = vlm_plain_means(model, processor, row, reduce="sum")
+        q_c, q_r, _ = vlm_plain_means(ref_model, processor, row, reduce="sum")
+        nll.append(-vlm_plain_means(model, processor, row)[2])
+        z = 0.3 * ((s_c - q_c) - (s_r - q_r))
+        align.append(math.log1p(math.exp(-z)))
+    assert got == pytest.approx(sum(nll) / 2 + 0.4 * sum(align) / 2, abs=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next"])
 def test_model_receives_what_the_processor_produced_and_trains(tmp_path, family):
     model, processor = BUILDERS[family](seed=2)
-    rows = vlm_rows()
+    rows = _rows_for(family)
     seen = []
     model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = SRPOTrainer(
-        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, prefix_sharing=False),
+        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=len(rows), max_steps=2, learning_rate=1e-2, prefix_sharing=False),
         train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
     )  # fmt: skip
     trainer.train()
 
     texts = [
-        processor.apply_chat_template(prepare_multimodal_messages(r["prompt"], r["images"]), tokenize=False, add_generation_prompt=True)
+        r["prompt"] if isinstance(r["prompt"], str)
+        else processor.apply_chat_template(prepare_multimodal_messages(r["prompt"], r["images"]), tokenize=False, add_generation_prompt=True)
         for r in rows
-    ]
+    ]  # fmt: skip
     direct = processor(text=texts, images=[r["images"] for r in rows], return_tensors="pt", padding=True)
     got = seen[0]
     assert torch.equal(got["pixel_values"], torch.cat([direct["pixel_values"]] * 3))
     key = "image_grid_thw" if family == "qwen2_5_vl" else "image_sizes"
     assert torch.equal(got[key], torch.cat([direct[key]] * 3))
-    assert got[key].shape[0] == 3 * 3  # three images in the batch, once per sequence group
+    n_images = sum(len(r["images"]) for r in rows)
+    assert got[key].shape[0] == 3 * n_images  # every image of the batch, once per sequence group
     image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     per_seq = (got["input_ids"] == image_token_id).sum(1)
     expected = (direct["input_ids"] == image_token_id).sum(1)
