@@ -36,7 +36,7 @@ from .rows import (
 
 NON_MODEL_KEYS = {"loss_mask", "ref_chosen_logps", "ref_rejected_logps", "branch_point"}
 # Keys of a packed (prefix-sharing) batch that the trainer turns into model inputs itself.
-PACKED_KEYS = {"tree_mask", "shift_labels", "score_pos", "score_seq", "prompt_length", "packed_length"}
+PACKED_KEYS = {"tree_mask", "tree_end", "shift_labels", "score_pos", "score_seq", "prompt_length", "packed_length"}
 
 
 def load_images(images: list, index: Any = "?") -> list:
@@ -83,9 +83,11 @@ class DataCollatorForStepPairs:
         fallback_reference_eos: close the fallback reference `prefix + chosen` with EOS.
         pad_to_multiple_of: pad the sequence length to a multiple of this value.
         prefix_sharing: instead of 3B sequences, return one packed row per question (rows with the
-            same prompt and images): a token tree with `tree_mask` (ancestors only), depth
-            `position_ids`, `shift_labels`, and `score_seq` / `score_pos` telling which packed
-            positions score which of the 3B sequences. See `srpo_trl.packing`.
+            same prompt and images): a token tree with `tree_mask` (ancestors only; left out when
+            `dense_mask=False`) and `tree_end` (pre-order subtree ends, from which FlexAttention
+            builds a block mask), depth `position_ids`, `shift_labels`, and `score_seq` /
+            `score_pos` telling which packed positions score which of the 3B sequences. See
+            `srpo_trl.packing`.
     """
 
     processing_class: Any
@@ -94,6 +96,7 @@ class DataCollatorForStepPairs:
     fallback_reference_eos: bool = True
     pad_to_multiple_of: int | None = None
     prefix_sharing: bool = False
+    dense_mask: bool = True  # False for FlexAttention, which builds its block mask from `tree_end`
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tokenizer = tokenizer_of(self.processing_class)
@@ -191,12 +194,14 @@ class DataCollatorForStepPairs:
             "input_ids": _pad([r.tokens for r in rows], pad_id, self.pad_to_multiple_of and length),
             "position_ids": _pad([r.depth for r in rows], 0, self.pad_to_multiple_of and length),
             "shift_labels": _pad([r.shift_labels for r in rows], -100, self.pad_to_multiple_of and length),
-            "tree_mask": torch.from_numpy(np.stack([allowed_matrix(r.parent, length) for r in rows])),
+            "tree_end": _pad([r.end for r in rows], -1, self.pad_to_multiple_of and length),
             "score_seq": torch.tensor(score_seq, dtype=torch.long),
             "score_pos": torch.tensor(score_pos, dtype=torch.long),
             "prompt_length": torch.tensor([r.prompt_length for r in rows]),
             "packed_length": torch.tensor([len(r.tokens) for r in rows]),
         }
+        if self.dense_mask:
+            output["tree_mask"] = torch.from_numpy(np.stack([allowed_matrix(r.end, length) for r in rows]))
         first = [members[0] for members in groups.values()]
         for key, per_row in token_keys.items():
             output[key] = _pad([per_row[i] for i in first], 0, None)

@@ -27,16 +27,17 @@ import torch
 class _Node:
     token: int
     depth: int
-    pos: int = -1  # packed position
     pred_pos: int = -1  # packed position whose hidden state predicts this token
     children: dict = field(default_factory=dict)
 
 
 @dataclass
 class PackedRow:
-    """One question laid out as a tree.
+    """One question laid out as a tree, in pre-order.
 
     tokens / depth / parent: per packed position (parent -1 for the first prompt token).
+    end: per position, the last position of its subtree; pre-order makes "k is an ancestor of q"
+        the interval test `k <= q <= end[k]`, so masks need O(L) state, not O(L^2).
     shift_labels: per position, the token its hidden state is scored against (-100 for none).
     scored: per input sequence, the packed positions that predict its scored tokens.
     """
@@ -44,6 +45,7 @@ class PackedRow:
     tokens: list[int]
     depth: list[int]
     parent: list[int]
+    end: list[int]
     shift_labels: list[int]
     scored: list[list[int]]
     prompt_length: int
@@ -58,59 +60,66 @@ def pack_question(prompt: list[int], sequences: list[tuple[list[int], int]]) -> 
     """
     if not prompt:
         raise ValueError("pack_question needs a non-empty prompt (the tokens every sequence continues)")
-    tokens, depth, parent = list(prompt), list(range(len(prompt))), [-1] + list(range(len(prompt) - 1))
-    shift_labels = [-100] * len(prompt)  # prompt tokens are context only: never scored
-    root = _Node(token=prompt[-1], depth=len(prompt) - 1, pos=len(prompt) - 1)
-
-    def place(node: _Node, parent_pos: int, predicted_by: int) -> None:
-        node.pos = len(tokens)
-        node.pred_pos = predicted_by
-        tokens.append(node.token)
-        depth.append(node.depth)
-        parent.append(parent_pos)
-        shift_labels.append(-100)
-        shift_labels[predicted_by] = node.token
-
-    def copy_of(node: _Node) -> int:
-        """A stand-in for `node` (same token, depth and ancestors) to predict one more child."""
-        pos = len(tokens)
-        tokens.append(node.token)
-        depth.append(node.depth)
-        parent.append(parent[node.pos])
-        shift_labels.append(-100)
-        return pos
-
-    # Build the trie, placing each node as soon as it is created: a node's first child is predicted
-    # from the node, every later child from a copy of it.
+    # 1. The trie of everything after the prompt, hanging off the last prompt token.
+    root = _Node(token=prompt[-1], depth=len(prompt) - 1)
     paths = []
     for seq, _ in sequences:
         node, path = root, []
         for tok in seq:
-            child = node.children.get(tok)
-            if child is None:
-                child = _Node(token=tok, depth=node.depth + 1)
-                predictor = node.pos if not node.children else copy_of(node)
-                node.children[tok] = child
-                place(child, predictor, predictor)
-            node = child
+            node = node.children.setdefault(tok, _Node(token=tok, depth=node.depth + 1))
             path.append(node)
         paths.append(path)
 
+    # 2. Pre-order layout. A node's first child is predicted from the node; every later child from a
+    #    copy of the node (a sibling of it: same token, depth and parent), laid out after the node's
+    #    subtree. Iterative, since paths can be thousands of tokens deep.
+    tokens, depth = list(prompt[:-1]), list(range(len(prompt) - 1))
+    parent = list(range(-1, len(prompt) - 2))  # a chain: each prompt token's parent is the one before
+    shift_labels = [-100] * (len(prompt) - 1)  # prompt tokens are context only: never scored
+
+    def emit(token: int, node_depth: int, parent_pos: int) -> int:
+        tokens.append(token)
+        depth.append(node_depth)
+        parent.append(parent_pos)
+        shift_labels.append(-100)
+        return len(tokens) - 1
+
+    stack = [("node", root, len(prompt) - 2, None)]
+    while stack:
+        kind, node, parent_pos, extra = stack.pop()
+        if kind == "node":
+            pos = emit(node.token, node.depth, parent_pos)
+            if extra is not None:  # predicted by `extra`
+                node.pred_pos, shift_labels[extra] = extra, node.token
+            children = list(node.children.values())
+            for child in reversed(children[1:]):
+                stack.append(("copy", node, parent_pos, child))
+            if children:
+                stack.append(("node", children[0], pos, pos))
+        else:  # a copy of `node` that predicts `extra`
+            pos = emit(node.token, node.depth, parent_pos)
+            stack.append(("node", extra, pos, pos))
+
+    end = list(range(len(tokens)))
+    for q in range(len(tokens) - 1, 0, -1):
+        if parent[q] >= 0 and end[q] > end[parent[q]]:
+            end[parent[q]] = end[q]
     scored = [[n.pred_pos for n in path[start:]] for path, (_, start) in zip(paths, sequences)]
-    return PackedRow(tokens, depth, parent, shift_labels, scored, len(prompt))
+    return PackedRow(tokens, depth, parent, end, shift_labels, scored, len(prompt))
 
 
-def allowed_matrix(parent: list[int], length: int) -> np.ndarray:
-    """Boolean [length, length]: row q is True at q's ancestors and q itself (the tree's causal mask).
+def allowed_matrix(end: list[int], length: int) -> np.ndarray:
+    """Boolean [length, length]: row q is True at q's ancestors and q itself (the tree's causal mask),
+    from the pre-order intervals `k <= q <= end[k]`.
 
     Positions past the row's end (padding) attend to themselves only, so no softmax row is empty.
     """
-    n = len(parent)
-    allowed = np.zeros((length, length), dtype=bool)
-    for q in range(n):  # parents always come before their children in the layout
-        if parent[q] >= 0:
-            allowed[q] = allowed[parent[q]]
-        allowed[q, q] = True
+    n = len(end)
+    q = np.arange(length)[:, None]
+    k = np.arange(length)[None, :]
+    ends = np.full(length, -1)
+    ends[:n] = end
+    allowed = (k <= q) & (q <= ends[None, :])
     idx = np.arange(n, length)
     allowed[idx, idx] = True
     return allowed
@@ -124,3 +133,20 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def tree_block_mask(tree_end: torch.Tensor):
+    """A FlexAttention BlockMask for packed rows: q sees kv iff kv is q's ancestor or q itself.
+
+    Built from the pre-order subtree ends alone (O(L) per row), so the L x L mask never exists;
+    blocks outside every subtree interval are skipped.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ends = tree_end
+
+    def mask_mod(b, h, q, kv):
+        return ((kv <= q) & (q <= ends[b, kv])) | (q == kv)
+
+    rows, length = tree_end.shape
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=tree_end.device)

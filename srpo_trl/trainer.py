@@ -40,7 +40,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
-from .packing import additive_mask
+from .packing import additive_mask, tree_block_mask
 from .config import SRPOConfig
 from .dataset import StepPairDataset
 from .rows import (
@@ -123,13 +123,19 @@ def _table_digest(table) -> str:
     return digest.hexdigest()
 
 
+def _attn_implementation(model) -> str | None:
+    config = model.config
+    text_config = config.get_text_config()
+    return getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+
+
 def prefix_sharing_problem(model, peft_config=None) -> str | None:
     """Why the packed tree forward cannot be used with this model, or None when it can."""
     config = model.config
     text_config = config.get_text_config()
-    attn = getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
-    if attn not in (None, "sdpa", "eager"):
-        return f"attention implementation {attn!r} takes no 4D tree mask; use 'sdpa' or 'eager'"
+    attn = _attn_implementation(model)
+    if attn not in (None, "sdpa", "eager", "flex_attention"):
+        return f"attention implementation {attn!r} takes no tree mask; use 'sdpa', 'flex_attention' or 'eager'"
     peft_configs = [peft_config] if peft_config is not None else []
     if is_peft_model(model):
         peft_configs += list(model.peft_config.values())
@@ -330,6 +336,7 @@ class SRPOTrainer(DPOTrainer):
             logger.warning("Prefix sharing is off (%s); sequences are scored separately, with the same results.", problem)
             return
         self.prefix_sharing = collator.prefix_sharing = True
+        collator.dense_mask = _attn_implementation(model) != "flex_attention"
         base = model.get_base_model() if is_peft_model(model) else model
         inner = getattr(base, "model", None)
         self._mrope_model = inner if hasattr(inner, "get_rope_index") else None
@@ -456,7 +463,7 @@ class SRPOTrainer(DPOTrainer):
         batches hold one tree per question; `score_seq` / `score_pos` map packed positions back to
         the sequences they score.
         """
-        if "tree_mask" in inputs:
+        if "score_seq" in inputs:
             return self._packed_sequence_logps(model, inputs)
         loss_mask = inputs["loss_mask"]
         labels = inputs["input_ids"].masked_fill(loss_mask == 0, -100)
@@ -469,7 +476,10 @@ class SRPOTrainer(DPOTrainer):
 
     def _packed_sequence_logps(self, model, inputs: dict):
         kwargs = self._model_kwargs(inputs)
-        kwargs["attention_mask"] = additive_mask(inputs["tree_mask"], self._compute_dtype(model))
+        if "tree_mask" in inputs:
+            kwargs["attention_mask"] = additive_mask(inputs["tree_mask"], self._compute_dtype(model))
+        else:  # FlexAttention: a block-sparse mask from the pre-order intervals, never materialized
+            kwargs["attention_mask"] = tree_block_mask(inputs["tree_end"])
         if self._mrope_model is not None:
             kwargs["position_ids"] = self._mrope_positions(inputs)
         outputs = model(**kwargs, shift_labels=inputs["shift_labels"], fused_lm_head=True)
@@ -518,7 +528,7 @@ class SRPOTrainer(DPOTrainer):
         Only the first two thirds of the batch (chosen, rejected) are scored: the reference-path
         sequences are not needed by the reference model.
         """
-        packed = "tree_mask" in inputs
+        packed = "score_seq" in inputs
         n = self._num_rows(inputs)
         if packed:  # the tree holds every sequence; score it whole and keep chosen / rejected
             sub = inputs

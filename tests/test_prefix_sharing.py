@@ -34,7 +34,7 @@ def test_every_scored_token_sees_exactly_its_own_context(seed):
         tail = [rng.randrange(4) for _ in range(rng.randint(1, 4))]
         seqs.append((trunk[:k] + tail, k))
     row = pack_question(prompt, seqs)
-    allowed = allowed_matrix(row.parent, len(row.tokens) + 3)
+    allowed = allowed_matrix(row.end, len(row.tokens) + 3)
     for (seq, start), positions in zip(seqs, row.scored):
         assert len(positions) == len(seq) - start
         for j, pos in zip(range(start, len(seq)), positions):
@@ -183,3 +183,26 @@ def test_question_grouped_sampler_keeps_questions_together():
     assert sum(1 for x, y in zip(runs, runs[1:]) if x != y) == 2  # three contiguous groups
     sampler.set_epoch(1)
     assert list(sampler) != order or len(set(keys)) == 1
+
+
+@pytest.mark.slow  # the first FlexAttention call compiles a CPU kernel (about a minute)
+def test_flex_attention_block_mask_matches_the_dense_mask(tmp_path):
+    """FlexAttention gets a block mask built from subtree ends only; its log-probs equal sdpa's.
+    (PyTorch has no FlexAttention backward on CPU, so this compares forwards.)"""
+    tok = build_tokenizer()
+    rows = question_rows()
+    model = tiny_causal_lm(tok, seed=9)
+    sdpa = SRPOTrainer(model=model, args=srpo_args(tmp_path / "s", per_device_train_batch_size=5), train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+    batch = sdpa.data_collator([sdpa.train_dataset[i] for i in range(5)])
+    with torch.no_grad():
+        expected, _, _ = sdpa._sequence_logps(model, batch)
+
+    flex_model = tiny_causal_lm(tok, seed=9)
+    flex_model.set_attn_implementation("flex_attention")
+    flex = SRPOTrainer(model=flex_model, args=srpo_args(tmp_path / "f", per_device_train_batch_size=5), train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+    assert flex.prefix_sharing and flex.data_collator.dense_mask is False
+    flex_batch = flex.data_collator([flex.train_dataset[i] for i in range(5)])
+    assert "tree_mask" not in flex_batch and "tree_end" in flex_batch
+    with torch.no_grad():
+        got, _, _ = flex._sequence_logps(flex_model, flex_batch)
+    assert torch.allclose(got, expected, atol=1e-5)
