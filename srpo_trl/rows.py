@@ -138,6 +138,8 @@ def count_image_placeholders(prompt: Any, image_token: str | None) -> int | None
 
 def check_image_count(row: dict[str, Any], index: Any, image_token: str | None) -> None:
     expected = count_image_placeholders(row["prompt"], image_token)
+    if isinstance(row["prompt"], str) and expected == 0 and row["images"]:
+        return  # a plain question with images: rendered as one user message (see `as_chat`)
     if expected is not None and expected != len(row["images"]):
         raise RowError(
             index,
@@ -163,12 +165,28 @@ def _chat_messages(processing_class: Any, messages: list, images: list) -> list:
     return messages
 
 
+def image_token_of(processing_class: Any) -> str | None:
+    return getattr(processing_class, "image_token", None) or getattr(tokenizer_of(processing_class), "image_token", None)
+
+
+def as_chat(processing_class: Any, prompt: Any, images: list | None) -> Any:
+    """A plain-text question that comes with images but has no image placeholder becomes one user
+    message, so the chat template places the images (the record format of exploration and the
+    record pipeline). A string that writes its own placeholders stays a standard prompt."""
+    if isinstance(prompt, str) and images:
+        token = image_token_of(processing_class)
+        if token and token not in prompt:
+            return [{"role": "user", "content": prompt}]
+    return prompt
+
+
 def render_prompt(processing_class: Any, prompt: Any, images: list | None = None) -> str:
     """The prompt as the model sees it before the assistant's reasoning starts.
 
     A conversational prompt is rendered with the chat template and the generation prompt (the
     assistant turn is opened, not closed); a standard prompt is used as it is.
     """
+    prompt = as_chat(processing_class, prompt, images)
     if isinstance(prompt, str):
         return prompt
     messages = _chat_messages(processing_class, prompt, images or [])
@@ -181,6 +199,7 @@ def end_of_answer_text(processing_class: Any, prompt: Any, images: list | None =
     Continuations are never closed (a step is not the end of an answer); only the reference path is.
     """
     tokenizer = tokenizer_of(processing_class)
+    prompt = as_chat(processing_class, prompt, images)
     if isinstance(prompt, str):
         return tokenizer.eos_token
     messages = _chat_messages(processing_class, [*prompt, {"role": "assistant", "content": _MARKER}], images or [])

@@ -193,3 +193,22 @@ def test_text_model_with_image_rows_is_refused(tmp_path):
     rows = vlm_rows()[:1]
     with pytest.raises(ValueError, match="pass the model's processor"):
         SRPOTrainer(model=tiny_causal_lm(tok), args=srpo_args(tmp_path), train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+
+
+def test_plain_question_with_images_is_rendered_as_a_user_message(tmp_path):
+    """Records carry a plain-text question plus images (no placeholder): it is trained exactly as
+    the same question in one user message."""
+    model, processor = tiny_qwen2_5_vl(seed=4)
+    chat_rows = vlm_rows()
+    plain_rows = [{**r, "prompt": r["prompt"][0]["content"]} for r in chat_rows]
+    losses = []
+    for i, rows in enumerate((chat_rows, plain_rows)):
+        trainer = SRPOTrainer(
+            model=model, args=srpo_args(tmp_path / str(i), per_device_train_batch_size=2),
+            train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
+        )  # fmt: skip
+        batch = trainer.data_collator([trainer.train_dataset[j] for j in range(2)])
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(model, batch).item())
+        assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).any()
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
