@@ -234,6 +234,9 @@ class SRPOTrainer(DPOTrainer):
             eval_dataset = self._unwrap(eval_dataset)
 
         odds_ratio = args.align_loss == "odds_ratio"
+        if odds_ratio and ref_model is not None:
+            logger.warning("align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used or kept.")
+            ref_model = None
         if (
             not odds_ratio
             and ref_model is None
@@ -317,8 +320,6 @@ class SRPOTrainer(DPOTrainer):
                 self.eval_dataset = {k: self._precompute_ref_logps(v, k, batch_size) for k, v in self.eval_dataset.items()}
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
-        if odds_ratio and ref_model is not None:
-            logger.warning("align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used.")
         self.srpo_lambda = args.srpo_lambda
         self.align_loss = args.align_loss
 

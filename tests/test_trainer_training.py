@@ -272,3 +272,14 @@ def test_conversational_continuation_continues_the_assistant_turn(tmp_path, tok)
     reference_text = tok.decode(batch["input_ids"][2][batch["attention_mask"][2].bool()])
     assert chosen_text == opened + "It is a plant.\nIt is safe to water."  # no new turn, not closed
     assert reference_text == opened + "It is a plant.\nAnswer: water it.<|im_end|>\n"  # the reference closes the turn
+
+
+def test_odds_ratio_drops_a_given_reference_model(tmp_path, tok, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        trainer = SRPOTrainer(
+            model=tiny_causal_lm(tok), ref_model=tiny_causal_lm(tok, seed=1), args=srpo_args(tmp_path),
+            train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok,
+        )  # fmt: skip
+    assert trainer.ref_model is None and "reference-free" in caplog.text
