@@ -1,0 +1,336 @@
+"""Human curation: export records to a review file, import the reviewer's decisions and edits.
+
+    srpo-trl curate export records.jsonl review.csv        # or review.jsonl
+    srpo-trl curate import review.csv --out curated.jsonl
+
+The review file has one row per record. The reviewer fills ``decision`` with ``accept``, ``edit``
+or ``reject`` (an empty decision means "not reviewed yet": the row is left out and counted) and may
+write a ``note``. Editable columns: ``prompt``, ``category``, ``expected``, ``unsafe_scenario``,
+``reasoning`` (one step per line), ``final_answer`` and ``images`` (one path per line, relative
+to the review file). ``_fingerprint`` and ``_provenance`` are written by the export: leave them
+as they are. An ``accept`` row whose text was changed is an error (say ``edit`` to keep changes),
+so an edit is never taken or dropped by accident.
+
+Import checks every row and reports every bad one, naming the row (as a spreadsheet numbers it:
+the header is row 1; for JSONL the line) and the field, then writes nothing unless
+``skip_invalid`` is set.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .agents import BENIGN, CATEGORIES, OUTCOMES, normalize_category
+from .schema import RecordError, image_path_for, load_records, validate_record
+
+__all__ = ["REVIEW_COLUMNS", "DECISIONS", "ReviewError", "ImportResult", "export_review", "import_review"]
+
+EDITABLE = ("prompt", "category", "expected", "unsafe_scenario", "reasoning", "final_answer", "images")
+REVIEW_COLUMNS = ("id", "decision", "note", "kind") + EDITABLE + ("_fingerprint", "_provenance")
+DECISIONS = ("accept", "edit", "reject")
+_CORE = ("id", "prompt", "images", "reference", "expected", "category", "unsafe_scenario")
+
+
+class ReviewError(ValueError):
+    """Bad rows in a review file; ``errors`` holds one message per problem (row and field named)."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__(f"{len(errors)} problem(s) in the review file:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+@dataclass
+class ImportResult:
+    records: list[dict]
+    accepted: int = 0
+    edited: int = 0
+    rejected: int = 0
+    pending: list[str] = field(default_factory=list)  # where the rows without a decision are
+    errors: list[str] = field(default_factory=list)  # with skip_invalid: the rows left out
+
+
+def _lines(value: Any) -> list[str]:
+    """A cell with one entry per line (or a JSON list in a JSONL review) -> stripped, non-empty entries."""
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    if value is None:
+        return []
+    return [line.strip() for line in str(value).splitlines() if line.strip()]
+
+
+def _text(value: Any) -> str:
+    return " ".join(str(value).split()) if value is not None else ""
+
+
+def _canonical(values: dict) -> dict:
+    """The editable fields as the import compares them (whitespace and line-ending differences ignored)."""
+    return {
+        "prompt": str(values.get("prompt") or "").strip(),
+        "category": _text(values.get("category")).lower(),
+        "expected": _text(values.get("expected")).lower(),
+        "unsafe_scenario": str(values.get("unsafe_scenario") or "").strip(),
+        "reasoning": [_text(s) for s in _lines(values.get("reasoning"))],
+        "final_answer": _text(values.get("final_answer")),
+        "images": _lines(values.get("images")),
+    }
+
+
+def _fingerprint(values: dict) -> str:
+    canon = _canonical(values)
+    return ".".join(
+        hashlib.sha256(json.dumps(canon[k], ensure_ascii=False).encode()).hexdigest()[:8] for k in EDITABLE
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+
+def _review_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    raise ValueError(f"{path}: the review file must end in .csv or .jsonl")
+
+
+def export_review(records_path: str | os.PathLike, review_path: str | os.PathLike, force: bool = False) -> int:
+    """Write a review file (CSV or JSONL, by extension) for the records; returns the number of rows.
+
+    Refuses to overwrite an existing review file (a reviewer's work) unless ``force``.
+    """
+    records_path, review_path = Path(records_path), Path(review_path)
+    fmt = _review_format(review_path)
+    if review_path.exists() and not force:
+        raise FileExistsError(f"{review_path} exists (it may hold a reviewer's work); pass --force to overwrite it")
+    records = load_records(records_path)
+    rows = []
+    for rec in records:
+        images = [image_path_for(Path(p) if Path(p).is_absolute() else records_path.parent / p, review_path.parent) for p in rec["images"]]
+        values = {
+            "prompt": rec["prompt"],
+            "category": rec["category"],
+            "expected": rec["expected"],
+            "unsafe_scenario": rec["unsafe_scenario"],
+            "reasoning": rec["reference"][:-1],
+            "final_answer": rec["reference"][-1],
+            "images": images,
+        }
+        provenance = {k: v for k, v in rec.items() if k not in _CORE and k != "curation"}
+        if "curation" in rec:
+            provenance["previous_curation"] = rec["curation"]
+        row = {
+            "id": rec["id"],
+            "decision": "",
+            "note": "",
+            "kind": rec.get("kind", BENIGN if rec["category"] == BENIGN else "unsafe"),
+            **values,
+            "_fingerprint": _fingerprint(values),
+            "_provenance": json.dumps(provenance, ensure_ascii=False, sort_keys=True),
+        }
+        rows.append(row)
+    review_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = review_path.with_name(review_path.name + ".tmp")
+    if fmt == "csv":
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "reasoning": "\n".join(row["reasoning"]), "images": "\n".join(row["images"])})
+    else:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps({k: row[k] for k in REVIEW_COLUMNS}, ensure_ascii=False) + "\n")
+    os.replace(tmp, review_path)
+    return len(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_review(path: Path) -> list[tuple[str, dict]]:
+    """``(where, row)`` pairs; ``where`` is "row N" (spreadsheet numbering) or "line N"."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such review file (write one with `srpo-trl curate export`)")
+    if _review_format(path) == "csv":
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in REVIEW_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ReviewError(
+                    [f"{path}: the header lacks column(s) {', '.join(missing)}; keep the columns `curate export` wrote"]
+                )
+            rows = []
+            for n, row in enumerate(reader, start=2):
+                if None in row:
+                    rows.append((f"row {n}", {"__extra__": row.pop(None), **row}))
+                else:
+                    rows.append((f"row {n}", row))
+            return rows
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rows.append((f"line {n}", {"__broken__": f"is not valid JSON ({exc.msg} at column {exc.colno})"}))
+                continue
+            rows.append((f"line {n}", obj if isinstance(obj, dict) else {"__broken__": "is not a JSON object"}))
+    return rows
+
+
+class _RowProblem(Exception):
+    def __init__(self, field: str | None, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(problem)
+
+
+def _build_record(row: dict, review_dir: Path, out_dir: Path, check_images: bool) -> tuple[dict, list[str]]:
+    """An edited/accepted row -> a record (images relative to ``out_dir``) and the changed fields."""
+    raw_prov = row.get("_provenance")
+    if isinstance(raw_prov, dict):
+        provenance = raw_prov
+    else:
+        try:
+            provenance = json.loads(raw_prov) if raw_prov not in (None, "") else {}
+        except json.JSONDecodeError as exc:
+            raise _RowProblem("_provenance", f"is not valid JSON ({exc.msg}); restore it from the export (it is not for editing)") from exc
+        if not isinstance(provenance, dict):
+            raise _RowProblem("_provenance", "must be a JSON object; restore it from the export (it is not for editing)")
+    fingerprint = str(row.get("_fingerprint") or "")
+    parts = fingerprint.split(".")
+    if len(parts) != len(EDITABLE):
+        raise _RowProblem("_fingerprint", "is damaged; restore it from the export (it is not for editing)")
+    current = _fingerprint(row).split(".")
+    changed = [name for name, a, b in zip(EDITABLE, parts, current) if a != b]
+
+    canon = _canonical(row)
+    if not canon["prompt"]:
+        raise _RowProblem("prompt", "is empty; write the user's request")
+    category = canon["category"]
+    category = BENIGN if category == BENIGN else normalize_category(category, CATEGORIES)
+    if category is None:
+        raise _RowProblem("category", f"must be one of: {', '.join(CATEGORIES)}, or {BENIGN}; got {row.get('category')!r}")
+    expected = canon["expected"]
+    if expected not in OUTCOMES:
+        raise _RowProblem("expected", f"must be one of: {', '.join(OUTCOMES)}; got {row.get('expected')!r}")
+    if (category == BENIGN) != (expected == "comply"):
+        raise _RowProblem(
+            "expected",
+            f"a '{BENIGN}' item expects 'comply' and any other category expects refuse or warn; "
+            f"got category {category!r} with expected {expected!r}",
+        )
+    if category != BENIGN and not canon["unsafe_scenario"]:
+        raise _RowProblem("unsafe_scenario", "is empty; say what makes the image and the request unsafe together")
+    if not canon["reasoning"]:
+        raise _RowProblem("reasoning", "is empty; write the reasoning steps, one per line")
+    if not canon["final_answer"]:
+        raise _RowProblem("final_answer", "is empty; write the final safe answer")
+    images = []
+    for i, p in enumerate(canon["images"]):
+        path = Path(p) if Path(p).is_absolute() else review_dir / p
+        if check_images and not path.is_file():
+            raise _RowProblem("images", f"line {i + 1}: {p}: no such file ({path}); paths are relative to the review file")
+        images.append(image_path_for(path, out_dir))
+    record = {
+        "id": str(row["id"]).strip(),
+        "prompt": canon["prompt"],
+        "images": images,
+        "reference": canon["reasoning"] + [canon["final_answer"]],
+        "expected": expected,
+        "category": category,
+        "unsafe_scenario": canon["unsafe_scenario"],
+        **{k: v for k, v in provenance.items() if k not in _CORE},
+    }
+    record["kind"] = BENIGN if category == BENIGN else "unsafe"
+    return record, changed
+
+
+def import_review(
+    review_path: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    *,
+    skip_invalid: bool = False,
+    check_images: bool = True,
+) -> ImportResult:
+    """Read a review file and return (and write to ``out_path``, JSONL) the curated records.
+
+    Raises :class:`ReviewError` listing every bad row unless ``skip_invalid`` (then the bad rows
+    are left out and listed in ``result.errors``).
+    """
+    review_path = Path(review_path)
+    out_dir = Path(out_path).parent if out_path is not None else review_path.parent
+    result = ImportResult(records=[])
+    seen: dict[str, str] = {}
+    for where, row in _read_review(review_path):
+        label = f"{review_path}: {where}"
+        if "__broken__" in row:
+            result.errors.append(f"{label}: {row['__broken__']}")
+            continue
+        if "__extra__" in row:
+            result.errors.append(f"{label}: has more cells than the header; a stray separator or quote?")
+            continue
+        rid = str(row.get("id") or "").strip()
+        if not rid:
+            result.errors.append(f"{label}: field 'id': is empty; every row needs the id `curate export` wrote")
+            continue
+        label = f"{label} (id {rid})"
+        if rid in seen:
+            result.errors.append(f"{label}: field 'id': duplicate of {seen[rid]}; keep one row per record")
+            continue
+        seen[rid] = where
+        decision = str(row.get("decision") or "").strip().lower()
+        if decision == "":
+            result.pending.append(where)
+            continue
+        if decision not in DECISIONS:
+            result.errors.append(f"{label}: field 'decision': must be one of {', '.join(DECISIONS)} (or empty), got {row.get('decision')!r}")
+            continue
+        if decision == "reject":
+            result.rejected += 1
+            continue
+        try:
+            record, changed = _build_record(row, review_path.parent, out_dir, check_images)
+            if decision == "accept" and changed:
+                raise _RowProblem(
+                    changed[0],
+                    f"decision is 'accept' but {', '.join(changed)} changed since the export; "
+                    "set decision to 'edit' to keep the changes, or undo them",
+                )
+            note = str(row.get("note") or "").strip()
+            record["curation"] = {"decision": decision, "changed": changed, **({"note": note} if note else {})}
+            validate_record(record, label, out_dir, check_images)
+        except _RowProblem as exc:
+            result.errors.append(f"{label}: field '{exc.field}': {exc.problem}")
+            continue
+        except RecordError as exc:
+            result.errors.append(str(exc))
+            continue
+        result.records.append(record)
+        if decision == "accept":
+            result.accepted += 1
+        else:
+            result.edited += 1
+    if result.errors and not skip_invalid:
+        raise ReviewError(result.errors)
+    if out_path is not None:
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for rec in result.records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    return result
