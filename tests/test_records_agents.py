@@ -227,9 +227,18 @@ def test_call_agent_feeds_the_error_back_and_retries():
     assert "x.png" in first[1]["content"][1]["text"]
     # The bad answer stays in the conversation, followed by the error and the expected form.
     assert second[-2] == {"role": "assistant", "content": "Sure, here you go!"}
-    assert "not a JSON object" in second[-1]["content"] and '"category": "<one of: dangerous behavior' in second[-1]["content"]
-    assert "weapons" in third[-1]["content"]
+    assert second[-1]["content"][0]["type"] == "text"  # structured, so no backend re-attaches the image
+    assert "not a JSON object" in second[-1]["content"][0]["text"]
+    assert '"category": "<one of: dangerous behavior' in second[-1]["content"][0]["text"]
+    assert "weapons" in third[-1]["content"][0]["text"]
     assert all(c["images"] == ["x.png"] for c in backend.calls)
+
+
+def test_call_agent_without_images_sends_plain_text():
+    backend = ScriptedBackend("no", _query())
+    call_agent(backend, "query", DEFAULT_TEMPLATES, {}, max_retries=1)
+    assert isinstance(backend.calls[1]["messages"][1]["content"], str)
+    assert "not a JSON object" in backend.calls[1]["messages"][-1]["content"]
 
 
 def test_call_agent_gives_up_with_the_last_reason():

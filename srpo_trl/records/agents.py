@@ -481,9 +481,12 @@ def call_agent(
         except OutputError as exc:
             last_error = exc
             errors.append(f"{exc.reason}: {exc}")
+            retry = render(templates, "retry", {"error": str(exc), "schema": spec.schema_hint(context)})
+            # Structured content when there are images: TRL's prepare_multimodal_messages (used by the
+            # in-process backend) would put the images again into a later plain-string user turn.
             messages = messages + [
                 {"role": "assistant", "content": last_raw},
-                {"role": "user", "content": render(templates, "retry", {"error": str(exc), "schema": spec.schema_hint(context)})},
+                {"role": "user", "content": [{"type": "text", "text": retry}] if images else retry},
             ]
     assert last_error is not None
     raise AgentFailure(

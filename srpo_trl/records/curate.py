@@ -272,6 +272,7 @@ def import_review(
     """
     review_path = Path(review_path)
     out_dir = Path(out_path).parent if out_path is not None else review_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)  # image paths are checked as the output will hold them
     result = ImportResult(records=[])
     seen: dict[str, str] = {}
     for where, row in _read_review(review_path):
