@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from test_records_pipeline import Agents, read_lines
 
 from srpo_trl.records import main_generate, output_paths
@@ -16,6 +17,7 @@ from srpo_trl.records import main_generate, output_paths
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a second process (about 10 s of imports)
 def test_resume_after_a_real_kill(openai_server, tmp_path):
     from PIL import Image
 

@@ -86,8 +86,10 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of images (searched recursively)")
     p.add_argument("--out", help="records file to write (JSONL); its .failed/.journal/.summary files go beside it")
     backend = p.add_argument_group("backend: an OpenAI-compatible endpoint, or a local model in-process")
-    backend.add_argument("--chat-url", help="OpenAI-compatible base URL (vLLM, SGLang, a hosted API), e.g. http://localhost:8000/v1")
+    backend.add_argument("--chat-url", "--endpoint", dest="chat_url",
+                         help="OpenAI-compatible base URL (vLLM, SGLang, a hosted API), e.g. http://localhost:8000/v1")  # fmt: skip
     backend.add_argument("--model", help="with --chat-url: the served model name; without: a local model folder (a VLM)")
+    backend.add_argument("--served-model", default=None, help="same as --model with --chat-url (the name `srpo-trl explore` uses)")
     backend.add_argument("--api-key", default=None, help="API key for --chat-url (default: $OPENAI_API_KEY)")
     backend.add_argument("--timeout", type=float, default=120, help="seconds per HTTP request (default 120)")
     backend.add_argument("--http-retries", type=int, default=3, help="retries of a failed HTTP request (default 3)")
@@ -130,21 +132,24 @@ def _categories(value: str | None, parser: argparse.ArgumentParser) -> tuple[str
 
 
 def _make_backend(args, parser):
+    if args.served_model and not args.chat_url:
+        parser.error("--served-model needs --chat-url (for a local model folder use --model PATH)")
     if args.chat_url:
-        if not args.model:
+        name = args.served_model or args.model
+        if not name:
             parser.error("--chat-url needs --model (the model name the server serves)")
         from srpo_trl.backends import OpenAICompatibleBackend
 
         backend = OpenAICompatibleBackend(
             args.chat_url,
-            args.model,
+            name,
             api_key=args.api_key,
             timeout=args.timeout,
             max_retries=args.http_retries,
             concurrency=1,
             show_progress=False,
         )
-        return backend, {"backend": "openai-compatible", "model": args.model, "url": args.chat_url}, args.workers
+        return backend, {"backend": "openai-compatible", "model": name, "url": args.chat_url}, args.workers
     if not args.model:
         parser.error("give --chat-url URL --model NAME (an endpoint) or --model PATH (a local vision-language model)")
     from srpo_trl.backends import TransformersBackend
