@@ -392,3 +392,20 @@ def test_cli_usage_errors(images, tmp_path, capsys):
     assert main_generate(["--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.jsonl"), "--chat-url",
                           "http://127.0.0.1:9/v1", "--model", "m"]) == 1  # fmt: skip
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_symlinked_image_keeps_its_name_in_the_folder(openai_server, tmp_path):
+    from PIL import Image
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (28, 28)).save(elsewhere / "real.png")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "link.png").symlink_to(elsewhere / "real.png")
+    openai_server.handler = Agents()
+    out = tmp_path / "records.jsonl"
+    run(openai_server, images, out, per_image=1, benign_per_image=0)
+    rec = read_lines(out)[0]
+    assert rec["id"] == "link-png-u0" and rec["source_image"] == "link.png"
+    assert (out.parent / rec["images"][0]).is_file()

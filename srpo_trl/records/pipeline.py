@@ -126,18 +126,21 @@ def plan_items(images: list[Path], images_dir: str | os.PathLike, per_image: int
 
     Ids are stable (``<image path slug>-u<k>`` / ``-b<k>``) so a rerun finds its earlier work.
     """
-    images_dir = Path(images_dir).resolve()
+    images_dir = Path(images_dir)
     items, slugs = [], {}
     for image in images:
-        rel = image.resolve().relative_to(images_dir).as_posix()
+        try:  # as found under the folder (a symlink may point elsewhere: keep its name here)
+            rel = Path(image).relative_to(images_dir).as_posix()
+        except ValueError:
+            rel = Path(os.path.relpath(Path(image).absolute(), images_dir.absolute())).as_posix()
         slug = _slug(rel)
         if slug in slugs:
             raise ValueError(f"images {slugs[slug]} and {rel} get the same record id prefix '{slug}'; rename one")
         slugs[slug] = rel
         for k in range(per_image):
-            items.append(Item(f"{slug}-u{k}", "unsafe", k, image.resolve(), rel))
+            items.append(Item(f"{slug}-u{k}", "unsafe", k, Path(image).absolute(), rel))
         for k in range(benign_per_image):
-            items.append(Item(f"{slug}-b{k}", "benign", k, image.resolve(), rel))
+            items.append(Item(f"{slug}-b{k}", "benign", k, Path(image).absolute(), rel))
     return items
 
 
