@@ -1,0 +1,108 @@
+"""Launched by tests/test_distributed.py with `accelerate launch`: the code of recipes/srpo.py
+(srpo_trl.train: parse the recipe, build the trainer, train and save) plus a probe that writes what
+each rank saw to $SRPO_PROBE_DIR/rank<N>.json:
+
+- the distributed type, number of processes and this process's index;
+- the class of the wrapped model (DistributedDataParallel / DeepSpeedEngine) and the ZeRO stage;
+- per parameter: full size and the size this rank holds (ZeRO-3 shards), and the local tensor size;
+- the loss of every logged step (all-reduced by the Trainer) and this rank's own micro-batch loss;
+- at the end, rank 0 writes the trainable parameters gathered from the shards to final_weights.pt.
+
+Run by hand (2 processes, CPU):
+    SRPO_PROBE_DIR=/tmp/probe accelerate launch --config_file recipes/accelerate_configs/cpu_zero3.yaml \
+        tests/distributed_script.py --config RECIPE.yaml --ddp_backend gloo --bf16 false ...
+"""
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from srpo_trl.train import build_trainer, finish, parse_args, train_and_save
+
+
+def _gathered(params):
+    """Context in which ZeRO-3 parameters hold their full values (a no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+class Probe(TrainerCallback):
+    def __init__(self, trainer, out: Path):
+        self.trainer, self.out = trainer, out
+        self.record = {"local_losses": {}, "logged_losses": {}, "local_batches": {}}
+        original = trainer.compute_loss
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if model.training:
+                loss = result[0] if return_outputs else result
+                step = str(trainer.state.global_step + 1)
+                self.record["local_losses"][step] = loss.detach().item()
+                # what this rank trained on: the token ids of its micro-batch (packed or not)
+                self.record["local_batches"][step] = sorted(row.tolist() for row in inputs["input_ids"])
+            return result
+
+        trainer.compute_loss = compute_loss
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        wrapped = trainer.model_wrapped
+        params = {}
+        for name, p in trainer.model.named_parameters():
+            params[name] = {
+                "full": int(getattr(p, "ds_numel", p.numel())),
+                "held": int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel()),
+                "local_tensor": int(p.numel()),
+                "trainable": bool(p.requires_grad),
+            }
+        self.record.update(
+            distributed_type=str(trainer.accelerator.distributed_type),
+            num_processes=trainer.accelerator.num_processes,
+            process_index=trainer.accelerator.process_index,
+            wrapper=f"{type(wrapped).__module__}.{type(wrapped).__name__}",
+            zero_stage=wrapped.zero_optimization_stage() if hasattr(wrapped, "zero_optimization_stage") else None,
+            params=params,
+            start_step=state.global_step,
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.record["logged_losses"][str(state.global_step)] = logs["loss"]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+        with _gathered([p for _, p in named]):
+            weights = {n: p.detach().clone().cpu() for n, p in named}
+        if trainer.accelerator.is_main_process:
+            torch.save(weights, self.out / "final_weights.pt")
+        self.record["final_step"] = state.global_step
+
+    def write(self):
+        rank = self.record.get("process_index", 0)
+        (self.out / f"rank{rank}.json").write_text(json.dumps(self.record, indent=1))
+
+
+def main(argv=None) -> int:
+    out = Path(os.environ["SRPO_PROBE_DIR"])
+    out.mkdir(parents=True, exist_ok=True)
+    script_args, training_args, model_args = parse_args(argv)
+    trainer = build_trainer(script_args, training_args, model_args)
+    probe = Probe(trainer, out)
+    trainer.add_callback(probe)
+    train_and_save(trainer, script_args, training_args)
+    probe.write()
+    finish(trainer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
