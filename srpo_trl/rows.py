@@ -159,10 +159,24 @@ def tokenizer_of(processing_class: Any) -> Any:
 
 
 def _chat_messages(processing_class: Any, messages: list, images: list) -> list:
-    # Processors (VLMs) want structured content with image placeholders; plain tokenizers take strings.
-    if hasattr(processing_class, "tokenizer"):
-        return prepare_multimodal_messages(messages, images=images)
-    return messages
+    """Messages as the processor's chat template wants them: structured content with image parts.
+
+    TRL's `prepare_multimodal_messages` puts the images before the first plain-string user turn; if
+    a structured turn already holds the image placeholders, a later plain turn would get them a
+    second time, so plain turns are only wrapped as text then.
+    """
+    if not hasattr(processing_class, "tokenizer"):  # plain tokenizers take string content
+        return messages
+    placed = any(
+        isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
+        for m in messages
+    )
+    if placed:
+        messages = [
+            {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages
+        ]
+    return prepare_multimodal_messages(messages, images=images)
 
 
 def image_token_of(processing_class: Any) -> str | None:

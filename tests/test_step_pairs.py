@@ -158,3 +158,19 @@ def test_rows_that_do_not_fit_max_length_are_dropped_and_reported(tmp_path, capl
     assert len(trainer.train_dataset) == 2
     assert [i for i, _ in trainer.dropped_rows["train"]] == [1]
     assert "dropped 1 of 3 rows" in caplog.text and "row 1:" in caplog.text
+
+
+def test_images_are_placed_once_in_a_multi_turn_chat():
+    from srpo_trl.rows import render_prompt
+    from srpo_trl.tiny import make_image, tiny_qwen2_5_vl
+
+    _, processor = tiny_qwen2_5_vl()
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A bottle."},
+        {"role": "user", "content": "Is it safe?"},
+    ]
+    text = render_prompt(processor, messages, [make_image(0)])
+    assert text.count("<|image_pad|>") == 1
+    plain = render_prompt(processor, [{"role": "user", "content": "What is it?"}], [make_image(0), make_image(1)])
+    assert plain.count("<|image_pad|>") == 2
