@@ -55,6 +55,7 @@ class Probe(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
         wrapped = trainer.model_wrapped
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         params = {}
         for name, p in trainer.model.named_parameters():
             params[name] = {
@@ -71,6 +72,7 @@ class Probe(TrainerCallback):
             zero_stage=wrapped.zero_optimization_stage() if hasattr(wrapped, "zero_optimization_stage") else None,
             params=params,
             start_step=state.global_step,
+            activation_checkpointing=bool(getattr(base, "is_gradient_checkpointing", False)),
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):

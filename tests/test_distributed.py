@@ -64,6 +64,8 @@ COMMON = dict(
 )  # fmt: skip
 FULL = dict(use_peft="false")
 LORA = dict(use_peft="true", lora_r=4, lora_alpha=8, lora_dropout=0)
+# PEFT + ZeRO-3 + activation checkpointing is the combination users report broken: test it as the recipe has it.
+LORA_CKPT = dict(LORA, activation_checkpointing="true")
 CPU_DDP = dict(use_cpu="true")  # see cpu_ddp.yaml: without it every process trains alone
 CPU_DEEPSPEED = dict(ddp_backend="gloo")  # see cpu_zero3.yaml
 
@@ -124,7 +126,7 @@ def single_full(workspace):
 
 @pytest.fixture(scope="module")
 def single_lora(workspace):
-    return single_process(workspace, "single_lora", **LORA)
+    return single_process(workspace, "single_lora", **LORA_CKPT)
 
 
 def check_ranks(ranks, single, distributed_type, wrapper, zero_stage):
@@ -172,6 +174,7 @@ def check_zero3_shards(ranks, single_numel):
 def test_ddp_two_processes(workspace, single_full):
     ranks, run = launch(workspace, "cpu_ddp.yaml", "ddp", **FULL, **CPU_DDP)
     check_ranks(ranks, single_full, "MULTI_CPU", "torch.nn.parallel.distributed.DistributedDataParallel", None)
+    assert not any(rec["activation_checkpointing"] for rec in ranks)  # turned off on the command line
     for rec in ranks:  # every rank holds the whole model
         assert all(p["held"] == p["full"] == p["local_tensor"] for p in rec["params"].values())
     check_weights(torch.load(run / "final_weights.pt"), single_full["weights"])
@@ -221,8 +224,9 @@ def test_zero3_resume_continues_the_same_trajectory(workspace, zero3_full):
 
 
 def test_zero3_with_lora(workspace, single_lora):
-    ranks, run = launch(workspace, "cpu_zero3.yaml", "zero3_lora", **LORA, **CPU_DEEPSPEED)
+    ranks, run = launch(workspace, "cpu_zero3.yaml", "zero3_lora", **LORA_CKPT, **CPU_DEEPSPEED)
     check_ranks(ranks, single_lora, "DEEPSPEED", "deepspeed.runtime.engine.DeepSpeedEngine", 3)
+    assert all(rec["activation_checkpointing"] for rec in ranks)
     trainable = {n for n, p in ranks[0]["params"].items() if p["trainable"]}
     assert trainable and all("lora_" in n for n in trainable)
     assert trainable == set(single_lora["weights"])

@@ -31,7 +31,7 @@ VL_LORA = RECIPES / "qwen2.5-vl-7b-instruct" / "srpo" / "config_lora.yaml"
 LLAVA_LORA = RECIPES / "llava-v1.6-mistral-7b-hf" / "srpo" / "config_lora.yaml"
 
 # What a CPU test run changes in a GPU recipe: everything else comes from the recipe file.
-CPU = dict(use_cpu="true", bf16="false", activation_checkpointing="false", report_to="none", dataloader_num_workers=0,
+CPU = dict(use_cpu="true", dtype="float32", bf16="false", activation_checkpointing="false", report_to="none", dataloader_num_workers=0,
            disable_tqdm="true", save_strategy="no", logging_steps=1, eval_strategy="no")  # fmt: skip
 
 
