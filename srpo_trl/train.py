@@ -112,7 +112,7 @@ def _offline() -> bool:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or os.sep == "\\"
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
 
 
 def check_reporters(report_to) -> None:

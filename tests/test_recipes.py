@@ -384,3 +384,40 @@ def test_wandb_offline_logs_a_table_of_sample_pairs_at_eval(tmp_path, text_model
     data = record.read_bytes()
     for key in (b"train/loss/reference", b"train/loss/align", b"eval/logps/chosen", b"eval/sample_pairs"):
         assert key in data, key
+
+
+def test_json_list_exploration_output_and_held_out_eval_split(tmp_path):
+    rows = tmp_path / "pairs.json"
+    rows.write_text(json.dumps(ROWS * 2))
+    explored = tmp_path / "explored.jsonl"
+    record = {
+        "id": "q1", "prompt": "Is this safe?", "reference": ["It is a plant.", "Answer: yes."],
+        "points": [{"branch_point": 1, "prefix": ["It is a plant."], "continuations": [
+            {"text": "Yes.", "verified": True}, {"text": "Eat it.", "verified": False}, {"text": "Burn it.", "verified": False}]}],
+    }  # fmt: skip
+    explored.write_text(json.dumps(record) + "\n")
+
+    script, args, _ = train_mod.parse_args(["--config", str(TEXT_LORA), *flags(train_file=rows, eval_split_size=2, eval_strategy="steps")])
+    train, eval_ = train_mod.load_datasets(script, args)
+    assert (len(train), len(eval_)) == (4, 2)  # 2 of the 6 rows held out, seeded
+    assert sorted(r["chosen"] for r in list(train) + list(eval_)) == sorted(r["chosen"] for r in ROWS * 2)
+
+    script, args, _ = train_mod.parse_args(["--config", str(TEXT_LORA), *flags(train_file=explored, data_format="exploration")])
+    train, eval_ = train_mod.load_datasets(script, args)
+    assert eval_ is None
+    assert sorted((r["prefix"][0], r["chosen"], r["rejected"], r["branch_point"]) for r in train) == [
+        ("It is a plant.", "Yes.", "Burn it.", 1), ("It is a plant.", "Yes.", "Eat it.", 1)
+    ]
+
+
+def test_qlora_recipe_builds_a_4bit_config_and_refuses_without_lora(tmp_path, text_model_dir):
+    from trl import get_quantization_config
+
+    qlora = RECIPES / "qwen2.5-7b-instruct" / "srpo" / "config_qlora.yaml"
+    _, args, model_args = train_mod.parse_args(["--config", str(qlora), *flags()])
+    quant = get_quantization_config(model_args)
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert model_args.use_peft and train_mod.kbit_device_map() == {"": 0}  # the whole model on this process's device
+    _, args, model_args = train_mod.parse_args(["--config", str(qlora), *flags(use_peft="false")])
+    with pytest.raises(train_mod.RecipeError, match="QLoRA.*trains adapters only"):
+        train_mod.load_model(str(text_model_dir), True, model_args, args)
