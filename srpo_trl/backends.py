@@ -142,6 +142,16 @@ def load_images(images: list | None, base_dir: str | os.PathLike | None = None) 
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_requests(requests: list, num_samples: int) -> bool:
+    """Validate a generate() call; False when there is nothing to generate."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    for i, req in enumerate(requests):
+        if not isinstance(req, GenerationRequest):
+            raise TypeError(f"request {i}: expected a GenerationRequest, got {type(req).__name__}")
+    return bool(requests)
+
+
 class TransformersBackend:
     """In-process generation with ``model.generate`` (text models and VLMs).
 
@@ -280,14 +290,10 @@ class TransformersBackend:
         import torch
         from tqdm.auto import tqdm
 
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not requests:
+        if not _check_requests(requests, num_samples):
             return []
         prepared = []
-        for i, req in enumerate(requests):
-            if not isinstance(req, GenerationRequest):
-                raise TypeError(f"request {i}: expected a GenerationRequest, got {type(req).__name__}")
+        for req in requests:
             images = load_images(req.images)
             prepared.append((self._encode(req, images), self._stop_ids(req, images)))
         items = [r for r in range(len(requests)) for _ in range(num_samples)]
@@ -595,14 +601,10 @@ class OpenAICompatibleBackend:
     ) -> list[list[str]]:
         from tqdm.auto import tqdm
 
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not requests:
+        if not _check_requests(requests, num_samples):
             return []
-        # Validate (and encode images) before any network call, so bad input fails fast.
-        for i, req in enumerate(requests):
-            if not isinstance(req, GenerationRequest):
-                raise TypeError(f"request {i}: expected a GenerationRequest, got {type(req).__name__}")
+        # Encode (images included) before any network call, so bad input fails fast.
+        for req in requests:
             self._body_for(req, 1, temperature, max_new_tokens, seed)
 
         def run(req):
