@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -381,8 +382,13 @@ def test_wandb_offline_logs_a_table_of_sample_pairs_at_eval(tmp_path, text_model
     # The run's own record (written offline, nothing sent) holds the SRPO metrics and the table.
     run_dir = tables[0].parents[4]
     (record,) = run_dir.glob("run-*.wandb")
+    keys = (b"train/loss/reference", b"train/loss/align", b"eval/logps/chosen", b"eval/sample_pairs")
+    # wandb's service process writes this file; under load it may still be flushing after finish() returns.
+    deadline = time.monotonic() + 60
+    while not all(k in record.read_bytes() for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
     data = record.read_bytes()
-    for key in (b"train/loss/reference", b"train/loss/align", b"eval/logps/chosen", b"eval/sample_pairs"):
+    for key in keys:
         assert key in data, key
 
 
