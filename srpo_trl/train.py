@@ -333,7 +333,7 @@ def kbit_device_map() -> dict:
 
 
 def build_trainer(script_args, training_args, model_args, callbacks=None):
-    """Check everything, load data and processor, and build the SRPOTrainer (which loads the model)."""
+    """Check everything the recipe names, then load the data, processor and model and build the SRPOTrainer."""
     from trl import get_peft_config
 
     from .trainer import SRPOTrainer
