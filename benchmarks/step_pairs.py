@@ -1,0 +1,761 @@
+"""
+Prefix sharing benchmark: what SRPO's packed tree forward saves on step-pair data.
+
+On IDENTICAL step-pair rows (the same pairs, in the same batches of rows, for the same number of
+optimizer steps) it trains each configuration in a fresh subprocess:
+
+  srpo_packed      SRPOTrainer, prefix_sharing=True (the default): one token tree per question
+  srpo_unpacked    SRPOTrainer, prefix_sharing=False: 3 sequences per row (chosen, rejected, reference)
+  srpo_packed_ref  SRPOTrainer with prefix sharing and align_loss="sigmoid" (Step-DPO) and a reference
+                   model: like DPOTrainer it runs a no-grad reference forward every step (on the trees)
+  dpo_nll          the baseline: TRL's DPOTrainer in its standard setup, WITH a reference model (its
+                   no-grad reference forward is part of its cost), on the same pairs with the reasoning
+                   prefix folded into the prompt, plus a separate NLL pass (forward + backward of the
+                   reference paths, as a user adds for SRPO's anchor term L_ref: each question's path
+                   once per batch, weighted by its rows, so the objective matches SRPO's)
+
+on two models built from srpo_trl.tiny: a tiny-but-proportioned VLM (Qwen2.5-VL architecture; a
+448x448 image per question = 256 merged image tokens; the vision tower costs about half of what the
+decoder spends on the image's 256 tokens) and a Qwen2 text model (~120-token prompts). Each question
+has 4-8 branch points (one row each) and steps of 30-60 tokens; a batch is 12 rows = 2 whole questions.
+
+Printed per model, as ratios to DPOTrainer + NLL: tokens through the model (every forward, padding
+included), median step time, peak memory and images encoded, next to the ideal (each unique token
+once), and where a step's time goes. Absolute numbers go to the JSON file (--json).
+
+Measurement: warm-up steps are not timed; a step is the wall time between the ends of two optimizer
+steps (collate + forwards + backward + optimizer step); the median over the timed steps is reported.
+Memory on CPU: growth of the resident set size during `train()` (sampled every 2 ms from
+/proc/self/statm in the child, minus the RSS just before `train()`); on CUDA:
+torch.cuda.max_memory_allocated minus what was allocated before `train()`. Each child runs with one
+torch thread by default (--threads): on a shared 2-core machine, two threads stall on every small
+kernel whenever another process holds a core, which distorts the ratios.
+
+Run from the repository root (about 6 minutes on 2 CPU cores; the smoke run about 1.5 minutes):
+
+    python benchmarks/step_pairs.py
+    python benchmarks/step_pairs.py --quick
+
+See docs/speed.md for what prefix sharing does and the table as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+CONFIGS = {
+    "srpo_packed": "SRPO, prefix sharing",
+    "srpo_unpacked": "SRPO, no prefix sharing",
+    "srpo_packed_ref": "SRPO Step-DPO (+ref), sharing",
+    "dpo_nll": "DPOTrainer (+ref model) + NLL",
+}
+BASELINE = "dpo_nll"
+IMAGE_SIDE = 448  # 448x448 pixels -> 32x32 patches of 14 -> 16x16 = 256 merged image tokens
+WINDOW_SIZE = 112  # Qwen2.5-VL's own vision window (tiny.py uses 56); see build_model
+# Question sizes (branch points = rows) in pairs that fill a batch of 12 rows exactly.
+QUESTION_SIZES = [4, 8, 5, 7, 6, 6, 7, 5, 8, 4, 6, 6]
+
+# =================================================================================================
+# Data: identical step pairs for every configuration
+# =================================================================================================
+
+
+def build_processing_class(kind: str, image_side: int = IMAGE_SIDE):
+    """The tokenizer (text) or the image-only Qwen2.5-VL processor that makes an image_side x image_side
+    image (448: 256 merged image tokens) for the vlm."""
+    from srpo_trl.tiny import Qwen2_5_VLImageOnlyProcessor, build_tokenizer
+
+    tok = build_tokenizer()
+    if kind == "text":
+        return tok
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    pixels = image_side * image_side
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    return Qwen2_5_VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+
+
+def build_model(kind: str, seed: int, hidden_size: int, num_layers: int):
+    """tiny.py's Qwen2 / Qwen2.5-VL. The VLM's vision windows are set to Qwen2.5-VL's 112 pixels (8x8
+    patches, 16 windows per 448x448 image). On CPU, sdpa runs one attention call per window, and tiny.py's
+    56 (4x4 patches, 64 windows per image) would add per-window overhead the real model does not have."""
+    from srpo_trl.tiny import build_tokenizer, tiny_causal_lm, tiny_qwen2_5_vl
+
+    if kind == "text":
+        return tiny_causal_lm(build_tokenizer(), seed=seed, hidden_size=hidden_size, num_hidden_layers=num_layers)
+    model, _ = tiny_qwen2_5_vl(seed=seed, hidden_size=hidden_size, num_hidden_layers=num_layers)
+    model.config.vision_config.window_size = WINDOW_SIZE
+    model.model.visual.window_size = WINDOW_SIZE  # no weights depend on it: only how patches are grouped
+    return model
+
+
+def _words() -> list[str]:
+    from srpo_trl.tiny import CORPUS
+
+    return sorted(set(re.findall(r"[A-Za-z]+", " ".join(CORPUS))))
+
+
+def _text_of_length(rng: random.Random, tokenizer, words: list[str], lo: int, hi: int, first: str = "") -> str:
+    """Words from the tokenizer's corpus until the text is `lo`..`hi` tokens long (a target drawn in between)."""
+    target = rng.randint(lo, hi)
+    out = [first] if first else []
+
+    def length(ws):
+        return len(tokenizer(" ".join(ws), add_special_tokens=False)["input_ids"])
+
+    while length(out) < target:
+        out.append(rng.choice(words))
+    while length(out) > hi:
+        out.pop()
+    return " ".join(out)
+
+
+def build_rows(
+    kind: str, processing_class, num_questions: int, seed: int = 0, step_tokens=(30, 60), image_side: int = IMAGE_SIDE
+) -> list[dict]:
+    """Step-pair rows, question after question: question q has `QUESTION_SIZES[q % 12]` branch points.
+
+    Each question: a prompt (vlm: one 448x448 image + a short question; text: a ~120-token question), a
+    reference path of (branch points + 1) steps, and at every branch point k a row with prefix =
+    reference[:k], a favorable and an unfavorable continuation (both new text, not the reference
+    step: the harder case for sharing). Every step is `step_tokens` tokens long.
+    """
+    from srpo_trl.rows import tokenizer_of
+    from srpo_trl.tiny import make_image
+
+    tokenizer = tokenizer_of(processing_class)
+    words = _words()
+    rng = random.Random(seed)
+    lo, hi = step_tokens
+    rows = []
+    for q in range(num_questions):
+        branch_points = QUESTION_SIZES[q % len(QUESTION_SIZES)]
+        if kind == "vlm":
+            question = _text_of_length(rng, tokenizer, words, 10, 25)
+            prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + "?"}]}]
+            images = [make_image(seed * 1000 + q, size=(image_side, image_side))]
+        else:
+            question = _text_of_length(rng, tokenizer, words, 100, 140)
+            prompt = [{"role": "user", "content": question + "?"}]
+            images = None
+        reference = [_text_of_length(rng, tokenizer, words, lo, hi, first=f"Step {i + 1}:") for i in range(branch_points)]
+        reference.append(_text_of_length(rng, tokenizer, words, lo, hi, first="Answer:"))
+        for k in range(branch_points):
+            row = {
+                "id": f"q{q}",
+                "prompt": prompt,
+                "prefix": reference[:k],
+                "chosen": _text_of_length(rng, tokenizer, words, lo, hi, first=f"Step {k + 1}:"),
+                "rejected": _text_of_length(rng, tokenizer, words, lo, hi, first=f"Step {k + 1}:"),
+                "reference": reference,
+                "branch_point": k,
+            }
+            if images is not None:
+                row["images"] = images
+            rows.append(row)
+    return rows
+
+
+def dpo_rows(rows: list[dict], processing_class) -> list[dict]:
+    """The same pairs for DPOTrainer: the reasoning prefix folded into a standard (rendered) prompt."""
+    from srpo_trl.rows import continuation_prefix_text, render_prompt
+
+    out = []
+    for row in rows:
+        images = row.get("images") or []
+        prompt = render_prompt(processing_class, row["prompt"], images) + continuation_prefix_text(row["prefix"])
+        dpo = {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"], "question": row["id"]}
+        if images:
+            dpo["images"] = images
+        out.append(dpo)
+    return out
+
+
+def reference_paths(rows: list[dict], processing_class) -> dict:
+    """Per question: the rendered prompt, its images and the reference path's token ids (closed),
+    encoded exactly as SRPOTrainer encodes them."""
+    from srpo_trl.rows import encode_text_segments, normalize_row, render_prompt
+
+    paths = {}
+    for i, row in enumerate(rows):
+        if row["id"] in paths:
+            continue
+        canon = normalize_row(row, i)
+        seg = encode_text_segments(canon, processing_class)
+        paths[row["id"]] = {
+            "text": render_prompt(processing_class, row["prompt"], canon["images"]),
+            "images": canon["images"],
+            "reference_ids": seg["reference_ids"],
+        }
+    return paths
+
+
+def batches(rows: list[dict], batch_size: int) -> list[list[dict]]:
+    return [rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
+def sharing_stats(rows: list[dict], processing_class, batch_size: int) -> dict:
+    """Per batch, the tokens of the 3B sequences SRPO scores (chosen, rejected, reference of each row,
+    each on its own, no padding) and the unique ones (a token trie per question)."""
+    from srpo_trl.collator import DataCollatorForStepPairs
+
+    collator = DataCollatorForStepPairs(processing_class=processing_class)
+    total, unique = [], []
+    for batch in batches(rows, batch_size):
+        out = collator([dict(r) for r in batch])
+        n = len(batch)
+        ids, mask = out["input_ids"], out["attention_mask"].bool()
+        tries: dict[str, dict] = {}
+        nodes = 0
+        for s in range(3 * n):
+            node = tries.setdefault(batch[s % n]["id"], {})
+            for tok in ids[s][mask[s]].tolist():
+                if tok not in node:
+                    node[tok] = {}
+                    nodes += 1
+                node = node[tok]
+        total.append(int(mask.sum()))
+        unique.append(nodes)
+    return {"total_tokens": total, "unique_tokens": unique}
+
+
+def describe_rows(rows: list[dict], processing_class) -> dict:
+    """Proportions of the data: image tokens per prompt, branch points per question, step lengths."""
+    from srpo_trl.rows import tokenizer_of
+
+    tokenizer = tokenizer_of(processing_class)
+    per_question: dict[str, int] = {}
+    steps = []
+    for row in rows:
+        per_question[row["id"]] = per_question.get(row["id"], 0) + 1
+        for text in (row["chosen"], row["rejected"]):
+            steps.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    for path in {r["id"]: r["reference"] for r in rows}.values():
+        steps += [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in path]
+    image_tokens = None
+    if hasattr(processing_class, "image_processor"):
+        first = rows[0]
+        paths = reference_paths([first], processing_class)[first["id"]]
+        ids = processing_class(text=[paths["text"]], images=paths["images"], return_tensors="pt")["input_ids"][0]
+        image_tokens = int((ids == tokenizer.convert_tokens_to_ids(tokenizer.image_token)).sum())
+    return {
+        "rows": len(rows),
+        "questions": len(per_question),
+        "branch_points": sorted(set(per_question.values())),
+        "step_tokens": (min(steps), max(steps), statistics.mean(steps)),
+        "image_tokens_per_prompt": image_tokens,
+    }
+
+
+# =================================================================================================
+# Child: one configuration, measured
+# =================================================================================================
+
+
+class _RSSSampler(threading.Thread):
+    """Peak resident set size of this process, read from /proc/self/statm every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._halt = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def run(self):
+        while not self._halt.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        self.peak = max(self.peak, self.rss())
+        return self.peak
+
+
+def _trainer_classes():
+    """SRPOTrainer / DPOTrainer subclasses that (1) feed rows in dataset order, so every configuration
+    sees identical batches, and (2) time collate, the loss forwards and the whole training step."""
+    import torch
+    from torch.utils.data import SequentialSampler
+    from trl import DPOTrainer
+
+    from srpo_trl import SRPOTrainer
+
+    class Timed:
+        timings: dict
+
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            t0 = time.perf_counter()
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.timings["loss_forward"].append(time.perf_counter() - t0)
+            return out
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            t0 = time.perf_counter()
+            nll = inputs.pop("nll", None)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if nll is not None:
+                t1 = time.perf_counter()
+                loss = loss + self._nll_step(model, nll)
+                self.timings["nll_pass"].append(time.perf_counter() - t1)
+            self.timings["training_step"].append(time.perf_counter() - t0)
+            return loss
+
+    class BenchSRPOTrainer(Timed, SRPOTrainer):
+        pass
+
+    class BenchDPOTrainer(Timed, DPOTrainer):
+        """DPOTrainer + the NLL anchor on the reference paths, as a separate forward + backward."""
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "question" not in self._signature_columns:
+                self._signature_columns.append("question")
+
+        def _nll_step(self, model, nll):
+            weights = nll.pop("weights")
+            labels = nll.pop("labels")
+            with self.compute_loss_context_manager():
+                logps = model(**nll, labels=labels, fused_lm_head=True, use_cache=False).log_probs
+                mask = (labels[:, 1:] != -100).to(logps.dtype)
+                per_path = (logps * mask).sum(1) / mask.sum(1)
+                loss = -(per_path * weights).sum()
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+    return BenchSRPOTrainer, BenchDPOTrainer, torch
+
+
+class NLLCollator:
+    """TRL's DPO collator plus, under "nll", the batch's unique reference paths (prompt + path + end)."""
+
+    def __init__(self, dpo_collator, paths: dict, processing_class, pad_id: int, timings: dict):
+        self.dpo_collator, self.paths, self.processing_class, self.pad_id = dpo_collator, paths, processing_class, pad_id
+        self.timings = timings
+
+    def __call__(self, examples):
+        import torch
+
+        t0 = time.perf_counter()
+        questions = [ex.pop("question") for ex in examples]
+        out = self.dpo_collator(examples)
+        unique = list(dict.fromkeys(questions))
+        paths = [self.paths[q] for q in unique]
+        if hasattr(self.processing_class, "image_processor"):
+            images = [p["images"] for p in paths]
+            processed = self.processing_class(
+                text=[p["text"] for p in paths], images=images, padding=True, padding_side="left",
+                return_tensors="pt", add_special_tokens=False,
+            )  # fmt: skip
+            keep = processed["attention_mask"].bool()
+            prompts = [processed["input_ids"][j][keep[j]].tolist() for j in range(len(paths))]
+            mm = [processed["mm_token_type_ids"][j][keep[j]].tolist() for j in range(len(paths))]
+            extra = {k: v for k, v in processed.items() if k in ("pixel_values", "image_grid_thw")}
+        else:
+            tok = self.processing_class
+            prompts = [tok(p["text"], add_special_tokens=False)["input_ids"] for p in paths]
+            mm, extra = None, {}
+        seqs = [pr + p["reference_ids"] for pr, p in zip(prompts, paths)]
+        length = max(len(s) for s in seqs)
+        nll = {
+            "input_ids": torch.tensor([s + [self.pad_id] * (length - len(s)) for s in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in seqs]),
+            "labels": torch.tensor(
+                [[-100] * len(pr) + p["reference_ids"] + [-100] * (length - len(s)) for pr, p, s in zip(prompts, paths, seqs)]
+            ),
+            # SRPO's L_ref is a mean over rows: each path weighs as many rows as it has in the batch
+            "weights": torch.tensor([questions.count(q) / len(questions) for q in unique]),
+            **extra,
+        }
+        if mm is not None:
+            nll["mm_token_type_ids"] = torch.tensor([m + [0] * (length - len(m)) for m in mm])
+        out["nll"] = nll
+        self.timings["collate"].append(time.perf_counter() - t0)
+        return out
+
+
+class TimedCollator:
+    def __init__(self, collator, timings: dict):
+        self.collator, self.timings = collator, timings
+
+    def __call__(self, examples):
+        t0 = time.perf_counter()
+        out = self.collator(examples)
+        self.timings["collate"].append(time.perf_counter() - t0)
+        return out
+
+    def __getattr__(self, name):  # prefix_sharing, dense_mask, ... set by SRPOTrainer on the real collator
+        return getattr(self.collator, name)
+
+    def __setattr__(self, name, value):
+        if name in ("collator", "timings"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.collator, name, value)
+
+
+def _count_tokens(model, counters: dict, last_batch: dict):
+    """Forward pre-hooks on the text decoder (tokens through it, padding included; real tokens) and the
+    vision tower (images encoded). Counts every forward: policy, reference model and NLL pass."""
+
+    def on_decoder(module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = kwargs.get("input_ids", args[0] if args else None)
+        counters["tokens"] += int(x.shape[0] * x.shape[1])
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            counters["real_tokens"] += int(mask.sum())
+        else:  # packed rows: a 4D tree mask; the real tokens are the packed lengths
+            counters["real_tokens"] += int(last_batch["packed_length"].sum()) if "packed_length" in last_batch else 0
+
+    def on_visual(module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        counters["images"] += int(grid.shape[0])
+
+    model.get_decoder().register_forward_pre_hook(on_decoder, with_kwargs=True)
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if visual is not None:
+        visual.register_forward_pre_hook(on_visual, with_kwargs=True)
+
+
+def run_child(args) -> dict:
+    from transformers import TrainerCallback
+
+    BenchSRPOTrainer, BenchDPOTrainer, torch = _trainer_classes()
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from srpo_trl import SRPOConfig, StepPairDataset
+    from srpo_trl.collator import DataCollatorForStepPairs
+    from srpo_trl.rows import tokenizer_of
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available() and not args.cpu
+    processing_class = build_processing_class(args.model, args.image_side)
+    tokenizer = tokenizer_of(processing_class)
+    steps = args.warmup + args.steps
+    rows = build_rows(args.model, processing_class, num_questions=2 * steps, seed=args.seed, image_side=args.image_side)
+    assert len(rows) == steps * args.batch_size, (len(rows), steps, args.batch_size)
+    model = build_model(args.model, args.seed, args.hidden_size, args.layers)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="step-pairs-"), per_device_train_batch_size=args.batch_size,
+        max_steps=steps, learning_rate=1e-4, max_length=None, use_cpu=not cuda, bf16=False,
+        gradient_checkpointing=args.gradient_checkpointing, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=args.seed,
+    )  # fmt: skip
+    timings = {k: [] for k in ("collate", "loss_forward", "training_step", "nll_pass")}
+    counters = {"tokens": 0, "real_tokens": 0, "images": 0}
+    last_batch: dict = {}
+
+    if args.config.startswith("srpo"):
+        packed = args.config in ("srpo_packed", "srpo_packed_ref")
+        ref_model = None
+        if args.config == "srpo_packed_ref":  # Step-DPO: the frozen reference scores the packed trees too
+            ref_model = build_model(args.model, args.seed, args.hidden_size, args.layers)
+            loss = dict(align_loss="sigmoid", beta=0.1)
+        else:
+            loss = dict(align_loss="odds_ratio")
+        config = SRPOConfig(**common, prefix_sharing=packed, srpo_lambda=0.3, **loss)
+        inner = DataCollatorForStepPairs(processing_class=processing_class)
+        collator = TimedCollator(inner, timings)
+
+        def remember(examples, _c=collator.__call__):
+            out = _c(examples)
+            last_batch.clear()
+            last_batch.update(out)
+            return out
+
+        trainer = BenchSRPOTrainer(
+            model=model, ref_model=ref_model, args=config, train_dataset=StepPairDataset.from_list(rows),
+            processing_class=processing_class, data_collator=inner,
+        )  # fmt: skip
+        assert trainer.prefix_sharing == packed
+        trainer.data_collator = remember
+        if ref_model is not None:
+            _count_tokens(trainer.ref_model, counters, last_batch)
+    else:
+        from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
+
+        ref_model = build_model(args.model, args.seed, args.hidden_size, args.layers)
+        config = DPOConfig(**common, beta=0.1)
+        pad_id = tokenizer.pad_token_id
+        dpo_collator = (
+            DataCollatorForVisionPreference(processor=processing_class)
+            if args.model == "vlm"
+            else DataCollatorForPreference(pad_token_id=pad_id)
+        )
+        paths = reference_paths(rows, processing_class)
+        collator = NLLCollator(dpo_collator, paths, processing_class, pad_id, timings)
+        trainer = BenchDPOTrainer(
+            model=model, ref_model=ref_model, args=config,
+            train_dataset=Dataset.from_list(dpo_rows(rows, processing_class)),
+            processing_class=processing_class, data_collator=collator,
+        )  # fmt: skip
+        _count_tokens(trainer.ref_model, counters, last_batch)
+    trainer.timings = timings
+    _count_tokens(trainer.model, counters, last_batch)
+
+    step_ends: list[float] = []
+    marks: list[dict] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            step_ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
+            marks.append(dict(counters))
+
+    trainer.add_callback(Clock())
+    gc.collect()
+    sampler = _RSSSampler()
+    rss_before = sampler.rss()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        allocated_before = torch.cuda.memory_allocated()
+    sampler.start()
+    trainer.train()
+    peak_rss = sampler.stop()
+    if cuda:
+        peak_memory = torch.cuda.max_memory_allocated() - allocated_before
+    else:
+        peak_memory = peak_rss - rss_before
+
+    assert len(step_ends) == steps + 1, len(step_ends)
+    step_times = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    timed = slice(args.warmup, steps)
+    per_step = [dict(zip(marks[0], (b[k] - (a[k] if a else 0) for k in b))) for a, b in zip([None] + marks, marks)]
+
+    def timed_sum(key):  # per-step sums of a timing list, over the timed steps (one entry per step)
+        values = timings[key]
+        return statistics.median(values[args.warmup : steps]) if len(values) >= steps else None
+
+    return {
+        "model": args.model,
+        "config": args.config,
+        "device": "cuda" if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "step_times_s": step_times,
+        "median_step_s": statistics.median(step_times[timed]),
+        "mean_step_s": statistics.mean(step_times[timed]),
+        "tokens_per_step": [s["tokens"] for s in per_step],
+        "real_tokens_per_step": [s["real_tokens"] for s in per_step],
+        "images_per_step": [s["images"] for s in per_step],
+        "tokens_timed": sum(s["tokens"] for s in per_step[timed]),
+        "real_tokens_timed": sum(s["real_tokens"] for s in per_step[timed]),
+        "images_timed": sum(s["images"] for s in per_step[timed]),
+        "peak_memory_bytes": peak_memory,
+        "rss_before_bytes": rss_before,
+        "median_collate_s": timed_sum("collate"),
+        "median_loss_forward_s": timed_sum("loss_forward"),
+        "median_training_step_s": timed_sum("training_step"),
+        "median_nll_pass_s": timed_sum("nll_pass"),
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
+
+
+# =================================================================================================
+# Parent: one subprocess per configuration, then the table
+# =================================================================================================
+
+
+def _ratio(x: float, base: float) -> str:
+    return f"{x / base:.2f}x" if base else "-"
+
+
+def table(results: list[dict], stats: dict, kind: str) -> str:
+    """Ratios to the baseline: tokens through the model, median step time, peak memory, images encoded."""
+    by = {r["config"]: r for r in results if r["model"] == kind}
+    base = by[BASELINE]
+    unique, total = sum(stats["unique_tokens"]), sum(stats["total_tokens"])
+    lines = [f"{'configuration':32s} {'tokens':>8s} {'step time':>10s} {'peak mem':>9s} {'images':>7s}"]
+    for name, label in CONFIGS.items():
+        if name in by:
+            r = by[name]
+            lines.append(
+                f"{label:32s} {_ratio(r['tokens_timed'], base['tokens_timed']):>8s} "
+                f"{_ratio(r['median_step_s'], base['median_step_s']):>10s} "
+                f"{_ratio(r['peak_memory_bytes'], base['peak_memory_bytes']):>9s} "
+                f"{_ratio(r['images_timed'], base['images_timed']):>7s}"
+            )
+    lines.append(f"{'ideal: each unique token once':32s} {_ratio(unique, base['tokens_timed']):>8s}")
+    lines.append(
+        f"unique / total tokens of the scored sequences (3 per row, unpadded): {unique / total:.3f}; "
+        f"baseline per step: {base['tokens_timed'] / base['timed_steps']:.0f} tokens, "
+        f"{base['median_step_s']:.2f} s, +{base['peak_memory_bytes'] / 2**20:.0f} MiB"
+    )
+    return "\n".join(lines)
+
+
+def breakdown(results: list[dict], kind: str) -> str:
+    """Where a step's time goes (medians over the timed steps, seconds)."""
+    lines = [f"{'  seconds per step':32s} {'collate':>8s} {'forwards':>9s} {'NLL pass':>9s} {'bwd+rest':>9s} {'step':>7s}"]
+    for r in results:
+        if r["model"] != kind:
+            continue
+        collate, fwd = r["median_collate_s"] or 0.0, r["median_loss_forward_s"] or 0.0
+        nll = r["median_nll_pass_s"] or 0.0
+        rest = r["median_step_s"] - collate - fwd - nll
+        lines.append(
+            f"  {CONFIGS[r['config']]:30s} {collate:8.2f} {fwd:9.2f} {nll if r['median_nll_pass_s'] else float('nan'):9.2f} "
+            f"{rest:9.2f} {r['median_step_s']:7.2f}"
+        )
+    return "\n".join(lines).replace("nan", "  -")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke run: 1 warm-up + 1 timed step, a 2-layer hidden-64 model, 224x224 images (64 image tokens)",
+    )  # fmt: skip
+    parser.add_argument("--models", default="vlm,text", help="comma-separated: vlm, text")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=12, help="rows per batch (12 = 2 whole questions)")
+    parser.add_argument(
+        "--hidden-size", type=int, default=256,
+        help="text hidden size of both models (256: the tiny vision tower then costs about half the decoder's cost "
+        "of the image's 256 tokens, as in Qwen2.5-VL-7B where it is about a third)",
+    )  # fmt: skip
+    parser.add_argument("--layers", type=int, default=4, help="text decoder layers of both models")
+    parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help="image width = height in pixels (448: 256 tokens)")
+    parser.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="TRL's DPOConfig default (on) for every configuration",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads per configuration; 0 = torch's default. 1 keeps ratios stable on a shared machine: with "
+        "2 threads on 2 busy cores every small kernel waits for a descheduled thread (the vision tower's per-window "
+        "attention calls ran 10x slower), which penalizes the configurations that encode more images",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true", help="stay on CPU even where CUDA is available")
+    parser.add_argument("--json", default="benchmarks/results/step_pairs.json", help="where absolute numbers go")
+    # internal: run one configuration in this process and write its result
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.steps, args.hidden_size, args.layers, args.image_side = 1, 1, 64, 2, 224
+
+    if args.child:
+        result = run_child(args)
+        Path(args.out).write_text(json.dumps(result))
+        return
+
+    models = [m for m in args.models.split(",") if m]
+    configs = [c for c in args.configs.split(",") if c]
+    if BASELINE not in configs:
+        parser.error(f"--configs must include the baseline {BASELINE}")
+    common = [
+        "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+        "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--seed", str(args.seed),
+        "--image-side", str(args.image_side), "--threads", str(args.threads),
+        "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
+    ] + (["--cpu"] if args.cpu else [])  # fmt: skip
+    results, stats, proportions = [], {}, {}
+    started = time.time()
+    for kind in models:
+        processing_class = build_processing_class(kind, args.image_side)
+        steps = args.warmup + args.steps
+        rows = build_rows(kind, processing_class, num_questions=2 * steps, seed=args.seed, image_side=args.image_side)
+        timed_rows = rows[args.warmup * args.batch_size :]
+        stats[kind] = sharing_stats(timed_rows, processing_class, args.batch_size)
+        proportions[kind] = describe_rows(rows, processing_class)
+        print(f"[{kind}] data: {proportions[kind]}", flush=True)
+        for config in configs:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                out = f.name
+            cmd = [sys.executable, __file__, "--child", "--model", kind, "--config", config, "--out", out, *common]
+            t0 = time.time()
+            env = dict(os.environ)
+            if args.threads:
+                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                raise SystemExit(f"{kind}/{config} failed (exit {proc.returncode})")
+            result = json.loads(Path(out).read_text())
+            os.unlink(out)
+            results.append(result)
+            print(
+                f"[{kind}] {config:14s} median step {result['median_step_s']:.3f} s, "
+                f"{result['tokens_timed'] // args.steps} tokens/step, "
+                f"peak +{result['peak_memory_bytes'] / 2**20:.0f} MiB ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
+
+    titles = {
+        "vlm": lambda p: f"VLM: Qwen2.5-VL architecture (text hidden {args.hidden_size}, {args.layers} layers), "
+        f"{p['image_tokens_per_prompt']} image tokens per question",
+        "text": lambda p: f"Text: Qwen2 (hidden {args.hidden_size}, {args.layers} layers), ~120-token prompts",
+    }
+    print()
+    print(
+        f"Ratios to DPOTrainer (+ref model) + NLL; batch {args.batch_size} rows = 2 questions x 4-8 branch points; "
+        f"median of {args.steps} steps after {args.warmup} warm-up; gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}; {results[0]['device']}, {results[0]['torch_threads']} threads"
+    )
+    for kind in models:
+        print(f"\n{titles[kind](proportions[kind])}")
+        print(table(results, stats[kind], kind))
+        print(breakdown(results, kind))
+    print(f"\n(total {time.time() - started:.0f} s)")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "argv": sys.argv[1:],
+            "cpu_count": os.cpu_count(),
+            "proportions": proportions,
+            "sharing": stats,
+            "results": results,
+        }
+        path.write_text(json.dumps(payload, indent=1))
+        print(f"absolute numbers: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The prefix-sharing benchmark's data (benchmarks/step_pairs.py) has the proportions it claims, and
+every configuration gets the same pairs. No timing here: measurements never go into tests."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from srpo_trl.collator import DataCollatorForStepPairs
+from srpo_trl.rows import encode_prompt_text, encode_text_segments, normalize_row, render_prompt, tokenizer_of
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_pairs.py"
+_spec = importlib.util.spec_from_file_location("bench_step_pairs", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.fixture(scope="module", params=["vlm", "text"])
+def data(request):
+    kind = request.param
+    processing_class = bench.build_processing_class(kind)
+    rows = bench.build_rows(kind, processing_class, num_questions=4)
+    return kind, processing_class, rows
+
+
+def test_proportions(data):
+    kind, processing_class, rows = data
+    p = bench.describe_rows(rows, processing_class)
+    assert p["questions"] == 4 and p["rows"] == 4 + 8 + 5 + 7  # QUESTION_SIZES[:4]
+    assert min(p["branch_points"]) >= 4 and max(p["branch_points"]) <= 8
+    lo, hi, mean = p["step_tokens"]
+    assert 30 <= lo and hi <= 60 and 40 <= mean <= 50
+    if kind == "vlm":
+        assert p["image_tokens_per_prompt"] == 256
+    else:
+        assert p["image_tokens_per_prompt"] is None
+        prompt_tokens = len(encode_prompt_text(normalize_row(rows[0], 0), processing_class))
+        assert 100 <= prompt_tokens <= 160
+
+
+def test_batches_hold_whole_questions(data):
+    _, _, rows = data
+    for batch in bench.batches(rows, 12):
+        ids = [r["id"] for r in batch]
+        assert len(set(ids)) == 2
+        for q in set(ids):  # every row of the question is in this batch
+            assert ids.count(q) == sum(1 for r in rows if r["id"] == q)
+
+
+def test_every_configuration_gets_the_same_pairs(data):
+    """DPO's rows are SRPO's rows with the prefix folded into the prompt, token for token; the NLL
+    pass scores exactly SRPO's reference paths."""
+    kind, processing_class, rows = data
+    tokenizer = tokenizer_of(processing_class)
+    dpo = bench.dpo_rows(rows, processing_class)
+    paths = bench.reference_paths(rows, processing_class)
+    assert len(dpo) == len(rows) and set(paths) == {r["id"] for r in rows}
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for i, (row, d) in enumerate(zip(rows, dpo)):
+        canon = normalize_row(row, i)
+        seg = encode_text_segments(canon, processing_class)
+        prompt = ids(render_prompt(processing_class, row["prompt"], canon["images"]))
+        assert ids(d["prompt"]) == prompt + seg["prefix_ids"]
+        assert ids(d["chosen"]) == seg["chosen_ids"] and ids(d["rejected"]) == seg["rejected_ids"]
+        assert d.get("images", []) == canon["images"] and d["question"] == row["id"]
+        assert paths[row["id"]]["reference_ids"] == seg["reference_ids"]
+
+
+def test_sharing_stats_count_unique_tokens(data):
+    kind, processing_class, rows = data
+    stats = bench.sharing_stats(rows, processing_class, 12)
+    assert len(stats["total_tokens"]) == 2
+    for unique, total in zip(stats["unique_tokens"], stats["total_tokens"]):
+        assert 0.05 * total < unique < 0.25 * total
+    # The packed collation holds every unique token, plus one copy per extra child at a branch point.
+    batch = bench.batches(rows, 12)[0]
+    packed = DataCollatorForStepPairs(processing_class=processing_class, prefix_sharing=True)([dict(r) for r in batch])
+    laid_out = int(packed["packed_length"].sum())
+    assert stats["unique_tokens"][0] <= laid_out <= stats["unique_tokens"][0] + 3 * len(batch)
