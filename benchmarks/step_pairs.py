@@ -307,11 +307,14 @@ def _trainer_classes():
 
     class Timed:
         timings: dict
+        current_batch: dict
 
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.current_batch.clear()  # the batch being trained on (the dataloader collates one ahead)
+            self.current_batch.update(inputs)
             t0 = time.perf_counter()
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self.timings["loss_forward"].append(time.perf_counter() - t0)
@@ -421,7 +424,7 @@ class TimedCollator:
             setattr(self.collator, name, value)
 
 
-def _count_tokens(model, counters: dict, last_batch: dict):
+def _count_tokens(model, counters: dict, current_batch: dict):
     """Forward pre-hooks on the text decoder (tokens through it, padding included; real tokens) and the
     vision tower (images encoded). Counts every forward: policy, reference model and NLL pass."""
 
@@ -434,7 +437,7 @@ def _count_tokens(model, counters: dict, last_batch: dict):
         if mask is not None and mask.dim() == 2:
             counters["real_tokens"] += int(mask.sum())
         else:  # packed rows: a 4D tree mask; the real tokens are the packed lengths
-            counters["real_tokens"] += int(last_batch["packed_length"].sum()) if "packed_length" in last_batch else 0
+            counters["real_tokens"] += int(current_batch["packed_length"].sum())
 
     def on_visual(module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -475,7 +478,7 @@ def run_child(args) -> dict:
     )  # fmt: skip
     timings = {k: [] for k in ("collate", "loss_forward", "training_step", "nll_pass")}
     counters = {"tokens": 0, "real_tokens": 0, "images": 0}
-    last_batch: dict = {}
+    current_batch: dict = {}
 
     if args.config.startswith("srpo"):
         packed = args.config in ("srpo_packed", "srpo_packed_ref")
@@ -488,21 +491,14 @@ def run_child(args) -> dict:
         config = SRPOConfig(**common, prefix_sharing=packed, srpo_lambda=0.3, **loss)
         inner = DataCollatorForStepPairs(processing_class=processing_class)
         collator = TimedCollator(inner, timings)
-
-        def remember(examples, _c=collator.__call__):
-            out = _c(examples)
-            last_batch.clear()
-            last_batch.update(out)
-            return out
-
         trainer = BenchSRPOTrainer(
             model=model, ref_model=ref_model, args=config, train_dataset=StepPairDataset.from_list(rows),
             processing_class=processing_class, data_collator=inner,
         )  # fmt: skip
         assert trainer.prefix_sharing == packed
-        trainer.data_collator = remember
+        trainer.data_collator = collator
         if ref_model is not None:
-            _count_tokens(trainer.ref_model, counters, last_batch)
+            _count_tokens(trainer.ref_model, counters, current_batch)
     else:
         from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
 
@@ -521,9 +517,9 @@ def run_child(args) -> dict:
             train_dataset=Dataset.from_list(dpo_rows(rows, processing_class)),
             processing_class=processing_class, data_collator=collator,
         )  # fmt: skip
-        _count_tokens(trainer.ref_model, counters, last_batch)
-    trainer.timings = timings
-    _count_tokens(trainer.model, counters, last_batch)
+        _count_tokens(trainer.ref_model, counters, current_batch)
+    trainer.timings, trainer.current_batch = timings, current_batch
+    _count_tokens(trainer.model, counters, current_batch)
 
     step_ends: list[float] = []
     marks: list[dict] = []
