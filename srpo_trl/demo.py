@@ -1,6 +1,7 @@
 """`make demo` / `srpo-trl demo`: the whole SRPO loop on a tiny vision-language model, offline, on CPU.
 
     srpo-trl demo [--seed 0] [--quick] [--out demo_out] [--ablate-lambda 0,0.3,0.9] [--eval-split test|val]
+    srpo-trl demo --summarize demo_out/seed0 demo_out/seed1 demo_out/seed2
 
 Stages (each with a progress bar):
 
@@ -8,8 +9,9 @@ Stages (each with a progress bar):
    in text, a hidden risk relation; a tiny Qwen2.5-VL built from a config with a tokenizer trained
    on the task's text, and its processor;
 2. warm start: SFT (``SRPOTrainer`` with ``srpo_lambda=0``: the reference-path NLL only) on paths of a
-   base model with implicit reasoning risk (it skips the step that connects image and request on
-   half of the items, and over-refuses a few harmless ones; see :func:`synthetic.warm_start_path`);
+   base model with implicit reasoning risk (for most requests it usually skips the step that connects
+   image and request and helps, and it over-refuses two harmless cells; see
+   :func:`synthetic.warm_start_paths`);
 3. exploration from the warm model (temperature 0.5) with :func:`srpo_trl.exploration.explore`,
    verified by the task's exact verifier, step pairs by ``StepPairDataset.from_exploration``;
 4. four trainings from the warm model, the same budget each (steps, batch, learning rate):
@@ -18,6 +20,8 @@ Stages (each with a progress bar):
 5. evaluation of the five models on the test split (unseen combinations) with
    :mod:`srpo_trl.evaluation`: attack success rate, over-refusal, path safety, Safe & Effective;
 6. the table, ``results.json``, ``demo_chart.png`` (and ``lambda_ablation.png``) in ``--out``.
+
+Design, results over three seeds and timings: docs/demo.md.
 """
 
 from __future__ import annotations
