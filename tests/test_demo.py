@@ -238,3 +238,8 @@ def test_quick_demo_every_stage(tmp_path, capsys):
         assert Image.open(out / name).size[0] > 300
     assert "Attack success" in printed and str(out / "results.json") in printed and str(out / "demo_chart.png") in printed
     assert set(results["timing_s"]) >= {"2. warm start (SFT)", "3. exploration", "4. training", "5. evaluation", "total"}
+
+    # --summarize: mean and spread over runs (here one)
+    assert main(["--summarize", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| SRPO (odds ratio, lambda 0.3) |" in table and "holds in" in table and "| 0.9 |" in table
