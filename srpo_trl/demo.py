@@ -27,6 +27,7 @@ Design, results over three seeds and timings: docs/demo.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -210,12 +211,10 @@ def _train_args(out: Path, name: str, steps: int, lr: float, budget: Budget, see
 
 
 def _srpo_args(out: Path, name: str, steps: int, lr: float, budget: Budget, seed: int, **extra):
-    """SRPOConfig arguments. ``group_by_question=False``: with transformers 5.24 the trainer's
-    question-grouped sampler never sees the ``id`` column (the Trainer drops unused columns before
-    it builds the sampler), so it groups rows by prompt text alone, and here a batch would then hold
-    one request asked about many different images: correlated batches that learn several times
-    slower. Rows are shuffled instead; prefix sharing still scores each row's three sequences as
-    one tree."""
+    """SRPOConfig arguments. ``group_by_question=False``: batches here are a few rows and every
+    question has pairs at every branch point, so grouping would fill a batch with one or two
+    questions: correlated batches that learn slower at this budget. Rows are shuffled instead;
+    prefix sharing still scores each row's three sequences as one tree."""
     return _train_args(out, name, steps, lr, budget, seed, group_by_question=False, **extra)
 
 
@@ -520,16 +519,29 @@ def _lam_key(value: float) -> str:
     return f"{value:g}"
 
 
-def _quiet_libraries() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    for name in ("transformers", "trl", "accelerate", "datasets", "srpo_trl.trainer"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Silence library chatter for the demo's run only; levels and warning filters are restored after,
+    so a caller in the same process (a test session, a notebook) keeps its logging."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    names = ("transformers", "trl", "accelerate", "datasets", "srpo_trl.trainer")
+    levels = {name: logging.getLogger(name).level for name in names}
+    verbosity = transformers.logging.get_verbosity()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        transformers.logging.set_verbosity_error()
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def _clean(out: Path) -> None:
@@ -569,7 +581,8 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
     try:
-        return _run(args, argv, lambdas, progress)
+        with _quiet_libraries():
+            return _run(args, argv, lambdas, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -584,7 +597,6 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     from .evaluation import write_report
     from .exploration import explore
 
-    _quiet_libraries()
     budget = Budget(**(QUICK if args.quick else {}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

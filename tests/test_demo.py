@@ -243,3 +243,28 @@ def test_quick_demo_every_stage(tmp_path, capsys):
     assert main(["--summarize", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| SRPO (odds ratio, lambda 0.3) |" in table and "holds in" in table and "| 0.9 |" in table
+
+
+def test_demo_silences_libraries_only_while_it_runs():
+    """The demo quiets transformers/trl/srpo_trl loggers and warnings for its own output; a caller
+    in the same process (a test session, a notebook) must get its logging back afterwards."""
+    import logging
+    import warnings
+
+    import transformers
+
+    from srpo_trl.demo import _quiet_libraries
+
+    trainer_log = logging.getLogger("srpo_trl.trainer")
+    trainer_log.setLevel(logging.INFO)
+    verbosity = transformers.logging.get_verbosity()
+    filters = list(warnings.filters)
+    with _quiet_libraries():
+        assert trainer_log.getEffectiveLevel() == logging.ERROR
+        assert transformers.logging.get_verbosity() == transformers.logging.ERROR
+        with warnings.catch_warnings(record=True) as caught:  # keeps the filters in force, records what passes
+            warnings.warn("library chatter", UserWarning)
+        assert not caught
+    assert trainer_log.level == logging.INFO and transformers.logging.get_verbosity() == verbosity
+    assert warnings.filters == filters
+    trainer_log.setLevel(logging.NOTSET)
