@@ -147,13 +147,26 @@ def prefix_sharing_problem(model, peft_config=None) -> str | None:
 
 
 def question_keys(dataset: Dataset) -> list:
-    """Which question each row belongs to: its `id`, else its prompt (token ids or text) and images."""
+    """Which question each row belongs to: its `id`, else its prompt (token ids or text) and images.
+
+    Images are part of the question: the same request about two images is two questions. They are
+    keyed by a digest of their stored (undecoded) bytes or paths.
+    """
     if "id" in dataset.column_names:
         return list(dataset["id"])
     if "prompt_ids" in dataset.column_names:
-        return [tuple(p) for p in dataset["prompt_ids"]]
-    prompts = dataset.select_columns(["prompt"])["prompt"]
-    return [json.dumps(p, sort_keys=True, default=str) for p in prompts]
+        prompts = [tuple(p) for p in dataset["prompt_ids"]]
+    else:
+        prompts = [json.dumps(p, sort_keys=True, default=str) for p in dataset.select_columns(["prompt"])["prompt"]]
+    image_column = next((c for c in ("images", "image") if c in dataset.column_names), None)
+    if image_column is None:
+        return prompts
+    import hashlib
+
+    # arrow format: the stored bytes / paths, without decoding every image
+    stored = dataset.select_columns([image_column]).with_format("arrow")[image_column].to_pylist()
+    images = [hashlib.blake2b(repr(v).encode(), digest_size=16).hexdigest() for v in stored]
+    return list(zip(prompts, images))
 
 
 class QuestionGroupedSampler(torch.utils.data.Sampler):
@@ -346,7 +359,11 @@ class SRPOTrainer(DPOTrainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if not (self.prefix_sharing and self.args.group_by_question and isinstance(dataset, Dataset)):
             return super()._get_train_sampler(train_dataset)
-        return QuestionGroupedSampler(question_keys(dataset), seed=self.args.seed)
+        # The Trainer hands over the dataset after dropping the columns the model does not take (the
+        # `id` among them); the rows are the same, so the questions are read from the full dataset.
+        full = self.train_dataset
+        source = full if isinstance(full, Dataset) and len(full) == len(dataset) else dataset
+        return QuestionGroupedSampler(question_keys(source), seed=self.args.seed)
 
     # ---- data ------------------------------------------------------------------------------------
 

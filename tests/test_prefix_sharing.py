@@ -185,6 +185,38 @@ def test_question_grouped_sampler_keeps_questions_together():
     assert list(sampler) != order or len(set(keys)) == 1
 
 
+def test_trainer_groups_training_rows_by_their_id(tmp_path):
+    """The Trainer drops the `id` column before it builds the sampler; the questions must still be
+    the rows' ids, not their prompt (here the same text for every question)."""
+    tok = build_tokenizer()
+    rows = [{"id": f"q{q}", "prompt": "Is it safe?", "prefix": [f"Step {k}."], "chosen": "Yes.", "rejected": "No."}
+            for q in range(4) for k in range(3)]  # fmt: skip
+    trainer = SRPOTrainer(
+        model=tiny_causal_lm(tok), args=srpo_args(tmp_path, per_device_train_batch_size=3),
+        train_dataset=StepPairDataset.from_list(rows), processing_class=tok,
+    )  # fmt: skip
+    sampler = trainer.get_train_dataloader().base_dataloader.batch_sampler.sampler
+    assert isinstance(sampler, QuestionGroupedSampler)
+    assert sorted(sampler.groups.values()) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    batches = [b for b in trainer.get_train_dataloader().base_dataloader.batch_sampler]
+    assert all(len({rows[i]["id"] for i in b}) == 1 for b in batches)
+
+
+def test_question_keys_without_ids_tell_images_apart():
+    """The same request about two images is two questions; the same image twice is one."""
+    from datasets import Dataset
+
+    from srpo_trl.trainer import question_keys
+
+    rows = [{"prompt": "What is it for?", "images": [make_image(seed)]} for seed in (1, 2, 1, 2, 3)]
+    keys = question_keys(Dataset.from_list(rows))
+    assert keys[0] == keys[2] and keys[1] == keys[3] and len(set(keys)) == 3
+    shuffled = Dataset.from_list(rows).select([4, 0, 2])  # a view over the same table
+    assert question_keys(shuffled) == [keys[4], keys[0], keys[2]]
+    text = question_keys(Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}]))
+    assert text[0] == text[2] != text[1]
+
+
 @pytest.mark.slow  # the first FlexAttention call compiles a CPU kernel (about a minute)
 def test_flex_attention_block_mask_matches_the_dense_mask(tmp_path):
     """FlexAttention gets a block mask built from subtree ends only; its log-probs equal sdpa's.
