@@ -96,49 +96,14 @@ def _log(msg: str) -> None:
 
 
 def build_model(seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2, vocab_size: int = 768):
-    """A tiny ``Qwen2_5_VLForConditionalGeneration`` built from a config, with a tokenizer trained on
-    the task's text (so a reasoning step is about ten tokens) and the image-only processor (a 28x28
-    image is one merged image token). Same recipe as :func:`srpo_trl.tiny.tiny_qwen2_5_vl`, which
-    always uses the built-in corpus."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
+    """A tiny ``Qwen2_5_VLForConditionalGeneration`` built from a config (:func:`srpo_trl.tiny.tiny_qwen2_5_vl`)
+    with a tokenizer trained on the task's text, so a reasoning step is about ten tokens, and the
+    image-only processor (a 28x28 image is one merged image token)."""
     from . import synthetic
-    from .tiny import IM_END, IMAGE_PAD, PAD, VIDEO_PAD, VISION_END, VISION_START, Qwen2_5_VLImageOnlyProcessor, build_tokenizer
+    from .tiny import build_tokenizer, tiny_qwen2_5_vl
 
     tok = build_tokenizer(corpus=synthetic.corpus(), vocab_size=vocab_size)
-    pad, im_end = tok.convert_tokens_to_ids(PAD), tok.convert_tokens_to_ids(IM_END)
-    head_dim = hidden_size // 4
-    quarter = head_dim // 2 // 4
-    text = dict(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, bos_token_id=pad, eos_token_id=im_end, pad_token_id=pad,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]},
-    )  # fmt: skip
-    vision = dict(
-        depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-        hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size, window_size=56, fullatt_block_indexes=[1],
-    )  # fmt: skip
-    config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, attn_implementation="sdpa", tie_word_embeddings=False,
-        image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD), video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD),
-        vision_start_token_id=tok.convert_tokens_to_ids(VISION_START), vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).float().eval()
-    model.generation_config.eos_token_id = [im_end, pad]
-    model.generation_config.pad_token_id = pad
-    model.generation_config.bos_token_id = pad
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
-    )
-    processor = Qwen2_5_VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
-    return model, processor
+    return tiny_qwen2_5_vl(seed, hidden_size, num_hidden_layers, tokenizer=tok)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -243,8 +243,8 @@ def _qwen_image_processor():
     )
 
 
-def _qwen_vl(family: str, seed: int, hidden_size: int, num_hidden_layers: int):
-    tok = build_tokenizer()
+def _qwen_vl(family: str, seed: int, hidden_size: int, num_hidden_layers: int, tokenizer=None):
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
     head_dim = hidden_size // 4
     quarter = head_dim // 2 // 4
     # mrope splits head_dim/2 rotary frequencies over (time, height, width).
@@ -279,9 +279,12 @@ def _qwen_vl(family: str, seed: int, hidden_size: int, num_hidden_layers: int):
     return _set_generation(model.float().eval(), tok), processor
 
 
-def tiny_qwen2_5_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
-    """A tiny ``Qwen2_5_VLForConditionalGeneration`` and its image-only processor."""
-    return _qwen_vl("qwen2_5_vl", seed, hidden_size, num_hidden_layers)
+def tiny_qwen2_5_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2, tokenizer=None):
+    """A tiny ``Qwen2_5_VLForConditionalGeneration`` and its image-only processor.
+
+    ``tokenizer``: one from :func:`build_tokenizer` (e.g. trained on a task's own corpus); the
+    model's vocabulary and special-token ids follow it. Default: the built-in corpus."""
+    return _qwen_vl("qwen2_5_vl", seed, hidden_size, num_hidden_layers, tokenizer)
 
 
 def tiny_qwen2_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):

@@ -264,6 +264,18 @@ def test_vlm_seeds_and_size_knobs():
     assert torch.isfinite(big(**batch, labels=batch["input_ids"]).loss)
 
 
+def test_vlm_with_a_task_tokenizer_sizes_itself_to_it():
+    """A tokenizer trained on a task's corpus (the demo's) sets the model's vocabulary and ids."""
+    task_tok = build_tokenizer(corpus=["The image shows a red triangle. The request is near fire."] * 20, vocab_size=640)
+    model, processor = tiny_qwen2_5_vl(tokenizer=task_tok)
+    assert processor.tokenizer is task_tok and len(task_tok) != len(build_tokenizer())
+    assert model.config.text_config.vocab_size == len(task_tok) == model.get_output_embeddings().weight.shape[0]
+    assert model.config.image_token_id == task_tok.convert_tokens_to_ids("<|image_pad|>")
+    batch = processor(text=[chat_text(processor, [make_image(0)], "Is it near fire?")], images=[[make_image(0)]],
+                      return_tensors="pt")  # fmt: skip
+    assert torch.isfinite(model(**batch, labels=batch["input_ids"]).loss)
+
+
 def test_make_image():
     assert make_image(3).size == (28, 28) and make_image(3, (56, 28)).size == (56, 28)
     assert make_image(3).tobytes() == make_image(3).tobytes()
