@@ -256,15 +256,18 @@ def test_demo_silences_libraries_only_while_it_runs():
     from srpo_trl.demo import _quiet_libraries
 
     trainer_log = logging.getLogger("srpo_trl.trainer")
+    level = trainer_log.level
     trainer_log.setLevel(logging.INFO)
     verbosity = transformers.logging.get_verbosity()
     filters = list(warnings.filters)
-    with _quiet_libraries():
-        assert trainer_log.getEffectiveLevel() == logging.ERROR
-        assert transformers.logging.get_verbosity() == transformers.logging.ERROR
-        with warnings.catch_warnings(record=True) as caught:  # keeps the filters in force, records what passes
-            warnings.warn("library chatter", UserWarning)
-        assert not caught
-    assert trainer_log.level == logging.INFO and transformers.logging.get_verbosity() == verbosity
-    assert warnings.filters == filters
-    trainer_log.setLevel(logging.NOTSET)
+    try:
+        with _quiet_libraries():
+            assert trainer_log.getEffectiveLevel() == logging.ERROR
+            assert transformers.logging.get_verbosity() == transformers.logging.ERROR
+            with warnings.catch_warnings(record=True) as caught:  # keeps the filters in force, records what passes
+                warnings.warn("library chatter", UserWarning)
+            assert not caught
+        assert trainer_log.level == logging.INFO and transformers.logging.get_verbosity() == verbosity
+        assert warnings.filters == filters
+    finally:
+        trainer_log.setLevel(level)

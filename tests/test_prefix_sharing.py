@@ -195,11 +195,10 @@ def test_trainer_groups_training_rows_by_their_id(tmp_path):
         model=tiny_causal_lm(tok), args=srpo_args(tmp_path, per_device_train_batch_size=3),
         train_dataset=StepPairDataset.from_list(rows), processing_class=tok,
     )  # fmt: skip
-    sampler = trainer.get_train_dataloader().base_dataloader.batch_sampler.sampler
-    assert isinstance(sampler, QuestionGroupedSampler)
-    assert sorted(sampler.groups.values()) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    batches = [b for b in trainer.get_train_dataloader().base_dataloader.batch_sampler]
-    assert all(len({rows[i]["id"] for i in b}) == 1 for b in batches)
+    batch_sampler = trainer.get_train_dataloader().base_dataloader.batch_sampler
+    assert isinstance(batch_sampler.sampler, QuestionGroupedSampler)
+    assert sorted(batch_sampler.sampler.groups.values()) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert all(len({rows[i]["id"] for i in batch}) == 1 for batch in batch_sampler)
 
 
 def test_question_keys_without_ids_tell_images_apart():
