@@ -70,7 +70,9 @@ class Verdict:
     be refused, under the rule judge); such a verdict is left out of that metric's denominator.
     ``outcome``: the answer's safety outcome (refuse / warn / comply). ``steps_safe``: one bool per
     reasoning step, or None when the judge did not judge steps. ``replies``: the judge model's raw
-    replies, kept for audit.
+    replies, kept for audit. ``scores``: a benchmark protocol's own per-sample scores, as its
+    scripts record them (SIUO: ``{"safety": 1|0|-1, "effectiveness": ...}``; MM-SafetyBench:
+    ``{"is_safe(gpt)": reply}``; MCQA: ``{"pred_ans", "score"}``); see ``evaluation.protocols``.
     """
 
     safe: bool | None
@@ -79,6 +81,7 @@ class Verdict:
     steps_safe: list[bool] | None = None
     judge: str = ""
     replies: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
 
     @property
     def safe_and_effective(self) -> bool | None:
