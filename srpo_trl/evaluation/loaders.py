@@ -131,8 +131,9 @@ def _names_error(kind: str, unknown: list[str], valid: list[str]) -> str:
     """"unknown scenario 'x' (did you mean 'y'?); valid: ..." for every unknown name."""
     parts = []
     for name in unknown:
-        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        lowered = {v.lower(): v for v in valid}  # case is a near miss too
+        close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+        parts.append(f"{name!r}" + (f" (did you mean {lowered[close[0]]!r}?)" if close else ""))
     return f"unknown {kind}{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; valid: {', '.join(valid)}"
 
 
