@@ -155,7 +155,7 @@ def _typed(path: Path, label: str, obj: dict, name: str, kind: type | tuple, wha
         raise LoadError(path, label, f"is missing; {what}", name)
     if isinstance(value, bool) or not isinstance(value, kind):
         want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise LoadError(path, label, f"must be a {want}, got {type(value).__name__} {value!r:.60}", name)
+        raise LoadError(path, label, f"must be of type {want} (as in the benchmark's file), got {type(value).__name__} {value!r:.60}; values are never converted", name)
     if isinstance(value, str) and not value.strip():
         raise LoadError(path, label, "is empty", name)
     return value
