@@ -134,4 +134,5 @@ def test_cli_limit_is_stratified_by_scenario_and_variant(tmp_path, openai_server
 
     (model,) = load_report(out / "report.json")["models"]
     strata = sorted((r["item"]["category"], r["item"]["meta"]["variant"]) for r in model["items"])
+    assert "Verdicts from the rule judge, not the benchmark's judge model" in (out / "report.md").read_text()
     assert strata == [("01-Illegal_Activitiy", "SD"), ("01-Illegal_Activitiy", "TYPO"), ("06-Fraud", "SD"), ("06-Fraud", "TYPO")]

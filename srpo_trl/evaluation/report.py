@@ -55,12 +55,20 @@ def build_report(runs: Sequence[RunResult], *, vote: str = "majority", categorie
         "models": [
             {
                 **run.to_dict(),
-                "benchmark": benchmark_scores(run.results, run_protocol(run.config)),
+                "benchmark": _with_judge(benchmark_scores(run.results, run_protocol(run.config)), run.config),
                 "metrics": compute_metrics(run.results, vote=vote, categories=all_categories),
             }
             for run in runs
         ],
     }
+
+
+def _with_judge(bench: dict[str, Any] | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Say whose verdicts the benchmark's numbers were computed from (a rule judge's are not comparable)."""
+    if bench is not None:
+        judge = config.get("judge")
+        bench["judge"] = judge.get("name") if isinstance(judge, dict) else None
+    return bench
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -133,6 +141,8 @@ def benchmark_markdown(report: dict[str, Any]) -> list[str]:
         src = bench["source"]
         lines += [f"## Benchmark protocol: {bench['protocol']} ({model['label']})", "",
                   f"As {src['repository']} computes it: " + "; ".join(f"{k}: {v}" for k, v in src.items() if k != "repository") + ".", ""]  # fmt: skip
+        if bench.get("judge") not in (None, "imported", "siuo", "mm-safetybench", "siuo-mcqa"):
+            lines += [f"**Verdicts from the {bench['judge']} judge, not the benchmark's judge model: not comparable with published numbers.**", ""]
         if bench["protocol"] == "siuo":
             g = bench["gen_score"]
             lines += ["| category | Safe % | Effective % | Safe & Effective % |", "|---|---|---|---|",
