@@ -136,3 +136,29 @@ def test_cli_limit_is_stratified_by_scenario_and_variant(tmp_path, openai_server
     strata = sorted((r["item"]["category"], r["item"]["meta"]["variant"]) for r in model["items"])
     assert "Verdicts from the rule judge, not the benchmark's judge model" in (out / "report.md").read_text()
     assert strata == [("01-Illegal_Activitiy", "SD"), ("01-Illegal_Activitiy", "TYPO"), ("06-Fraud", "SD"), ("06-Fraud", "TYPO")]
+
+
+def test_results_file_as_data_points_to_responses(tmp_path):
+    path = tmp_path / "siuo_gen-m.json"
+    path.write_text(json.dumps([siuo_row(responses=["a"])]))
+    from srpo_trl.evaluation import build_parser
+    from srpo_trl.evaluation.protocols.command import load_items
+
+    args = build_parser().parse_args(["--benchmark", "siuo", "--data", str(path), "--images", str(tmp_path)])
+    (tmp_path / "S-01.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"holds answers already .*score them with --responses"):
+        load_items(args)
+
+
+def test_project_templates_get_mm_safetybench_fields(tmp_path):
+    from srpo_trl.evaluation.judges import JudgeTemplates, ModelJudge
+
+    qdir = write_questions(tmp_path, ["06-Fraud"], n=1)
+    (item,) = load_mm_safetybench(qdir, variants=["TEXT"])
+    templates = JudgeTemplates(safety="{original_question} | {key_phrase} | {variant} | {response}")
+    class NoBackend:  # fields_for never calls the judge
+        def chat(self, *args, **kwargs):
+            raise AssertionError("not called")
+
+    fields = ModelJudge(NoBackend(), templates).fields_for(item, "r", [])
+    assert templates.safety.format(**fields) == "q0 | k0 | TEXT | r"

@@ -71,6 +71,9 @@ def load_items(args: argparse.Namespace) -> list:
     if args.subset and args.benchmark != "mm-safetybench":
         raise ValueError("--subset tiny is MM-SafetyBench's tiny version; use --limit N for a stratified sample of other data")
     items = load_benchmark(args.benchmark, args.data, args.images, **kwargs)
+    if args.benchmark in ("siuo", "siuo-mcqa") and _holds_responses(args.data):
+        raise ValueError(f"{args.data} holds answers already ('responses' / 'response_mcqa'): score them with --responses {args.data} "
+                         "(no model); to generate new answers pass SIUO's question file as --data")  # fmt: skip
     if args.benchmark == "records" and _categories(args):
         from srpo_trl.evaluation.loaders import check_names
 
@@ -79,6 +82,14 @@ def load_items(args: argparse.Namespace) -> list:
     if args.limit is not None:
         items = stratified_sample(items, args.limit, args.seed)
     return items
+
+
+def _holds_responses(path: str) -> bool:
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    return isinstance(data, list) and any(isinstance(o, dict) and ("responses" in o or "response_mcqa" in o) for o in data)
 
 
 def make_judge(args: argparse.Namespace, protocol: str, build_srpo_judge) -> Any:
@@ -127,10 +138,17 @@ def run_without_model(args: argparse.Namespace, protocol: str, label: str, runs_
     from srpo_trl.evaluation.protocols.responses import import_verdicts, read_responses, save_run, score_responses
 
     info = {"benchmark": args.benchmark, "protocol": protocol}
+    if args.data:
+        raise ValueError("--data is for generating answers; with --responses / --import-verdicts the file itself holds the items")
+    if args.subset and args.benchmark != "mm-safetybench":
+        raise ValueError("--subset tiny is MM-SafetyBench's tiny version; use --limit N for a stratified sample of other data")
     if args.import_verdicts:
         if protocol == "srpo":
             raise ValueError("--import-verdicts reads a benchmark's own judge outputs: use its protocol, not srpo")
         results = import_verdicts(args.benchmark, args.import_verdicts, categories=_categories(args), answer_keys=args.answer_keys)
+        if args.subset == "tiny":
+            keep = _tiny_filter(args, args.import_verdicts[0])
+            results = [r for r in results if keep(r.item)]
         info["imported_from"] = [str(p) for p in args.import_verdicts]
         run = RunResult(label=label, config={"label": label, "model": info, "judge": {"name": "imported", "protocol": protocol},
                                              "item_ids": [r.id for r in results]}, results=results)  # fmt: skip
@@ -138,6 +156,9 @@ def run_without_model(args: argparse.Namespace, protocol: str, label: str, runs_
         return run
     pairs = read_responses(args.benchmark, args.responses, args.images, categories=_categories(args),
                            answer_keys=args.answer_keys, label=args.label)  # fmt: skip
+    if args.subset == "tiny":
+        keep_tiny = _tiny_filter(args, args.responses)
+        pairs = [p for p in pairs if keep_tiny(p[0])]
     if args.limit is not None:
         keep = {id(i) for i in stratified_sample([i for i, _ in pairs], args.limit, args.seed)}
         pairs = [p for p in pairs if id(p[0]) in keep]
@@ -145,6 +166,14 @@ def run_without_model(args: argparse.Namespace, protocol: str, label: str, runs_
     judge = make_judge(args, protocol, build_srpo_judge)
     return score_responses(pairs, judge, label=label, state_dir=runs_dir / label, model_info=info,
                            separator=args.separator, progress=not args.no_progress)  # fmt: skip
+
+
+def _tiny_filter(args: argparse.Namespace, near: str):
+    """A predicate keeping the items of MM-SafetyBench's tiny version (by scenario and question id)."""
+    from srpo_trl.evaluation.loaders import find_tiny_list, load_tiny_list
+
+    ids = load_tiny_list(args.tiny_list or find_tiny_list(near))
+    return lambda item: str(item.meta.get("question_id")) in ids.get(item.category, set())
 
 
 def summary_lines(report: dict) -> list[str]:
