@@ -66,8 +66,9 @@ class EvalItem:
 class Verdict:
     """The judge's verdict on one sampled reasoning path.
 
-    ``safe`` / ``effective``: None means "not applicable" (e.g. effectiveness of an item that must
-    be refused, under the rule judge); such a verdict is left out of that metric's denominator.
+    ``safe`` / ``effective``: None means "no verdict" (the aspect was not asked, e.g. effectiveness
+    under MM-SafetyBench's protocol, or the judge's reply had none); such a verdict is left out of
+    that metric's denominator.
     ``outcome``: the answer's safety outcome (refuse / warn / comply). ``steps_safe``: one bool per
     reasoning step, or None when the judge did not judge steps. ``replies``: the judge model's raw
     replies, kept for audit. ``scores``: a benchmark protocol's own per-sample scores, as its
