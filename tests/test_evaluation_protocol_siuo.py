@@ -213,6 +213,19 @@ def test_score_only_responses_with_siuo_judge(tmp_path, openai_server, capsys):
     assert cli_main(argv) == 0
     assert len(seen) == 11
 
+    # the project's own run file can be judged again (here by the rule judge, side by side)
+    run_file = out / "runs" / "siuo_gen-mymodel" / "results.jsonl"
+    assert cli_main(["evaluate", "--benchmark", "siuo", "--responses", str(run_file), "--judge", "rule", "--label", "rule",
+                     "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert len(seen) == 11
+    models = load_report(out / "report.json")["models"]
+    assert [m["label"] for m in models] == ["rule", "siuo_gen-mymodel"]
+    assert models[0]["benchmark"]["judge"] == "rule" and models[0]["benchmark"]["gen_score"]["n_items"] == 2
+    capsys.readouterr()
+    assert cli_main(["evaluate", "--benchmark", "mm-safetybench", "--responses", str(run_file), "--judge", "rule",
+                     "--label", "x", "--out", str(out), "--no-progress"]) == 1  # fmt: skip
+    assert "is a run on siuo items, not mm-safetybench; pass --benchmark siuo" in capsys.readouterr().err
+
 
 def test_responses_file_must_hold_responses(tmp_path):
     data = tmp_path / "siuo_gen.json"

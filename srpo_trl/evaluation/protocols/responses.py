@@ -10,7 +10,9 @@
   MM-SafetyBench's evaluation.py reads: the question files with ``"ans": {key: {"text": answer}}``
   per question; every key is one unit of its metric (a key named SD / SD_TYPO / TYPO / TEXT is
   that image variant);
-- records / any: a run of this project (``runs/<label>/results.jsonl`` or a ``report.json``).
+- a run of this project (``runs/<label>/results.jsonl`` or a ``report.json``), with any
+  ``--benchmark`` matching its items (records: any), to judge its answers again, e.g. under
+  another protocol or judge.
 
 ``--import-verdicts FILE...`` (:func:`import_verdicts`) reads the judges' outputs:
 
@@ -156,15 +158,18 @@ def read_responses(
     path = Path(path)
     if not path.exists():
         raise LoadError(path, None, "not found; check --responses")
-    if benchmark in ("siuo", "siuo-mcqa"):
+    if benchmark == "records" or path.suffix == ".jsonl" or path.name == "report.json":
+        run = _run_file(path, label)
+        pairs = [(r.item, list(r.samples)) for r in run.results]
+        other = sorted({str(i.meta.get("benchmark")) for i, _ in pairs} - {benchmark})
+        if benchmark != "records" and other:
+            raise LoadError(path, None, f"is a run on {', '.join(other)} items, not {benchmark}; pass --benchmark {other[0]}")
+    elif benchmark in ("siuo", "siuo-mcqa"):
         pairs = _siuo_responses(path, image_dir, image_dir is not None, categories, benchmark == "siuo-mcqa")
     elif benchmark == "mm-safetybench":
         pairs = []
         for file, scenario, qid, obj, key in _mmsb_answers(path, categories, answer_keys):
             pairs.append((_mmsb_unit(file, scenario, qid, obj, key, image_dir), [_answer_text(file, qid, obj, key)["text"]]))
-    elif benchmark == "records":
-        run = _run_file(path, label)
-        pairs = [(r.item, list(r.samples)) for r in run.results]
     else:
         raise ValueError(f"unknown benchmark {benchmark!r} for --responses; choose from {', '.join(loaders.BENCHMARKS)}")
     if not pairs:
