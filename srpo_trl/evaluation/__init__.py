@@ -20,8 +20,8 @@ Python::
     write_report([run], "out")
 
 Modules: ``protocols`` (each benchmark's own judge prompts and scripts' counting; score-only and
-imports), ``subsets`` (stratified ``--limit``), ``loaders`` (benchmarks -> items), ``runner`` (generate + judge, resumable), ``judges``
-(rule / judge model), ``metrics`` (pure functions on verdicts), ``report`` (JSON, markdown, PNG),
+imports), ``subsets`` (stratified ``--limit``), ``loaders`` (benchmarks -> items), ``runner``
+(generate + judge, resumable), ``judges`` (rule / judge model), ``metrics`` (pure functions on verdicts), ``report`` (JSON, markdown, PNG),
 ``callback`` (:class:`SafetyEvalCallback` for ``SRPOTrainer``).
 """
 
