@@ -5,6 +5,12 @@ Command line (``srpo-trl evaluate``; see docs/evaluation.md)::
     srpo-trl evaluate --model PATH [--adapter PATH] --benchmark siuo --data siuo_gen.json \\
         --images DIR --judge openai-compatible --judge-url http://... --judge-model NAME \\
         --samples 3 --out report/
+    srpo-trl evaluate --benchmark siuo --responses siuo_gen-mymodel.json --judge openai-compatible ...  # no model
+    srpo-trl evaluate --benchmark siuo --import-verdicts *-gpteval-safe-pro.json *-gpteval-effective-pro.json --out report/
+
+``--protocol`` (default: the benchmark's own, see :mod:`srpo_trl.evaluation.protocols`) sets the
+judge prompts, verdict reading and counting; the benchmark's numbers are reported apart from the
+project's metrics.
 
 Python::
 
@@ -13,8 +19,9 @@ Python::
     run = evaluate(items, backend, RuleJudge(), EvalConfig(samples=3), label="trained", state_dir="out/runs/trained")
     write_report([run], "out")
 
-Modules: ``loaders`` (benchmarks -> items), ``runner`` (generate + judge, resumable), ``judges``
-(rule / judge model), ``metrics`` (pure functions on verdicts), ``report`` (JSON, markdown, PNG),
+Modules: ``protocols`` (each benchmark's own judge prompts and scripts' counting; score-only and
+imports), ``subsets`` (stratified ``--limit``), ``loaders`` (benchmarks -> items), ``runner``
+(generate + judge, resumable), ``judges`` (rule / judge model), ``metrics`` (pure functions on verdicts), ``report`` (JSON, markdown, PNG),
 ``callback`` (:class:`SafetyEvalCallback` for ``SRPOTrainer``).
 """
 
@@ -36,6 +43,7 @@ from srpo_trl.evaluation.loaders import (
     load_records,
     load_siuo,
 )
+from srpo_trl.evaluation.protocols import command as protocol_command
 from srpo_trl.evaluation.metrics import METRIC_LABELS, compute_metrics, format_proportion, majority, wilson_interval
 from srpo_trl.evaluation.report import build_report, load_report, markdown_report, recompute_metrics, write_report
 from srpo_trl.evaluation.runner import STATE_FILE, EvalConfig, EvaluationStateError, evaluate, load_state
@@ -120,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", help="siuo: siuo_gen.json; mm-safetybench: the processed_questions folder or one <scenario>.json; records: records.jsonl")
     data.add_argument("--images", help="image folder (siuo: the images; mm-safetybench: imgs/ with <scenario>/<variant>/<id>.jpg; records: base of relative paths)")
     data.add_argument("--variants", type=_csv, default=list(MMSB_VARIANTS), help="mm-safetybench image variants, comma-separated (SD,SD_TYPO,TYPO; TEXT = no image)")
-    data.add_argument("--scenarios", type=_csv, default=None, help="mm-safetybench scenarios to keep, comma-separated (default: all)")
-    data.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    data.add_argument("--scenarios", type=_csv, default=None, help="mm-safetybench scenarios to keep, comma-separated (default: all; same as --categories)")
+    data.add_argument("--limit", type=int, default=None, help="evaluate N items drawn with --seed, stratified by category (and variant); see docs/evaluation.md")
     model = p.add_argument_group("model")
     model.add_argument("--model", help="model folder (in-process), or the served model name with --generation-url")
     model.add_argument("--adapter", help="PEFT adapter folder on top of --model")
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--judge-model", help="judge model name at --judge-url")
     judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
     judge.add_argument("--judge-templates", help="folder with safety.txt / effectiveness.txt / steps.txt (see --write-judge-templates)")
-    judge.add_argument("--judge-aspects", type=_csv, default=list(ASPECTS), help="safety,effectiveness,steps (default: all)")
+    judge.add_argument("--judge-aspects", type=_csv, default=None, help="safety,effectiveness,steps (default: all the protocol has; mm-safetybench: safety,steps)")
     judge.add_argument("--judge-retries", type=int, default=2, help="times an unreadable judge reply is asked again")
     judge.add_argument("--judge-no-images", action="store_true", help="do not send the item's images to the judge")
     rep = p.add_argument_group("report")
@@ -150,10 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--report-only", action="store_true", help="rebuild the report from the runs already in --out")
     p.add_argument("--write-judge-templates", metavar="DIR", help="write the default judge templates to DIR (to edit) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    protocol_command.add_arguments(p)
     return p
 
 
 def _default_label(args: argparse.Namespace) -> str:
+    if not args.model:  # score-only / import: named after the file
+        source = args.responses or args.import_verdicts[0]
+        return safe_label(Path(source.rstrip("/")).stem)
     name = Path(args.model.rstrip("/")).name if not args.generation_url else args.model
     if args.adapter:
         name += "+" + Path(args.adapter.rstrip("/")).name
@@ -211,31 +223,46 @@ def main(argv: list[str] | None = None) -> int:
             if not runs:
                 raise FileNotFoundError(f"no evaluation in {args.out} (expected {RUNS_DIR}/<label>/{STATE_FILE})")
             paths = write_report(runs, args.out, vote=args.vote)
+        elif args.responses or args.import_verdicts:
+            if not args.benchmark:
+                raise ValueError("--responses / --import-verdicts need --benchmark (the format of the file)")
+            if args.responses and args.import_verdicts:
+                raise ValueError("pass --responses (judge them) or --import-verdicts (already judged), not both")
+            if args.model or args.generation_url:
+                raise ValueError("--responses / --import-verdicts score existing answers: drop --model / --generation-url")
+            protocol = protocol_command.resolve_protocol(args)
+            label = safe_label(args.label) if args.label else _default_label(args)
+            run = protocol_command.run_without_model(args, protocol, label, Path(args.out) / RUNS_DIR, _make_judge)
+            paths = write_report(load_runs(args.out), args.out, vote=args.vote)
+            if args.compare_eval_results:
+                from srpo_trl.evaluation.protocols import benchmark_scores
+                from srpo_trl.evaluation.protocols.responses import compare_eval_results
+
+                problems = compare_eval_results(benchmark_scores(run.results, protocol)["cal_metric"], args.compare_eval_results)
+                print("\n".join(problems) if problems else f"attack rates equal {args.compare_eval_results}")
         else:
             missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--data", args.data), ("--model", args.model)) if not value]
             if missing:
                 raise ValueError(f"missing {', '.join(missing)} (or pass --report-only / --write-judge-templates)")
             if args.adapter and args.generation_url:
                 raise ValueError("--adapter loads the model in-process; with --generation-url serve the adapter from the endpoint")
-            kwargs = {}
-            if args.benchmark == "mm-safetybench":
-                kwargs = {"variants": args.variants, "scenarios": args.scenarios}
-            items = load_benchmark(args.benchmark, args.data, args.images, **kwargs)
-            if args.limit is not None:
-                items = items[: args.limit]
+            protocol = protocol_command.resolve_protocol(args)
+            items = protocol_command.load_items(args)
             config = EvalConfig(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed, batch_size=args.batch_size, separator=args.separator,
                                 system_prompt=args.system_prompt)  # fmt: skip
-            judge = _make_judge(args)
+            judge = protocol_command.make_judge(args, protocol, _make_judge)
             label = safe_label(args.label) if args.label else _default_label(args)
             backend = _make_backend(args, config)
-            model_info = {"model": args.model, "adapter": args.adapter, "generation_url": args.generation_url, "benchmark": args.benchmark}
+            model_info = {"model": args.model, "adapter": args.adapter, "generation_url": args.generation_url, "benchmark": args.benchmark,
+                          "protocol": protocol}  # fmt: skip
             _, paths = evaluate_to_dir(items, backend, judge, config, args.out, label=label, model_info=model_info,
                                        vote=args.vote, progress=not args.no_progress)  # fmt: skip
     except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"srpo-trl evaluate: error: {exc}", file=sys.stderr)
         return 1
-    print(_summary(load_report(paths["json"])))
+    report = load_report(paths["json"])
+    print("\n".join(protocol_command.summary_lines(report) + [_summary(report)]))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
