@@ -832,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call (--model)")
     p.add_argument("--dtype", default="float32", help="model dtype (--model), e.g. bfloat16")
     p.add_argument("--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
+    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds of each HTTP request: connect and the whole reply (default 60)")
     p.add_argument("--max-retries", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests per record (--endpoint)")
     p.add_argument("--concurrent-records", type=int, default=None,

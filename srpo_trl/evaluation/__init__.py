@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--adapter", help="PEFT adapter folder on top of --model")
     model.add_argument("--generation-url", help="OpenAI-compatible endpoint that serves --model (instead of loading it)")
     model.add_argument("--label", help="name of this model in the report (default: from --model/--adapter)")
+    model.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds of each HTTP request to --generation-url / --judge-url, connect and whole reply (default 60)")
+    model.add_argument("--http-retries", type=int, default=3, help="retries of a failed HTTP request (default 3)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--samples", type=int, default=3, help="reasoning paths per item (majority vote over them; default 3)")
     gen.add_argument("--temperature", type=float, default=0.5)
@@ -182,7 +184,8 @@ def _make_judge(args: argparse.Namespace) -> Any:
     if not args.judge_url or not args.judge_model:
         raise ValueError("--judge openai-compatible needs --judge-url and --judge-model")
     templates = JudgeTemplates.from_dir(args.judge_templates) if args.judge_templates else JudgeTemplates()
-    backend = OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False)
+    backend = OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False,
+                                       timeout=args.timeout, max_retries=args.http_retries)  # fmt: skip
     return ModelJudge(backend, templates, aspects=args.judge_aspects, retries=args.judge_retries,
                       images=not args.judge_no_images, separator=args.separator)  # fmt: skip
 
@@ -191,7 +194,8 @@ def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
     if args.generation_url:
         from srpo_trl.backends import OpenAICompatibleBackend
 
-        return OpenAICompatibleBackend(args.generation_url, args.model, show_progress=False)
+        return OpenAICompatibleBackend(args.generation_url, args.model, show_progress=False, timeout=args.timeout,
+                                       max_retries=args.http_retries)  # fmt: skip
     from srpo_trl.backends import TransformersBackend
     from srpo_trl.loading import load_model_and_processor
 

@@ -91,7 +91,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
     backend.add_argument("--model", help="with --chat-url: the served model name; without: a local model folder (a VLM)")
     backend.add_argument("--served-model", default=None, help="same as --model with --chat-url (the name `srpo-trl explore` uses)")
     backend.add_argument("--api-key", default=None, help="API key for --chat-url (default: $OPENAI_API_KEY)")
-    backend.add_argument("--timeout", type=float, default=120, help="seconds per HTTP request (default 120)")
+    backend.add_argument("--timeout", type=float, default=120, help="deadline in seconds of each HTTP request: connect and the whole reply (default 120)")
     backend.add_argument("--http-retries", type=int, default=3, help="retries of a failed HTTP request (default 3)")
     backend.add_argument("--adapter", default=None, help="local model: a PEFT adapter folder to put on top")
     backend.add_argument("--device", default=None, help="local model: device (default cuda if available, else cpu)")
