@@ -401,7 +401,14 @@ def main(argv=None) -> int:
     except RecipeError as e:
         print(f"srpo-trl train: {e}", file=sys.stderr)
         return 2
-    train_and_save(trainer, script_args, training_args)
+    from .guards import TrainingStopped
+
+    try:
+        train_and_save(trainer, script_args, training_args)
+    except TrainingStopped as e:  # divergence / resume mismatch: a clear message, no final save
+        print(f"srpo-trl train: {e}", file=sys.stderr)
+        finish(trainer)
+        return 3
     finish(trainer)
     return 0
 

@@ -39,6 +39,7 @@ from trl.trainer import dpo_trainer as _dpo_module
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
+from . import guards
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
 from .packing import additive_mask, tree_block_mask
 from .config import SRPOConfig
@@ -694,6 +695,28 @@ class SRPOTrainer(DPOTrainer):
             tokens = gather(real.sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # ---- guards (srpo_trl/guards.py): divergence, resume settings, empty data ----------------------
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        guards.check_before_train(self, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if guards.guard_of(self) is not None:
+            guards.guard_of(self).after_micro_step(self, loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):  # the step's norm, right before optimizer.step()
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        guard = guards.guard_of(self)
+        return grad_norm if guard is None else guard.check_grad_norm(self, grad_norm)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if guards.guard_of(self) is not None:
+            guards.guard_of(self).annotate(logs)
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         try:
