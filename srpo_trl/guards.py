@@ -12,6 +12,8 @@
   :class:`ResumeMismatch` (``"error"``).
 * :func:`check_before_train` -- also refuses a training set with no rows (every row dropped by
   ``max_length``), in the Python API as on the command line.
+* :func:`read_row` / :func:`open_images` -- used when a vision dataset is prepared: every image is
+  opened then, and a missing or unreadable one is named by its dataset row.
 
 SRPOTrainer calls :func:`install` from ``train()`` and forwards three hooks (``training_step``,
 ``_get_grad_norm``, ``log``) to the guard.
@@ -232,6 +234,30 @@ def check_before_train(trainer, resume_from_checkpoint) -> None:
         )
     install(trainer)
     check_resume(trainer, resume_from_checkpoint)
+
+
+def read_row(dataset, index: int) -> dict:
+    """Row `index` of a dataset; an image stored in it that cannot be decoded is named by the row."""
+    from .rows import RowError
+
+    try:
+        return dataset[index]
+    except (OSError, ValueError) as e:
+        raise RowError(index, "images", f"cannot be decoded: {type(e).__name__}: {e}") from e
+
+
+def open_images(images: list, index: int) -> list:
+    """Open (decode) a row's images now, so that a missing or broken file fails before training, naming
+    the dataset row rather than a position in some later batch."""
+    from .collator import load_images
+    from .rows import RowError
+
+    try:
+        return load_images(images, index)
+    except RowError:
+        raise
+    except (OSError, ValueError) as e:  # an undecodable datasets Image
+        raise RowError(index, "images", f"cannot read an image: {type(e).__name__}: {e}") from e
 
 
 def guard_of(trainer) -> Any:

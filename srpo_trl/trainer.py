@@ -433,19 +433,17 @@ class SRPOTrainer(DPOTrainer):
 
     def _prepare_vision_dataset(self, dataset, processor, args: SRPOConfig, name: str):
         """Vision rows are encoded on the fly (pixels are too large to store). Here they are only
-        validated, and, with `max_length`, measured so that rows that cannot fit are dropped and
+        validated (every image opened), and, with `max_length`, measured so that rows that cannot fit are dropped and
         reported before training rather than failing mid-run."""
         if isinstance(dataset, IterableDataset):
             return dataset
         image_token = getattr(processor, "image_token", None)
         dropped = []
-        for i, example in enumerate(dataset):
-            row = normalize_row(example, i)
+        for i in range(len(dataset)):
+            row = normalize_row(guards.read_row(dataset, i), i)
             check_image_count(row, i, image_token)
+            images = guards.open_images(row["images"], i)  # every image opened now, errors name the dataset row
             if args.max_length is not None:
-                from .collator import load_images
-
-                images = load_images(row["images"], i)
                 text = render_prompt(processor, row["prompt"], images)
                 kwargs = {"images": [images]} if images else {}
                 prompt_len = len(processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0])
