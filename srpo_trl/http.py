@@ -33,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
@@ -132,8 +132,34 @@ def _verify():
         return _ssl_context
 
 
+def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``user:password@`` taken out of the URL and sent as basic auth, so the URL httpx logs and puts
+    in its errors holds no credentials."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
+
+
+class _RedactFilter(logging.Filter):
+    """httpx logs every request's URL at INFO; hide credentials in query strings there too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(redact_url(str(a)) if isinstance(a, (str, httpx.URL)) else a for a in record.args)
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactFilter())
+
+
 async def _exchange(url: str, data: bytes, headers: dict, timeout: float, max_bytes: int) -> tuple[int, Any, bytes]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), verify=_verify()) as client:
+    url, auth = _split_credentials(url)
+    if "Authorization" in headers:  # an API key wins over URL credentials
+        auth = None
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), verify=_verify(), auth=auth) as client:
         async with client.stream("POST", url, content=data, headers=headers) as resp:
             declared = resp.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > max_bytes:

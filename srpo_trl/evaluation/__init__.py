@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from srpo_trl.http import redact_url
 from srpo_trl.evaluation.judges import ASPECTS, JudgeError, JudgeTemplates, ModelJudge, RuleJudge
 from srpo_trl.evaluation.loaders import (
     BENCHMARKS,
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             judge = protocol_command.make_judge(args, protocol, _make_judge)
             label = safe_label(args.label) if args.label else _default_label(args)
             backend = _make_backend(args, config)
-            model_info = {"model": args.model, "adapter": args.adapter, "generation_url": args.generation_url, "benchmark": args.benchmark,
-                          "protocol": protocol}  # fmt: skip
+            model_info = {"model": args.model, "adapter": args.adapter, "benchmark": args.benchmark, "protocol": protocol,
+                          "generation_url": redact_url(args.generation_url) if args.generation_url else None}  # fmt: skip
             _, paths = evaluate_to_dir(items, backend, judge, config, args.out, label=label, model_info=model_info,
                                        vote=args.vote, progress=not args.no_progress)  # fmt: skip
     except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:
