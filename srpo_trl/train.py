@@ -403,6 +403,9 @@ def finish(trainer) -> None:
         if wandb.run is not None and trainer.is_world_process_zero():
             wandb.finish()
     if hasattr(trainer, "end"):
+        # Every rank arrives before any tears down: a rank that destroys its process group and exits while
+        # another still talks to it can abort at exit ("terminate called without an active exception").
+        trainer.accelerator.wait_for_everyone()
         trainer.end()
 
 
