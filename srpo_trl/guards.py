@@ -218,6 +218,8 @@ def install(trainer) -> NonFiniteGuard:
     """Add the guards' callbacks once; return the trainer's NonFiniteGuard."""
     guard = getattr(trainer, "_nonfinite_guard", None)
     if guard is None:
+        if getattr(trainer.args, "nonfinite", "stop") == "skip" and getattr(trainer, "is_deepspeed_enabled", False):
+            raise ValueError("nonfinite='skip' cannot skip a step under DeepSpeed (the engine owns the optimizer step); use 'stop'.")
         guard = trainer._nonfinite_guard = NonFiniteGuard(getattr(trainer.args, "nonfinite", "stop"))
         trainer.add_callback(guard)
         trainer.add_callback(RunSettingsCallback(trainer))
