@@ -147,7 +147,7 @@ class _RedactFilter(logging.Filter):
     """httpx logs every request's URL at INFO; hide credentials in query strings there too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
+        if isinstance(record.args, tuple):
             record.args = tuple(redact_url(str(a)) if isinstance(a, (str, httpx.URL)) else a for a in record.args)
         return True
 
