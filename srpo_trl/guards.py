@@ -60,13 +60,19 @@ def _finite(value) -> bool:
 
 
 def nonfinite_parameters(model) -> list[str]:
-    """Names of the parameters holding NaN or inf."""
-    return [name for name, p in model.named_parameters() if p.numel() and not torch.isfinite(p.detach()).all()]
+    """Names of the parameters holding NaN or inf (under ZeRO-3: in this rank's shard)."""
+    bad = []
+    for name, p in model.named_parameters():
+        held = getattr(p, "ds_tensor", p)
+        if held.numel() and not torch.isfinite(held.detach()).all():
+            bad.append(name)
+    return bad
 
 
 class NonFiniteGuard(TrainerCallback):
-    def __init__(self, mode: str = "stop"):
+    def __init__(self, mode: str = "stop", trainer=None):
         self.mode = mode
+        self.trainer = trainer
         self.skipped_steps: list[int] = []  # global step numbers (1-based) skipped in "skip" mode
         self._bad_loss: str | None = None
         self._window_finite = 0  # micro-batch losses since the last log
@@ -132,6 +138,11 @@ class NonFiniteGuard(TrainerCallback):
 
     def _check_weights(self, model, step: int, when: str) -> None:
         bad = nonfinite_parameters(model)
+        accelerator = getattr(self.trainer, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:  # shards differ: every rank decides alike
+            counts = accelerator.gather(torch.tensor([len(bad)], device=accelerator.device))
+            if int(counts.sum()) and not bad:
+                bad = [f"{int(counts.sum())} on other ranks"]
         if bad:
             shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
             raise TrainingDiverged(
@@ -220,7 +231,7 @@ def install(trainer) -> NonFiniteGuard:
     if guard is None:
         if getattr(trainer.args, "nonfinite", "stop") == "skip" and getattr(trainer, "is_deepspeed_enabled", False):
             raise ValueError("nonfinite='skip' cannot skip a step under DeepSpeed (the engine owns the optimizer step); use 'stop'.")
-        guard = trainer._nonfinite_guard = NonFiniteGuard(getattr(trainer.args, "nonfinite", "stop"))
+        guard = trainer._nonfinite_guard = NonFiniteGuard(getattr(trainer.args, "nonfinite", "stop"), trainer)
         trainer.add_callback(guard)
         trainer.add_callback(RunSettingsCallback(trainer))
     return guard
