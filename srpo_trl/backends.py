@@ -25,15 +25,12 @@ import io
 import json
 import logging
 import os
-import random
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from .http import RequestFailed, RetryableError, post_json, redact_url, response_cap
 from .rows import DEFAULT_STEP_SEPARATOR, end_of_answer_text, render_prompt, tokenizer_of
 
 logger = logging.getLogger(__name__)
@@ -376,10 +373,7 @@ class TransformersBackend:
 # ----------------------------------------------------------------------------------------------
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
+_Retryable = RetryableError  # a reply the parser rejects takes the same retry path as a transport error
 
 
 def _image_data_url(image: Any) -> str:
@@ -448,10 +442,14 @@ class OpenAICompatibleBackend:
     * string prompts -> ``POST {base_url}/v1/completions`` with ``prompt + assistant_prefix``.
 
     ``n``, ``temperature``, ``max_tokens`` and ``seed`` are passed through; when a server returns
-    fewer than ``n`` choices, the missing samples are asked for again. Connection errors,
-    timeouts, HTTP 5xx / 429 and malformed replies are retried ``max_retries`` times with
-    exponential backoff (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``), then
-    :class:`BackendError` names the URL and the last error. Other 4xx replies fail at once.
+    fewer than ``n`` choices, the missing samples are asked for again. Requests go through
+    :func:`srpo_trl.http.post_json`: ``timeout`` is a deadline for the whole request (connect and
+    the complete reply), a reply larger than ``max_response_bytes`` (default: derived from
+    ``max_new_tokens`` and ``n`` by :func:`srpo_trl.http.response_cap`) is cut off; connection
+    errors, missed deadlines, too-large replies, HTTP 5xx / 429 and malformed replies are retried
+    ``max_retries`` times with exponential backoff (``backoff * 2**attempt`` seconds, or the
+    server's ``Retry-After``), then :class:`BackendError` names the URL (credentials redacted) and
+    the last error. Other 4xx replies fail at once.
     Requests of one ``generate`` call run on ``concurrency`` threads.
 
     ``base_url`` may end in ``/v1`` or not. ``api_key`` defaults to ``$OPENAI_API_KEY``.
@@ -469,9 +467,10 @@ class OpenAICompatibleBackend:
         concurrency: int = 8,
         extra_body: dict | None = None,
         show_progress: bool = True,
+        max_response_bytes: int | None = None,
     ):
         if not base_url or not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+            raise ValueError(f"base_url must start with http:// or https://, got {redact_url(base_url)!r}")
         base = base_url.rstrip("/")
         if base.endswith("/v1"):
             base = base[: -len("/v1")]
@@ -484,54 +483,18 @@ class OpenAICompatibleBackend:
         self.concurrency = max(1, concurrency)
         self.extra_body = dict(extra_body or {})
         self.show_progress = show_progress
+        self.max_response_bytes = max_response_bytes
 
-    # -- HTTP ----------------------------------------------------------------------------------
-
-    def _post_once(self, url: str, body: dict) -> dict:
-        data = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:500].decode("utf-8", "replace") if exc.fp else ""
-            message = f"HTTP {exc.code} {exc.reason}: {detail}".strip()
-            if exc.code == 429 or exc.code >= 500:
-                retry_after = None
-                try:
-                    retry_after = float(exc.headers.get("Retry-After")) if exc.headers.get("Retry-After") else None
-                except (TypeError, ValueError):
-                    retry_after = None
-                raise _Retryable(message, retry_after) from exc
-            raise BackendError(f"POST {url} failed: {message}") from exc
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from exc
-        try:
-            payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _Retryable(f"malformed JSON in the reply ({exc}): {raw[:200]!r}") from exc
-        if not isinstance(payload, dict):
-            raise _Retryable(f"the reply is not a JSON object: {raw[:200]!r}")
-        return payload
+    # -- HTTP (srpo_trl.http: deadline, size cap, retries) --------------------------------------
 
     def _post(self, path: str, body: dict, parse) -> Any:
-        url = self.base_url + path
-        last = None
-        for attempt in range(self.max_retries + 1):
-            try:
-                return parse(self._post_once(url, body))
-            except _Retryable as exc:
-                last = exc
-                if attempt == self.max_retries:
-                    break
-                delay = exc.retry_after if exc.retry_after is not None else self.backoff * (2**attempt)
-                delay = min(delay, 60.0) * (1 + 0.1 * random.random())
-                logger.warning("POST %s: %s; retry %d/%d in %.2fs", url, exc, attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
-        raise BackendError(f"POST {url} failed after {self.max_retries + 1} attempt(s): {last}")
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        cap = self.max_response_bytes or response_cap(body.get("max_tokens"), int(body.get("n") or 1))
+        try:
+            return post_json(self.base_url + path, body, headers=headers, timeout=self.timeout, max_bytes=cap,
+                             retries=self.max_retries, backoff=self.backoff, parse=parse)  # fmt: skip
+        except RequestFailed as exc:
+            raise BackendError(str(exc)) from exc
 
     @staticmethod
     def _choices(payload: dict, key: str) -> list[str]:

@@ -34,6 +34,10 @@ class SRPOConfig(DPOConfig):
         group_by_question (`bool`, defaults to `True`): batch the rows of a question together.
         ref_logps_cache_dir (`str`, *optional*): where precomputed reference log-probs are cached on
             disk and found again by later runs (text and vision datasets).
+        nonfinite (`str`, defaults to `"stop"`): what a NaN / inf loss or gradient norm does: `"stop"`
+            raises `TrainingDiverged` naming the step, `"skip"` skips that optimizer step.
+        resume_mismatch (`str`, defaults to `"warn"`): resuming a checkpoint trained on other data or
+            loss settings warns (`"warn"`) or raises `ResumeMismatch` (`"error"`).
     """
 
     srpo_lambda: float = field(
@@ -90,8 +94,31 @@ class SRPOConfig(DPOConfig):
         },
     )
 
+    nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "What a NaN or inf loss or gradient norm does: 'stop' raises an error naming the step before the "
+            "optimizer applies it (nothing is saved as final); 'skip' skips that optimizer step, counts it in the "
+            "logs (nonfinite_skipped) and goes on. Non-finite weights are never saved.",
+            "choices": ["stop", "skip"],
+        },
+    )
+    resume_mismatch: str = field(
+        default="warn",
+        metadata={
+            "help": "Resuming a checkpoint that was trained on other data or other loss settings (srpo_lambda, "
+            "align_loss, beta, step_separator, fallback_reference_eos, max_length): 'warn' says what changed and "
+            "goes on, 'error' refuses.",
+            "choices": ["warn", "error"],
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"`nonfinite` must be 'stop' or 'skip', got {self.nonfinite!r}.")
+        if self.resume_mismatch not in ("warn", "error"):
+            raise ValueError(f"`resume_mismatch` must be 'warn' or 'error', got {self.resume_mismatch!r}.")
         if self.align_loss not in ALIGN_LOSSES:
             raise ValueError(f"`align_loss` must be one of {list(ALIGN_LOSSES)}, got {self.align_loss!r}.")
         if self.srpo_lambda < 0:

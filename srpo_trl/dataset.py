@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+import pyarrow as pa
 from datasets import Dataset
 
 from .rows import RowError, normalize_row
@@ -36,13 +37,64 @@ def _resolve_images(row: dict, base_dir: Path) -> dict:
     return row
 
 
-def _read_jsonl(path: str | os.PathLike) -> list[dict]:
+def _field_with(obj: Any, marker: str) -> str | None:
+    """The top-level field of a JSON object whose text holds `marker` (where a decoding went wrong)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if marker in json.dumps(value, ensure_ascii=False) or marker in key:
+                return key
+    return None
+
+
+def _decode_line(raw: bytes, path: Path, line_no: int, what: str = "line", fields: list[str] | None = None) -> str:
+    """One line of a text file as UTF-8; otherwise an error naming the file, the line and (when it can
+    tell) the field holding the bad bytes."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        field = None
+        text = raw.decode("utf-8", errors="replace")
+        if fields is None:
+            try:
+                field = _field_with(json.loads(text), "\ufffd")
+            except json.JSONDecodeError:
+                field = None
+        else:  # CSV: the column of the bad cell
+            import csv
+
+            cells = next(csv.reader([text]), [])
+            field = next((fields[i] for i, c in enumerate(cells) if "\ufffd" in c and i < len(fields)), None)
+        where = f", field '{field}'" if field else ""
+        raise ValueError(
+            f"{path}:{line_no}: {what} {line_no}{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+            f"{e.start + 1}); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+
+
+def check_utf8(path: str | os.PathLike) -> None:
+    """Raise an error naming the line (and field) of the first bytes of `path` that are not UTF-8.
+    CSV files (`.csv`, `.tsv`) name the column from the header line."""
+    path = Path(path)
+    fields = None
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and path.suffix.lower() in (".csv", ".tsv"):
+                import csv
+
+                header = raw.decode("utf-8", errors="replace")
+                fields = next(csv.reader([header], delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
+            _decode_line(raw, path, line_no, "row" if fields is not None else "line", fields)
+
+
+def _read_jsonl(path: str | os.PathLike, lines: list[int] | None = None) -> list[dict]:
+    """Rows of a JSON-lines file; with `lines`, the line number of each row is appended to it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file (expected a JSON-lines file, one object per line)")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, line_no)
             if not line.strip():
                 continue
             try:
@@ -52,16 +104,74 @@ def _read_jsonl(path: str | os.PathLike) -> list[dict]:
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
             rows.append(_resolve_images(obj, path.parent))
+            if lines is not None:
+                lines.append(line_no)
     return rows
 
 
-def _canonical_rows(rows: Iterable[dict], source: str) -> list[dict]:
+def _kind(value: Any) -> str | None:
+    """A value's type as Arrow sees it (None: null, fits any column)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        inner = {_kind(v) for v in value} - {None}
+        return "a list of chat messages" if inner == {"an object"} else "a list" if not inner else f"a list of {sorted(inner)[0][2:]}s"
+    return type(value).__name__
+
+
+def _type_conflict(rows: list[dict]) -> tuple[int, str, str, int, str] | None:
+    """(row, field, kind, first row, its kind) of the first value whose type differs from the column's."""
+    first: dict[str, tuple[int, str]] = {}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            kind = _kind(value)
+            if kind is None or kind == "a list":  # nulls and empty lists fit any column
+                continue
+            if key not in first:
+                first[key] = (i, kind)
+            elif first[key][1] != kind:
+                return i, key, kind, *first[key]
+    return None
+
+
+def _to_dataset(rows: list[dict], source: str, lines: list[int] | None) -> Dataset:
+    """`Dataset.from_list` keeping every column (it only looks at the first row's keys), with a type
+    clash named by row and field instead of a bare Arrow error."""
+    columns = dict.fromkeys(k for r in rows for k in r)
+    full = [{k: r.get(k) for k in columns} for r in rows]
+    try:
+        return Dataset.from_list(full)
+    except (pa.ArrowTypeError, pa.ArrowInvalid, TypeError, ValueError) as e:
+        clash = _type_conflict(rows)
+        if clash is None:
+            raise ValueError(f"{source}: the rows cannot be stored as one table: {e}") from e
+        i, field, kind, j, first_kind = clash
+        raise RowError(
+            _row_label(i, source, lines), field,
+            f"is {kind} here but {first_kind} in row {_row_label(j, source, lines)}; a column needs one type in "
+            "every row" + (" (write every prompt as chat messages, or every prompt as a string)" if field == "prompt" else ""),
+        ) from None  # fmt: skip
+
+
+def _row_label(i: int, source: str, lines: list[int] | None) -> str:
+    return f"{i} ({source}:{lines[i]})" if lines else f"{i} ({source})"
+
+
+def _canonical_rows(rows: Iterable[dict], source: str, lines: list[int] | None = None) -> list[dict]:
     out = []
     for i, row in enumerate(rows):
         try:
             out.append(normalize_row(row, i))
         except RowError as e:
-            raise RowError(f"{e.index} ({source})", e.field, e.problem) from None
+            raise RowError(_row_label(i, source, lines), e.field, e.problem) from None
     if not out:
         raise ValueError(f"{source}: no rows; a step-pair dataset needs at least one (prompt, chosen, rejected) row")
     if not any(r["images"] for r in out):  # text-only: no `images` column, so trainers see a text dataset
@@ -85,8 +195,10 @@ class StepPairDataset:
     # ---- constructors ---------------------------------------------------------------------------
 
     @classmethod
-    def from_list(cls, rows: list[dict], source: str = "list") -> "StepPairDataset":
-        return cls(Dataset.from_list(_canonical_rows(rows, source)))
+    def from_list(cls, rows: list[dict], source: str = "list", lines: list[int] | None = None) -> "StepPairDataset":
+        """Rows (dicts) -> a validated dataset. Every column any row has is kept (missing values are
+        None). `lines` (the file line of each row) makes errors name lines."""
+        return cls(_to_dataset(_canonical_rows(rows, source, lines), source, lines))
 
     @classmethod
     def from_dataset(cls, dataset: Dataset) -> "StepPairDataset":
@@ -95,7 +207,8 @@ class StepPairDataset:
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike) -> "StepPairDataset":
         """Rows from a JSON-lines file; relative image paths are resolved against the file's folder."""
-        return cls.from_list(_read_jsonl(path), source=str(path))
+        lines: list[int] = []
+        return cls.from_list(_read_jsonl(path, lines), source=str(path), lines=lines)
 
     @classmethod
     def from_exploration(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .backends import BackendError, GenerationRequest, load_image
+from .paths import OutsideRoot, image_under_root
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
 from .verifiers import SAFETY_LABELS, Verdict, VerifierError, as_verifier, normalize_safety_label
 
@@ -83,10 +84,13 @@ def _is_image(value: Any) -> bool:
         return False
 
 
-def validate_record(record: Any, where: str, base_dir: Path | None = None, required: Iterable[str] = ()) -> dict:
+def validate_record(record: Any, where: str, base_dir: Path | None = None, required: Iterable[str] = (),
+                    image_root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> dict:  # fmt: skip
     """Check one input record; returns a copy with ``_images`` (resolved paths / PIL images) added.
 
     ``where`` names it in errors (``records.jsonl:12``). ``required``: fields the verifier needs.
+    With ``image_root``, image paths must lie inside it unless ``allow_outside_root`` (see
+    :mod:`srpo_trl.paths`).
     """
     if not isinstance(record, dict):
         raise RecordError(where, None, f"a record must be a JSON object, got {type(record).__name__}")
@@ -117,8 +121,11 @@ def validate_record(record: Any, where: str, base_dir: Path | None = None, requi
     for i, im in enumerate(images):
         if isinstance(im, str):
             path = Path(im)
-            if base_dir is not None and not path.is_absolute():
-                path = base_dir / path
+            if base_dir is not None or image_root is not None:  # relative to the records file
+                try:
+                    path = image_under_root(im, base_dir or ".", image_root, allow_outside_root)
+                except OutsideRoot as exc:
+                    raise RecordError(where, f"images[{i}]", str(exc)) from None
             if not path.is_file():
                 raise RecordError(where, f"images[{i}]", f"image file not found: {path} (paths are relative to the records file)")
             resolved.append(str(path))
@@ -148,7 +155,8 @@ def validate_record(record: Any, where: str, base_dir: Path | None = None, requi
     return rec
 
 
-def load_records(records: str | os.PathLike | Iterable[dict], required: Iterable[str] = ()) -> tuple[list[dict], Path | None]:
+def load_records(records: str | os.PathLike | Iterable[dict], required: Iterable[str] = (),
+                 image_root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> tuple[list[dict], Path | None]:  # fmt: skip
     """Validated records and the folder relative image paths resolve against (the records file's)."""
     required = tuple(required)
     out: list[dict] = []
@@ -167,13 +175,13 @@ def load_records(records: str | os.PathLike | Iterable[dict], required: Iterable
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise RecordError(where, None, f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from None
-                out.append(validate_record(obj, where, base, required))
+                out.append(validate_record(obj, where, base, required, image_root, allow_outside_root))
                 out[-1]["_where"] = where
     else:
         base = None
         for i, obj in enumerate(records):
             where = f"record {i}"
-            out.append(validate_record(obj, where, None, required))
+            out.append(validate_record(obj, where, None, required, image_root, allow_outside_root))
             out[-1]["_where"] = where
     for rec in out:
         key = str(rec["id"])
@@ -575,6 +583,8 @@ def explore(
     show_progress: bool = True,
     print_summary: bool = True,
     merge_poll_s: float = 2.0,
+    image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
 ) -> dict:
     """Explore ``records`` (a JSONL path or dicts) with ``backend``; verify with ``verifier`` (a
     registered name or a callable ``(record, path_text) -> Verdict``).
@@ -586,7 +596,8 @@ def explore(
     ``out`` once all ranks are done. ``concurrent_records`` > 1 explores that many records at once on
     threads (for an HTTP backend, to keep a server busy; lines are still written in input order).
     Returns the summary (see :func:`summarize`; ``results`` holds
-    the output records when ``out`` is None) and prints it.
+    the output records when ``out`` is None) and prints it. With ``image_root`` (the command line
+    always sets one), image paths must lie inside it unless ``allow_outside_root``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -598,7 +609,7 @@ def explore(
     verifier_name = verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__)
     verifier = as_verifier(verifier)
     required = tuple(getattr(verifier, "required_fields", ()))
-    recs, base_dir = load_records(records, required)
+    recs, base_dir = load_records(records, required, image_root, allow_outside_root)
     if not callable(branch_points):
         select_branch_points(["a", "b"], branch_points, {})  # a bad value fails now, not at the first record
     simulated = rank is not None or world_size is not None  # explicit ranks: no process group (tests, custom launchers)
@@ -814,6 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--api-key", default=None, help="API key for --endpoint (default: $OPENAI_API_KEY)")
     p.add_argument("--records", required=True, help="input records, JSON lines")
     p.add_argument("--out", required=True, help="output JSON lines (appended; a restart resumes)")
+    p.add_argument("--images", default=None, help="folder the records' images must lie in (default: the records file's folder)")
+    p.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images")
     p.add_argument("--num-samples", type=int, default=10)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -832,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call (--model)")
     p.add_argument("--dtype", default="float32", help="model dtype (--model), e.g. bfloat16")
     p.add_argument("--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
+    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds of each HTTP request: connect and the whole reply (default 60)")
     p.add_argument("--max-retries", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests per record (--endpoint)")
     p.add_argument("--concurrent-records", type=int, default=None,
@@ -912,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, out=args.out, separator=args.separator, retry_failed=args.retry_failed,
             overwrite=args.overwrite, show_progress=not args.no_progress,
             concurrent_records=args.concurrent_records or (4 if args.endpoint else 1),
+            image_root=args.images or Path(args.records).parent, allow_outside_root=args.allow_outside_root,
         )  # fmt: skip
     except (RecordError, FileNotFoundError, ValueError) as exc:
         print(f"srpo-trl explore: {exc}", file=sys.stderr)

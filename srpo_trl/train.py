@@ -192,6 +192,9 @@ def _load_file(path: Path, data_format: str, max_pairs_per_point):
     if data_format == "exploration":
         return StepPairDataset.from_exploration(str(path), max_pairs_per_point=max_pairs_per_point)
     if path.suffix == ".json":
+        from .dataset import check_utf8
+
+        check_utf8(path)
         rows = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(rows, dict) and isinstance(rows.get("rows"), list):
             rows = rows["rows"]
@@ -218,7 +221,16 @@ def _load_named_dataset(script_args):
             builder = DATA_SUFFIXES.get(path.suffix)
             if builder is None:
                 raise RecipeError(f"dataset_name {name!r}: unknown file type {path.suffix!r} ({', '.join(DATA_SUFFIXES)}).")
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=script_args.dataset_streaming)
+            from .dataset import StepPairDataset, check_utf8
+
+            if builder in ("json", "csv"):
+                check_utf8(path)  # a bare codec error names no line
+            try:
+                return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=script_args.dataset_streaming)
+            except Exception:
+                if path.suffix == ".jsonl":  # e.g. mixed column types: our reader names the row and field
+                    StepPairDataset.from_jsonl(path)
+                raise
         return datasets.load_dataset(str(path), name=script_args.dataset_config, streaming=script_args.dataset_streaming)
     if _looks_like_path(name):
         raise RecipeError(f"dataset_name {name!r}: no such file or folder (looked for {path.resolve()}).")
@@ -391,6 +403,9 @@ def finish(trainer) -> None:
         if wandb.run is not None and trainer.is_world_process_zero():
             wandb.finish()
     if hasattr(trainer, "end"):
+        # Every rank arrives before any tears down: a rank that destroys its process group and exits while
+        # another still talks to it can abort at exit ("terminate called without an active exception").
+        trainer.accelerator.wait_for_everyone()
         trainer.end()
 
 
@@ -401,7 +416,14 @@ def main(argv=None) -> int:
     except RecipeError as e:
         print(f"srpo-trl train: {e}", file=sys.stderr)
         return 2
-    train_and_save(trainer, script_args, training_args)
+    from .guards import TrainingStopped
+
+    try:
+        train_and_save(trainer, script_args, training_args)
+    except TrainingStopped as e:  # divergence / resume mismatch: a clear message, no final save
+        print(f"srpo-trl train: {e}", file=sys.stderr)
+        finish(trainer)
+        return 3
     finish(trainer)
     return 0
 

@@ -39,6 +39,7 @@ from trl.trainer import dpo_trainer as _dpo_module
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
+from . import guards
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
 from .packing import additive_mask, tree_block_mask
 from .config import SRPOConfig
@@ -432,19 +433,17 @@ class SRPOTrainer(DPOTrainer):
 
     def _prepare_vision_dataset(self, dataset, processor, args: SRPOConfig, name: str):
         """Vision rows are encoded on the fly (pixels are too large to store). Here they are only
-        validated, and, with `max_length`, measured so that rows that cannot fit are dropped and
+        validated (every image opened), and, with `max_length`, measured so that rows that cannot fit are dropped and
         reported before training rather than failing mid-run."""
         if isinstance(dataset, IterableDataset):
             return dataset
         image_token = getattr(processor, "image_token", None)
         dropped = []
-        for i, example in enumerate(dataset):
-            row = normalize_row(example, i)
+        for i in range(len(dataset)):
+            row = normalize_row(guards.read_row(dataset, i), i)
             check_image_count(row, i, image_token)
+            images = guards.open_images(row["images"], i)  # every image opened now, errors name the dataset row
             if args.max_length is not None:
-                from .collator import load_images
-
-                images = load_images(row["images"], i)
                 text = render_prompt(processor, row["prompt"], images)
                 kwargs = {"images": [images]} if images else {}
                 prompt_len = len(processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0])
@@ -694,6 +693,28 @@ class SRPOTrainer(DPOTrainer):
             tokens = gather(real.sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # ---- guards (srpo_trl/guards.py): divergence, resume settings, empty data ----------------------
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        guards.check_before_train(self, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if guards.guard_of(self) is not None:
+            guards.guard_of(self).after_micro_step(self, loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):  # the step's norm, right before optimizer.step()
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        guard = guards.guard_of(self)
+        return grad_norm if guard is None else guard.check_grad_norm(self, grad_norm)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if guards.guard_of(self) is not None:
+            guards.guard_of(self).annotate(logs)
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         try:

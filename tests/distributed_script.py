@@ -102,7 +102,13 @@ def main(argv=None) -> int:
     trainer.add_callback(probe)
     train_and_save(trainer, script_args, training_args)
     probe.write()
-    finish(trainer)
+    finish(trainer)  # waits for every rank, then destroys the process group
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # nothing may be left for interpreter exit to tear down
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
     return 0
 
 

@@ -24,6 +24,10 @@ An item (or a handler's return value) is one of:
 * :class:`Reply` -- full control: HTTP ``status``, a JSON ``json`` body or a ``raw`` body (bytes or
   str, e.g. broken JSON), extra ``headers`` (e.g. ``{"Retry-After": "0"}``), a ``delay`` in
   seconds before answering, or ``drop=True`` to close the connection without a reply;
+  ``trickle=SECONDS`` sends the whole reply (status line and headers included) one byte every
+  SECONDS; ``flood=N`` answers a valid reply whose one choice holds N bytes of text, streamed in
+  64 KiB chunks without a Content-Length (``declare_length=True`` declares it). Both stop as soon
+  as the client hangs up or the server stops;
 * an ``Exception`` instance -- answered with HTTP 500 and the exception's text.
 
 A handler gets a :class:`RecordedRequest` (``path``, ``body`` as parsed JSON, ``headers``) and may
@@ -81,6 +85,9 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    trickle: float = 0.0
+    flood: int = 0
+    declare_length: bool = False
 
 
 def openai_response(texts: list[str], chat: bool, model: str = "test-model") -> dict:
@@ -112,6 +119,7 @@ class OpenAITestServer:
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     # -- control -------------------------------------------------------------------------------
 
@@ -160,6 +168,10 @@ class OpenAITestServer:
             def _send(self, reply: Reply):
                 if reply.delay:
                     time.sleep(reply.delay)
+                if reply.flood:
+                    return self._flood(reply)
+                if reply.trickle:
+                    return self._trickle(reply)
                 if reply.drop:
                     self.close_connection = True
                     try:
@@ -179,6 +191,41 @@ class OpenAITestServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _flood(self, reply: Reply):
+                head, tail = json.dumps(openai_response(["\x00"], True)).encode().split(b"\\u0000")
+                total = len(head) + reply.flood + len(tail)
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                if reply.declare_length:
+                    self.send_header("Content-Length", str(total))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                chunk, left = b"x" * 65536, reply.flood
+                try:
+                    self.wfile.write(head)
+                    while left > 0 and not server._stopping.is_set():
+                        self.wfile.write(chunk[: min(left, len(chunk))])
+                        left -= len(chunk)
+                    self.wfile.write(tail)
+                except OSError:  # the client hung up: what a size cap does
+                    pass
+
+            def _trickle(self, reply: Reply):
+                data = json.dumps(reply.json if reply.json is not None else openai_response(["ok"], True)).encode()
+                head = f"HTTP/1.1 {reply.status} OK\r\nContent-Type: application/json\r\n"
+                head += f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                self.close_connection = True
+                try:
+                    for byte in head.encode() + data:
+                        if server._stopping.wait(reply.trickle):
+                            return
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                except OSError:  # the client hung up: what a deadline does
+                    pass
+
+        self._stopping.clear()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
@@ -188,6 +235,7 @@ class OpenAITestServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()

@@ -102,6 +102,7 @@ def launch(workspace: Path, config: str, name: str, **fields) -> tuple[list[dict
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
+    assert "terminate called" not in log, log[-6000:]  # a rank aborted at exit (process group left behind)
     ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in range(WORLD)]
     return ranks, run
 

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from srpo_trl.http import redact_url
 from srpo_trl.evaluation.judges import ASPECTS, JudgeError, JudgeTemplates, ModelJudge, RuleJudge
 from srpo_trl.evaluation.loaders import (
     BENCHMARKS,
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--adapter", help="PEFT adapter folder on top of --model")
     model.add_argument("--generation-url", help="OpenAI-compatible endpoint that serves --model (instead of loading it)")
     model.add_argument("--label", help="name of this model in the report (default: from --model/--adapter)")
+    model.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds of each HTTP request to --generation-url / --judge-url, connect and whole reply (default 60)")
+    model.add_argument("--http-retries", type=int, default=3, help="retries of a failed HTTP request (default 3)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--samples", type=int, default=3, help="reasoning paths per item (majority vote over them; default 3)")
     gen.add_argument("--temperature", type=float, default=0.5)
@@ -182,7 +185,8 @@ def _make_judge(args: argparse.Namespace) -> Any:
     if not args.judge_url or not args.judge_model:
         raise ValueError("--judge openai-compatible needs --judge-url and --judge-model")
     templates = JudgeTemplates.from_dir(args.judge_templates) if args.judge_templates else JudgeTemplates()
-    backend = OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False)
+    backend = OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False,
+                                       timeout=args.timeout, max_retries=args.http_retries)  # fmt: skip
     return ModelJudge(backend, templates, aspects=args.judge_aspects, retries=args.judge_retries,
                       images=not args.judge_no_images, separator=args.separator)  # fmt: skip
 
@@ -191,7 +195,8 @@ def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
     if args.generation_url:
         from srpo_trl.backends import OpenAICompatibleBackend
 
-        return OpenAICompatibleBackend(args.generation_url, args.model, show_progress=False)
+        return OpenAICompatibleBackend(args.generation_url, args.model, show_progress=False, timeout=args.timeout,
+                                       max_retries=args.http_retries)  # fmt: skip
     from srpo_trl.backends import TransformersBackend
     from srpo_trl.loading import load_model_and_processor
 
@@ -254,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             judge = protocol_command.make_judge(args, protocol, _make_judge)
             label = safe_label(args.label) if args.label else _default_label(args)
             backend = _make_backend(args, config)
-            model_info = {"model": args.model, "adapter": args.adapter, "generation_url": args.generation_url, "benchmark": args.benchmark,
-                          "protocol": protocol}  # fmt: skip
+            model_info = {"model": args.model, "adapter": args.adapter, "benchmark": args.benchmark, "protocol": protocol,
+                          "generation_url": redact_url(args.generation_url) if args.generation_url else None}  # fmt: skip
             _, paths = evaluate_to_dir(items, backend, judge, config, args.out, label=label, model_info=model_info,
                                        vote=args.vote, progress=not args.no_progress)  # fmt: skip
     except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .agents import (
     AGENT_VARIABLES,
@@ -37,6 +38,7 @@ from .agents import (
     parse_output,
     write_templates,
 )
+from ..http import redact_url
 from .curate import ReviewError, export_review, import_review
 from .pipeline import PipelineConfig, RunAborted, format_summary, generate_records, output_paths, summarize
 from .schema import RecordError, load_records, validate_record
@@ -91,7 +93,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
     backend.add_argument("--model", help="with --chat-url: the served model name; without: a local model folder (a VLM)")
     backend.add_argument("--served-model", default=None, help="same as --model with --chat-url (the name `srpo-trl explore` uses)")
     backend.add_argument("--api-key", default=None, help="API key for --chat-url (default: $OPENAI_API_KEY)")
-    backend.add_argument("--timeout", type=float, default=120, help="seconds per HTTP request (default 120)")
+    backend.add_argument("--timeout", type=float, default=120, help="deadline in seconds of each HTTP request: connect and the whole reply (default 120)")
     backend.add_argument("--http-retries", type=int, default=3, help="retries of a failed HTTP request (default 3)")
     backend.add_argument("--adapter", default=None, help="local model: a PEFT adapter folder to put on top")
     backend.add_argument("--device", default=None, help="local model: device (default cuda if available, else cpu)")
@@ -149,7 +151,7 @@ def _make_backend(args, parser):
             concurrency=1,
             show_progress=False,
         )
-        return backend, {"backend": "openai-compatible", "model": name, "url": args.chat_url}, args.workers
+        return backend, {"backend": "openai-compatible", "model": name, "url": redact_url(args.chat_url)}, args.workers
     if not args.model:
         parser.error("give --chat-url URL --model NAME (an endpoint) or --model PATH (a local vision-language model)")
     from srpo_trl.backends import TransformersBackend
@@ -237,11 +239,15 @@ def build_curate_parser() -> argparse.ArgumentParser:
     ex.add_argument("records", help="records file (JSONL)")
     ex.add_argument("review", help="review file to write: .csv (spreadsheets) or .jsonl")
     ex.add_argument("--force", action="store_true", help="overwrite an existing review file")
+    ex.add_argument("--images", default=None, help="folder the records' images must lie in (default: the records file's folder)")
+    ex.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images")
     im = sub.add_parser("import", help="read a reviewed file and write the curated records")
     im.add_argument("review", help="the review file (.csv or .jsonl)")
     im.add_argument("--out", required=True, help="curated records file to write (JSONL)")
     im.add_argument("--skip-invalid", action="store_true", help="write the good rows even if some rows are bad")
     im.add_argument("--no-check-images", action="store_true", help="do not check that image files exist")
+    im.add_argument("--images", default=None, help="folder the review's images must lie in (default: the review file's folder)")
+    im.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images")
     return p
 
 
@@ -250,7 +256,8 @@ def main_curate(argv: list[str] | None = None) -> int:
     prog = f"srpo-trl curate {args.action}"
     if args.action == "export":
         try:
-            n = export_review(args.records, args.review, force=args.force)
+            n = export_review(args.records, args.review, force=args.force, image_root=args.images or Path(args.records).parent,
+                              allow_outside_root=args.allow_outside_root)  # fmt: skip
         except (FileExistsError, FileNotFoundError, RecordError, ValueError) as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
             return 1
@@ -260,7 +267,9 @@ def main_curate(argv: list[str] | None = None) -> int:
         )
         return 0
     try:
-        result = import_review(args.review, args.out, skip_invalid=args.skip_invalid, check_images=not args.no_check_images)
+        result = import_review(args.review, args.out, skip_invalid=args.skip_invalid, check_images=not args.no_check_images,
+                               image_root=args.images or Path(args.review).parent,
+                               allow_outside_root=args.allow_outside_root)  # fmt: skip
     except ReviewError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         print(f"{prog}: nothing written; fix the rows above (or pass --skip-invalid to leave them out)", file=sys.stderr)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .agents import BENIGN, CATEGORIES, OUTCOMES, normalize_category
+from ..paths import OutsideRoot, image_under_root
 from .schema import RecordError, image_path_for, load_records, validate_record
 
 __all__ = ["REVIEW_COLUMNS", "DECISIONS", "ReviewError", "ImportResult", "export_review", "import_review"]
@@ -102,10 +103,12 @@ def _review_format(path: Path) -> str:
     raise ValueError(f"{path}: the review file must end in .csv or .jsonl")
 
 
-def export_review(records_path: str | os.PathLike, review_path: str | os.PathLike, force: bool = False) -> int:
+def export_review(records_path: str | os.PathLike, review_path: str | os.PathLike, force: bool = False,
+                  image_root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> int:  # fmt: skip
     """Write a review file (CSV or JSONL, by extension) for the records; returns the number of rows.
 
-    Refuses to overwrite an existing review file (a reviewer's work) unless ``force``.
+    Refuses to overwrite an existing review file (a reviewer's work) unless ``force``, and image
+    paths outside ``image_root`` (when given; the command line always sets one) unless ``allow_outside_root``.
     """
     records_path, review_path = Path(records_path), Path(review_path)
     fmt = _review_format(review_path)
@@ -113,8 +116,12 @@ def export_review(records_path: str | os.PathLike, review_path: str | os.PathLik
         raise FileExistsError(f"{review_path} exists (it may hold a reviewer's work); pass --force to overwrite it")
     records = load_records(records_path)
     rows = []
-    for rec in records:
-        images = [image_path_for(Path(p) if Path(p).is_absolute() else records_path.parent / p, review_path.parent) for p in rec["images"]]
+    for n, rec in enumerate(records, start=1):
+        try:
+            paths = [image_under_root(p, records_path.parent, image_root, allow_outside_root) for p in rec["images"]]
+        except OutsideRoot as exc:
+            raise RecordError(f"{records_path}: record {n} (id {rec['id']})", "images", str(exc)) from None
+        images = [image_path_for(p, review_path.parent) for p in paths]
         values = {
             "prompt": rec["prompt"],
             "category": rec["category"],
@@ -197,7 +204,8 @@ class _RowProblem(Exception):
         super().__init__(problem)
 
 
-def _build_record(row: dict, review_dir: Path, out_dir: Path, check_images: bool) -> tuple[dict, list[str]]:
+def _build_record(row: dict, review_dir: Path, out_dir: Path, check_images: bool, image_root=None,
+                  allow_outside_root: bool = False) -> tuple[dict, list[str]]:  # fmt: skip
     """An edited/accepted row -> a record (images relative to ``out_dir``) and the changed fields."""
     raw_prov = row.get("_provenance")
     if isinstance(raw_prov, dict):
@@ -240,7 +248,10 @@ def _build_record(row: dict, review_dir: Path, out_dir: Path, check_images: bool
         raise _RowProblem("final_answer", "is empty; write the final safe answer")
     images = []
     for i, p in enumerate(canon["images"]):
-        path = Path(p) if Path(p).is_absolute() else review_dir / p
+        try:
+            path = image_under_root(p, review_dir, image_root, allow_outside_root)
+        except OutsideRoot as exc:
+            raise _RowProblem("images", f"line {i + 1}: {exc}") from None
         if check_images and not path.is_file():
             raise _RowProblem("images", f"line {i + 1}: {p}: no such file ({path}); paths are relative to the review file")
         images.append(image_path_for(path, out_dir))
@@ -264,8 +275,13 @@ def import_review(
     *,
     skip_invalid: bool = False,
     check_images: bool = True,
+    image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
 ) -> ImportResult:
     """Read a review file and return (and write to ``out_path``, JSONL) the curated records.
+
+    Image paths (relative to the review file) must lie inside ``image_root`` (when given; the command
+    line always sets one) unless ``allow_outside_root``: a review file cannot smuggle in ``/etc/passwd``.
 
     Raises :class:`ReviewError` listing every bad row unless ``skip_invalid`` (then the bad rows
     are left out and listed in ``result.errors``).
@@ -303,7 +319,7 @@ def import_review(
             result.rejected += 1
             continue
         try:
-            record, changed = _build_record(row, review_path.parent, out_dir, check_images)
+            record, changed = _build_record(row, review_path.parent, out_dir, check_images, image_root, allow_outside_root)
             if decision == "accept" and changed:
                 raise _RowProblem(
                     changed[0],

@@ -129,7 +129,8 @@ def _judge_backend(args: argparse.Namespace) -> Any:
 
     if not args.judge_url or not args.judge_model:
         raise ValueError("--judge openai-compatible needs --judge-url and --judge-model")
-    return OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False)
+    return OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False,
+                                   timeout=args.timeout, max_retries=args.http_retries)  # fmt: skip
 
 
 def run_without_model(args: argparse.Namespace, protocol: str, label: str, runs_dir: Path, build_srpo_judge) -> RunResult:
