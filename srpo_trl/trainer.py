@@ -40,6 +40,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
+from .architectures import architecture_problem
 from .packing import additive_mask, tree_block_mask
 from .config import SRPOConfig
 from .dataset import StepPairDataset
@@ -104,9 +105,6 @@ def _as_srpo_config(args: DPOConfig) -> SRPOConfig:
     return SRPOConfig(**values)
 
 
-_VLM_TYPES_WITH_PREFIX_SHARING = {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava"}
-
-
 def _table_digest(table) -> str:
     """Content hash of an Arrow table, batch by batch: not its file path nor its schema metadata
     (a memory-mapped cache of the same rows has another path and fingerprint in every run)."""
@@ -129,10 +127,12 @@ def _attn_implementation(model) -> str | None:
     return getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
 
 
-def prefix_sharing_problem(model, peft_config=None) -> str | None:
-    """Why the packed tree forward cannot be used with this model, or None when it can."""
-    config = model.config
-    text_config = config.get_text_config()
+def prefix_sharing_problem(model, peft_config=None, max_length: int | None = None) -> str | None:
+    """Why the packed tree forward cannot be used with this model, or None when it can.
+
+    Architectures are an allow-list (see `srpo_trl.architectures`): hybrid models (Mamba, convolution,
+    linear attention), chunked attention and sliding-window layers longer than `max_length` allows
+    are scored unpacked."""
     attn = _attn_implementation(model)
     if attn not in (None, "sdpa", "eager", "flex_attention"):
         return f"attention implementation {attn!r} takes no tree mask; use 'sdpa', 'flex_attention' or 'eager'"
@@ -141,9 +141,7 @@ def prefix_sharing_problem(model, peft_config=None) -> str | None:
         peft_configs += list(model.peft_config.values())
     if any(getattr(c, "is_prompt_learning", False) for c in peft_configs):
         return "prompt-learning PEFT prepends virtual tokens"
-    if text_config is not config and config.model_type not in _VLM_TYPES_WITH_PREFIX_SHARING:
-        return f"vision-language model type {config.model_type!r} is not one of {sorted(_VLM_TYPES_WITH_PREFIX_SHARING)}"
-    return None
+    return architecture_problem(model.config, max_length)
 
 
 def question_keys(dataset: Dataset) -> list:
@@ -343,7 +341,7 @@ class SRPOTrainer(DPOTrainer):
         self.prefix_sharing = False
         if not args.prefix_sharing:
             return
-        problem = prefix_sharing_problem(model, peft_config)
+        problem = prefix_sharing_problem(model, peft_config, args.max_length)
         if problem is None and not isinstance(collator, DataCollatorForStepPairs):
             problem = "a custom data_collator was given"
         if problem:

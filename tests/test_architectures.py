@@ -1,0 +1,153 @@
+"""Prefix sharing only where it is exact (issue 16): the architecture allow-list.
+
+Every model type on the allow-list is checked here: the packed tree forward's log-probs equal an
+independent per-sequence forward. Hybrid models (Mamba, convolution), sliding-window layers that a
+sequence may outgrow, and chunked attention fall back to unpacked scoring with one warning naming
+the reason, and the log-probs SRPO uses are then the independent ones.
+"""
+
+import logging
+
+import pytest
+import torch
+import transformers
+
+from srpo_trl import SRPOTrainer, StepPairDataset
+from srpo_trl.architectures import TEXT_TYPES, VLM_TYPES, architecture_problem
+from srpo_trl.collator import DataCollatorForStepPairs
+from srpo_trl.tiny import build_tokenizer, make_image, tiny_qwen2_vl
+
+from arch_models import FAMILIES, tiny_model
+from helpers import srpo_args
+from test_prefix_sharing import question_rows
+
+MAX_LENGTH = 256  # the tiny sliding-window families use a window of 256
+
+
+def _attn(model_type):
+    return "eager" if model_type in ("gemma2", "gpt_oss") else "sdpa"  # no sdpa kernel for softcapping / sinks
+
+
+def independent_sums(model, unpacked_batch):
+    """Summed log-probs of each of the 3B sequences, each from its own plain forward, in float64."""
+    sums = []
+    for ids, mask, loss_mask in zip(unpacked_batch["input_ids"], unpacked_batch["attention_mask"], unpacked_batch["loss_mask"]):
+        n = int(mask.sum())
+        with torch.no_grad():
+            logits = model(input_ids=ids[None, :n]).logits[0].double()
+        logp = logits.log_softmax(-1)[:-1].gather(1, ids[1:n, None]).squeeze(1)
+        sums.append((logp * loss_mask[1:n]).sum())
+    return torch.stack(sums)
+
+
+def _trainer(tmp_path, model, tok, rows, **config):
+    args = srpo_args(tmp_path, per_device_train_batch_size=len(rows), **config)
+    return SRPOTrainer(model=model, args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+
+
+def _batches(trainer, tok, n, max_length):
+    examples = [trainer.train_dataset[i] for i in range(n)]
+    unpacked = DataCollatorForStepPairs(tok, max_length=max_length)(examples)
+    return trainer.data_collator(examples), unpacked
+
+
+def test_every_allowed_text_type_has_a_tiny_model_here():
+    assert TEXT_TYPES <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", sorted(TEXT_TYPES))
+def test_allowed_text_type_packed_equals_independent(tmp_path, model_type):
+    tok = build_tokenizer()
+    model = tiny_model(model_type, tok, seed=1, attn_implementation=_attn(model_type))
+    rows = question_rows()
+    trainer = _trainer(tmp_path, model, tok, rows, max_length=MAX_LENGTH)
+    assert trainer.prefix_sharing, model_type
+    packed, unpacked = _batches(trainer, tok, len(rows), MAX_LENGTH)
+    assert packed["packed_length"].sum() < unpacked["attention_mask"].sum()  # really shared
+    with torch.no_grad():
+        sums, counts, _ = trainer._sequence_logps(model, packed)
+    expected = independent_sums(model, unpacked)
+    assert torch.allclose(sums.double(), expected, atol=2e-4, rtol=1e-5), (sums, expected)
+    assert torch.equal(counts, unpacked["loss_mask"][:, 1:].sum(1).to(counts.dtype))
+
+
+def test_qwen2_vl_packed_equals_unpacked(tmp_path):
+    """Qwen2-VL (Qwen2.5-VL and LLaVA-NeXT: tests/test_prefix_sharing.py)."""
+    assert {"qwen2_vl", "qwen2_5_vl", "llava_next"} == VLM_TYPES
+    model, processor = tiny_qwen2_vl(seed=5)
+    rows = question_rows()
+    for r in rows:
+        r["prompt"] = [{"role": "user", "content": r["prompt"]}]
+        r["images"] = [make_image(0)] if r["id"] == "q1" else [make_image(3, size=(56, 28))]
+    packed_trainer = _trainer(tmp_path / "p", model, processor, rows)
+    plain = _trainer(tmp_path / "u", model, processor, rows, prefix_sharing=False)
+    assert packed_trainer.prefix_sharing and not plain.prefix_sharing
+    examples = [packed_trainer.train_dataset[i] for i in range(len(rows))]
+    with torch.no_grad():
+        got, _, _ = packed_trainer._sequence_logps(model, packed_trainer.data_collator(examples))
+        want, _, _ = plain._sequence_logps(model, plain.data_collator(examples))
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+# model type, config overrides, max_length, words the warning must contain
+FALLBACKS = [
+    ("nemotron_h", {}, MAX_LENGTH, "mamba"),
+    ("lfm2", {}, MAX_LENGTH, "conv"),
+    ("gemma2", {}, None, "sliding-window"),
+    ("gemma3_text", {}, 512, "sliding-window"),
+    ("mistral", {}, None, "sliding-window"),
+]
+
+
+@pytest.mark.parametrize("model_type,overrides,max_length,reason", FALLBACKS, ids=[f[0] for f in FALLBACKS])
+def test_unverified_or_inexact_models_fall_back_with_one_warning(tmp_path, caplog, model_type, overrides, max_length, reason):
+    tok = build_tokenizer()
+    model = tiny_model(model_type, tok, seed=2, attn_implementation=_attn(model_type), **overrides)
+    rows = question_rows()
+    with caplog.at_level(logging.WARNING, logger="srpo_trl"):
+        trainer = _trainer(tmp_path, model, tok, rows, max_length=max_length)
+        packed_view, unpacked = _batches(trainer, tok, len(rows), max_length)
+        with torch.no_grad():
+            sums, _, _ = trainer._sequence_logps(model, packed_view)
+            trainer.compute_loss(model, packed_view)
+    assert trainer.prefix_sharing is False and "score_seq" not in packed_view
+    warnings = [r.getMessage() for r in caplog.records if "Prefix sharing is off" in r.getMessage()]
+    assert len(warnings) == 1 and reason in warnings[0] and model_type in warnings[0], warnings
+    assert torch.allclose(sums.double(), independent_sums(model, unpacked), atol=2e-4)
+
+
+def test_the_fallback_guards_a_real_error(tmp_path):
+    """Forced packing on a Mamba hybrid, or past a sliding window, gives wrong log-probs: the checks
+    above are what keeps them out."""
+    tok = build_tokenizer()
+    rows = question_rows()
+    for model_type, overrides in [("nemotron_h", {}), ("gemma2", {"sliding_window": 8})]:
+        model = tiny_model(model_type, tok, seed=2, attn_implementation=_attn(model_type), **overrides)
+        assert architecture_problem(model.config, MAX_LENGTH) is not None
+        trainer = _trainer(tmp_path / model_type, model, tok, rows, max_length=MAX_LENGTH)
+        examples = [trainer.train_dataset[i] for i in range(len(rows))]
+        forced = DataCollatorForStepPairs(tok, max_length=MAX_LENGTH, prefix_sharing=True)(examples)
+        unpacked = DataCollatorForStepPairs(tok, max_length=MAX_LENGTH)(examples)
+        with torch.no_grad():
+            wrong, _, _ = trainer._packed_sequence_logps(model, forced)
+        assert (wrong.double() - independent_sums(model, unpacked)).abs().max() > 1e-2, model_type
+
+
+@pytest.mark.parametrize(
+    "config,reason",
+    [
+        (transformers.Qwen3NextConfig(layer_types=["linear_attention", "full_attention"], num_hidden_layers=2), "linear_attention"),
+        (transformers.Llama4TextConfig(num_hidden_layers=2, layer_types=["chunked_attention", "full_attention"]), "chunked_attention"),
+        (transformers.FalconH1Config(num_hidden_layers=2), "hybrid"),
+        (transformers.Gemma2Config(sliding_window=128), "max_length <= 128"),
+    ],
+    ids=["qwen3_next", "llama4", "falcon_h1", "gemma2_window"],
+)
+def test_config_level_reasons(config, reason):
+    assert reason in architecture_problem(config, 1024)
+
+
+def test_sliding_window_within_max_length_is_allowed():
+    config = transformers.Gemma2Config(sliding_window=128)
+    assert architecture_problem(config, 128) is None
+    assert "not verified" in architecture_problem(transformers.PhiConfig(), None)
