@@ -16,6 +16,10 @@ tests/test_architectures.py. Anything else is scored unpacked (same results, mor
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 # Text backbones whose decoder layers are all softmax attention driven by `position_ids` and a 4D mask.
 # Each entry has a packed == unpacked test (tests/test_architectures.py).
 TEXT_TYPES = frozenset(
@@ -87,3 +91,34 @@ def architecture_problem(config, max_length: int | None) -> str | None:
             f"sequence outgrow the window, which the tree mask does not express; set max_length <= {window} to share"
         )
     return None
+
+
+@contextlib.contextmanager
+def packed_router_mask(inputs: dict):
+    """Let the MoE load-balancing loss of a packed forward count the real (non-padding) tokens.
+
+    TRL's fused LM head computes the router auxiliary loss with Mixtral's `load_balancing_loss_func`
+    and the `attention_mask` the model was given. A packed batch's mask is the 4D tree mask (or a
+    FlexAttention BlockMask), which that function cannot read; for the duration of the forward it
+    gets the 2D mask of the packed rows' real tokens instead. Unpacked batches are left alone.
+    """
+    if "packed_length" not in inputs:
+        yield
+        return
+    from transformers.models.mixtral import modeling_mixtral
+
+    lengths = inputs["packed_length"]
+    width = inputs["input_ids"].size(1)
+    real = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()
+    original = modeling_mixtral.load_balancing_loss_func
+
+    def load_balancing_loss_func(gate_logits, num_experts=None, top_k=2, attention_mask=None):
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            attention_mask = real
+        return original(gate_logits, num_experts, top_k, attention_mask)
+
+    modeling_mixtral.load_balancing_loss_func = load_balancing_loss_func
+    try:
+        yield
+    finally:
+        modeling_mixtral.load_balancing_loss_func = original

@@ -40,7 +40,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
-from .architectures import architecture_problem
+from .architectures import architecture_problem, packed_router_mask
 from .packing import additive_mask, tree_block_mask
 from .config import SRPOConfig
 from .dataset import StepPairDataset
@@ -480,7 +480,8 @@ class SRPOTrainer(DPOTrainer):
         the sequences they score.
         """
         if "score_seq" in inputs:
-            return self._packed_sequence_logps(model, inputs)
+            with packed_router_mask(inputs):  # MoE: the router loss counts the packed rows' real tokens
+                return self._packed_sequence_logps(model, inputs)
         loss_mask = inputs["loss_mask"]
         labels = inputs["input_ids"].masked_fill(loss_mask == 0, -100)
         outputs = model(**self._model_kwargs(inputs), labels=labels, fused_lm_head=True)
@@ -637,7 +638,10 @@ class SRPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         n = self._num_rows(inputs)
-        sums, counts, outputs = self._sequence_logps(model, inputs)
+        policy_inputs = dict(inputs)
+        if self.aux_loss_enabled:  # MoE: the model returns its router load-balancing loss (as in DPOTrainer)
+            policy_inputs["output_router_logits"] = True
+        sums, counts, outputs = self._sequence_logps(model, policy_inputs)
         means = sums / counts.clamp(min=1)
         chosen_mean, rejected_mean, reference_mean = means.split(n)
         chosen_sum, rejected_sum, _ = sums.split(n)
@@ -648,28 +652,39 @@ class SRPOTrainer(DPOTrainer):
             align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
             preferred = chosen_mean > rejected_mean
             metrics["log_odds_ratio"] = log_odds.detach()
+            # No reference model: DPO's rewards as reference-free DPO defines them (log pi_ref = 0).
+            ref_chosen = ref_rejected = torch.zeros_like(chosen_sum)
         else:
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
-            chosen_rewards = self.beta * (chosen_sum - ref_chosen)
-            rejected_rewards = self.beta * (rejected_sum - ref_rejected)
-            align = -F.logsigmoid(chosen_rewards - rejected_rewards)
+            ref_chosen, ref_rejected = ref_chosen.to(chosen_sum.device), ref_rejected.to(chosen_sum.device)
+        chosen_rewards = self.beta * (chosen_sum.detach() - ref_chosen)
+        rejected_rewards = self.beta * (rejected_sum.detach() - ref_rejected)
+        if self.align_loss == "sigmoid":
+            align = -F.logsigmoid(self.beta * ((chosen_sum - ref_chosen) - (rejected_sum - ref_rejected)))
             preferred = chosen_rewards > rejected_rewards
-            metrics["rewards/chosen"] = chosen_rewards.detach()
-            metrics["rewards/rejected"] = rejected_rewards.detach()
-            metrics["rewards/margins"] = (chosen_rewards - rejected_rewards).detach()
-            metrics["rewards/accuracies"] = preferred.float()
         loss = nll + self.srpo_lambda * align.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            metrics["aux_loss"] = outputs.aux_loss.detach()
 
+        # DPOTrainer's metrics, with DPO's meaning (the completion is the continuation; logps are sums).
+        metrics["rewards/chosen"] = chosen_rewards
+        metrics["rewards/rejected"] = rejected_rewards
+        metrics["rewards/margins"] = chosen_rewards - rejected_rewards
+        metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float()
+        metrics["logps/chosen"] = chosen_sum.detach()
+        metrics["logps/rejected"] = rejected_sum.detach()
+        # SRPO's own.
         metrics["loss/reference"] = -reference_mean.detach()
         metrics["loss/align"] = align.detach()
-        metrics["logps/chosen"] = chosen_mean.detach()
-        metrics["logps/rejected"] = rejected_mean.detach()
+        metrics["mean_logps/chosen"] = chosen_mean.detach()
+        metrics["mean_logps/rejected"] = rejected_mean.detach()
         metrics["margin"] = (chosen_mean - rejected_mean).detach()
         metrics["accuracy"] = preferred.float()
-        self._log_metrics(mode, metrics, inputs)
+        self._log_metrics(mode, metrics, inputs, self._token_metrics(outputs, inputs, n))
 
         if return_outputs:
             with torch.no_grad():
@@ -677,10 +692,42 @@ class SRPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
-    def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor], inputs: dict) -> None:
+    def _scored_tokens(self, values: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-position output of the fused LM head at the scored tokens, and each token's sequence index."""
+        if "score_seq" in inputs:
+            return values.reshape(-1)[inputs["score_pos"]], inputs["score_seq"]
+        shift_mask = inputs["loss_mask"][:, 1:].bool()
+        values = values[:, -shift_mask.size(1) :]  # prompt-learning PEFT prepends virtual tokens
+        rows = torch.arange(shift_mask.size(0), device=shift_mask.device)[:, None].expand_as(shift_mask)
+        return values[shift_mask], rows[shift_mask]
+
+    def _token_metrics(self, outputs, inputs: dict, n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """DPO's token-level metrics over the continuation tokens, as (sum, count) pairs: `entropy` over
+        chosen and rejected, `logits/*` (mean logit), `mean_token_accuracy` over chosen tokens."""
+        out = {}
+        fields = {"entropy": outputs.entropy, "logits": outputs.mean_logits, "top1": outputs.is_top1}
+        for name, values in fields.items():
+            if values is None:
+                continue
+            values, seq = self._scored_tokens(values.detach(), inputs)
+            values = values.float()
+            chosen, rejected = seq < n, (seq >= n) & (seq < 2 * n)
+            if name == "entropy":
+                out["entropy"] = (values[chosen | rejected].sum(), (chosen | rejected).sum())
+            elif name == "logits":
+                out["logits/chosen"] = (values[chosen].sum(), chosen.sum())
+                out["logits/rejected"] = (values[rejected].sum(), rejected.sum())
+            else:
+                out["mean_token_accuracy"] = (values[chosen].sum(), chosen.sum())
+        return out
+
+    def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor], inputs: dict, token_metrics=None) -> None:
         gather = self.accelerator.gather_for_metrics
         for key, value in metrics.items():
             self._metrics[mode][key].append(gather(value).float().mean().item())
+        for key, (total, count) in (token_metrics or {}).items():  # token-weighted over all processes, as DPO
+            count = gather(count).sum().item()
+            self._metrics[mode][key].append(gather(total).sum().item() / count if count > 0 else 0.0)
         if "branch_point" in inputs:  # where in the chain the pair sits: accuracy per branch point
             k = gather(inputs["branch_point"]).clamp(max=MAX_BRANCH_BUCKET)
             acc = gather(metrics["accuracy"])

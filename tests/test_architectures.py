@@ -151,3 +151,61 @@ def test_sliding_window_within_max_length_is_allowed():
     config = transformers.Gemma2Config(sliding_window=128)
     assert architecture_problem(config, 128) is None
     assert "not verified" in architecture_problem(transformers.PhiConfig(), None)
+
+
+# ---- MoE: the router's load-balancing loss, as DPOTrainer adds it --------------------------------
+
+
+def _moe_setup(tmp_path, model_type, prefix_sharing, **config):
+    tok = build_tokenizer()
+    model = tiny_model(model_type, tok, seed=3, attn_implementation=_attn(model_type))
+    rows = question_rows()
+    trainer = _trainer(tmp_path, model, tok, rows, max_length=MAX_LENGTH, prefix_sharing=prefix_sharing, **config)
+    trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    return trainer, model, batch
+
+
+def _independent_aux(model, batch):
+    """The load-balancing loss of this batch from the model's own forward (unpacked), or from its
+    backbone's router logits over the packed rows' real tokens (packed)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from srpo_trl.packing import additive_mask
+
+    config = model.config
+    experts = getattr(config, "num_experts", None) or config.num_local_experts
+    with torch.no_grad():
+        if "packed_length" not in batch:
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True).aux_loss
+        out = model.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+            attention_mask=additive_mask(batch["tree_mask"], torch.float32), output_router_logits=True,
+        )  # fmt: skip
+    width = batch["input_ids"].size(1)
+    real = (torch.arange(width)[None] < batch["packed_length"][:, None]).long()
+    return load_balancing_loss_func(out.router_logits, experts, config.num_experts_per_tok, real)
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_moe_router_aux_loss_is_added_and_logged(tmp_path, model_type, prefix_sharing):
+    trainer, model, batch = _moe_setup(tmp_path / "a", model_type, prefix_sharing, router_aux_loss_coef=0.5)
+    assert trainer.prefix_sharing is prefix_sharing and trainer.aux_loss_enabled
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch).item()
+    aux = _independent_aux(model, batch).item()
+    assert aux > 0
+    assert trainer._metrics["train"]["aux_loss"][-1] == pytest.approx(aux, rel=1e-5)
+
+    plain, _, plain_batch = _moe_setup(tmp_path / "b", model_type, prefix_sharing, router_aux_loss_coef=0.0)
+    assert not plain.aux_loss_enabled
+    with torch.no_grad():
+        without = plain.compute_loss(model, plain_batch).item()
+    assert "aux_loss" not in plain._metrics["train"]
+    assert loss == pytest.approx(without + 0.5 * aux, abs=1e-5)
+
+
+def test_moe_default_coefficient_is_the_architectures_own(tmp_path):
+    trainer, _, _ = _moe_setup(tmp_path, "qwen3_moe", True)
+    assert trainer.router_aux_loss_coef == trainer.model.config.router_aux_loss_coef == 0.001
