@@ -523,9 +523,12 @@ class SRPOTrainer(DPOTrainer):
         depth, prompt_length = inputs["position_ids"], inputs["prompt_length"]
         width = int(prompt_length.max().item())
         in_prompt = torch.arange(width, device=depth.device)[None, :] < prompt_length[:, None]
+        mm_token_type_ids = inputs.get("mm_token_type_ids")
+        if mm_token_type_ids is None:  # text-only rows (tokenized without the processor): every token is text
+            mm_token_type_ids = torch.zeros_like(inputs["input_ids"])
         prompt_positions, deltas = self._mrope_model.get_rope_index(
             input_ids=inputs["input_ids"][:, :width],
-            mm_token_type_ids=inputs["mm_token_type_ids"][:, :width],
+            mm_token_type_ids=mm_token_type_ids[:, :width],
             image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=in_prompt.long(),
         )

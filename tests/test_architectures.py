@@ -209,3 +209,42 @@ def test_moe_router_aux_loss_is_added_and_logged(tmp_path, model_type, prefix_sh
 def test_moe_default_coefficient_is_the_architectures_own(tmp_path):
     trainer, _, _ = _moe_setup(tmp_path, "qwen3_moe", True)
     assert trainer.router_aux_loss_coef == trainer.model.config.router_aux_loss_coef == 0.001
+
+
+# ---- Qwen VL on text-only rows and on mixed text / image batches -----------------------------------
+
+
+def _vl_rows(images_for):
+    rows = question_rows()
+    for r in rows:
+        r["prompt"] = [{"role": "user", "content": r["prompt"]}]
+        if images_for is not None:
+            r["images"] = [make_image(0)] if r["id"] in images_for else []
+    return rows
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize(
+    "images_for,batch", [(None, 5), ({"q1"}, 5), ({"q2"}, 4)], ids=["text_only", "mixed", "mixed_batch_without_images"]
+)
+def test_qwen_vl_text_rows_with_prefix_sharing(tmp_path, family, images_for, batch):
+    """Text-only rows (tokenized without the processor, no `mm_token_type_ids`) and batches mixing rows
+    with and without images: the packed forward equals the unpacked one; text-only sequences also
+    equal the model's own forward of each sequence."""
+    from srpo_trl.tiny import tiny_qwen2_5_vl
+
+    model, processor = (tiny_qwen2_5_vl if family == "qwen2_5_vl" else tiny_qwen2_vl)(seed=1)
+    rows = _vl_rows(images_for)
+    packed_trainer = _trainer(tmp_path / "p", model, processor, rows)
+    plain = _trainer(tmp_path / "u", model, processor, rows, prefix_sharing=False)
+    assert packed_trainer.prefix_sharing
+    examples = [packed_trainer.train_dataset[i] for i in range(batch)]
+    packed_batch = packed_trainer.data_collator(examples)
+    unpacked_batch = plain.data_collator(examples)
+    assert "score_seq" in packed_batch
+    with torch.no_grad():
+        got, _, _ = packed_trainer._sequence_logps(model, packed_batch)
+        want, _, _ = plain._sequence_logps(model, unpacked_batch)
+    assert torch.allclose(got, want, atol=1e-4)
+    if images_for is None or batch == 4:  # no image in the batch: each sequence scored alone is the truth
+        assert torch.allclose(got.double(), independent_sums(model, unpacked_batch), atol=2e-4)
