@@ -323,6 +323,8 @@ class SRPOTrainer(DPOTrainer):
             )
         if isinstance(model, str):
             self._setup_prefix_sharing(self.model, data_collator, args, peft_config)
+        if self.prefix_sharing:
+            self._load_packed_batches_per_process()
         if vision_precompute:
             args.precompute_ref_log_probs = self.precompute_ref_logps = True
             batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
@@ -352,6 +354,18 @@ class SRPOTrainer(DPOTrainer):
         base = model.get_base_model() if is_peft_model(model) else model
         inner = getattr(base, "model", None)
         self._mrope_model = inner if hasattr(inner, "get_rope_index") else None
+
+    def _load_packed_batches_per_process(self) -> None:
+        """Each process loads and packs its own batches: accelerate's dispatching dataloader (its default
+        for an IterableDataset, e.g. a streamed eval set) cuts every tensor of a batch to the batch size,
+        but a packed batch's tensors have per-question, per-position and per-token first dimensions."""
+        config = self.accelerator.dataloader_config
+        if config.dispatch_batches:
+            logger.warning(
+                "dispatch_batches=True is turned off: with prefix sharing each process loads its own batches "
+                "(packed batches cannot be sliced across processes). Set prefix_sharing=False to dispatch."
+            )
+        config.dispatch_batches = False
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
