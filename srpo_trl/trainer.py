@@ -50,7 +50,7 @@ from .rows import (
     encode_prompt_text,
     encode_text_segments,
     normalize_row,
-    render_prompt,
+    render_row,
     tokenizer_of,
 )
 
@@ -252,9 +252,9 @@ class SRPOTrainer(DPOTrainer):
             not odds_ratio
             and ref_model is None
             and peft_config is None
-            and not is_peft_model(model)
             and not args.precompute_ref_log_probs
-            and not isinstance(model, str)
+            and not isinstance(model, str)  # a path or hub id: DPOTrainer reloads the reference from it
+            and not is_peft_model(model)
             and not get_config_model_id(model.config)
         ):
             raise ValueError(
@@ -457,7 +457,7 @@ class SRPOTrainer(DPOTrainer):
                 from .collator import load_images
 
                 images = load_images(row["images"], i)
-                text = render_prompt(processor, row["prompt"], images)
+                text = render_row(processor, row, images)["prompt"]
                 kwargs = {"images": [images]} if images else {}
                 prompt_len = len(processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0])
                 seg = encode_text_segments(row, processor, args.step_separator, args.fallback_reference_eos)
