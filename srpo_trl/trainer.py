@@ -244,6 +244,12 @@ class SRPOTrainer(DPOTrainer):
         else:
             eval_dataset = self._unwrap(eval_dataset)
 
+        if args.max_length is not None and args.truncation_mode != "keep_start":
+            raise ValueError(
+                f"truncation_mode={args.truncation_mode!r} is not supported: SRPO keeps the start of every sequence "
+                "(the prompt and reasoning prefix are the context a question's sequences share) and cuts the ends of "
+                "continuations. Use truncation_mode='keep_start' (the default) or max_length=None."
+            )
         odds_ratio = args.align_loss == "odds_ratio"
         if odds_ratio and ref_model is not None:
             logger.warning("align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used or kept.")
@@ -474,7 +480,7 @@ class SRPOTrainer(DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = [
                 "prompt_ids", "prefix_ids", "chosen_ids", "rejected_ids", "reference_ids",
-                "prompt", "images", "image", "prefix", "chosen", "rejected", "reference",
+                "prompt", "images", "image", "prefix", "chosen", "rejected", "reference", "tools", "chat_template_kwargs",
                 "branch_point", "ref_chosen_logps", "ref_rejected_logps",
             ]  # fmt: skip
 

@@ -254,3 +254,10 @@ def test_streamed_eval_set_works_in_both(tmp_path):
     streamed, mapped = srpo.evaluate(), srpo.evaluate(data)
     assert dpo.evaluate()["eval_loss"] > 0
     assert streamed["eval_loss"] == pytest.approx(mapped["eval_loss"], abs=1e-6)
+
+
+def test_keep_end_truncation_is_refused_not_ignored(tmp_path):
+    tok = build_tokenizer()
+    args = srpo_args(tmp_path, max_length=64, truncation_mode="keep_end")
+    with pytest.raises(ValueError, match="truncation_mode='keep_end' is not supported"):
+        SRPOTrainer(model=tiny_causal_lm(tok), args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok)
