@@ -273,14 +273,14 @@ def render_row(processing_class: Any, row: dict[str, Any], images: list | None =
     prompt = as_chat(processing_class, row["prompt"], images)
     end = end_of_answer_text(processing_class, prompt, images, **kwargs)
     prompt_text = render_prompt(processing_class, prompt, images, **kwargs)
-    completions = {"chosen": row["chosen"], "rejected": row["rejected"]}
-    if isinstance(completions["chosen"], list) or isinstance(completions["rejected"], list):
+    completions = {f: row[f] for f in ("chosen", "rejected") if row.get(f) is not None}  # a prompt-only row: none
+    if any(isinstance(value, list) for value in completions.values()):
         full = {}
         for field, value in completions.items():
             messages = value if isinstance(value, list) else [{"role": "assistant", "content": value}]
             chat = _chat_messages(processing_class, [*prompt, *messages], images or [])
             full[field] = processing_class.apply_chat_template(chat, tokenize=False, **kwargs)
-        prompt_text = _common_prefix([prompt_text, full["chosen"], full["rejected"]])
+        prompt_text = _common_prefix([prompt_text, *full.values()])
         completions = {field: text[len(prompt_text) :] for field, text in full.items()}
     out = {"prompt": prompt_text, "end": end, "chosen_end": end}
     for field, text in completions.items():
