@@ -261,3 +261,14 @@ def test_keep_end_truncation_is_refused_not_ignored(tmp_path):
     args = srpo_args(tmp_path, max_length=64, truncation_mode="keep_end")
     with pytest.raises(ValueError, match="truncation_mode='keep_end' is not supported"):
         SRPOTrainer(model=tiny_causal_lm(tok), args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+
+
+def test_message_completions_with_a_text_prompt_are_refused_by_name():
+    from srpo_trl import StepPairDataset
+    from srpo_trl.rows import RowError
+
+    rows = [{"prompt": "Q?", "chosen": _assistant("Yes."), "rejected": _assistant("No.")}]
+    with pytest.raises(RowError, match="row 0 .*'chosen'.*give both as chat messages"):
+        StepPairDataset.from_list(rows)
+    with pytest.raises(RowError, match="message 0 is 'user'.*one assistant turn"):
+        StepPairDataset.from_list([{"prompt": _user("Q?"), "chosen": _user("x"), "rejected": _assistant("No.")}])
