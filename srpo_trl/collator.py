@@ -30,7 +30,7 @@ from .rows import (
     encode_prompt_text,
     encode_text_segments,
     normalize_row,
-    render_prompt,
+    render_row,
     tokenizer_of,
 )
 
@@ -219,7 +219,7 @@ class DataCollatorForStepPairs:
         """
         processor = self.processing_class
         images = [load_images(r["images"], r.get("_row", i)) for i, r in enumerate(rows)]
-        texts = [render_prompt(processor, r["prompt"], imgs) for r, imgs in zip(rows, images)]
+        texts = [render_row(processor, r, imgs)["prompt"] for r, imgs in zip(rows, images)]
         keys = [(t, tuple(_image_digest(im) for im in imgs)) for t, imgs in zip(texts, images)]
         if self.prefix_sharing:
             unique = list(dict.fromkeys(keys))

@@ -74,7 +74,9 @@ class SRPOConfig(DPOConfig):
             "help": "Score all sequences of a question (chosen, rejected, reference of every row sharing the prompt "
             "and images) in one packed row with a tree attention mask, so shared tokens (image tokens, reasoning "
             "prefix) go through the model once. Same log-probs as separate scoring. Falls back, with one warning, to "
-            "the unpacked path where unsupported (e.g. flash-attention, prompt-learning PEFT)."
+            "the unpacked path where unsupported or not exact: architectures off the verified list (hybrid Mamba / "
+            "convolution / linear-attention models, chunked attention, sliding windows longer than max_length allows), "
+            "flash-attention, prompt-learning PEFT (see docs/trainer.md)."
         },
     )
     group_by_question: bool = field(

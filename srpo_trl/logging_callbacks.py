@@ -3,8 +3,9 @@
 With `report_to="wandb"`, `srpo-trl train` adds `WandbSamplePairsCallback`: at every evaluation it
 scores the first `num_pairs` evaluation rows with the current policy and logs a table
 `eval/sample_pairs` with the prompt, the reasoning prefix, the favorable (chosen) and unfavorable
-(rejected) continuation, their mean token log-probs (the quantities of `logps/chosen` /
-`logps/rejected`), summed log-probs, the margin and whether the favorable one is preferred.
+(rejected) continuation, their mean token log-probs (the quantities of `mean_logps/chosen` /
+`mean_logps/rejected`), summed log-probs (those of `logps/*`), the margin and whether the favorable
+one is preferred.
 
 Scoring is independent of the trainer's batching (one plain forward per sequence, built with the
 same row helpers as training), so the table also cross-checks the trained metrics. Every process

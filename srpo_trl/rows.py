@@ -11,10 +11,11 @@ that a row is rendered the same way when it is trained on and when the policy is
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
-from trl.data_utils import extract_prompt, is_conversational, prepare_multimodal_messages
+from trl.data_utils import extract_prompt, prepare_multimodal_messages
 
 logger = logging.getLogger(__name__)
 
@@ -31,21 +32,21 @@ class RowError(ValueError):
         super().__init__(f"row {index}: field '{field}': {problem}")
 
 
-def _message_list_text(messages: list, index: Any, field: str) -> str:
-    """The text of a completion given as assistant messages (TRL's conversational chosen/rejected)."""
-    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "assistant":
-        raise RowError(
-            index,
-            field,
-            "a conversational completion must be exactly one assistant message "
-            f"(got {len(messages)} message(s)); put earlier turns in 'prompt'",
-        )
-    content = messages[0].get("content")
-    if isinstance(content, list):  # structured content: keep the text parts
-        content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-    if not isinstance(content, str):
-        raise RowError(index, field, f"assistant content must be text, got {type(content).__name__}")
-    return content
+def _check_messages(messages: list, index: Any, field: str) -> list:
+    """A completion given as chat messages (TRL's conversational chosen / rejected): kept as messages and
+    rendered by the chat template, as DPOTrainer does (tool calls, `thinking`, harmony channels)."""
+    if not messages:
+        raise RowError(index, field, "is an empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("assistant", "tool"):
+            role = message.get("role") if isinstance(message, dict) else type(message).__name__
+            raise RowError(
+                index, field, f"message {i} is {role!r}: a completion is one assistant turn (assistant and tool "
+                "messages); put earlier turns in 'prompt'"
+            )
+        if message.get("content") is None and not message.get("tool_calls") and not message.get("thinking"):
+            raise RowError(index, field, f"message {i} has no content, tool_calls or thinking")
+    return list(messages)
 
 
 def _check_steps(value: Any, index: Any, field: str, allow_empty: bool) -> list[str]:
@@ -67,16 +68,20 @@ def _check_steps(value: Any, index: Any, field: str, allow_empty: bool) -> list[
 def normalize_row(row: dict[str, Any], index: Any) -> dict[str, Any]:
     """Validate one row and return it in canonical form.
 
-    Canonical form: ``prompt`` (str or list of messages), ``images`` (list, possibly empty),
-    ``prefix`` (list of str), ``chosen``/``rejected`` (str), ``reference`` (list of str or None),
+    Canonical form: ``prompt`` (str or list of messages; an implicit prompt inside chosen / rejected
+    is extracted as DPO does), ``images`` (list, possibly empty), ``prefix`` (list of str),
+    ``chosen``/``rejected`` (str, or for a conversational prompt a list of assistant / tool messages
+    that the chat template renders, see `render_row`), ``reference`` (list of str or None),
     ``branch_point`` (int; defaults to the number of prefix steps).
     Other columns (``id``, ``branch_point``, ...) are kept as they are. Raises :class:`RowError`.
     """
     row = dict(row)
     if "prompt" not in row or row["prompt"] is None:
-        if is_conversational(row) and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
-            row = {**row, **extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})}
-        else:
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        # DPO's implicit prompt: the shared start of chosen and rejected (turns, or characters of text)
+        if type(chosen) is type(rejected) and isinstance(chosen, (list, str)) and chosen and rejected:
+            row = {**row, **extract_prompt({"chosen": chosen, "rejected": rejected})}
+        if not row.get("prompt"):
             raise RowError(index, "prompt", "is missing; every row needs the question it answers")
     prompt = row["prompt"]
     if isinstance(prompt, str):
@@ -90,7 +95,10 @@ def normalize_row(row: dict[str, Any], index: Any) -> dict[str, Any]:
         if value is None:
             raise RowError(index, field, "is missing")
         if isinstance(value, list):
-            value = _message_list_text(value, index, field)
+            row[field] = _check_messages(value, index, field)
+            if isinstance(row["prompt"], str):
+                raise RowError(index, field, "is a list of messages but 'prompt' is a string; give both as chat messages")
+            continue
         if not isinstance(value, str):
             raise RowError(index, field, f"must be a string, got {type(value).__name__}")
         if not value.strip():
@@ -194,20 +202,36 @@ def as_chat(processing_class: Any, prompt: Any, images: list | None) -> Any:
     return prompt
 
 
-def render_prompt(processing_class: Any, prompt: Any, images: list | None = None) -> str:
+def template_kwargs(row: dict[str, Any]) -> dict[str, Any]:
+    """What a row passes to the chat template besides its messages, as DPOTrainer does: its `tools`
+    (a list, or a JSON string) and its per-row `chat_template_kwargs` (e.g. `enable_thinking`)."""
+    kwargs = dict(row.get("chat_template_kwargs") or {})
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    if tools is not None:
+        kwargs["tools"] = tools
+    return kwargs
+
+
+def render_prompt(processing_class: Any, prompt: Any, images: list | None = None, **template_kwargs) -> str:
     """The prompt as the model sees it before the assistant's reasoning starts.
 
     A conversational prompt is rendered with the chat template and the generation prompt (the
-    assistant turn is opened, not closed); a standard prompt is used as it is.
+    assistant turn is opened, not closed; a prompt ending in an assistant turn is continued); a
+    standard prompt is used as it is.
     """
     prompt = as_chat(processing_class, prompt, images)
     if isinstance(prompt, str):
         return prompt
     messages = _chat_messages(processing_class, prompt, images or [])
-    return processing_class.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    continued = prompt[-1].get("role") == "assistant"
+    return processing_class.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=not continued, continue_final_message=continued, **template_kwargs
+    )
 
 
-def end_of_answer_text(processing_class: Any, prompt: Any, images: list | None = None) -> str:
+def end_of_answer_text(processing_class: Any, prompt: Any, images: list | None = None, **template_kwargs) -> str:
     """What closes a final answer: EOS for a standard prompt, the template's end of turn for a chat.
 
     Continuations are never closed (a step is not the end of an answer); only the reference path is.
@@ -217,11 +241,59 @@ def end_of_answer_text(processing_class: Any, prompt: Any, images: list | None =
     if isinstance(prompt, str):
         return tokenizer.eos_token
     messages = _chat_messages(processing_class, [*prompt, {"role": "assistant", "content": _MARKER}], images or [])
-    full = processing_class.apply_chat_template(messages, tokenize=False)
+    full = processing_class.apply_chat_template(messages, tokenize=False, **template_kwargs)
     if _MARKER not in full:  # a template that rewrites assistant content: fall back to EOS
         logger.warning("The chat template does not render assistant content verbatim; closing answers with EOS.")
         return tokenizer.eos_token
     return full.split(_MARKER, 1)[1]
+
+
+def _common_prefix(texts: list[str]) -> str:
+    import os.path
+
+    return os.path.commonprefix(texts)
+
+
+def render_row(processing_class: Any, row: dict[str, Any], images: list | None = None) -> dict[str, str]:
+    """A row's texts: `prompt` (what precedes the assistant's reasoning), `chosen` / `rejected` (the
+    continuations, never closed), `end` (what closes a final answer) and `chosen_end` (what closes the
+    chosen answer on the fallback reference path `prefix + chosen`).
+
+    Rendered as DPOTrainer renders them, so that for a plain DPO row SRPO's prompt is DPO's, its
+    `chosen + chosen_end` (the reference path) is DPO's chosen completion and `rejected + end` DPO's
+    rejected one: a standard row's completions are closed with EOS (not twice); a conversational row's
+    completions given as messages (tool calls, `thinking`, harmony channels) are what the chat
+    template renders after the prompt, the prompt being the common start of the template applied to
+    the prompt (with the generation prompt), to prompt + chosen and to prompt + rejected. Tools and
+    `chat_template_kwargs` reach every template call.
+    """
+    if images is None:
+        images = row.get("images") or None  # placed by the template; their pixels are not needed here
+    kwargs = template_kwargs(row)
+    prompt = as_chat(processing_class, row["prompt"], images)
+    end = end_of_answer_text(processing_class, prompt, images, **kwargs)
+    prompt_text = render_prompt(processing_class, prompt, images, **kwargs)
+    completions = {f: row[f] for f in ("chosen", "rejected") if row.get(f) is not None}  # a prompt-only row: none
+    if any(isinstance(value, list) for value in completions.values()):
+        full = {}
+        for field, value in completions.items():
+            messages = value if isinstance(value, list) else [{"role": "assistant", "content": value}]
+            chat = _chat_messages(processing_class, [*prompt, *messages], images or [])
+            full[field] = processing_class.apply_chat_template(chat, tokenize=False, **kwargs)
+        prompt_text = _common_prefix([prompt_text, *full.values()])
+        completions = {field: text[len(prompt_text) :] for field, text in full.items()}
+    out = {"prompt": prompt_text, "end": end, "chosen_end": end}
+    for field, text in completions.items():
+        closed = bool(end) and text.endswith(end) and len(text) > len(end)
+        if isinstance(row[field], list):  # rendered by the template, closed with the end of turn
+            if closed:
+                text = text[: -len(end)]
+            elif field == "chosen":
+                out["chosen_end"] = ""  # the template closes this turn otherwise (e.g. a tool call): kept as rendered
+        elif isinstance(prompt, str) and closed:  # a standard completion given with its EOS: not closed twice
+            text = text[: -len(end)]
+        out[field] = text
+    return out
 
 
 def continuation_prefix_text(prefix: list[str], separator: str = DEFAULT_STEP_SEPARATOR) -> str:
@@ -271,14 +343,15 @@ def encode_text_segments(
     ``fallback_reference_eos`` is False (one-step continuations that are not final answers).
     """
     tokenizer = tokenizer_of(processing_class)
-    end_ids = _ids(tokenizer, end_of_answer_text(processing_class, row["prompt"], row["images"]))
+    texts = render_row(processing_class, row)
     prefix_ids = steps_ids(tokenizer, row["prefix"], separator, close_last=True)
-    chosen_ids = _ids(tokenizer, row["chosen"])
-    rejected_ids = _ids(tokenizer, row["rejected"])
+    chosen_ids = _ids(tokenizer, texts["chosen"])
+    rejected_ids = _ids(tokenizer, texts["rejected"])
     if row.get("reference"):
-        reference_ids = steps_ids(tokenizer, row["reference"], separator, close_last=False) + end_ids
+        reference_ids = steps_ids(tokenizer, row["reference"], separator, close_last=False) + _ids(tokenizer, texts["end"])
     else:
-        reference_ids = prefix_ids + chosen_ids + (end_ids if fallback_reference_eos else [])
+        closing = _ids(tokenizer, texts["chosen_end"]) if fallback_reference_eos else []
+        reference_ids = prefix_ids + chosen_ids + closing
     return {
         "prefix_ids": prefix_ids,
         "chosen_ids": chosen_ids,
@@ -290,5 +363,5 @@ def encode_text_segments(
 def encode_prompt_text(row: dict[str, Any], tokenizer: Any) -> list[int]:
     """Prompt ids for a text model (special tokens such as BOS only for a raw string prompt:
     a chat template already writes them)."""
-    text = render_prompt(tokenizer, row["prompt"])
+    text = render_row(tokenizer, row)["prompt"]
     return tokenizer(text, add_special_tokens=isinstance(row["prompt"], str))["input_ids"]

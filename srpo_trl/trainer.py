@@ -41,6 +41,7 @@ from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from . import guards
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
+from .architectures import architecture_problem, packed_router_mask
 from .packing import additive_mask, tree_block_mask
 from .config import SRPOConfig
 from .dataset import StepPairDataset
@@ -50,7 +51,7 @@ from .rows import (
     encode_prompt_text,
     encode_text_segments,
     normalize_row,
-    render_prompt,
+    render_row,
     tokenizer_of,
 )
 
@@ -105,9 +106,6 @@ def _as_srpo_config(args: DPOConfig) -> SRPOConfig:
     return SRPOConfig(**values)
 
 
-_VLM_TYPES_WITH_PREFIX_SHARING = {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava"}
-
-
 def _table_digest(table) -> str:
     """Content hash of an Arrow table, batch by batch: not its file path nor its schema metadata
     (a memory-mapped cache of the same rows has another path and fingerprint in every run)."""
@@ -130,10 +128,12 @@ def _attn_implementation(model) -> str | None:
     return getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
 
 
-def prefix_sharing_problem(model, peft_config=None) -> str | None:
-    """Why the packed tree forward cannot be used with this model, or None when it can."""
-    config = model.config
-    text_config = config.get_text_config()
+def prefix_sharing_problem(model, peft_config=None, max_length: int | None = None) -> str | None:
+    """Why the packed tree forward cannot be used with this model, or None when it can.
+
+    Architectures are an allow-list (see `srpo_trl.architectures`): hybrid models (Mamba, convolution,
+    linear attention), chunked attention and sliding-window layers longer than `max_length` allows
+    are scored unpacked."""
     attn = _attn_implementation(model)
     if attn not in (None, "sdpa", "eager", "flex_attention"):
         return f"attention implementation {attn!r} takes no tree mask; use 'sdpa', 'flex_attention' or 'eager'"
@@ -142,9 +142,7 @@ def prefix_sharing_problem(model, peft_config=None) -> str | None:
         peft_configs += list(model.peft_config.values())
     if any(getattr(c, "is_prompt_learning", False) for c in peft_configs):
         return "prompt-learning PEFT prepends virtual tokens"
-    if text_config is not config and config.model_type not in _VLM_TYPES_WITH_PREFIX_SHARING:
-        return f"vision-language model type {config.model_type!r} is not one of {sorted(_VLM_TYPES_WITH_PREFIX_SHARING)}"
-    return None
+    return architecture_problem(model.config, max_length)
 
 
 def question_keys(dataset: Dataset) -> list:
@@ -247,6 +245,12 @@ class SRPOTrainer(DPOTrainer):
         else:
             eval_dataset = self._unwrap(eval_dataset)
 
+        if args.max_length is not None and args.truncation_mode != "keep_start":
+            raise ValueError(
+                f"truncation_mode={args.truncation_mode!r} is not supported: SRPO keeps the start of every sequence "
+                "(the prompt and reasoning prefix are the context a question's sequences share) and cuts the ends of "
+                "continuations. Use truncation_mode='keep_start' (the default) or max_length=None."
+            )
         odds_ratio = args.align_loss == "odds_ratio"
         if odds_ratio and ref_model is not None:
             logger.warning("align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used or kept.")
@@ -255,9 +259,9 @@ class SRPOTrainer(DPOTrainer):
             not odds_ratio
             and ref_model is None
             and peft_config is None
-            and not is_peft_model(model)
             and not args.precompute_ref_log_probs
-            and not isinstance(model, str)
+            and not isinstance(model, str)  # a path or hub id: DPOTrainer reloads the reference from it
+            and not is_peft_model(model)
             and not get_config_model_id(model.config)
         ):
             raise ValueError(
@@ -326,6 +330,8 @@ class SRPOTrainer(DPOTrainer):
             )
         if isinstance(model, str):
             self._setup_prefix_sharing(self.model, data_collator, args, peft_config)
+        if self.prefix_sharing:
+            self._load_packed_batches_per_process()
         if vision_precompute:
             args.precompute_ref_log_probs = self.precompute_ref_logps = True
             batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
@@ -344,7 +350,7 @@ class SRPOTrainer(DPOTrainer):
         self.prefix_sharing = False
         if not args.prefix_sharing:
             return
-        problem = prefix_sharing_problem(model, peft_config)
+        problem = prefix_sharing_problem(model, peft_config, args.max_length)
         if problem is None and not isinstance(collator, DataCollatorForStepPairs):
             problem = "a custom data_collator was given"
         if problem:
@@ -355,6 +361,18 @@ class SRPOTrainer(DPOTrainer):
         base = model.get_base_model() if is_peft_model(model) else model
         inner = getattr(base, "model", None)
         self._mrope_model = inner if hasattr(inner, "get_rope_index") else None
+
+    def _load_packed_batches_per_process(self) -> None:
+        """Each process loads and packs its own batches: accelerate's dispatching dataloader (its default
+        for an IterableDataset, e.g. a streamed eval set) cuts every tensor of a batch to the batch size,
+        but a packed batch's tensors have per-question, per-position and per-token first dimensions."""
+        config = self.accelerator.dataloader_config
+        if config.dispatch_batches:
+            logger.warning(
+                "dispatch_batches=True is turned off: with prefix sharing each process loads its own batches "
+                "(packed batches cannot be sliced across processes). Set prefix_sharing=False to dispatch."
+            )
+        config.dispatch_batches = False
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -444,7 +462,7 @@ class SRPOTrainer(DPOTrainer):
             check_image_count(row, i, image_token)
             images = guards.open_images(row["images"], i)  # every image opened now, errors name the dataset row
             if args.max_length is not None:
-                text = render_prompt(processor, row["prompt"], images)
+                text = render_row(processor, row, images)["prompt"]
                 kwargs = {"images": [images]} if images else {}
                 prompt_len = len(processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0])
                 seg = encode_text_segments(row, processor, args.step_separator, args.fallback_reference_eos)
@@ -461,7 +479,7 @@ class SRPOTrainer(DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = [
                 "prompt_ids", "prefix_ids", "chosen_ids", "rejected_ids", "reference_ids",
-                "prompt", "images", "image", "prefix", "chosen", "rejected", "reference",
+                "prompt", "images", "image", "prefix", "chosen", "rejected", "reference", "tools", "chat_template_kwargs",
                 "branch_point", "ref_chosen_logps", "ref_rejected_logps",
             ]  # fmt: skip
 
@@ -481,7 +499,8 @@ class SRPOTrainer(DPOTrainer):
         the sequences they score.
         """
         if "score_seq" in inputs:
-            return self._packed_sequence_logps(model, inputs)
+            with packed_router_mask(inputs):  # MoE: the router loss counts the packed rows' real tokens
+                return self._packed_sequence_logps(model, inputs)
         loss_mask = inputs["loss_mask"]
         labels = inputs["input_ids"].masked_fill(loss_mask == 0, -100)
         outputs = model(**self._model_kwargs(inputs), labels=labels, fused_lm_head=True)
@@ -523,9 +542,12 @@ class SRPOTrainer(DPOTrainer):
         depth, prompt_length = inputs["position_ids"], inputs["prompt_length"]
         width = int(prompt_length.max().item())
         in_prompt = torch.arange(width, device=depth.device)[None, :] < prompt_length[:, None]
+        mm_token_type_ids = inputs.get("mm_token_type_ids")
+        if mm_token_type_ids is None:  # text-only rows (tokenized without the processor): every token is text
+            mm_token_type_ids = torch.zeros_like(inputs["input_ids"])
         prompt_positions, deltas = self._mrope_model.get_rope_index(
             input_ids=inputs["input_ids"][:, :width],
-            mm_token_type_ids=inputs["mm_token_type_ids"][:, :width],
+            mm_token_type_ids=mm_token_type_ids[:, :width],
             image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=in_prompt.long(),
         )
@@ -638,7 +660,10 @@ class SRPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         n = self._num_rows(inputs)
-        sums, counts, outputs = self._sequence_logps(model, inputs)
+        policy_inputs = dict(inputs)
+        if self.aux_loss_enabled:  # MoE: the model returns its router load-balancing loss (as in DPOTrainer)
+            policy_inputs["output_router_logits"] = True
+        sums, counts, outputs = self._sequence_logps(model, policy_inputs)
         means = sums / counts.clamp(min=1)
         chosen_mean, rejected_mean, reference_mean = means.split(n)
         chosen_sum, rejected_sum, _ = sums.split(n)
@@ -649,28 +674,39 @@ class SRPOTrainer(DPOTrainer):
             align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
             preferred = chosen_mean > rejected_mean
             metrics["log_odds_ratio"] = log_odds.detach()
+            # No reference model: DPO's rewards as reference-free DPO defines them (log pi_ref = 0).
+            ref_chosen = ref_rejected = torch.zeros_like(chosen_sum)
         else:
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
-            chosen_rewards = self.beta * (chosen_sum - ref_chosen)
-            rejected_rewards = self.beta * (rejected_sum - ref_rejected)
-            align = -F.logsigmoid(chosen_rewards - rejected_rewards)
+            ref_chosen, ref_rejected = ref_chosen.to(chosen_sum.device), ref_rejected.to(chosen_sum.device)
+        chosen_rewards = self.beta * (chosen_sum.detach() - ref_chosen)
+        rejected_rewards = self.beta * (rejected_sum.detach() - ref_rejected)
+        if self.align_loss == "sigmoid":
+            align = -F.logsigmoid(self.beta * ((chosen_sum - ref_chosen) - (rejected_sum - ref_rejected)))
             preferred = chosen_rewards > rejected_rewards
-            metrics["rewards/chosen"] = chosen_rewards.detach()
-            metrics["rewards/rejected"] = rejected_rewards.detach()
-            metrics["rewards/margins"] = (chosen_rewards - rejected_rewards).detach()
-            metrics["rewards/accuracies"] = preferred.float()
         loss = nll + self.srpo_lambda * align.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            metrics["aux_loss"] = outputs.aux_loss.detach()
 
+        # DPOTrainer's metrics, with DPO's meaning (the completion is the continuation; logps are sums).
+        metrics["rewards/chosen"] = chosen_rewards
+        metrics["rewards/rejected"] = rejected_rewards
+        metrics["rewards/margins"] = chosen_rewards - rejected_rewards
+        metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float()
+        metrics["logps/chosen"] = chosen_sum.detach()
+        metrics["logps/rejected"] = rejected_sum.detach()
+        # SRPO's own.
         metrics["loss/reference"] = -reference_mean.detach()
         metrics["loss/align"] = align.detach()
-        metrics["logps/chosen"] = chosen_mean.detach()
-        metrics["logps/rejected"] = rejected_mean.detach()
+        metrics["mean_logps/chosen"] = chosen_mean.detach()
+        metrics["mean_logps/rejected"] = rejected_mean.detach()
         metrics["margin"] = (chosen_mean - rejected_mean).detach()
         metrics["accuracy"] = preferred.float()
-        self._log_metrics(mode, metrics, inputs)
+        self._log_metrics(mode, metrics, inputs, self._token_metrics(outputs, inputs, n))
 
         if return_outputs:
             with torch.no_grad():
@@ -678,10 +714,42 @@ class SRPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
-    def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor], inputs: dict) -> None:
+    def _scored_tokens(self, values: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-position output of the fused LM head at the scored tokens, and each token's sequence index."""
+        if "score_seq" in inputs:
+            return values.reshape(-1)[inputs["score_pos"]], inputs["score_seq"]
+        shift_mask = inputs["loss_mask"][:, 1:].bool()
+        values = values[:, -shift_mask.size(1) :]  # prompt-learning PEFT prepends virtual tokens
+        rows = torch.arange(shift_mask.size(0), device=shift_mask.device)[:, None].expand_as(shift_mask)
+        return values[shift_mask], rows[shift_mask]
+
+    def _token_metrics(self, outputs, inputs: dict, n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """DPO's token-level metrics over the continuation tokens, as (sum, count) pairs: `entropy` over
+        chosen and rejected, `logits/*` (mean logit), `mean_token_accuracy` over chosen tokens."""
+        out = {}
+        fields = {"entropy": outputs.entropy, "logits": outputs.mean_logits, "top1": outputs.is_top1}
+        for name, values in fields.items():
+            if values is None:
+                continue
+            values, seq = self._scored_tokens(values.detach(), inputs)
+            values = values.float()
+            chosen, rejected = seq < n, (seq >= n) & (seq < 2 * n)
+            if name == "entropy":
+                out["entropy"] = (values[chosen | rejected].sum(), (chosen | rejected).sum())
+            elif name == "logits":
+                out["logits/chosen"] = (values[chosen].sum(), chosen.sum())
+                out["logits/rejected"] = (values[rejected].sum(), rejected.sum())
+            else:
+                out["mean_token_accuracy"] = (values[chosen].sum(), chosen.sum())
+        return out
+
+    def _log_metrics(self, mode: str, metrics: dict[str, torch.Tensor], inputs: dict, token_metrics=None) -> None:
         gather = self.accelerator.gather_for_metrics
         for key, value in metrics.items():
             self._metrics[mode][key].append(gather(value).float().mean().item())
+        for key, (total, count) in (token_metrics or {}).items():  # token-weighted over all processes, as DPO
+            count = gather(count).sum().item()
+            self._metrics[mode][key].append(gather(total).sum().item() / count if count > 0 else 0.0)
         if "branch_point" in inputs:  # where in the chain the pair sits: accuracy per branch point
             k = gather(inputs["branch_point"]).clamp(max=MAX_BRANCH_BUCKET)
             acc = gather(metrics["accuracy"])

@@ -374,10 +374,13 @@ def test_wandb_offline_logs_a_table_of_sample_pairs_at_eval(tmp_path, text_model
     assert rows[0]["prefix"] == "\n".join(ROWS[0]["prefix"]) and rows[0]["prompt"] == ROWS[0]["prompt"]
     assert all(r["step"] == 2 for r in rows)
     # The table's log-probs are the ones the evaluation measured (independent forwards, same model).
+    # logps/* are DPO's summed log-probs; mean_logps/* SRPO's mean token log-probs (issue 16).
     mean_chosen = sum(r["logp_chosen"] for r in rows) / 3
     mean_rejected = sum(r["logp_rejected"] for r in rows) / 3
-    assert mean_chosen == pytest.approx(evals[0]["eval_logps/chosen"], abs=1e-4)
-    assert mean_rejected == pytest.approx(evals[0]["eval_logps/rejected"], abs=1e-4)
+    assert mean_chosen == pytest.approx(evals[0]["eval_mean_logps/chosen"], abs=1e-4)
+    assert mean_rejected == pytest.approx(evals[0]["eval_mean_logps/rejected"], abs=1e-4)
+    assert sum(r["sum_logp_chosen"] for r in rows) / 3 == pytest.approx(evals[0]["eval_logps/chosen"], abs=1e-3)
+    assert sum(r["sum_logp_rejected"] for r in rows) / 3 == pytest.approx(evals[0]["eval_logps/rejected"], abs=1e-3)
     assert all(r["margin"] == pytest.approx(r["logp_chosen"] - r["logp_rejected"]) for r in rows)
     # The run's own record (written offline, nothing sent) holds the SRPO metrics and the table.
     run_dir = tables[0].parents[4]
