@@ -40,7 +40,8 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
-from .packing import additive_mask, tree_block_mask
+from .attention import TREE_ATTENTION, choose_tree_attention, use_tree_attention
+from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
 from .config import SRPOConfig
 from .dataset import StepPairDataset
 from .rows import (
@@ -134,7 +135,7 @@ def prefix_sharing_problem(model, peft_config=None) -> str | None:
     config = model.config
     text_config = config.get_text_config()
     attn = _attn_implementation(model)
-    if attn not in (None, "sdpa", "eager", "flex_attention"):
+    if attn not in (None, "sdpa", "eager", "flex_attention", TREE_ATTENTION):
         return f"attention implementation {attn!r} takes no tree mask; use 'sdpa', 'flex_attention' or 'eager'"
     peft_configs = [peft_config] if peft_config is not None else []
     if is_peft_model(model):
@@ -350,7 +351,15 @@ class SRPOTrainer(DPOTrainer):
             logger.warning("Prefix sharing is off (%s); sequences are scored separately, with the same results.", problem)
             return
         self.prefix_sharing = collator.prefix_sharing = True
-        collator.dense_mask = _attn_implementation(model) != "flex_attention"
+        # How the packed tree attends: a block-sparse FlexAttention mask (CUDA, bf16/fp16) or a dense one.
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else next(model.parameters()).dtype
+        choice = choose_tree_attention(model, args.device.type, dtype)
+        if choice.switch_to_tree:
+            use_tree_attention(model)
+        collator.dense_mask = not choice.block_mask
+        collator.bucket_multiple = FLEX_BLOCK_SIZE if choice.block_mask else None  # one compiled shape per bucket
+        if choice.why:
+            logger.warning("Packed batches use a dense [L, L] tree mask, not block-sparse tree attention: %s.", choice.why)
         base = model.get_base_model() if is_peft_model(model) else model
         inner = getattr(base, "model", None)
         self._mrope_model = inner if hasattr(inner, "get_rope_index") else None
