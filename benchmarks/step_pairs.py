@@ -477,9 +477,8 @@ def _count_tokens(model, counters: dict, current_batch: dict, lora: bool = False
     FLOPs) and the vision tower (images encoded). Counts every forward: policy, reference model and
     NLL pass.
 
-    Model FLOPs (for TFLOP/s and MFU): per forward, 2 x decoder parameters x tokens (padding included:
-    the kernels process it), 2 x LM-head parameters x scored positions (TRL's fused head projects only
-    those), 4 x layers x attention width per attended (query, key) pair (ancestors in a tree, the
+    Model FLOPs (for TFLOP/s and MFU): per forward, 2 x (decoder + LM-head parameters) x tokens (padding
+    included: the kernels process it; TRL's fused head projects every position), 4 x layers x attention width per attended (query, key) pair (ancestors in a tree, the
     causal past otherwise: the useful pairs, not those a dense mask computes), 2 x vision parameters x
     patches. A pass with gradients costs 3x its forward (full fine-tuning) or 2x for the matmuls under
     LoRA (input gradients only); gradient-checkpointing recomputation is not counted."""
@@ -496,18 +495,9 @@ def _count_tokens(model, counters: dict, current_batch: dict, lora: bool = False
     layers = config.num_hidden_layers
     visual = getattr(getattr(model, "model", None), "visual", None)
     n_visual = sum(p.numel() for p in visual.parameters()) if visual is not None else 0
-    scored = {"positions": 0}
 
     def multiplier():
         return (2 if lora else 3) if torch.is_grad_enabled() else 1
-
-    def on_model(module, args, kwargs):  # which positions the fused LM head scores
-        if kwargs.get("shift_labels") is not None:
-            scored["positions"] = int((kwargs["shift_labels"] != -100).sum())
-        elif kwargs.get("labels") is not None:
-            scored["positions"] = int((kwargs["labels"][:, 1:] != -100).sum())
-        else:
-            scored["positions"] = 0
 
     def on_decoder(module, args, kwargs):
         x = kwargs.get("inputs_embeds")
@@ -526,7 +516,7 @@ def _count_tokens(model, counters: dict, current_batch: dict, lora: bool = False
             real = torch.arange(depth.shape[1], device=depth.device)[None, :] < length.to(depth.device)[:, None]
             pairs = int(((depth + 1) * real).sum())  # a token attends to its depth + 1 ancestors (itself included)
         m = multiplier()
-        flops = 2 * n_decoder * tokens * m + 2 * n_head * scored["positions"] * m
+        flops = 2 * (n_decoder + n_head) * tokens * m
         flops += 4 * layers * attn_width * pairs * (3 if m > 1 else 1)  # attention backward is never frozen
         counters["flops"] += flops
 
@@ -535,7 +525,6 @@ def _count_tokens(model, counters: dict, current_batch: dict, lora: bool = False
         counters["images"] += int(grid.shape[0])
         counters["flops"] += 2 * n_visual * int(grid.prod(-1).sum()) * multiplier()
 
-    model.register_forward_pre_hook(on_model, with_kwargs=True)
     decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)
     if visual is not None:
         visual.register_forward_pre_hook(on_visual, with_kwargs=True)
