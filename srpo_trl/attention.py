@@ -165,6 +165,13 @@ def use_tree_attention(model) -> None:
         base.set_attn_implementation({"text_config": TREE_ATTENTION})
 
 
+def ensure_tree_attention(model) -> None:
+    """Before a forward with a tree BlockMask: switch `model` (a reference model, say, which the
+    trainer did not set up) to `"srpo_tree"` unless it takes a BlockMask already."""
+    if text_attn_implementation(model) not in (TREE_ATTENTION, "flex_attention"):
+        use_tree_attention(model)
+
+
 @dataclass
 class TreeAttentionChoice:
     block_mask: bool  # True: FlexAttention BlockMask from subtree ends; False: dense [L, L] mask
@@ -202,6 +209,7 @@ __all__ = [
     "TreeAttentionChoice",
     "choose_tree_attention",
     "compile_count",
+    "ensure_tree_attention",
     "flex_attention_fn",
     "register",
     "tree_attention_forward",

@@ -40,7 +40,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
-from .attention import TREE_ATTENTION, choose_tree_attention, use_tree_attention
+from .attention import TREE_ATTENTION, choose_tree_attention, ensure_tree_attention, use_tree_attention
 from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
 from .config import SRPOConfig
 from .dataset import StepPairDataset
@@ -507,6 +507,7 @@ class SRPOTrainer(DPOTrainer):
             kwargs["attention_mask"] = additive_mask(inputs["tree_mask"], self._compute_dtype(model))
         else:  # FlexAttention: a block-sparse mask from the pre-order intervals, never materialized
             kwargs["attention_mask"] = tree_block_mask(inputs["tree_end"])
+            ensure_tree_attention(self.accelerator.unwrap_model(model))  # a reference model too
         if self._mrope_model is not None:
             kwargs["position_ids"] = self._mrope_positions(inputs)
         outputs = model(**kwargs, shift_labels=inputs["shift_labels"], fused_lm_head=True)

@@ -116,6 +116,25 @@ def test_tree_attention_packed_equals_unpacked(tmp_path, monkeypatch, kind):
     assert torch.allclose(sums / counts, logps_u, atol=1e-5)
 
 
+def test_reference_model_is_switched_to_tree_attention_too(tmp_path, monkeypatch):
+    """Step-DPO with a separate reference model: the trainer set up the policy only; the reference
+    gets the tree BlockMask too and must take it (sdpa would raise on a BlockMask)."""
+    tok = build_tokenizer()
+    rows = question_rows()
+    ds = StepPairDataset.from_list(rows)
+    ref = tiny_causal_lm(tok, seed=4)
+    common = dict(per_device_train_batch_size=5, align_loss="sigmoid")
+    plain = SRPOTrainer(model=tiny_causal_lm(tok, seed=3), ref_model=ref, args=srpo_args(tmp_path / "u", prefix_sharing=False, **common), train_dataset=ds, processing_class=tok)
+    monkeypatch.setenv("SRPO_TRL_TREE_ATTENTION", "flex")
+    tree = SRPOTrainer(model=tiny_causal_lm(tok, seed=3), ref_model=ref, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=tok)
+    assert ref.config._attn_implementation == "sdpa"  # not set up by the trainer ...
+    batch_t = tree.data_collator([tree.train_dataset[i] for i in range(5)])
+    batch_u = plain.data_collator([plain.train_dataset[i] for i in range(5)])
+    for a, b in zip(tree.compute_ref_log_probs(tree.ref_model, batch_t), plain.compute_ref_log_probs(plain.ref_model, batch_u)):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert ref.config._attn_implementation == TREE_ATTENTION  # ... switched at its first tree forward
+
+
 def test_srpo_tree_without_a_block_mask_is_sdpa():
     """Unpacked forwards, evaluation and generation on a switched model are sdpa's, padding included."""
     tok = build_tokenizer()
