@@ -36,6 +36,15 @@ Run from the repository root (about 6 minutes on 2 CPU cores; the smoke run abou
     python benchmarks/step_pairs.py
     python benchmarks/step_pairs.py --quick
 
+On a GPU every configuration runs on CUDA. `--preset qwen2_5_vl_7b` gives both models Qwen2.5-VL-7B's
+text-decoder shape (hidden 3584, 28 heads, 4 KV heads, intermediate 18944, vocabulary 152064) with
+--layers layers and random weights, in bf16; `--lora` trains LoRA adapters instead of every weight.
+The table then adds mean step time, model TFLOP/s, MFU against --peak-tflops and FlexAttention
+compile counts (model FLOPs: see _count_tokens). benchmarks/gpu_check.sh runs the GPU preset:
+
+    python benchmarks/step_pairs.py --preset qwen2_5_vl_7b --layers 4 --models vlm --warmup 3 --steps 5
+    python benchmarks/step_pairs.py --preset qwen2_5_vl_7b --layers 4 --models vlm --lora
+
 See docs/speed.md for what prefix sharing does and the table as measured.
 """
 
