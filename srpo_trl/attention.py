@@ -82,6 +82,11 @@ def flex_attention_fn(device: torch.device, compile: bool | None = None, dynamic
         dynamic = False
     key = (device.type, dynamic)
     if key not in _compiled:
+        # dynamo's default of 8 compiled variants per function would leave later buckets (and every
+        # variant of a static CPU compile) to uncompiled FlexAttention, which materializes L x L
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(config, name, max(getattr(config, name), 64))
         _compiled[key] = torch.compile(flex_attention, backend=_counting_inductor, dynamic=dynamic)
     return _compiled[key]
 

@@ -116,6 +116,49 @@ def test_tree_attention_packed_equals_unpacked(tmp_path, monkeypatch, kind):
     assert torch.allclose(sums / counts, logps_u, atol=1e-5)
 
 
+def _text_model(family, tok):
+    """Tiny Llama / Mistral causal LMs (Qwen2's tiny settings) for the attention-interface check."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from srpo_trl.tiny import _text_kwargs
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    torch.manual_seed(0)
+    return model_cls(config_cls(**_text_kwargs(tok, 32, 2), attn_implementation="sdpa")).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llama", "mistral"])
+def test_tree_attention_on_other_families(tmp_path, monkeypatch, family):
+    """Qwen2-VL's decoder, Llama and Mistral take srpo_tree through the same interface."""
+    from srpo_trl.tiny import tiny_qwen2_vl
+
+    rows = question_rows()
+    if family == "qwen2_vl":
+        model, processing_class = tiny_qwen2_vl(seed=5)
+        from test_device_guard import _vision_rows
+
+        rows = _vision_rows()
+    else:
+        processing_class = build_tokenizer()
+        model = _text_model(family, processing_class)
+    ds = StepPairDataset.from_list(rows)
+    common = dict(per_device_train_batch_size=len(rows), srpo_lambda=0.6)
+    plain = SRPOTrainer(model=model, args=srpo_args(tmp_path / "u", prefix_sharing=False, **common), train_dataset=ds, processing_class=processing_class)
+    monkeypatch.setenv("SRPO_TRL_TREE_ATTENTION", "flex")
+    tree = SRPOTrainer(model=model, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=processing_class)
+    assert model.config.get_text_config()._attn_implementation == TREE_ATTENTION
+    batch_t = tree.data_collator([tree.train_dataset[i] for i in range(len(rows))])
+    batch_u = plain.data_collator([plain.train_dataset[i] for i in range(len(rows))])
+    loss_t, logps_t, grads_t = _loss_logps_grads(tree, batch_t)
+    loss_u, logps_u, grads_u = _loss_logps_grads(plain, batch_u)
+    assert loss_t == pytest.approx(loss_u, abs=1e-5) and torch.allclose(logps_t, logps_u, atol=1e-5)
+    for name in grads_u:
+        assert torch.allclose(grads_t[name], grads_u[name], atol=1e-5, rtol=1e-4), name
+    with torch.no_grad():
+        sums, counts, _ = tree._sequence_logps(model, batch_t)
+    assert torch.allclose(sums / counts, logps_u, atol=1e-5)
+
+
 def test_reference_model_is_switched_to_tree_attention_too(tmp_path, monkeypatch):
     """Step-DPO with a separate reference model: the trainer set up the policy only; the reference
     gets the tree BlockMask too and must take it (sdpa would raise on a BlockMask)."""
