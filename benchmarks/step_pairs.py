@@ -493,6 +493,8 @@ def _count_tokens(model, counters: dict, current_batch: dict, lora: bool = False
     LoRA (input gradients only); gradient-checkpointing recomputation is not counted."""
     import torch
 
+    # PEFT: the decoder and vision tower are the base model's (the hooks see every call through the wrapper)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = model.get_decoder()
     config = model.config.get_text_config()
     embed = decoder.get_input_embeddings()
