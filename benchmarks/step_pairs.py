@@ -36,6 +36,15 @@ Run from the repository root (about 6 minutes on 2 CPU cores; the smoke run abou
     python benchmarks/step_pairs.py
     python benchmarks/step_pairs.py --quick
 
+On a GPU every configuration runs on CUDA. `--preset qwen2_5_vl_7b` gives both models Qwen2.5-VL-7B's
+text-decoder shape (hidden 3584, 28 heads, 4 KV heads, intermediate 18944, vocabulary 152064) with
+--layers layers and random weights, in bf16; `--lora` trains LoRA adapters instead of every weight.
+The table then adds mean step time, model TFLOP/s, MFU against --peak-tflops and FlexAttention
+compile counts (model FLOPs: see _count_tokens). benchmarks/gpu_check.sh runs the GPU preset:
+
+    python benchmarks/step_pairs.py --preset qwen2_5_vl_7b --layers 4 --models vlm --warmup 3 --steps 5
+    python benchmarks/step_pairs.py --preset qwen2_5_vl_7b --layers 4 --models vlm --lora
+
 See docs/speed.md for what prefix sharing does and the table as measured.
 """
 
@@ -95,18 +104,65 @@ def build_processing_class(kind: str, image_side: int = IMAGE_SIDE):
     return Qwen2_5_VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
 
 
-def build_model(kind: str, seed: int, hidden_size: int, num_layers: int):
-    """tiny.py's Qwen2 / Qwen2.5-VL. The VLM's vision windows are set to Qwen2.5-VL's 112 pixels (8x8
+# A real model's text decoder with fewer layers (random weights): per-token compute as in training it.
+PRESETS = {
+    "qwen2_5_vl_7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=152064, layers=4, mrope_section=[16, 24, 24], rope_theta=1000000.0,
+        # Qwen2.5-VL-7B's vision width, with its 32 blocks scaled down like the decoder's 28 layers
+        vision=dict(hidden_size=1280, intermediate_size=3420, num_heads=16, depth=4),
+    ),
+}
+
+
+def build_model(kind: str, seed: int, hidden_size: int, num_layers: int, preset: str | None = None, device=None):
+    """tiny.py's Qwen2 / Qwen2.5-VL, or with `preset` a model of that preset's decoder shape (built on
+    `device`, random weights). The VLM's vision windows are set to Qwen2.5-VL's 112 pixels (8x8
     patches, 16 windows per 448x448 image). On CPU, sdpa runs one attention call per window, and tiny.py's
     56 (4x4 patches, 64 windows per image) would add per-window overhead the real model does not have."""
     from srpo_trl.tiny import build_tokenizer, tiny_causal_lm, tiny_qwen2_5_vl
 
+    if preset:
+        return _preset_model(kind, seed, PRESETS[preset], num_layers, device)
     if kind == "text":
         return tiny_causal_lm(build_tokenizer(), seed=seed, hidden_size=hidden_size, num_hidden_layers=num_layers)
     model, _ = tiny_qwen2_5_vl(seed=seed, hidden_size=hidden_size, num_hidden_layers=num_layers)
     model.config.vision_config.window_size = WINDOW_SIZE
     model.model.visual.window_size = WINDOW_SIZE  # no weights depend on it: only how patches are grouped
     return model
+
+
+def _preset_model(kind: str, seed: int, shape: dict, num_layers: int, device):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
+    from srpo_trl.tiny import IMAGE_PAD, IM_END, PAD, VIDEO_PAD, VISION_END, VISION_START, build_tokenizer
+
+    tok = build_tokenizer()
+    text = dict(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=num_layers, num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=32768,
+        bos_token_id=tok.convert_tokens_to_ids(PAD), eos_token_id=tok.convert_tokens_to_ids(IM_END),
+        pad_token_id=tok.convert_tokens_to_ids(PAD), tie_word_embeddings=False,
+    )  # fmt: skip
+    if kind == "text":
+        config = Qwen2Config(**text, rope_theta=shape["rope_theta"], attn_implementation="sdpa")
+        cls = Qwen2ForCausalLM
+    else:
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": shape["rope_theta"], "mrope_section": shape["mrope_section"]}
+        vision = dict(
+            shape["vision"], depth=num_layers, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            out_hidden_size=shape["hidden_size"], window_size=WINDOW_SIZE, fullatt_block_indexes=[num_layers - 1],
+        )  # fmt: skip
+        ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
+            ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD),
+            ("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END)]}  # fmt: skip
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, attn_implementation="sdpa", tie_word_embeddings=False, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+        torch.manual_seed(seed)
+        return cls(config).eval()
 
 
 def _words() -> list[str]:
@@ -343,6 +399,7 @@ def _trainer_classes():
                 self._signature_columns.append("question")
 
         def _nll_step(self, model, nll):
+            nll = self._prepare_inputs(nll)  # onto the model's device, like the batch the Trainer moved
             weights = nll.pop("weights")
             labels = nll.pop("labels")
             with self.compute_loss_context_manager():
@@ -424,29 +481,83 @@ class TimedCollator:
             setattr(self.collator, name, value)
 
 
-def _count_tokens(model, counters: dict, current_batch: dict):
-    """Forward pre-hooks on the text decoder (tokens through it, padding included; real tokens) and the
-    vision tower (images encoded). Counts every forward: policy, reference model and NLL pass."""
+def _count_tokens(model, counters: dict, current_batch: dict, lora: bool = False):
+    """Forward pre-hooks on the text decoder (tokens through it, padding included; real tokens; model
+    FLOPs) and the vision tower (images encoded). Counts every forward: policy, reference model and
+    NLL pass.
+
+    Model FLOPs (for TFLOP/s and MFU): per forward, 2 x (decoder + LM-head parameters) x tokens (padding
+    included: the kernels process it; TRL's fused head projects every position), 4 x layers x attention width per attended (query, key) pair (ancestors in a tree, the
+    causal past otherwise: the useful pairs, not those a dense mask computes), 2 x vision parameters x
+    patches. A pass with gradients costs 3x its forward (full fine-tuning) or 2x for the matmuls under
+    LoRA (input gradients only); gradient-checkpointing recomputation is not counted."""
+    import torch
+
+    # PEFT: the decoder and vision tower are the base model's (the hooks see every call through the wrapper)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = model.get_decoder()
+    config = model.config.get_text_config()
+    embed = decoder.get_input_embeddings()
+    n_decoder = sum(p.numel() for p in decoder.parameters()) - sum(p.numel() for p in embed.parameters())
+    head = model.get_output_embeddings()
+    n_head = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attn_width = config.num_attention_heads * head_dim
+    layers = config.num_hidden_layers
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    n_visual = sum(p.numel() for p in visual.parameters()) if visual is not None else 0
+
+    def multiplier():
+        return (2 if lora else 3) if torch.is_grad_enabled() else 1
 
     def on_decoder(module, args, kwargs):
         x = kwargs.get("inputs_embeds")
         if x is None:
             x = kwargs.get("input_ids", args[0] if args else None)
-        counters["tokens"] += int(x.shape[0] * x.shape[1])
+        tokens = int(x.shape[0] * x.shape[1])
+        counters["tokens"] += tokens
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            counters["real_tokens"] += int(mask.sum())
-        else:  # packed rows: a 4D tree mask; the real tokens are the packed lengths
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            lengths = mask.sum(-1)
+            counters["real_tokens"] += int(lengths.sum())
+            pairs = int((lengths * (lengths + 1) // 2).sum())
+        else:  # packed rows (a 4D tree mask or a FlexAttention BlockMask): the real tokens are the packed lengths
             counters["real_tokens"] += int(current_batch["packed_length"].sum())
+            depth, length = current_batch["position_ids"], current_batch["packed_length"]
+            real = torch.arange(depth.shape[1], device=depth.device)[None, :] < length.to(depth.device)[:, None]
+            pairs = int(((depth + 1) * real).sum())  # a token attends to its depth + 1 ancestors (itself included)
+        m = multiplier()
+        flops = 2 * (n_decoder + n_head) * tokens * m
+        flops += 4 * layers * attn_width * pairs * (3 if m > 1 else 1)  # attention backward is never frozen
+        counters["flops"] += flops
 
     def on_visual(module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         counters["images"] += int(grid.shape[0])
+        counters["flops"] += 2 * n_visual * int(grid.prod(-1).sum()) * multiplier()
 
-    model.get_decoder().register_forward_pre_hook(on_decoder, with_kwargs=True)
-    visual = getattr(getattr(model, "model", None), "visual", None)
+    decoder.register_forward_pre_hook(on_decoder, with_kwargs=True)
     if visual is not None:
         visual.register_forward_pre_hook(on_visual, with_kwargs=True)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def run_child(args) -> dict:
@@ -464,27 +575,43 @@ def run_child(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and not args.cpu
+    device = "cuda" if cuda else "cpu"
+    if args.attention != "auto":
+        os.environ["SRPO_TRL_TREE_ATTENTION"] = args.attention
     processing_class = build_processing_class(args.model, args.image_side)
     tokenizer = tokenizer_of(processing_class)
     steps = args.warmup + args.steps
     rows = build_rows(args.model, processing_class, num_questions=2 * steps, seed=args.seed, image_side=args.image_side)
     assert len(rows) == steps * args.batch_size, (len(rows), steps, args.batch_size)
-    model = build_model(args.model, args.seed, args.hidden_size, args.layers)
+
+    def new_model():
+        m = build_model(args.model, args.seed, args.hidden_size, args.layers, preset=args.preset, device=device)
+        return m.to(torch.bfloat16) if args.dtype == "bf16" else m
+
+    model = new_model()
+    peft_config = None
+    if args.lora:  # the text decoder's linear layers; the vision tower stays frozen
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0,
+            target_modules=r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
+        )  # fmt: skip
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="step-pairs-"), per_device_train_batch_size=args.batch_size,
-        max_steps=steps, learning_rate=1e-4, max_length=None, use_cpu=not cuda, bf16=False,
+        max_steps=steps, learning_rate=1e-4, max_length=None, use_cpu=not cuda, bf16=args.dtype != "fp32",
         gradient_checkpointing=args.gradient_checkpointing, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=args.seed,
     )  # fmt: skip
     timings = {k: [] for k in ("collate", "loss_forward", "training_step", "nll_pass")}
-    counters = {"tokens": 0, "real_tokens": 0, "images": 0}
+    counters = {"tokens": 0, "real_tokens": 0, "images": 0, "flops": 0}
     current_batch: dict = {}
 
     if args.config.startswith("srpo"):
         packed = args.config in ("srpo_packed", "srpo_packed_ref")
         ref_model = None
         if args.config == "srpo_packed_ref":  # Step-DPO: the frozen reference scores the packed trees too
-            ref_model = build_model(args.model, args.seed, args.hidden_size, args.layers)
+            ref_model = None if args.lora else new_model()  # LoRA: the base model with adapters disabled
             loss = dict(align_loss="sigmoid", beta=0.1)
         else:
             loss = dict(align_loss="odds_ratio")
@@ -493,16 +620,17 @@ def run_child(args) -> dict:
         collator = TimedCollator(inner, timings)
         trainer = BenchSRPOTrainer(
             model=model, ref_model=ref_model, args=config, train_dataset=StepPairDataset.from_list(rows),
-            processing_class=processing_class, data_collator=inner,
+            processing_class=processing_class, data_collator=inner, peft_config=peft_config,
         )  # fmt: skip
         assert trainer.prefix_sharing == packed
         trainer.data_collator = collator
         if ref_model is not None:
             _count_tokens(trainer.ref_model, counters, current_batch)
+        attention = ("tree (FlexAttention)" if not inner.dense_mask else "dense mask") if packed else "causal"
     else:
         from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
 
-        ref_model = build_model(args.model, args.seed, args.hidden_size, args.layers)
+        ref_model = None if args.lora else new_model()  # LoRA: the base model with adapters disabled
         config = DPOConfig(**common, beta=0.1)
         pad_id = tokenizer.pad_token_id
         dpo_collator = (
@@ -515,11 +643,13 @@ def run_child(args) -> dict:
         trainer = BenchDPOTrainer(
             model=model, ref_model=ref_model, args=config,
             train_dataset=Dataset.from_list(dpo_rows(rows, processing_class)),
-            processing_class=processing_class, data_collator=collator,
+            processing_class=processing_class, data_collator=collator, peft_config=peft_config,
         )  # fmt: skip
-        _count_tokens(trainer.ref_model, counters, current_batch)
+        if trainer.ref_model is not None:
+            _count_tokens(trainer.ref_model, counters, current_batch)
+        attention = "causal"
     trainer.timings, trainer.current_batch = timings, current_batch
-    _count_tokens(trainer.model, counters, current_batch)
+    _count_tokens(trainer.model, counters, current_batch, lora=args.lora)
 
     step_ends: list[float] = []
     marks: list[dict] = []
@@ -554,6 +684,9 @@ def run_child(args) -> dict:
     step_times = [b - a for a, b in zip(step_ends, step_ends[1:])]
     timed = slice(args.warmup, steps)
     per_step = [dict(zip(marks[0], (b[k] - (a[k] if a else 0) for k in b))) for a, b in zip([None] + marks, marks)]
+    flops_timed = sum(s["flops"] for s in per_step[timed])
+    tflops = flops_timed / sum(step_times[timed]) / 1e12
+    from srpo_trl.attention import compile_count
 
     def timed_sum(key):  # per-step sums of a timing list, over the timed steps (one entry per step)
         values = timings[key]
@@ -562,7 +695,12 @@ def run_child(args) -> dict:
     return {
         "model": args.model,
         "config": args.config,
-        "device": "cuda" if cuda else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "versions": _versions(),
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "lora": args.lora,
+        "attention": attention,
         "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "warmup_steps": args.warmup,
@@ -577,6 +715,12 @@ def run_child(args) -> dict:
         "real_tokens_timed": sum(s["real_tokens"] for s in per_step[timed]),
         "images_timed": sum(s["images"] for s in per_step[timed]),
         "peak_memory_bytes": peak_memory,
+        "model_flops_timed": flops_timed,
+        "tflops_per_s": tflops,
+        "mfu": tflops / args.peak_tflops if cuda else None,
+        "peak_tflops": args.peak_tflops,
+        "flex_compiles": compile_count(),
+        "dynamo_unique_graphs": int(_dynamo_graphs()),
         "rss_before_bytes": rss_before,
         "median_collate_s": timed_sum("collate"),
         "median_loss_forward_s": timed_sum("loss_forward"),
@@ -596,19 +740,26 @@ def _ratio(x: float, base: float) -> str:
 
 
 def table(results: list[dict], stats: dict, kind: str) -> str:
-    """Ratios to the baseline: tokens through the model, median step time, peak memory, images encoded."""
+    """Ratios to the baseline: tokens through the model, median and mean step time, peak memory, images
+    encoded; then each configuration's absolute model TFLOP/s, MFU (CUDA) and FlexAttention compiles."""
     by = {r["config"]: r for r in results if r["model"] == kind}
     base = by[BASELINE]
     unique, total = sum(stats["unique_tokens"]), sum(stats["total_tokens"])
-    lines = [f"{'configuration':32s} {'tokens':>8s} {'step time':>10s} {'peak mem':>9s} {'images':>7s}"]
+    lines = [
+        f"{'configuration':32s} {'tokens':>8s} {'median':>8s} {'mean':>8s} {'peak mem':>9s} {'images':>7s} "
+        f"{'TFLOP/s':>8s} {'MFU':>6s} {'compiles':>8s}  attention"
+    ]
     for name, label in CONFIGS.items():
         if name in by:
             r = by[name]
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
             lines.append(
                 f"{label:32s} {_ratio(r['tokens_timed'], base['tokens_timed']):>8s} "
-                f"{_ratio(r['median_step_s'], base['median_step_s']):>10s} "
+                f"{_ratio(r['median_step_s'], base['median_step_s']):>8s} "
+                f"{_ratio(r['mean_step_s'], base['mean_step_s']):>8s} "
                 f"{_ratio(r['peak_memory_bytes'], base['peak_memory_bytes']):>9s} "
-                f"{_ratio(r['images_timed'], base['images_timed']):>7s}"
+                f"{_ratio(r['images_timed'], base['images_timed']):>7s} "
+                f"{r['tflops_per_s']:8.3g} {mfu:>6s} {r['flex_compiles']:>8d}  {r['attention']}"
             )
     lines.append(f"{'ideal: each unique token once':32s} {_ratio(unique, base['tokens_timed']):>8s}")
     lines.append(
@@ -665,6 +816,22 @@ def main(argv=None):
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even where CUDA is available")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None,
+        help="a real model's text-decoder shape with --layers layers and random weights (qwen2_5_vl_7b: hidden 3584, "
+        "28 heads, 4 KV heads, intermediate 18944, vocabulary 152064; its VLM has Qwen2.5-VL-7B's vision width); "
+        "implies --dtype bf16 unless given",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16", "bf16-autocast"], default=None,
+        help="fp32 (default without --preset); bf16: bf16 weights and autocast; bf16-autocast: fp32 weights, bf16 autocast",
+    )  # fmt: skip
+    parser.add_argument("--lora", action="store_true", help="LoRA (r=16) on the decoder's linear layers; the reference is the base model")
+    parser.add_argument(
+        "--attention", choices=["auto", "flex", "dense"], default="auto",
+        help="packed SRPO's attention (SRPO_TRL_TREE_ATTENTION): auto = tree attention on CUDA in bf16, else a dense mask",
+    )  # fmt: skip
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     parser.add_argument("--json", default="benchmarks/results/step_pairs.json", help="where absolute numbers go")
     # internal: run one configuration in this process and write its result
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -674,6 +841,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.steps, args.hidden_size, args.layers, args.image_side = 1, 1, 64, 2, 224
+    if args.dtype is None:
+        args.dtype = "bf16" if args.preset else "fp32"
 
     if args.child:
         result = run_child(args)
@@ -687,9 +856,11 @@ def main(argv=None):
     common = [
         "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--seed", str(args.seed),
-        "--image-side", str(args.image_side), "--threads", str(args.threads),
+        "--image-side", str(args.image_side), "--threads", str(args.threads), "--dtype", args.dtype,
+        "--attention", args.attention, "--peak-tflops", str(args.peak_tflops),
         "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
-    ] + (["--cpu"] if args.cpu else [])  # fmt: skip
+    ] + (["--cpu"] if args.cpu else []) + (["--lora"] if args.lora else [])  # fmt: skip
+    common += ["--preset", args.preset] if args.preset else []
     results, stats, proportions = [], {}, {}
     started = time.time()
     for kind in models:
@@ -722,10 +893,12 @@ def main(argv=None):
                 flush=True,
             )
 
+    width = PRESETS[args.preset]["hidden_size"] if args.preset else args.hidden_size
+    shape = f"text hidden {width}, {args.layers} layers" + (f", preset {args.preset}" if args.preset else "")
+    shape += f", {args.dtype}" + (", LoRA" if args.lora else "")
     titles = {
-        "vlm": lambda p: f"VLM: Qwen2.5-VL architecture (text hidden {args.hidden_size}, {args.layers} layers), "
-        f"{p['image_tokens_per_prompt']} image tokens per question",
-        "text": lambda p: f"Text: Qwen2 (hidden {args.hidden_size}, {args.layers} layers), ~120-token prompts",
+        "vlm": lambda p: f"VLM: Qwen2.5-VL architecture ({shape}), {p['image_tokens_per_prompt']} image tokens per question",
+        "text": lambda p: f"Text: Qwen2 ({shape}), ~120-token prompts",
     }
     print()
     print(
@@ -743,6 +916,8 @@ def main(argv=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "date": time.strftime("%Y-%m-%d %H:%M"),
+            "versions": _versions(),
+            "device": results[0]["device"],
             "argv": sys.argv[1:],
             "cpu_count": os.cpu_count(),
             "proportions": proportions,

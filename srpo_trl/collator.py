@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .packing import allowed_matrix, pack_question
+from .packing import allowed_matrix, bucket_length, pack_question
 
 from .rows import (
     DEFAULT_STEP_SEPARATOR,
@@ -88,6 +88,8 @@ class DataCollatorForStepPairs:
             builds a block mask), depth `position_ids`, `shift_labels`, and `score_seq` /
             `score_pos` telling which packed positions score which of the 3B sequences. See
             `srpo_trl.packing`.
+        bucket_multiple: pad packed rows to a multiple of this many tokens (set by the trainer to
+            FlexAttention's block size, 128, so that a compiled kernel serves every length in a bucket).
     """
 
     processing_class: Any
@@ -97,6 +99,7 @@ class DataCollatorForStepPairs:
     pad_to_multiple_of: int | None = None
     prefix_sharing: bool = False
     dense_mask: bool = True  # False for FlexAttention, which builds its block mask from `tree_end`
+    bucket_multiple: int | None = None  # packed rows padded to a multiple of this (tree attention: 128)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tokenizer = tokenizer_of(self.processing_class)
@@ -183,18 +186,19 @@ class DataCollatorForStepPairs:
             rows.append(pack_question(prompts[members[0]], [seqs[j] for j in owned]))
             owners.append(owned)
         length = max(len(r.tokens) for r in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        for multiple in (self.pad_to_multiple_of, self.bucket_multiple):
+            if multiple:
+                length = bucket_length(length, multiple)
         score_seq, score_pos = [], []
         for g, (row, owned) in enumerate(zip(rows, owners)):
             for seq_id, positions in zip(owned, row.scored):
                 score_seq += [seq_id] * len(positions)
                 score_pos += [g * length + p for p in positions]
         output = {
-            "input_ids": _pad([r.tokens for r in rows], pad_id, self.pad_to_multiple_of and length),
-            "position_ids": _pad([r.depth for r in rows], 0, self.pad_to_multiple_of and length),
-            "shift_labels": _pad([r.shift_labels for r in rows], -100, self.pad_to_multiple_of and length),
-            "tree_end": _pad([r.end for r in rows], -1, self.pad_to_multiple_of and length),
+            "input_ids": _pad([r.tokens for r in rows], pad_id, length),
+            "position_ids": _pad([r.depth for r in rows], 0, length),
+            "shift_labels": _pad([r.shift_labels for r in rows], -100, length),
+            "tree_end": _pad([r.end for r in rows], -1, length),
             "score_seq": torch.tensor(score_seq, dtype=torch.long),
             "score_pos": torch.tensor(score_pos, dtype=torch.long),
             "prompt_length": torch.tensor([r.prompt_length for r in rows]),

@@ -12,7 +12,8 @@ the node itself and each further child from a *copy* of the node: same token, sa
 same ancestors, so the same hidden state. That costs one token per extra branch and keeps the
 scoring one label per position.
 
-Everything here is plain Python / numpy on token ids; `PackedBatch` is what the collator returns.
+Trees are laid out in plain Python / numpy on token ids; the masks built from them (`additive_mask`,
+`tree_block_mask`) are made on the device of the tensors they are given.
 """
 
 from __future__ import annotations
@@ -126,27 +127,76 @@ def allowed_matrix(end: list[int], length: int) -> np.ndarray:
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, L, L] booleans -> [B, 1, L, L] additive float mask (0 allowed, dtype min elsewhere).
+    """[B, L, L] booleans -> [B, 1, L, L] additive float mask (0 allowed, dtype min elsewhere), on
+    `allowed`'s device.
 
     A float mask, not a boolean one: eager attention silently mishandles 4D boolean masks.
     """
-    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
 
-def tree_block_mask(tree_end: torch.Tensor):
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default sparse block size; packed lengths are bucketed to it
+
+
+def bucket_length(length: int, multiple: int = FLEX_BLOCK_SIZE) -> int:
+    """`length` rounded up to a multiple of `multiple`: packed rows of nearby lengths share one shape,
+    so a compiled attention kernel is reused instead of compiled again for every new length."""
+    return -(-length // multiple) * multiple
+
+
+def tree_block_masks(tree_end: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (query block, key block) tiles of the tree mask are partial and which are full.
+
+    Returns two boolean [B, L/block, L/block] tensors (tiles, not tokens), on `tree_end`'s device.
+    Key k is visible from the queries k..end[k] (an interval: pre-order), so the queries a key block
+    reaches run from the block itself to the largest end in it: the tiles touched. A tile is full
+    when it lies below the diagonal and every key in it reaches past the tile's last query. Padding
+    (end -1) sees only itself, which makes its diagonal tile partial.
+    """
+    rows, length = tree_end.shape
+    blocks = -(-length // block_size)
+    padded = tree_end.new_full((rows, blocks * block_size), -1)
+    padded[:, :length] = tree_end
+    pos = torch.arange(blocks * block_size, device=tree_end.device)
+    reach = torch.maximum(padded, pos).view(rows, blocks, block_size).amax(-1)  # [B, key block]
+    least = padded.view(rows, blocks, block_size).amin(-1)
+    q_block = torch.arange(blocks, device=tree_end.device)[:, None]  # [query block, 1]
+    k_block = q_block.view(1, blocks)
+    touched = (k_block <= q_block) & (q_block <= (reach // block_size)[:, None, :])
+    full = (k_block < q_block) & (least[:, None, :] >= (q_block + 1) * block_size - 1)
+    return touched & ~full, full
+
+
+def _kv_blocks(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Q, K] tile booleans -> FlexAttention's (kv_num_blocks, kv_indices) with a head axis of 1."""
+    counts = tiles.sum(-1, dtype=torch.int32)
+    order = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts[:, None], order[:, None]
+
+
+def tree_block_mask(tree_end: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE):
     """A FlexAttention BlockMask for packed rows: q sees kv iff kv is q's ancestor or q itself.
 
-    Built from the pre-order subtree ends alone (O(L) per row), so the L x L mask never exists;
-    blocks outside every subtree interval are skipped.
+    Built from the pre-order subtree ends alone, on their device: O(L) work per row plus one
+    boolean per (block x block) tile; no [L, L] tensor is ever made (`create_block_mask` without
+    compilation would evaluate the mask at every pair). Tiles outside every subtree interval are
+    skipped by the kernel, full tiles skip the mask function.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
-    ends = tree_end
+    rows, length = tree_end.shape
+    blocks = -(-length // block_size)
+    ends = tree_end.new_full((rows, blocks * block_size), -1)  # the mask function may read past L
+    ends[:, :length] = tree_end
 
     def mask_mod(b, h, q, kv):
         return ((kv <= q) & (q <= ends[b, kv])) | (q == kv)
 
-    rows, length = tree_end.shape
-    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=tree_end.device)
+    partial, full = tree_block_masks(tree_end, block_size)
+    kv_num, kv_idx = _kv_blocks(partial)
+    full_num, full_idx = _kv_blocks(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(length, length)
+    )

@@ -326,12 +326,13 @@ def load_model(source: str, is_local: bool, model_args, training_args):
     kwargs.update(dtype=_dtype(model_args.dtype), attn_implementation=model_args.attn_implementation)
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map=kbit_device_map())
-    if training_args.gradient_checkpointing:
-        kwargs["use_cache"] = False
     kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = None  # used here; DPOTrainer would warn that they are ignored
     logger.info("Loading %s with %s", source, auto.__name__)
-    return auto.from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None})
+    model = auto.from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None})
+    if training_args.gradient_checkpointing:  # on the config: `use_cache=` is no init argument of VLM classes
+        model.config.use_cache = model.config.get_text_config().use_cache = False
+    return model
 
 
 def kbit_device_map() -> dict:

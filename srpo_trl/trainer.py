@@ -42,7 +42,8 @@ from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 from . import guards
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
 from .architectures import architecture_problem, packed_router_mask
-from .packing import additive_mask, tree_block_mask
+from .attention import TREE_ATTENTION, choose_tree_attention, ensure_tree_attention, use_tree_attention
+from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
 from .config import SRPOConfig
 from .dataset import StepPairDataset
 from .rows import (
@@ -135,7 +136,7 @@ def prefix_sharing_problem(model, peft_config=None, max_length: int | None = Non
     linear attention), chunked attention and sliding-window layers longer than `max_length` allows
     are scored unpacked."""
     attn = _attn_implementation(model)
-    if attn not in (None, "sdpa", "eager", "flex_attention"):
+    if attn not in (None, "sdpa", "eager", "flex_attention", TREE_ATTENTION):
         return f"attention implementation {attn!r} takes no tree mask; use 'sdpa', 'flex_attention' or 'eager'"
     peft_configs = [peft_config] if peft_config is not None else []
     if is_peft_model(model):
@@ -357,7 +358,15 @@ class SRPOTrainer(DPOTrainer):
             logger.warning("Prefix sharing is off (%s); sequences are scored separately, with the same results.", problem)
             return
         self.prefix_sharing = collator.prefix_sharing = True
-        collator.dense_mask = _attn_implementation(model) != "flex_attention"
+        # How the packed tree attends: a block-sparse FlexAttention mask (CUDA, bf16/fp16) or a dense one.
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else next(model.parameters()).dtype
+        choice = choose_tree_attention(model, args.device.type, dtype)
+        if choice.switch_to_tree:
+            use_tree_attention(model)
+        collator.dense_mask = not choice.block_mask
+        collator.bucket_multiple = FLEX_BLOCK_SIZE if choice.block_mask else None  # one compiled shape per bucket
+        if choice.why:
+            logger.warning("Packed batches use a dense [L, L] tree mask, not block-sparse tree attention: %s.", choice.why)
         base = model.get_base_model() if is_peft_model(model) else model
         inner = getattr(base, "model", None)
         self._mrope_model = inner if hasattr(inner, "get_rope_index") else None
@@ -516,6 +525,7 @@ class SRPOTrainer(DPOTrainer):
             kwargs["attention_mask"] = additive_mask(inputs["tree_mask"], self._compute_dtype(model))
         else:  # FlexAttention: a block-sparse mask from the pre-order intervals, never materialized
             kwargs["attention_mask"] = tree_block_mask(inputs["tree_end"])
+            ensure_tree_attention(self.accelerator.unwrap_model(model))  # a reference model too
         if self._mrope_model is not None:
             kwargs["position_ids"] = self._mrope_positions(inputs)
         outputs = model(**kwargs, shift_labels=inputs["shift_labels"], fused_lm_head=True)

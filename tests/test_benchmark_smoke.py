@@ -80,3 +80,46 @@ def test_sharing_stats_count_unique_tokens(data):
     packed = DataCollatorForStepPairs(processing_class=processing_class, prefix_sharing=True)([dict(r) for r in batch])
     laid_out = int(packed["packed_length"].sum())
     assert stats["unique_tokens"][0] <= laid_out <= stats["unique_tokens"][0] + 3 * len(batch)
+
+
+@pytest.mark.parametrize("kind", ["vlm", "text"])
+def test_preset_has_the_real_decoder_shape(kind):
+    """The qwen2_5_vl_7b preset is Qwen2.5-VL-7B's text decoder with fewer layers (built on the meta
+    device here: no memory, no time)."""
+    model = bench.build_model(kind, 0, 0, 2, preset="qwen2_5_vl_7b", device="meta")
+    text = model.config.get_text_config()
+    assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (3584, 28, 4)
+    assert (text.intermediate_size, text.vocab_size, text.num_hidden_layers) == (18944, 152064, 2)
+    if kind == "vlm":
+        assert model.config.vision_config.out_hidden_size == 3584 and model.config.vision_config.depth == 2
+        assert sum(text.rope_parameters["mrope_section"]) == 3584 // 28 // 2
+
+
+def test_model_flops_match_torch_flop_counter():
+    """The benchmark's model-FLOP count of a forward against torch's FlopCounterMode (an independent
+    count of the matmuls actually run). Eager attention multiplies the full L x L; the benchmark
+    counts the causal half (the useful pairs): that difference is taken off. A pass with gradients
+    is counted as 3x its forward, the usual convention for MFU."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from trl.trainer.utils import add_fused_lm_head
+
+    from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
+
+    tok = build_tokenizer()
+    model = tiny_causal_lm(tok, seed=0, hidden_size=64, num_hidden_layers=2)
+    model.set_attn_implementation("eager")  # attention as matmuls the counter sees (CPU sdpa is not counted)
+    add_fused_lm_head(model)
+    counters = {"tokens": 0, "real_tokens": 0, "images": 0, "flops": 0}
+    bench._count_tokens(model, counters, {})
+    length = 40
+    ids = torch.randint(10, 400, (2, length), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(length) < 25, -100)
+    config = model.config
+    full_minus_causal = 2 * 4 * config.num_hidden_layers * config.hidden_size * (length * length - length * (length + 1) // 2)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+    forward = counters["flops"]
+    assert forward == pytest.approx(counter.get_total_flops() - full_minus_causal, rel=0.03)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True).log_probs.sum().backward()
+    assert counters["flops"] - forward == 3 * forward
