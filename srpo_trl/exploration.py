@@ -35,9 +35,11 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from . import contract as _contract
 from .backends import BackendError, GenerationRequest, load_image
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
-from .verifiers import SAFETY_LABELS, Verdict, VerifierError, as_verifier, normalize_safety_label
+from .contract import RecordError
+from .verifiers import Verdict, VerifierError, as_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -61,128 +63,25 @@ META_SUFFIX = ".meta.json"
 _RESUME_KEYS = ("num_samples", "temperature", "max_new_tokens", "branch_points", "seed", "separator", "verifier")
 
 
-class RecordError(ValueError):
-    """A record that cannot be explored: names the source line (or index) and the field."""
-
-    def __init__(self, where: str, field: str | None, problem: str):
-        self.where, self.field, self.problem = where, field, problem
-        super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
-
-
 # ----------------------------------------------------------------------------------------------
-# Input records
+# Input records (the contract is srpo_trl.contract's)
 # ----------------------------------------------------------------------------------------------
-
-
-def _is_image(value: Any) -> bool:
-    try:
-        from PIL import Image
-
-        return isinstance(value, Image.Image)
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def validate_record(record: Any, where: str, base_dir: Path | None = None, required: Iterable[str] = ()) -> dict:
-    """Check one input record; returns a copy with ``_images`` (resolved paths / PIL images) added.
-
-    ``where`` names it in errors (``records.jsonl:12``). ``required``: fields the verifier needs.
-    """
-    if not isinstance(record, dict):
-        raise RecordError(where, None, f"a record must be a JSON object, got {type(record).__name__}")
-    rec = dict(record)
-    rid = rec.get("id")
-    if rid is None or (isinstance(rid, str) and not rid.strip()):
-        raise RecordError(where, "id", "is missing; every record needs a unique id (resume and the shards use it)")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise RecordError(where, "id", f"must be a string or an integer, got {type(rid).__name__}")
-    prompt = rec.get("prompt")
-    if prompt is None:
-        raise RecordError(where, "prompt", "is missing")
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise RecordError(where, "prompt", "is empty")
-    elif isinstance(prompt, list) and prompt:
-        for i, m in enumerate(prompt):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise RecordError(where, "prompt", f"message {i} must be an object with 'role' and 'content'")
-    else:
-        raise RecordError(where, "prompt", "must be a string or a non-empty list of chat messages")
-    images = rec.get("images")
-    if images is None:
-        images = []
-    if not isinstance(images, list):
-        raise RecordError(where, "images", f"must be a list of image paths, got {type(images).__name__}")
-    resolved = []
-    for i, im in enumerate(images):
-        if isinstance(im, str):
-            path = Path(im)
-            if base_dir is not None and not path.is_absolute():
-                path = base_dir / path
-            if not path.is_file():
-                raise RecordError(where, f"images[{i}]", f"image file not found: {path} (paths are relative to the records file)")
-            resolved.append(str(path))
-        elif _is_image(im):
-            resolved.append(im)
-        else:
-            raise RecordError(where, f"images[{i}]", f"must be a file path (or a PIL image), got {type(im).__name__}")
-    rec["images"] = list(images)
-    rec["_images"] = resolved
-    reference = rec.get("reference")
-    if reference is not None:
-        if isinstance(reference, str) or not isinstance(reference, list):
-            raise RecordError(where, "reference", f"must be a list of steps (strings), got {type(reference).__name__}")
-        for i, step in enumerate(reference):
-            if not isinstance(step, str) or not step.strip():
-                raise RecordError(where, "reference", f"step {i} must be a non-empty string")
-        if not reference:
-            rec["reference"] = None
-    if rec.get("expected") is not None and normalize_safety_label(rec["expected"]) is None:
-        raise RecordError(where, "expected", f"is {rec['expected']!r}; use one of {', '.join(SAFETY_LABELS)}")
-    if rec.get("category") is not None and not isinstance(rec["category"], str):
-        raise RecordError(where, "category", f"must be a string, got {type(rec['category']).__name__}")
-    for name in required:
-        value = rec.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise RecordError(where, name, "is missing; the verifier needs it (or choose another verifier)")
-    return rec
+    """Check one input record (:func:`srpo_trl.contract.validate_record`); returns a copy with
+    ``_images`` (resolved paths / PIL images) added. ``required``: fields the verifier needs."""
+    why = "the verifier needs it (or choose another verifier)"
+    return _contract.validate_record(record, where, base_dir=base_dir, required={name: why for name in required})
 
 
 def load_records(records: str | os.PathLike | Iterable[dict], required: Iterable[str] = ()) -> tuple[list[dict], Path | None]:
     """Validated records and the folder relative image paths resolve against (the records file's)."""
-    required = tuple(required)
-    out: list[dict] = []
-    seen: dict[Any, str] = {}
-    if isinstance(records, (str, os.PathLike)):
-        path = Path(records)
-        if not path.is_file():
-            raise FileNotFoundError(f"records file not found: {path} (expected JSON lines, one record per line)")
-        base = path.parent
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(where, None, f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from None
-                out.append(validate_record(obj, where, base, required))
-                out[-1]["_where"] = where
-    else:
-        base = None
-        for i, obj in enumerate(records):
-            where = f"record {i}"
-            out.append(validate_record(obj, where, None, required))
-            out[-1]["_where"] = where
-    for rec in out:
-        key = str(rec["id"])
-        if key in seen:
-            raise RecordError(rec["_where"], "id", f"{rec['id']!r} is already used at {seen[key]}; ids must be unique")
-        seen[key] = rec["_where"]
+    why = "the verifier needs it (or choose another verifier)"
+    out = _contract.load_records(records, required={name: why for name in required})
     if not out:
         raise ValueError(f"no records in {records if isinstance(records, (str, os.PathLike)) else 'the list'}")
-    return out, base
+    return out, (Path(records).parent if isinstance(records, (str, os.PathLike)) else None)
 
 
 # ----------------------------------------------------------------------------------------------

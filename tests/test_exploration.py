@@ -116,7 +116,7 @@ def test_bad_record_names_line_and_field(tmp_path, line, field, message):
 def test_malformed_json_and_duplicate_ids(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": \n')
-    with pytest.raises(RecordError, match=r"records.jsonl:2: not valid JSON"):
+    with pytest.raises(RecordError, match=r"records.jsonl:2: is not valid JSON"):
         load_records(path)
     path.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
     with pytest.raises(RecordError, match=r"records.jsonl:2: field 'id'.*already used at .*records.jsonl:1"):

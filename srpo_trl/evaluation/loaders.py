@@ -30,7 +30,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from srpo_trl.evaluation.schema import OUTCOMES, EvalItem
+from ..contract import RecordError
+from ..contract import load_records as load_contract_records
+from .schema import EvalItem
 
 BENCHMARKS = ("siuo", "mm-safetybench", "records")
 SIUO_FIELDS = ("question_id", "image", "question", "category", "safety_warning", "reference_answer")
@@ -61,59 +63,32 @@ MMSB_WARN_SCENARIOS = ("10-Legal_Opinion", "11-Financial_Advice", "12-Health_Con
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class LoadError(ValueError):
-    """A benchmark file or item that cannot be read; the message names the file, item and field."""
-
-    def __init__(self, path: Any, item: Any, problem: str, field: str | None = None):
-        self.path, self.item, self.field, self.problem = str(path), item, field, problem
-        where = f"{path}" + (f", item {item}" if item is not None else "") + (f", field '{field}'" if field else "")
-        super().__init__(f"{where}: {problem}")
+#: Benchmark files and items that cannot be read raise the record contract's error: the message names
+#: the file, the item and the field; ``path``, ``item`` and ``field`` hold them.
+LoadError = RecordError
 
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise LoadError(path, None, "file not found; check --data")
+        raise LoadError.at(path, None, "file not found; check --data")
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
-        raise LoadError(path, None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+        raise LoadError.at(path, None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
     except UnicodeDecodeError as exc:
-        raise LoadError(path, None, f"is not UTF-8 text ({exc.reason})") from exc
-
-
-def _read_json_or_jsonl(path: Path) -> list[tuple[Any, Any]]:
-    """(position label, object) pairs from a JSON list or a JSONL file."""
-    if not path.is_file():
-        raise LoadError(path, None, "file not found; check --data")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LoadError(path, None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-        return [(f"#{i}", obj) for i, obj in enumerate(data)]
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"at line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise LoadError(path, f"at line {lineno}", f"is not valid JSON ({exc.msg}, column {exc.colno})") from exc
-    return rows
+        raise LoadError.at(path, None, f"is not UTF-8 text ({exc.reason})") from exc
 
 
 def _resolve_image(path: Path, item: Any, field: str, name: Any, image_dir: Path | None, check: bool) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise LoadError(path, item, f"must be an image file name, got {name!r}", field)
+        raise LoadError.at(path, item, f"must be an image file name, got {name!r}", field)
     candidate = Path(name)
     if not candidate.is_absolute():
         candidate = (image_dir if image_dir is not None else path.parent) / candidate
     if check and not candidate.is_file():
         hint = "pass the image folder with --images" if image_dir is None else "check --images"
-        raise LoadError(path, item, f"image not found: {candidate}; {hint}", field)
+        raise LoadError.at(path, item, f"image not found: {candidate}; {hint}", field)
     return str(candidate)
 
 
@@ -122,23 +97,23 @@ def load_siuo(path: str | os.PathLike, image_dir: str | os.PathLike | None = Non
     path = Path(path)
     data = _read_json(path)
     if not isinstance(data, list):
-        raise LoadError(path, None, f"SIUO's generation file is a JSON list of items, got {type(data).__name__}")
+        raise LoadError.at(path, None, f"SIUO's generation file is a JSON list of items, got {type(data).__name__}")
     image_root = Path(image_dir) if image_dir is not None else None
     items, seen = [], set()
     for index, obj in enumerate(data):
         label = f"#{index}"
         if not isinstance(obj, dict):
-            raise LoadError(path, label, f"must be a JSON object, got {type(obj).__name__}")
+            raise LoadError.at(path, label, f"must be a JSON object, got {type(obj).__name__}")
         if obj.get("question_id") is not None:
             label = f"#{index} (question_id {obj['question_id']})"
         for name in SIUO_FIELDS:
             if name not in obj or obj[name] is None:
-                raise LoadError(path, label, "is missing; SIUO items need " + ", ".join(SIUO_FIELDS), name)
+                raise LoadError.at(path, label, "is missing; SIUO items need " + ", ".join(SIUO_FIELDS), name)
         if not isinstance(obj["question"], str) or not obj["question"].strip():
-            raise LoadError(path, label, "must be a non-empty string", "question")
+            raise LoadError.at(path, label, "must be a non-empty string", "question")
         qid = str(obj["question_id"])
         if qid in seen:
-            raise LoadError(path, label, f"duplicate question_id {qid}", "question_id")
+            raise LoadError.at(path, label, f"duplicate question_id {qid}", "question_id")
         seen.add(qid)
         items.append(
             EvalItem(
@@ -163,9 +138,9 @@ def _mmsb_files(path: Path) -> list[Path]:
         folder = path / "processed_questions" if (path / "processed_questions").is_dir() else path
         files = sorted(p for p in folder.glob("*.json"))
         if not files:
-            raise LoadError(folder, None, "holds no <scenario>.json files; point --data at MM-SafetyBench's processed_questions folder")
+            raise LoadError.at(folder, None, "holds no <scenario>.json files; point --data at MM-SafetyBench's processed_questions folder")
         return files
-    raise LoadError(path, None, "not found; point --data at MM-SafetyBench's processed_questions folder or one <scenario>.json")
+    raise LoadError.at(path, None, "not found; point --data at MM-SafetyBench's processed_questions folder or one <scenario>.json")
 
 
 def load_mm_safetybench(
@@ -186,7 +161,7 @@ def load_mm_safetybench(
         if v not in MMSB_ALL_VARIANTS:
             raise ValueError(f"unknown MM-SafetyBench variant {v!r}; choose from {', '.join(MMSB_ALL_VARIANTS)}")
     if any(v != "TEXT" for v in variants) and image_dir is None:
-        raise LoadError(path, None, "MM-SafetyBench's image variants need the image folder: pass --images <imgs>")
+        raise LoadError.at(path, None, "MM-SafetyBench's image variants need the image folder: pass --images <imgs>")
     image_root = Path(image_dir) if image_dir is not None else None
     items = []
     for file in _mmsb_files(path):
@@ -195,17 +170,17 @@ def load_mm_safetybench(
             continue
         data = _read_json(file)
         if not isinstance(data, dict):
-            raise LoadError(file, None, f"an MM-SafetyBench scenario file is a JSON object keyed by question id, got {type(data).__name__}")
+            raise LoadError.at(file, None, f"an MM-SafetyBench scenario file is a JSON object keyed by question id, got {type(data).__name__}")
         expected = "warn" if scenario in MMSB_WARN_SCENARIOS else "refuse"
         for qid, obj in data.items():
             label = f"'{qid}'"
             if not isinstance(obj, dict):
-                raise LoadError(file, label, f"must be a JSON object, got {type(obj).__name__}")
+                raise LoadError.at(file, label, f"must be a JSON object, got {type(obj).__name__}")
             for variant in variants:
                 field = MMSB_QUESTION_FIELD[variant]
                 question = obj.get(field)
                 if not isinstance(question, str) or not question.strip():
-                    raise LoadError(file, label, f"is missing or empty; variant {variant} asks this question", field)
+                    raise LoadError.at(file, label, f"is missing or empty; variant {variant} asks this question", field)
                 images = []
                 if variant != "TEXT":
                     images = [
@@ -228,56 +203,26 @@ def load_mm_safetybench(
     return items
 
 
-def _check_prompt(path: Path, label: str, prompt: Any) -> Any:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise LoadError(path, label, "is empty", "prompt")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
-        return prompt
-    raise LoadError(path, label, "must be a string or a non-empty list of chat messages with 'role'", "prompt")
-
-
 def load_records(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True) -> list[EvalItem]:
-    """The project's records (JSONL or JSON list) -> items. ``expected`` is required."""
+    """The project's records (JSONL or JSON list; :mod:`srpo_trl.contract`) -> items. ``expected`` is required."""
     path = Path(path)
-    image_root = Path(image_dir) if image_dir is not None else None
-    items, seen = [], set()
-    for position, obj in _read_json_or_jsonl(path):
-        label = position
-        if not isinstance(obj, dict):
-            raise LoadError(path, label, f"must be a JSON object, got {type(obj).__name__}")
-        if obj.get("id") is None:
-            raise LoadError(path, label, "is missing; every record needs a unique id", "id")
-        label = f"{position} (id {obj['id']})"
-        rid = str(obj["id"])
-        if rid in seen:
-            raise LoadError(path, label, f"duplicate id {rid}", "id")
-        seen.add(rid)
-        prompt = _check_prompt(path, label, obj.get("prompt"))
-        expected = obj.get("expected")
-        if expected not in OUTCOMES:
-            raise LoadError(path, label, f"must be one of {', '.join(OUTCOMES)} (benign items: 'comply'), got {expected!r}", "expected")
-        images = obj.get("images") or []
-        if isinstance(images, str):
-            images = [images]
-        if not isinstance(images, list):
-            raise LoadError(path, label, f"must be a list of image paths, got {type(images).__name__}", "images")
-        reference = obj.get("reference")
-        if reference is not None and not isinstance(reference, str):
-            if not (isinstance(reference, list) and all(isinstance(s, str) for s in reference)):
-                raise LoadError(path, label, "must be a list of reasoning steps (strings) or a string", "reference")
-        category = obj.get("category") or "uncategorized"
+    if not path.is_file():
+        raise LoadError.at(path, None, "file not found; check --data")
+    label = lambda n: f"{path}, item at line {n}"  # noqa: E731
+    records = load_contract_records(path, label=label, image_dir=image_dir, check_images=check_images,
+                                    required={"expected": "benign items expect 'comply'"})  # fmt: skip
+    items = []
+    for rec in records:
         items.append(
             EvalItem(
-                id=rid,
-                prompt=prompt,
-                images=[_resolve_image(path, label, f"images[{i}]", name, image_root, check_images) for i, name in enumerate(images)],
-                category=str(category),
-                expected=expected,
-                reference=reference,
-                safety_warning=obj.get("safety_warning"),
-                source=f"{path}, item {label}",
+                id=str(rec["id"]),
+                prompt=rec["prompt"],
+                images=list(rec["_images"]),
+                category=str(rec.get("category") or "uncategorized"),
+                expected=rec["expected"],
+                reference=rec.get("reference"),
+                safety_warning=rec.get("safety_warning"),
+                source=f"{rec['_where']} (id {rec['id']})",
                 meta={"benchmark": "records"},
             )
         )
@@ -298,5 +243,5 @@ def load_benchmark(name: str, path: str | os.PathLike, image_dir: str | os.PathL
     else:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     if not items:
-        raise LoadError(path, None, "holds no items")
+        raise LoadError.at(path, None, "holds no items")
     return items

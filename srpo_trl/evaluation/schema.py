@@ -9,10 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-OUTCOMES = ("refuse", "warn", "comply")
-"""Safety outcomes of an answer, from most to least cautious."""
-
-CAUTION = {"refuse": 2, "warn": 1, "comply": 0}
+from ..safety import CAUTION, OUTCOMES  # the shared vocabulary; re-exported for importers
 
 
 @dataclass

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..safety import BENIGN_CATEGORY, CATEGORIES, OUTCOMES, UNSAFE_OUTCOMES
 from .templates import DEFAULT_TEMPLATES
 
 __all__ = [
@@ -47,23 +48,8 @@ __all__ = [
     "call_agent",
 ]
 
-#: The nine risk categories of the paper's taxonomy, spelled as records carry them.
-CATEGORIES: tuple[str, ...] = (
-    "dangerous behavior",
-    "violence",
-    "pornography",
-    "moral violations",
-    "illegal crimes",
-    "political controversies",
-    "discrimination and stereotypes",
-    "offensive religious beliefs",
-    "privacy violations",
-)
-#: The category of benign control items (expected outcome "comply").
-BENIGN = "benign"
-#: Expected outcomes, as `srpo-trl explore` and `srpo-trl evaluate` read them.
-OUTCOMES: tuple[str, ...] = ("refuse", "warn", "comply")
-UNSAFE_OUTCOMES: tuple[str, ...] = ("refuse", "warn")
+# The vocabulary (categories, outcomes) is srpo_trl.safety's; these names stay for importers.
+BENIGN = BENIGN_CATEGORY
 
 
 def normalize_category(value: Any, allowed: tuple[str, ...] | list[str] = CATEGORIES) -> str | None:
