@@ -196,6 +196,22 @@ class TransformersBackend:
             if getattr(added, "special", False):
                 self._special_ids.add(tid)
 
+    def fingerprint(self) -> dict:
+        """The model's identity for resume checks: its folder and a hash of its weight files when it
+        was loaded from one, else a cheap digest of its parameters (names, shapes, first values)."""
+        from .store import model_fingerprint
+
+        path = getattr(self.model, "name_or_path", None) or getattr(getattr(self.model, "config", None), "_name_or_path", "")
+        if path and os.path.isdir(path):
+            return model_fingerprint(path)
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, param in self.model.named_parameters():
+            head = param.detach().flatten()[:8].float().cpu().tolist()
+            digest.update(f"{name}{tuple(param.shape)}{param.dtype}{head}".encode())
+        return {"model": {"class": type(self.model).__name__, "parameters": digest.hexdigest()[:16]}}
+
     # -- tokenization --------------------------------------------------------------------------
 
     def _text_ids(self, text: str) -> list[int]:
@@ -484,6 +500,12 @@ class OpenAICompatibleBackend:
         self.concurrency = max(1, concurrency)
         self.extra_body = dict(extra_body or {})
         self.show_progress = show_progress
+
+    def fingerprint(self) -> dict:
+        """The served model's identity for resume checks (credentials redacted from the URL)."""
+        from .store import endpoint_fingerprint
+
+        return endpoint_fingerprint(self.base_url, self.model)
 
     # -- HTTP ----------------------------------------------------------------------------------
 

@@ -24,7 +24,9 @@ under ``accelerate launch`` records are split by rank and rank 0 merges the shar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import hashlib
 import itertools
 import json
 import logging
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import contract as _contract
+from . import store
 from .backends import BackendError, GenerationRequest, load_image
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
 from .contract import RecordError
@@ -58,9 +61,7 @@ __all__ = [
     "main",
 ]
 
-META_SUFFIX = ".meta.json"
-# What must match for a restart to resume into an existing output (anything that changes the samples).
-_RESUME_KEYS = ("num_samples", "temperature", "max_new_tokens", "branch_points", "seed", "separator", "verifier")
+META_SUFFIX = store.META_SUFFIX
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,37 +277,47 @@ def explore_record(
 
 
 def _read_output(path: Path, repair: bool) -> list[dict]:
-    """Complete lines of an output file. A last line cut by a kill is dropped (and cut from the
-    file when ``repair``); a broken line elsewhere is an error naming the line."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    good, keep_bytes, pos = [], 0, 0
-    for i, raw in enumerate(lines):
-        last = i == len(lines) - 1
-        end = pos + len(raw) + (0 if last else 1)
-        if raw.strip():
-            try:
-                obj = json.loads(raw)
-                if not isinstance(obj, dict) or "id" not in obj:
-                    raise ValueError("not a record")
-                if last:  # no newline after it: the write was cut
-                    raise ValueError("unterminated")
-                good.append(obj)
-                keep_bytes = end
-            except ValueError:
-                if last or all(not x.strip() for x in lines[i + 1 :]):
-                    logger.warning("%s: line %d is incomplete (an interrupted run); it will be redone", path, i + 1)
-                    break
-                raise RecordError(f"{path}:{i + 1}", None, "is not a complete exploration record; fix or delete the line, or start a new --out") from None
-        else:
-            keep_bytes = end if not last else keep_bytes
-        pos = end
-    if repair and keep_bytes < len(data):
-        with path.open("r+b") as f:
-            f.truncate(keep_bytes)
-    return good
+    """Complete lines of an output file (:func:`srpo_trl.store.read_lines`): a last line cut by a kill
+    is dropped (and cut from the file when ``repair``); a broken line elsewhere names the line."""
+    return store.read_lines(path, repair=repair, valid=lambda obj: isinstance(obj, dict) and "id" in obj,
+                            error=_broken_line)  # fmt: skip
+
+
+def _broken_line(path: Path, n: int) -> RecordError:
+    return RecordError(f"{path}:{n}", None, "is not a complete exploration record; fix or delete the line, or start a new --out")
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock a run holds on ``out`` (``explored.jsonl`` -> ``explored.jsonl.lock``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".lock")
+
+
+def backend_identity(backend) -> dict:
+    """What the fingerprint records about the policy: the backend's own ``fingerprint()`` (model path
+    and weights, or endpoint and served model), else its class."""
+    ident = getattr(backend, "fingerprint", None)
+    return ident() if callable(ident) else {"backend": type(backend).__qualname__}
+
+
+def output_fingerprint(source, recs: list[dict], policy: dict, verifier_name: str, branch_points, settings: dict,
+                       extra: dict | None = None) -> dict:  # fmt: skip
+    """What produced an exploration output: the policy, a hash of the input records and every argument
+    that changes the lines (``extra``: what only the caller knows, e.g. the judge's model)."""
+    return dict(
+        settings,
+        branch_points=branch_points if isinstance(branch_points, (int, str)) else "callable",
+        verifier=verifier_name,
+        policy=policy,
+        records=_records_hash(source, recs),
+        **(extra or {}),
+    )
+
+
+def _records_hash(source, recs: list[dict]) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return store.file_sha256(source)
+    return store.content_sha256([{k: v for k, v in r.items() if k not in ("_images", "_where")} for r in recs])
 
 
 def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
@@ -329,26 +340,13 @@ def merge_shards(out: str | os.PathLike, order: list[Any] | None = None) -> int:
     in ``order`` of ids when given), then delete the shards. Returns the number of records in ``out``."""
     out = Path(out)
     shards = _shard_glob(out)
-    records: dict[str, dict] = {}
-    for path in [out, *shards]:
-        for obj in _read_output(path, repair=False):
-            records.setdefault(str(obj["id"]), obj)
-    if order is not None:
-        rank_of = {str(rid): i for i, rid in enumerate(order)}
-        keys = sorted(records, key=lambda k: (rank_of.get(k, len(rank_of)), k))
-    else:
-        keys = list(records)
-    tmp = out.with_name(out.name + f".merge-{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for key in keys:
-            f.write(json.dumps(records[key], ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    n = store.merge(out, [out, *shards], key=lambda obj: str(obj["id"]),
+                    order=[str(i) for i in order] if order is not None else None,
+                    valid=lambda obj: isinstance(obj, dict) and "id" in obj, error=_broken_line)  # fmt: skip
     for path in shards:
         path.unlink(missing_ok=True)
         _done_path(path).unlink(missing_ok=True)
-    return len(keys)
+    return n
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -359,24 +357,6 @@ def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     return rank, world_size
-
-
-def _check_meta(out: Path, meta: dict, overwrite: bool) -> None:
-    path = out.with_name(out.name + META_SUFFIX)
-    if path.exists() and not overwrite:
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        diff = [f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in _RESUME_KEYS if k in old and old.get(k) != meta.get(k)]
-        if diff:
-            raise ValueError(
-                f"{out} was written with other arguments ({'; '.join(diff)}). Resuming would mix samples: "
-                "rerun with the same arguments, choose another --out, or pass --overwrite to start again"
-            )
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,6 +454,8 @@ def explore(
     show_progress: bool = True,
     print_summary: bool = True,
     merge_poll_s: float = 2.0,
+    policy: dict | None = None,
+    fingerprint_extra: dict | None = None,
 ) -> dict:
     """Explore ``records`` (a JSONL path or dicts) with ``backend``; verify with ``verifier`` (a
     registered name or a callable ``(record, path_text) -> Verdict``).
@@ -486,6 +468,12 @@ def explore(
     threads (for an HTTP backend, to keep a server busy; lines are still written in input order).
     Returns the summary (see :func:`summarize`; ``results`` holds
     the output records when ``out`` is None) and prints it.
+
+    ``out`` is resumed only when ``out.meta.json`` shows the same policy (``policy``, default
+    :func:`backend_identity`), the same input (a hash of the records) and the same arguments
+    (``fingerprint_extra`` adds what the caller knows changes results); otherwise the call refuses
+    before any work (:class:`srpo_trl.store.FingerprintMismatch`). A second run on the same ``out``
+    is refused while one runs (:class:`srpo_trl.store.OutputLocked`).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -494,7 +482,7 @@ def explore(
     backend_sep = getattr(backend, "separator", separator)
     if backend_sep != separator:
         logger.warning("the backend tokenizes prefixes with separator %r but exploration joins steps with %r", backend_sep, separator)
-    verifier_name = verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__)
+    verifier_name = _verifier_name(verifier)
     verifier = as_verifier(verifier)
     required = tuple(getattr(verifier, "required_fields", ()))
     recs, base_dir = load_records(records, required)
@@ -523,20 +511,39 @@ def explore(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(settings, branch_points=branch_points if isinstance(branch_points, (int, str)) else "callable",
-                verifier=verifier_name, max_pairs_per_point=max_pairs_per_point)  # fmt: skip
+    fingerprint = output_fingerprint(records, recs, policy if policy is not None else backend_identity(backend),
+                                     verifier_name, branch_points, settings, fingerprint_extra)  # fmt: skip
     multi = world_size > 1
     group = _process_group() if multi and not simulated else None
-    if rank == 0:
-        if overwrite:
-            for p in [out, *_shard_glob(out)]:
-                p.unlink(missing_ok=True)
-                _done_path(p).unlink(missing_ok=True)
-        _check_meta(out, meta, overwrite)
+    my_file = shard_path(out, rank, world_size) if multi else out
+    with contextlib.ExitStack() as locks:
+        # One run per output: rank 0 (or the only process) holds the output's lock, every rank its shard's.
+        if rank == 0:
+            locks.enter_context(store.output_lock(lock_path(out), "explore", out))
+        if multi:
+            locks.enter_context(store.output_lock(lock_path(my_file), "explore", my_file))
+        if rank == 0:
+            if overwrite:
+                for p in [out, *_shard_glob(out)]:
+                    p.unlink(missing_ok=True)
+                    _done_path(p).unlink(missing_ok=True)
+            else:
+                _read_output(out, repair=False)  # a damaged output is named before anything else
+            store.check_fingerprint(out, fingerprint, overwrite=overwrite)
+        return _explore_into(out, my_file, recs, explore_one, group, rank, world_size, overwrite=overwrite,
+                             retry_failed=retry_failed, concurrent_records=concurrent_records,
+                             show_progress=show_progress, print_summary=print_summary,
+                             max_pairs_per_point=max_pairs_per_point, merge_poll_s=merge_poll_s)  # fmt: skip
+
+
+def _explore_into(out: Path, my_file: Path, recs: list[dict], explore_one, group, rank: int, world_size: int, *,
+                  overwrite: bool, retry_failed: bool, concurrent_records: int, show_progress: bool,
+                  print_summary: bool, max_pairs_per_point: int | None, merge_poll_s: float) -> dict:  # fmt: skip
+    """The file side of :func:`explore`, run while the output's locks are held."""
+    multi = world_size > 1
     # All ranks agree on a run token (so rank 0 never mistakes an old run's markers for this one's)
     # and start reading what is done only after rank 0 has cleaned up.
     token = _broadcast_token(group)
-    my_file = shard_path(out, rank, world_size) if multi else out
     if multi:
         _done_path(my_file).unlink(missing_ok=True)
         if overwrite:
@@ -550,7 +557,7 @@ def explore(
     if retry_failed and not multi:
         kept = [r for r in existing if r.get("status") != "failed"]
         if len(kept) != len(existing):
-            _rewrite(out, kept)
+            store.rewrite(out, kept)
             existing = kept
     done = {str(r["id"]) for r in existing if not (retry_failed and r.get("status") == "failed")}
     mine = [rec for i, rec in enumerate(recs) if i % world_size == rank]
@@ -559,10 +566,9 @@ def explore(
     if resumed:
         logger.warning("%s: %d record(s) already explored, %d to go", my_file, resumed, len(todo))
 
-    with my_file.open("a", encoding="utf-8") as f:
+    with store.Appender(my_file, repair=False) as f:
         for line in _run_records(todo, explore_one, out.parent, concurrent_records, show_progress, rank):
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
+            f.write(line)
 
     if multi:
         _done_path(my_file).write_text(token)
@@ -631,14 +637,6 @@ def _wait_for(condition: Callable[[], bool], what: str, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def _rewrite(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _drop_redone_failures(out: Path) -> None:
     redone = set()
     for shard in _shard_glob(out):
@@ -646,7 +644,7 @@ def _drop_redone_failures(out: Path) -> None:
     existing = _read_output(out, repair=False)
     kept = [r for r in existing if not (r.get("status") == "failed" and str(r["id"]) in redone)]
     if len(kept) != len(existing):
-        _rewrite(out, kept)
+        store.rewrite(out, kept)
 
 
 def _run_records(recs: list[dict], explore_one, out_dir: Path | None, concurrent: int, show: bool, rank: int):
@@ -793,6 +791,26 @@ def _make_backend(args):
                                separator=args.separator, show_progress=False)  # fmt: skip
 
 
+def _verifier_name(verifier) -> str:
+    return verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__)
+
+
+def _cli_fingerprint(args) -> tuple[dict, dict]:
+    """The policy's identity (model folder and weights, or endpoint and served model) and the
+    arguments beyond explore()'s own that change the output."""
+    if args.model and not args.endpoint:
+        policy = store.model_fingerprint(args.model, args.adapter)
+        policy["dtype"] = args.dtype
+    else:
+        policy = store.endpoint_fingerprint(args.endpoint or "", args.served_model)
+    extra = {"answer_extract": args.answer_extract, "answer_pattern": args.answer_pattern}
+    if args.verifier == "judge":
+        template = Path(args.judge_template).read_bytes() if args.judge_template else b""
+        extra["judge"] = {**store.endpoint_fingerprint(args.judge_endpoint or args.endpoint or "", args.judge_model or args.served_model),
+                          "template_sha256": hashlib.sha256(template).hexdigest()[:16]}  # fmt: skip
+    return policy, extra
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.separator = args.separator.encode("utf-8").decode("unicode_escape")
@@ -804,15 +822,23 @@ def main(argv: list[str] | None = None) -> int:
         bp = int(bp)
     try:
         verifier = _make_verifier(args)
+        policy, extra = _cli_fingerprint(args)
+        if not args.overwrite:  # refuse a mixed resume before the model is loaded
+            recs, _ = load_records(args.records, tuple(getattr(as_verifier(verifier), "required_fields", ())))
+            settings = dict(num_samples=args.num_samples, temperature=args.temperature,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, separator=args.separator)  # fmt: skip
+            fingerprint = output_fingerprint(args.records, recs, policy, _verifier_name(verifier), bp, settings, extra)
+            store.check_fingerprint(args.out, fingerprint, write=False)
         backend = _make_backend(args)
         summary = explore(
             args.records, backend, verifier, num_samples=args.num_samples, temperature=args.temperature,
             max_new_tokens=args.max_new_tokens, branch_points=bp, max_pairs_per_point=args.max_pairs_per_point,
             seed=args.seed, out=args.out, separator=args.separator, retry_failed=args.retry_failed,
             overwrite=args.overwrite, show_progress=not args.no_progress,
-            concurrent_records=args.concurrent_records or (4 if args.endpoint else 1),
+            concurrent_records=args.concurrent_records or (4 if args.endpoint else 1), policy=policy,
+            fingerprint_extra=extra,
         )  # fmt: skip
-    except (RecordError, FileNotFoundError, ValueError) as exc:
+    except (RecordError, FileNotFoundError, ValueError, store.StoreError) as exc:
         print(f"srpo-trl explore: {exc}", file=sys.stderr)
         return 2
     if "records" in summary and summary["records"] and summary["records_ok"] == 0:

@@ -410,7 +410,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
 def test_resume_with_other_arguments_is_refused(tmp_path):
     out = tmp_path / "o.jsonl"
     explore(_records(1), ScriptedBackend(), "safety-outcome", num_samples=2, out=out, show_progress=False, print_summary=False)
-    with pytest.raises(ValueError, match=r"num_samples: 2 -> 4"):
+    with pytest.raises(ValueError, match=r"num_samples: saved 2, now 4"):
         explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=4, out=out, show_progress=False, print_summary=False)
     s = explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=4, out=out, overwrite=True,
                 show_progress=False, print_summary=False)  # fmt: skip
