@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 from . import contract as _contract
 from . import store
 from .backends import BackendError, GenerationRequest, load_image
+from .pairs import count_pairs
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
 from .contract import RecordError
 from .verifiers import Verdict, VerifierError, as_verifier
@@ -116,20 +117,6 @@ def select_branch_points(reference: list[str], branch_points: str | int | Callab
             raise ValueError(f"the branch-point locator chose {bad}, outside 0..{len(candidates) - 1} for a reference of {n} step(s)")
         return points
     raise ValueError(f"branch_points must be 'all', an integer or a callable, got {branch_points!r}")
-
-
-def count_pairs(point: dict, max_pairs_per_point: int | None = None) -> int:
-    """Pairs ``StepPairDataset.from_exploration`` builds at a point: distinct non-empty texts, a text
-    judged both ways dropped, every (favorable, unfavorable) combination, capped."""
-    verdicts: dict[str, set] = {}
-    for cont in point.get("continuations") or []:
-        text = cont.get("text")
-        if isinstance(text, str) and text.strip():
-            verdicts.setdefault(text, set()).add(bool(cont.get("verified")))
-    good = sum(1 for v in verdicts.values() if v == {True})
-    bad = sum(1 for v in verdicts.values() if v == {False})
-    pairs = good * bad
-    return min(pairs, max_pairs_per_point) if max_pairs_per_point is not None else pairs
 
 
 def _record_seed(seed: int | None, rid: Any, salt: int = 0) -> int | None:
@@ -293,11 +280,7 @@ def lock_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".lock")
 
 
-def backend_identity(backend) -> dict:
-    """What the fingerprint records about the policy: the backend's own ``fingerprint()`` (model path
-    and weights, or endpoint and served model), else its class."""
-    ident = getattr(backend, "fingerprint", None)
-    return ident() if callable(ident) else {"backend": type(backend).__qualname__}
+backend_identity = store.backend_identity
 
 
 def output_fingerprint(source, recs: list[dict], policy: dict, verifier_name: str, branch_points, settings: dict,

@@ -51,6 +51,7 @@ __all__ = [
     "content_sha256",
     "model_fingerprint",
     "endpoint_fingerprint",
+    "backend_identity",
     "WEIGHT_SUFFIXES",
 ]
 
@@ -195,15 +196,29 @@ def merge(out: str | os.PathLike, parts: Iterable[str | os.PathLike], key: Calla
 # ----------------------------------------------------------------------------------------------
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, limit: int = 160) -> str:
     text = json.dumps(value, default=str, sort_keys=True)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _only_changes(old: Any, new: Any) -> tuple[Any, Any]:
+    """Two dicts cut down to the keys whose values differ (recursively), so a message shows what changed."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return old, new
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    pairs = {k: _only_changes(old.get(k), new.get(k)) for k in keys}
+    return {k: a for k, (a, _) in pairs.items()}, {k: b for k, (_, b) in pairs.items()}
 
 
 def settings_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``"key: saved X, now Y"`` for every top-level key whose values differ (a missing key counts)."""
-    keys = sorted(set(saved) | set(now))
-    return [f"{k}: saved {_short(saved.get(k))}, now {_short(now.get(k))}" for k in keys if saved.get(k) != now.get(k)]
+    """``"key: saved X, now Y"`` for every top-level key whose values differ (a missing key counts);
+    of a nested value only the parts that differ are shown."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        if saved.get(k) != now.get(k):
+            old, new = _only_changes(saved.get(k), now.get(k))
+            out.append(f"{k}: saved {_short(old)}, now {_short(new)}")
+    return out
 
 
 def mismatch_message(path: str | os.PathLike, diff: list[str], advice: str | None = None) -> str:
@@ -316,6 +331,13 @@ def model_fingerprint(path: str | os.PathLike, adapter: str | os.PathLike | None
     if adapter is not None:
         ident["adapter"] = one(adapter)
     return ident
+
+
+def backend_identity(backend: Any) -> dict:
+    """What a fingerprint records about a generation backend: its own ``fingerprint()`` (model folder
+    and weights, or endpoint and served model), else its class."""
+    ident = getattr(backend, "fingerprint", None)
+    return ident() if callable(ident) else {"backend": type(backend).__qualname__}
 
 
 def endpoint_fingerprint(url: str, served_model: str | None) -> dict:

@@ -17,6 +17,7 @@ def test_light_modules_import_without_torch():
     code = (
         "import sys\n"
         "import srpo_trl.verifiers, srpo_trl.evaluation, srpo_trl.records, srpo_trl.contract, srpo_trl.safety\n"
+        "import srpo_trl.store, srpo_trl.pairs\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )

@@ -38,7 +38,15 @@ from srpo_trl.evaluation.loaders import (
 )
 from srpo_trl.evaluation.metrics import METRIC_LABELS, compute_metrics, format_proportion, majority, wilson_interval
 from srpo_trl.evaluation.report import build_report, load_report, markdown_report, recompute_metrics, write_report
-from srpo_trl.evaluation.runner import STATE_FILE, EvalConfig, EvaluationStateError, evaluate, load_state
+from srpo_trl.evaluation.runner import (
+    STATE_FILE,
+    EvalConfig,
+    EvaluationStateError,
+    check_resume,
+    evaluate,
+    load_state,
+    run_settings,
+)
 from srpo_trl.evaluation.schema import EvalItem, ItemResult, RunResult, Verdict
 
 __all__ = [
@@ -79,11 +87,12 @@ def evaluate_to_dir(
     model_info: dict[str, Any] | None = None,
     vote: str = "majority",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> tuple[RunResult, dict[str, Path]]:
     """Evaluate one model into ``out_dir/runs/<label>/`` (resumable), then write the report of every
     model evaluated into ``out_dir`` (side by side). Returns the run and the report paths."""
     run = evaluate(items, backend, judge, config, label=label, state_dir=Path(out_dir) / RUNS_DIR / safe_label(label),
-                   model_info=model_info, progress=progress)  # fmt: skip
+                   model_info=model_info, progress=progress, overwrite=overwrite)  # fmt: skip
     paths = write_report(load_runs(out_dir), out_dir, vote=vote)
     return run, paths
 
@@ -149,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--vote", choices=("majority", "sample"), default="majority", help="unit of the metrics: item (majority vote) or sample")
     rep.add_argument("--report-only", action="store_true", help="rebuild the report from the runs already in --out")
     p.add_argument("--write-judge-templates", metavar="DIR", help="write the default judge templates to DIR (to edit) and exit")
+    p.add_argument("--overwrite", action="store_true", help="start this --label's evaluation again instead of resuming it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -186,6 +196,19 @@ def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
     model, processing_class = load_model_and_processor(args.model, adapter=args.adapter)
     return TransformersBackend(model, processing_class, batch_size=config.batch_size * config.samples,
                                separator=config.separator, show_progress=not args.no_progress)  # fmt: skip
+
+
+def _model_info(args: argparse.Namespace) -> dict[str, Any]:
+    """What identifies the evaluated model: the folder and a hash of its weight files (new weights saved
+    into the same folder differ), or the endpoint (credentials redacted) and the served model."""
+    from srpo_trl import store
+
+    if args.generation_url:
+        identity = store.endpoint_fingerprint(args.generation_url, args.model)
+    else:
+        identity = store.model_fingerprint(args.model, args.adapter)
+    return {"model": args.model, "adapter": args.adapter, "generation_url": store.redact_url(args.generation_url),
+            "benchmark": args.benchmark, "identity": identity}  # fmt: skip
 
 
 def _summary(report: dict) -> str:
@@ -228,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                                 system_prompt=args.system_prompt)  # fmt: skip
             judge = _make_judge(args)
             label = safe_label(args.label) if args.label else _default_label(args)
+            model_info = _model_info(args)
+            # refuse a mixed resume (other weights, data or settings) before the model is loaded
+            check_resume(Path(args.out) / RUNS_DIR / label, run_settings(items, judge, config, label, model_info),
+                         overwrite=args.overwrite)  # fmt: skip
             backend = _make_backend(args, config)
-            model_info = {"model": args.model, "adapter": args.adapter, "generation_url": args.generation_url, "benchmark": args.benchmark}
             _, paths = evaluate_to_dir(items, backend, judge, config, args.out, label=label, model_info=model_info,
-                                       vote=args.vote, progress=not args.no_progress)  # fmt: skip
+                                       vote=args.vote, progress=not args.no_progress, overwrite=args.overwrite)  # fmt: skip
     except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"srpo-trl evaluate: error: {exc}", file=sys.stderr)
         return 1

@@ -38,7 +38,16 @@ from .agents import (
     write_templates,
 )
 from .curate import ReviewError, export_review, import_review
-from .pipeline import PipelineConfig, RunAborted, format_summary, generate_records, output_paths, summarize
+from .. import store
+from .pipeline import (
+    PipelineConfig,
+    RunAborted,
+    check_resume,
+    format_summary,
+    generate_records,
+    output_paths,
+    summarize,
+)
 from .schema import RecordError, load_records, validate_record
 
 __all__ = [
@@ -110,6 +119,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per agent answer (default 1024)")
     gen.add_argument("--workers", type=int, default=4, help="images processed at once with --chat-url (default 4)")
     gen.add_argument("--retry-failed", action="store_true", help="retry every failed item from scratch")
+    gen.add_argument("--overwrite", action="store_true", help="start again instead of resuming (deletes the earlier records)")
     gen.add_argument("--max-backend-errors", type=int, default=5, help="stop after this many backend failures in a row (default 5)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -131,27 +141,41 @@ def _categories(value: str | None, parser: argparse.ArgumentParser) -> tuple[str
     return tuple(dict.fromkeys(out))
 
 
-def _make_backend(args, parser):
+def _generator(args, parser) -> dict:
+    """The provenance every record carries (and the identity a resume checks), from the flags alone."""
     if args.served_model and not args.chat_url:
         parser.error("--served-model needs --chat-url (for a local model folder use --model PATH)")
     if args.chat_url:
         name = args.served_model or args.model
         if not name:
             parser.error("--chat-url needs --model (the model name the server serves)")
+        return {"backend": "openai-compatible", "model": name, "url": store.redact_url(args.chat_url)}
+    if not args.model:
+        parser.error("give --chat-url URL --model NAME (an endpoint) or --model PATH (a local vision-language model)")
+    return {"backend": "transformers", "model": os.path.abspath(args.model)}
+
+
+def _policy(args) -> dict:
+    if args.chat_url:
+        return store.endpoint_fingerprint(args.chat_url, args.served_model or args.model)
+    policy = store.model_fingerprint(args.model, args.adapter)
+    policy["dtype"] = args.dtype
+    return policy
+
+
+def _make_backend(args, parser):
+    if args.chat_url:
         from srpo_trl.backends import OpenAICompatibleBackend
 
-        backend = OpenAICompatibleBackend(
+        return OpenAICompatibleBackend(
             args.chat_url,
-            name,
+            args.served_model or args.model,
             api_key=args.api_key,
             timeout=args.timeout,
             max_retries=args.http_retries,
             concurrency=1,
             show_progress=False,
         )
-        return backend, {"backend": "openai-compatible", "model": name, "url": args.chat_url}, args.workers
-    if not args.model:
-        parser.error("give --chat-url URL --model NAME (an endpoint) or --model PATH (a local vision-language model)")
     from srpo_trl.backends import TransformersBackend
     from srpo_trl.loading import load_model_and_processor
 
@@ -164,7 +188,7 @@ def _make_backend(args, parser):
     backend = TransformersBackend(model, processing_class, batch_size=1, show_progress=False)
     if not backend.is_processor:
         parser.error(f"--model {args.model}: a text-only model; the agents look at images, so use a vision-language model")
-    return backend, {"backend": "transformers", "model": os.path.abspath(args.model)}, 1
+    return backend
 
 
 def main_generate(argv: list[str] | None = None) -> int:
@@ -188,7 +212,7 @@ def main_generate(argv: list[str] | None = None) -> int:
     except TemplateError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    backend, generator, workers = _make_backend(args, parser)
+    generator = _generator(args, parser)
     try:
         config = PipelineConfig(
             per_image=args.per_image,
@@ -200,7 +224,7 @@ def main_generate(argv: list[str] | None = None) -> int:
             max_steps=args.max_steps,
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
-            workers=workers,
+            workers=args.workers if args.chat_url else 1,
             retry_failed=args.retry_failed,
             max_consecutive_backend_errors=args.max_backend_errors,
             show_progress=not args.no_progress,
@@ -208,8 +232,16 @@ def main_generate(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    policy = _policy(args)
+    try:  # a mixed resume is refused before the model is loaded
+        check_resume(args.out, config, templates, policy, overwrite=args.overwrite)
+    except ValueError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    backend = _make_backend(args, parser)
     try:
-        summary = generate_records(backend, args.images, args.out, config, templates)
+        summary = generate_records(backend, args.images, args.out, config, templates, policy=policy,
+                                   overwrite=args.overwrite)  # fmt: skip
     except RunAborted as exc:
         print(format_summary(summarize(args.out)), file=sys.stderr)
         print(f"{prog}: stopped: {exc}", file=sys.stderr)
