@@ -229,9 +229,11 @@ def load_records(
     check_images: bool = True,
     required: Iterable[str] | Mapping[str, str] = (),
     complete: bool = False,
+    name_ids: bool = False,
 ) -> list[dict]:
     """Read and validate records (a JSONL / JSON-list file, or records given from Python); ids must be
-    unique (``1`` and ``"1"`` are the same id). Each record gets ``_where`` (its file and line)."""
+    unique (``1`` and ``"1"`` are the same id). Each record gets ``_where`` (its file and line, and its
+    id with ``name_ids``, which errors then name too)."""
     out: list[dict] = []
     seen: dict[str, str] = {}
     if isinstance(source, (str, os.PathLike)):
@@ -242,6 +244,8 @@ def load_records(
         base, path = None, None
         rows = ((f"record {i}", f"#{i}", obj) for i, obj in enumerate(source))
     for where, item, obj in rows:
+        if name_ids and isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and str(obj["id"]).strip():
+            where, item = f"{where} (id {obj['id']})", f"{item} (id {obj['id']})"
         rec = validate_record(obj, where, base_dir=base, image_dir=image_dir, check_images=check_images,
                               required=required, complete=complete, path=path, item=item)  # fmt: skip
         key = str(rec["id"])

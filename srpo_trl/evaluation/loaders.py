@@ -210,7 +210,7 @@ def load_records(path: str | os.PathLike, image_dir: str | os.PathLike | None = 
         raise LoadError.at(path, None, "file not found; check --data")
     label = lambda n: f"{path}, item at line {n}"  # noqa: E731
     records = load_contract_records(path, label=label, image_dir=image_dir, check_images=check_images,
-                                    required={"expected": "benign items expect 'comply'"})  # fmt: skip
+                                    required={"expected": "benign items expect 'comply'"}, name_ids=True)  # fmt: skip
     items = []
     for rec in records:
         items.append(
@@ -222,7 +222,7 @@ def load_records(path: str | os.PathLike, image_dir: str | os.PathLike | None = 
                 expected=rec["expected"],
                 reference=rec.get("reference"),
                 safety_warning=rec.get("safety_warning"),
-                source=f"{rec['_where']} (id {rec['id']})",
+                source=rec["_where"],
                 meta={"benchmark": "records"},
             )
         )
