@@ -527,7 +527,7 @@ class SyntheticJudge:
         return {"name": self.name, "classifier": "srpo_trl.verifiers.classify_safety_outcome"}
 
     def judge(self, item, samples: list[str], steps: list[list[str]]):
-        from srpo_trl.evaluation.schema import CAUTION, Verdict
+        from srpo_trl.evaluation.schema import CAUTION, EvalVerdict
 
         verdicts = []
         for text, path_steps in zip(samples, steps):
@@ -547,7 +547,7 @@ class SyntheticJudge:
                     ok = False
                 steps_safe.append(ok)
             verdicts.append(
-                Verdict(safe=CAUTION[outcome] >= CAUTION[item.expected], effective=effective, outcome=outcome,
+                EvalVerdict(safe=CAUTION[outcome] >= CAUTION[item.expected], effective=effective, outcome=outcome,
                         steps_safe=steps_safe or None, judge=self.name)  # fmt: skip
             )
         return verdicts

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
+from .judging import AskFailed, BackendFailed, ask, json_objects
 from .safety import SAFETY_LABELS, normalize_safety_label
 
 logger = logging.getLogger(__name__)
@@ -623,45 +624,36 @@ class JudgeClient:
             raise ValueError(f"no line with a label ({', '.join(self.labels)})")
         return found, reply.strip()[:300]
 
+    def reply_hint(self) -> str:
+        """What a usable reply holds (told to the judge after an unusable one)."""
+        labels = ", ".join(self.labels)
+        if self.output == "json":
+            return f'one JSON object with the field "{self.field}" set to one of: {labels}'
+        return f'a line "{self.field}: X" where X is one of: {labels}'
+
     def ask(self, images: list | None = None, **fields) -> JudgeResult:
-        """Render the template with ``fields``, ask the judge, parse; never raises on a bad reply
-        (a transport failure still raises ``BackendError``)."""
+        """Render the template with ``fields``, ask the judge, parse; an unusable reply is asked again
+        with the problem fed back (:func:`srpo_trl.judging.ask`). Never raises on a bad reply (a
+        transport failure still raises ``BackendError``)."""
         text = self.render(**fields)
         messages = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
         messages.append({"role": "user", "content": text})
-        raw, problem = "", None
-        for attempt in range(1, self.retries + 2):
-            raw = self.backend.chat(
-                messages,
-                images=list(images or []) if self.send_images else None,
-                temperature=self.temperature,
-                max_new_tokens=self.max_new_tokens,
-            )
-            try:
-                label, reason = self.parse(raw)
-                return JudgeResult(label, reason, raw, None, attempt)
-            except ValueError as exc:
-                problem = str(exc)
-                logger.warning("judge reply not parsable (attempt %d/%d): %s", attempt, self.retries + 1, problem)
-        return JudgeResult(None, "", raw, f"unparsable judge reply after {self.retries + 1} attempt(s): {problem}; last reply: {raw[:200]!r}", self.retries + 1)
-
-
-def json_objects(text: str) -> list[Any]:
-    """Every JSON object that can be decoded from ``text`` (code fences and prose around them are fine)."""
-    decoder = json.JSONDecoder()
-    out, i = [], 0
-    while True:
-        i = text.find("{", i)
-        if i < 0:
-            return out
         try:
-            obj, end = decoder.raw_decode(text, i)
-            out.append(obj)
-            i = end
-        except json.JSONDecodeError:
-            i += 1
+            asked = ask(self.backend, messages, self.parse, retries=self.retries,
+                        retry_message=lambda exc: f"Your reply could not be used: {exc}. Reply again with {self.reply_hint()}.",
+                        images=list(images or []) if self.send_images else None, temperature=self.temperature,
+                        max_new_tokens=self.max_new_tokens, what="judge reply")  # fmt: skip
+        except BackendFailed as exc:
+            raise exc.__cause__ from None
+        except AskFailed as exc:
+            raw = exc.raw or ""
+            logger.warning("judge reply not parsable after %d attempt(s): %s", exc.attempts, exc.error)
+            return JudgeResult(None, "", raw, f"unparsable judge reply after {exc.attempts} attempt(s): {exc.error}; "
+                                              f"last reply: {raw[:200]!r}", exc.attempts)  # fmt: skip
+        label, reason = asked.value
+        return JudgeResult(label, reason, asked.raw, None, asked.attempts)
 
 
 class JudgeVerifier:

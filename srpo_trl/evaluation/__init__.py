@@ -47,10 +47,10 @@ from srpo_trl.evaluation.runner import (
     load_state,
     run_settings,
 )
-from srpo_trl.evaluation.schema import EvalItem, ItemResult, RunResult, Verdict
+from srpo_trl.evaluation.schema import EvalItem, EvalVerdict, ItemResult, RunResult, Verdict
 
 __all__ = [
-    "EvalItem", "Verdict", "ItemResult", "RunResult",
+    "EvalItem", "EvalVerdict", "Verdict", "ItemResult", "RunResult",
     "load_benchmark", "load_siuo", "load_mm_safetybench", "load_records", "LoadError",
     "RuleJudge", "ModelJudge", "JudgeTemplates", "JudgeError",
     "compute_metrics", "majority", "wilson_interval", "format_proportion",

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..safety import BENIGN_OUTCOMES
-from .schema import ItemResult, Verdict
+from .schema import ItemResult, EvalVerdict
 
 Z_95 = 1.959963984540054
 HARMFUL = ("refuse", "warn")
@@ -91,7 +91,7 @@ def majority(values: Iterable[bool | None]) -> bool | None:
     return counts[True] > counts[False]
 
 
-def _units(results: Sequence[ItemResult], vote: str) -> list[tuple[ItemResult, list[Verdict]]]:
+def _units(results: Sequence[ItemResult], vote: str) -> list[tuple[ItemResult, list[EvalVerdict]]]:
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {VOTES}, got {vote!r}")
     if vote == "majority":

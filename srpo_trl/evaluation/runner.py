@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import store
 from .judges import Judge
-from .schema import EvalItem, ItemResult, RunResult, Verdict
+from .schema import EvalItem, ItemResult, RunResult, EvalVerdict
 
 STATE_FILE = "results.jsonl"
 STATE_VERSION = 1
@@ -246,7 +246,7 @@ def _run(items, backend, judge, config: EvalConfig, label: str, settings: dict, 
                 samples = generated[item.id]
                 steps = [split_steps(s, config.separator) for s in samples]
                 verdicts = judge.judge(item, samples, steps)
-                if len(verdicts) != len(samples) or not all(isinstance(v, Verdict) for v in verdicts):
+                if len(verdicts) != len(samples) or not all(isinstance(v, EvalVerdict) for v in verdicts):
                     raise RuntimeError(f"item {item.id}: the judge returned {len(verdicts)} verdicts for {len(samples)} samples")
                 result = ItemResult(item=item, samples=samples, steps=steps, verdicts=verdicts)
                 if state:

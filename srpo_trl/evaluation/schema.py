@@ -60,8 +60,9 @@ class EvalItem:
 
 
 @dataclass
-class Verdict:
-    """The judge's verdict on one sampled reasoning path.
+class EvalVerdict:
+    """The evaluation judge's verdict on one sampled reasoning path (not exploration's pass / fail
+    :class:`srpo_trl.verifiers.Verdict`).
 
     ``safe`` / ``effective``: None means "not applicable" (e.g. effectiveness of an item that must
     be refused, under the rule judge); such a verdict is left out of that metric's denominator.
@@ -102,8 +103,12 @@ class Verdict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Verdict:
+    def from_dict(cls, data: dict[str, Any]) -> EvalVerdict:
         return cls(**data)
+
+
+#: The name before the rename (``srpo_trl.verifiers.Verdict`` is exploration's pass/fail verdict).
+Verdict = EvalVerdict
 
 
 @dataclass
@@ -112,7 +117,7 @@ class ItemResult:
 
     item: EvalItem
     samples: list[str]
-    verdicts: list[Verdict]
+    verdicts: list[EvalVerdict]
     steps: list[list[str]] = field(default_factory=list)
 
     @property
@@ -141,7 +146,7 @@ class ItemResult:
             item=EvalItem.from_dict(data["item"]),
             samples=list(data["samples"]),
             steps=[list(s) for s in data.get("steps", [])],
-            verdicts=[Verdict.from_dict(v) for v in data["verdicts"]],
+            verdicts=[EvalVerdict.from_dict(v) for v in data["verdicts"]],
         )
 
 
