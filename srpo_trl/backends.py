@@ -31,10 +31,10 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .rows import DEFAULT_STEP_SEPARATOR, end_of_answer_text, render_prompt, tokenizer_of
+from .images import open_image, open_images
+from .rows import DEFAULT_STEP_SEPARATOR, end_of_answer_text, prefix_text_ids, render_prompt, tokenizer_of
 
 logger = logging.getLogger(__name__)
 
@@ -100,41 +100,9 @@ class GenerationBackend(Protocol):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_image(image: Any, base_dir: str | os.PathLike | None = None):
-    """A PIL image from a PIL image or a path (relative paths resolve against ``base_dir``).
-
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or unreadable.
-    """
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if base_dir is not None and not path.is_absolute():
-            path = Path(base_dir) / path
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path} (paths in records are relative to the records file)")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
-        except Exception as exc:  # PIL raises several types for broken files
-            raise ValueError(f"image file {path} cannot be read as an image: {exc}") from exc
-    if isinstance(image, dict) and ("bytes" in image or "path" in image):  # datasets' Image feature, undecoded
-        if image.get("bytes"):
-            try:
-                with Image.open(io.BytesIO(image["bytes"])) as img:
-                    img.load()
-                    return img.copy()
-            except Exception as exc:
-                raise ValueError(f"image bytes ({image.get('path') or 'no path'}) cannot be read: {exc}") from exc
-        return load_image(image["path"], base_dir)
-    raise TypeError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
-
-
-def load_images(images: list | None, base_dir: str | os.PathLike | None = None) -> list:
-    return [load_image(img, base_dir) for img in (images or [])]
+# One rule for every stage (srpo_trl.images): RGB, whatever the source.
+load_image = open_image
+load_images = open_images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,16 +186,7 @@ class TransformersBackend:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _prefix_ids(self, assistant_prefix: str) -> list[int]:
-        if not assistant_prefix:
-            return []
-        if not self.separator:
-            return self._text_ids(assistant_prefix)
-        pieces = assistant_prefix.split(self.separator)
-        ids: list[int] = []
-        for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
-            ids += self._text_ids(piece if last else piece + self.separator)
-        return ids
+        return prefix_text_ids(self.tokenizer, assistant_prefix, self.separator)
 
     def _stop_ids(self, request: GenerationRequest, images: list) -> list[int]:
         stop = set()

@@ -35,6 +35,7 @@ __all__ = [
     "validate_record",
     "read_json_records",
     "load_records",
+    "conversation_text",
 ]
 
 #: The fields of a complete record (what generate-records and curate import write).
@@ -256,4 +257,18 @@ def load_records(
         rec["_where"] = where
         out.append(rec)
     return out
+
+
+def conversation_text(prompt: Any, image_marker: str = "[image]") -> str:
+    """A prompt as plain text for a judge or a log: the string itself, or one ``role: content`` line
+    per chat message (image parts shown as ``image_marker``)."""
+    if isinstance(prompt, str):
+        return prompt
+    lines = []
+    for m in prompt or []:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") if p.get("type") == "text" else image_marker for p in content if isinstance(p, dict))
+        lines.append(f"{m.get('role', '?')}: {content}")
+    return "\n".join(lines)
 

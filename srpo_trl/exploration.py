@@ -28,7 +28,6 @@ import contextlib
 import glob
 import hashlib
 import itertools
-import json
 import logging
 import os
 import sys

@@ -15,11 +15,11 @@ process logs.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+from .contract import conversation_text
 from .rows import encode_prompt_text, encode_text_segments, normalize_row, render_prompt, tokenizer_of
 
 logger = logging.getLogger(__name__)
@@ -29,18 +29,6 @@ COLUMNS = [
     "step", "row", "branch_point", "prompt", "prefix", "chosen", "rejected",
     "logp_chosen", "logp_rejected", "margin", "sum_logp_chosen", "sum_logp_rejected", "chosen_preferred",
 ]  # fmt: skip
-
-
-def _prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    parts = []
-    for message in prompt:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "<image>") if p.get("type") == "text" else "<image>" for p in content)
-        parts.append(f"{message.get('role')}: {content}")
-    return "\n".join(parts)
 
 
 def _continuation_logps(model, prompt_inputs: dict, context_ids: list[int], continuation: list[int]):
@@ -91,7 +79,7 @@ def score_pairs(model, processing_class, rows: list[dict], step_separator: str =
                 {
                     "row": i,
                     "branch_point": raw.get("branch_point", len(row["prefix"])),
-                    "prompt": _prompt_text(row["prompt"]),
+                    "prompt": conversation_text(row["prompt"]),
                     "prefix": step_separator.join(row["prefix"]),
                     "chosen": row["chosen"],
                     "rejected": row["rejected"],

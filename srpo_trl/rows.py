@@ -258,6 +258,16 @@ def steps_ids(tokenizer: Any, steps: list[str], separator: str, close_last: bool
     return ids
 
 
+def prefix_text_ids(tokenizer: Any, text: str, separator: str) -> list[int]:
+    """Token ids of an assistant prefix given as text: split after each ``separator`` and tokenized
+    step by step (:func:`steps_ids`), so that generation continues from the ids the trainer scores."""
+    if not text:
+        return []
+    if not separator:
+        return _ids(tokenizer, text)
+    return steps_ids(tokenizer, text.split(separator), separator, close_last=False)
+
+
 def encode_text_segments(
     row: dict[str, Any],
     processing_class: Any,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
+from .contract import conversation_text
 from .judging import AskFailed, BackendFailed, ask, json_objects
 from .safety import SAFETY_LABELS, normalize_safety_label
 
@@ -513,18 +514,6 @@ class JudgeResult:
     attempts: int = 1
 
 
-def _prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    lines = []
-    for m in prompt or []:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") if p.get("type") == "text" else "[image]" for p in content if isinstance(p, dict))
-        lines.append(f"{m.get('role', '?')}: {content}")
-    return "\n".join(lines)
-
-
 class _Fields(dict):
     def __missing__(self, key):
         raise KeyError(key)
@@ -682,7 +671,7 @@ class JudgeVerifier:
             expected = normalize_safety_label(raw) if set(self.client.labels) <= set(SAFETY_LABELS) else None
             expected = expected or str(raw).strip().lower()
         fields = {
-            "prompt": _prompt_text(record.get("prompt")),
+            "prompt": conversation_text(record.get("prompt")),
             "response": path_text,
             "final_answer": final_answer_text(path_text),
             "expected": record.get(self.expected_field, ""),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..safety import CAUTION, OUTCOMES  # the shared vocabulary; re-exported for importers
+from ..safety import CAUTION, OUTCOMES  # noqa: F401  (the shared vocabulary, re-exported for importers)
 
 
 @dataclass

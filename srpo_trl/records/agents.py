@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from ..judging import AskFailed, BackendFailed, ReplyError, ask
 from ..judging import extract_json_object as _extract_json_object
-from ..safety import BENIGN_CATEGORY, CATEGORIES, OUTCOMES, UNSAFE_OUTCOMES
+from ..safety import BENIGN_CATEGORY, CATEGORIES, OUTCOMES, UNSAFE_OUTCOMES  # noqa: F401  (re-exported)
 from .templates import DEFAULT_TEMPLATES
 
 __all__ = [
