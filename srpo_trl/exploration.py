@@ -41,6 +41,7 @@ from . import store
 from .backends import BackendError, GenerationRequest, load_image
 from .pairs import count_pairs
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
+from .cli.flags import add_http_flags, add_policy_flags, add_sampling_flags
 from .contract import RecordError
 from .verifiers import Verdict, VerifierError, as_verifier
 
@@ -685,20 +686,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="srpo-trl explore",
         description="Sample reasoning branches from a policy, verify them, and write what step pairs are built from.",
     )
-    src = p.add_argument_group("policy (one of)")
-    src.add_argument("--model", help="a local model folder (save_pretrained; a PEFT adapter folder works too)")
+    src = add_policy_flags(p, model_help="a local model folder (save_pretrained; a PEFT adapter folder works too)")
     src.add_argument("--adapter", help="a PEFT adapter folder to put on --model")
-    src.add_argument("--endpoint", help="base URL of an OpenAI-compatible server (vLLM, SGLang, ...), e.g. http://localhost:8000")
-    src.add_argument("--served-model", help="the model name the server serves (with --endpoint)")
-    src.add_argument("--api-key", default=None, help="API key for --endpoint (default: $OPENAI_API_KEY)")
     p.add_argument("--records", required=True, help="input records, JSON lines")
     p.add_argument("--out", required=True, help="output JSON lines (appended; a restart resumes)")
-    p.add_argument("--num-samples", type=int, default=10)
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    add_sampling_flags(p, num_samples=10, temperature=0.5, max_new_tokens=512, seed=0,
+                       samples_help="continuations per branch point")  # fmt: skip
     p.add_argument("--branch-points", default="all", help="'all' or K (the first K points)")
     p.add_argument("--max-pairs-per-point", type=int, default=None, help="cap used for the pair count in the summary")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--separator", default="\\n", help="step separator (escape sequences allowed; default \\n)")
     p.add_argument("--verifier", default="safety-outcome",
                    help="safety-outcome | final-answer | judge | any registered name | module:factory")  # fmt: skip
@@ -711,8 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call (--model)")
     p.add_argument("--dtype", default="float32", help="model dtype (--model), e.g. bfloat16")
     p.add_argument("--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
-    p.add_argument("--max-retries", type=int, default=3)
+    add_http_flags(p, timeout=60.0, retries=3, old_max_retries=True)
     p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests per record (--endpoint)")
     p.add_argument("--concurrent-records", type=int, default=None,
                    help="records explored at once (default: 4 with --endpoint, 1 with --model)")  # fmt: skip
@@ -743,23 +737,27 @@ def _make_verifier(args) -> Any:
         if args.judge_template:
             kwargs["template"] = Path(args.judge_template).read_text(encoding="utf-8")
         return get_verifier(name, base_url=url, model=model, api_key=args.judge_api_key or args.api_key,
-                            timeout=args.timeout, max_retries=args.max_retries, **kwargs)  # fmt: skip
+                            timeout=args.timeout, max_retries=args.http_retries, **kwargs)  # fmt: skip
     try:
         return get_verifier(name)
     except KeyError as exc:
         raise SystemExit(f"srpo-trl explore: {exc.args[0]}") from None
 
 
+def _check_policy_args(args) -> None:
+    if bool(args.model) == bool(args.endpoint):
+        raise SystemExit("srpo-trl explore: give either --model PATH or --endpoint URL --served-model NAME")
+    if args.endpoint and not args.served_model:
+        raise SystemExit("srpo-trl explore: --endpoint needs --served-model (the model name the server serves)")
+
+
 def _make_backend(args):
     from .backends import OpenAICompatibleBackend, TransformersBackend
 
-    if bool(args.model) == bool(args.endpoint):
-        raise SystemExit("srpo-trl explore: give either --model PATH or --endpoint URL --served-model NAME")
+    _check_policy_args(args)
     if args.endpoint:
-        if not args.served_model:
-            raise SystemExit("srpo-trl explore: --endpoint needs --served-model (the model name the server serves)")
         return OpenAICompatibleBackend(args.endpoint, args.served_model, api_key=args.api_key, timeout=args.timeout,
-                                       max_retries=args.max_retries, concurrency=args.concurrency,
+                                       max_retries=args.http_retries, concurrency=args.concurrency,
                                        show_progress=False)  # fmt: skip
     from .loading import load_model_and_processor
 
@@ -802,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         if not bp.isdigit() or int(bp) < 1:
             raise SystemExit(f"srpo-trl explore: --branch-points must be 'all' or a positive integer, got {bp!r}")
         bp = int(bp)
+    _check_policy_args(args)
     try:
         verifier = _make_verifier(args)
         policy, extra = _cli_fingerprint(args)

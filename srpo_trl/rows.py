@@ -1,6 +1,6 @@
 """Step-pair rows: the column contract, validation, and how a row becomes text and token ids.
 
-One row is one branch point (see SRPO_SPEC.md): ``prompt`` (+ optional ``images``), the reasoning
+One row is one branch point (see docs/trainer.md): ``prompt`` (+ optional ``images``), the reasoning
 ``prefix`` already taken (list of steps), a favorable ``chosen`` and an unfavorable ``rejected``
 continuation, and optionally the verified ``reference`` path (list of steps). A plain DPO row
 (``prompt``/``chosen``/``rejected``, standard or conversational) is a valid row with an empty prefix.

@@ -4,7 +4,7 @@ Command line (``srpo-trl evaluate``; see docs/evaluation.md)::
 
     srpo-trl evaluate --model PATH [--adapter PATH] --benchmark siuo --data siuo_gen.json \\
         --images DIR --judge openai-compatible --judge-url http://... --judge-model NAME \\
-        --samples 3 --out report/
+        --num-samples 3 --out report/
 
 Python::
 
@@ -26,8 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from srpo_trl.evaluation.judges import ASPECTS, JudgeError, JudgeTemplates, ModelJudge, RuleJudge
-from srpo_trl.evaluation.loaders import (
+from ..cli.flags import add_http_flags, add_policy_flags, add_sampling_flags
+from .judges import ASPECTS, JudgeError, JudgeTemplates, ModelJudge, RuleJudge
+from .loaders import (
     BENCHMARKS,
     MMSB_VARIANTS,
     LoadError,
@@ -36,9 +37,9 @@ from srpo_trl.evaluation.loaders import (
     load_records,
     load_siuo,
 )
-from srpo_trl.evaluation.metrics import METRIC_LABELS, compute_metrics, format_proportion, majority, wilson_interval
-from srpo_trl.evaluation.report import build_report, load_report, markdown_report, recompute_metrics, write_report
-from srpo_trl.evaluation.runner import (
+from .metrics import METRIC_LABELS, compute_metrics, format_proportion, majority, wilson_interval
+from .report import build_report, load_report, markdown_report, recompute_metrics, write_report
+from .runner import (
     STATE_FILE,
     EvalConfig,
     EvaluationStateError,
@@ -47,7 +48,7 @@ from srpo_trl.evaluation.runner import (
     load_state,
     run_settings,
 )
-from srpo_trl.evaluation.schema import EvalItem, EvalVerdict, ItemResult, RunResult, Verdict
+from .schema import EvalItem, EvalVerdict, ItemResult, RunResult, Verdict
 
 __all__ = [
     "EvalItem", "EvalVerdict", "Verdict", "ItemResult", "RunResult",
@@ -64,7 +65,7 @@ RUNS_DIR = "runs"
 
 def __getattr__(name: str) -> Any:
     if name == "SafetyEvalCallback":  # imports transformers: only when asked for
-        from srpo_trl.evaluation.callback import SafetyEvalCallback
+        from .callback import SafetyEvalCallback
 
         return SafetyEvalCallback
     raise AttributeError(f"module 'srpo_trl.evaluation' has no attribute {name!r}")
@@ -119,7 +120,7 @@ def _csv(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="srpo-trl evaluate",
-        description="Safety evaluation of reasoning paths: generate --samples paths per item, judge them, "
+        description="Safety evaluation of reasoning paths: generate --num-samples paths per item, judge them, "
         "write report.json / report.md / report.png into --out. Evaluating several models into the same "
         "--out (different --label) puts them side by side. A killed run resumes where it stopped.",
     )
@@ -131,16 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--variants", type=_csv, default=list(MMSB_VARIANTS), help="mm-safetybench image variants, comma-separated (SD,SD_TYPO,TYPO; TEXT = no image)")
     data.add_argument("--scenarios", type=_csv, default=None, help="mm-safetybench scenarios to keep, comma-separated (default: all)")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    model = p.add_argument_group("model")
-    model.add_argument("--model", help="model folder (in-process), or the served model name with --generation-url")
+    model = add_policy_flags(p, model_help="model folder, loaded in-process (or, with the deprecated --generation-url, the served name)",
+                             old_endpoint=("--generation-url",))  # fmt: skip
     model.add_argument("--adapter", help="PEFT adapter folder on top of --model")
-    model.add_argument("--generation-url", help="OpenAI-compatible endpoint that serves --model (instead of loading it)")
-    model.add_argument("--label", help="name of this model in the report (default: from --model/--adapter)")
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--samples", type=int, default=3, help="reasoning paths per item (majority vote over them; default 3)")
-    gen.add_argument("--temperature", type=float, default=0.5)
-    gen.add_argument("--max-new-tokens", type=int, default=512)
-    gen.add_argument("--seed", type=int, default=0)
+    model.add_argument("--label", help="name of this model in the report (default: from --model/--adapter or --served-model)")
+    gen = add_sampling_flags(p, num_samples=3, temperature=0.5, max_new_tokens=512, seed=0, old_samples=True,
+                             samples_help="reasoning paths per item (majority vote over them)")  # fmt: skip
+    add_http_flags(p, timeout=60.0, retries=3)
     gen.add_argument("--batch-size", type=int, default=8, help="items per generation call (x samples sequences)")
     gen.add_argument("--system-prompt", default=None, help="system message before each question")
     gen.add_argument("--separator", default="\n", type=_unescape, help="step separator of the reasoning paths (default: newline; escapes like \\n work)")
@@ -164,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_label(args: argparse.Namespace) -> str:
-    name = Path(args.model.rstrip("/")).name if not args.generation_url else args.model
+    name = Path(args.model.rstrip("/")).name if not args.endpoint else args.served_model
     if args.adapter:
         name += "+" + Path(args.adapter.rstrip("/")).name
     return safe_label(name)
@@ -175,7 +173,7 @@ def _make_judge(args: argparse.Namespace) -> Any:
         return RuleJudge()
     import os
 
-    from srpo_trl.backends import OpenAICompatibleBackend
+    from ..backends import OpenAICompatibleBackend
 
     if not args.judge_url or not args.judge_model:
         raise ValueError("--judge openai-compatible needs --judge-url and --judge-model")
@@ -186,12 +184,13 @@ def _make_judge(args: argparse.Namespace) -> Any:
 
 
 def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
-    if args.generation_url:
-        from srpo_trl.backends import OpenAICompatibleBackend
+    if args.endpoint:
+        from ..backends import OpenAICompatibleBackend
 
-        return OpenAICompatibleBackend(args.generation_url, args.model, show_progress=False)
-    from srpo_trl.backends import TransformersBackend
-    from srpo_trl.loading import load_model_and_processor
+        return OpenAICompatibleBackend(args.endpoint, args.served_model, api_key=args.api_key, timeout=args.timeout,
+                                       max_retries=args.http_retries, show_progress=False)  # fmt: skip
+    from ..backends import TransformersBackend
+    from ..loading import load_model_and_processor
 
     model, processing_class = load_model_and_processor(args.model, adapter=args.adapter)
     return TransformersBackend(model, processing_class, batch_size=config.batch_size * config.samples,
@@ -201,14 +200,13 @@ def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
 def _model_info(args: argparse.Namespace) -> dict[str, Any]:
     """What identifies the evaluated model: the folder and a hash of its weight files (new weights saved
     into the same folder differ), or the endpoint (credentials redacted) and the served model."""
-    from srpo_trl import store
+    from .. import store
 
-    if args.generation_url:
-        identity = store.endpoint_fingerprint(args.generation_url, args.model)
-    else:
-        identity = store.model_fingerprint(args.model, args.adapter)
-    return {"model": args.model, "adapter": args.adapter, "generation_url": store.redact_url(args.generation_url),
-            "benchmark": args.benchmark, "identity": identity}  # fmt: skip
+    if args.endpoint:
+        identity = store.endpoint_fingerprint(args.endpoint, args.served_model)
+        return {"model": args.served_model, "endpoint": identity["endpoint"], "benchmark": args.benchmark, "identity": identity}
+    identity = store.model_fingerprint(args.model, args.adapter)
+    return {"model": args.model, "adapter": args.adapter, "benchmark": args.benchmark, "identity": identity}
 
 
 def _summary(report: dict) -> str:
@@ -235,18 +233,25 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"no evaluation in {args.out} (expected {RUNS_DIR}/<label>/{STATE_FILE})")
             paths = write_report(runs, args.out, vote=args.vote)
         else:
-            missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--data", args.data), ("--model", args.model)) if not value]
+            if args.endpoint and not args.served_model and args.model:  # the old --generation-url URL --model NAME
+                args.served_model, args.model = args.model, None
+            policy = ("--model", args.model or args.endpoint)
+            missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--data", args.data), policy) if not value]
             if missing:
                 raise ValueError(f"missing {', '.join(missing)} (or pass --report-only / --write-judge-templates)")
-            if args.adapter and args.generation_url:
-                raise ValueError("--adapter loads the model in-process; with --generation-url serve the adapter from the endpoint")
+            if args.endpoint and args.model:
+                raise ValueError("give either --model PATH or --endpoint URL --served-model NAME, not both")
+            if args.endpoint and not args.served_model:
+                raise ValueError("--endpoint needs --served-model (the model name the server serves)")
+            if args.adapter and args.endpoint:
+                raise ValueError("--adapter loads the model in-process; with --endpoint serve the adapter from the endpoint")
             kwargs = {}
             if args.benchmark == "mm-safetybench":
                 kwargs = {"variants": args.variants, "scenarios": args.scenarios}
             items = load_benchmark(args.benchmark, args.data, args.images, **kwargs)
             if args.limit is not None:
                 items = items[: args.limit]
-            config = EvalConfig(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+            config = EvalConfig(samples=args.num_samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed, batch_size=args.batch_size, separator=args.separator,
                                 system_prompt=args.system_prompt)  # fmt: skip
             judge = _make_judge(args)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from srpo_trl.evaluation.schema import CAUTION, OUTCOMES, EvalItem, EvalVerdict
+from .schema import CAUTION, OUTCOMES, EvalItem, EvalVerdict
 
 TEMPLATE_FIELDS = ("question", "safety_warning", "reference", "category", "expected", "response", "steps", "num_steps")
 ASPECTS = ("safety", "effectiveness", "steps")
@@ -171,7 +171,7 @@ class Judge(Protocol):
 
 
 def _default_classifier() -> Callable[[str], str]:
-    from srpo_trl.verifiers import classify_safety_outcome
+    from ..verifiers import classify_safety_outcome
 
     return classify_safety_outcome
 
@@ -278,7 +278,7 @@ class ModelJudge:
         classify: Callable[[str], str] | None = None,
         separator: str = "\n",
     ):
-        from srpo_trl.verifiers import JudgeClient
+        from ..verifiers import JudgeClient
 
         unknown = [a for a in aspects if a not in ASPECTS]
         if unknown or not aspects:

@@ -1,6 +1,6 @@
 """Records for SRPO: agents that write reasoning-path records from images, and human curation.
 
-    srpo-trl generate-records --images DIR --chat-url http://HOST:PORT/v1 --model NAME \\
+    srpo-trl generate-records --images DIR --endpoint http://HOST:PORT/v1 --served-model NAME \\
         --per-image 3 --out records.jsonl
     srpo-trl generate-records --images DIR --model ./local-vlm --out records.jsonl   # in-process
     srpo-trl generate-records --write-templates my_templates/    # then edit, and --templates my_templates/
@@ -39,6 +39,7 @@ from .agents import (
 )
 from .curate import ReviewError, export_review, import_review
 from .. import store
+from ..cli.flags import add_http_flags, add_policy_flags, add_sampling_flags
 from .pipeline import (
     PipelineConfig,
     RunAborted,
@@ -94,14 +95,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", help="folder of images (searched recursively)")
     p.add_argument("--out", help="records file to write (JSONL); its .failed/.journal/.summary files go beside it")
-    backend = p.add_argument_group("backend: an OpenAI-compatible endpoint, or a local model in-process")
-    backend.add_argument("--chat-url", "--endpoint", dest="chat_url",
-                         help="OpenAI-compatible base URL (vLLM, SGLang, a hosted API), e.g. http://localhost:8000/v1")  # fmt: skip
-    backend.add_argument("--model", help="with --chat-url: the served model name; without: a local model folder (a VLM)")
-    backend.add_argument("--served-model", default=None, help="same as --model with --chat-url (the name `srpo-trl explore` uses)")
-    backend.add_argument("--api-key", default=None, help="API key for --chat-url (default: $OPENAI_API_KEY)")
-    backend.add_argument("--timeout", type=float, default=120, help="seconds per HTTP request (default 120)")
-    backend.add_argument("--http-retries", type=int, default=3, help="retries of a failed HTTP request (default 3)")
+    backend = add_policy_flags(p, model_help="a local vision-language model folder (or, with the deprecated --chat-url, "
+                                             "the served name)", old_endpoint=("--chat-url",))  # fmt: skip
+    add_http_flags(p, timeout=120.0, retries=3)
     backend.add_argument("--adapter", default=None, help="local model: a PEFT adapter folder to put on top")
     backend.add_argument("--device", default=None, help="local model: device (default cuda if available, else cpu)")
     backend.add_argument("--dtype", default="auto", help="local model: float32, bfloat16, ... or auto (default)")
@@ -111,13 +107,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
     gen.add_argument("--categories", default=None, help="comma-separated subset of the nine categories (default: all)")
     gen.add_argument("--templates", default=None, help="folder of template overrides (<agent>.txt; see --write-templates)")
     gen.add_argument("--write-templates", metavar="DIR", default=None, help="write the default templates to DIR and exit")
-    gen.add_argument("--max-retries", type=int, default=2, help="re-asks after an invalid answer, per agent call (default 2)")
+    gen.add_argument("--max-retries", type=int, default=2, help="re-asks after an invalid answer, per agent call (default 2; "
+                                                                 "HTTP retries are --http-retries)")  # fmt: skip
     gen.add_argument("--max-revisions", type=int, default=2, help="times the Check agent may send an item back (default 2)")
     gen.add_argument("--min-steps", type=int, default=3, help="fewest reasoning steps (default 3)")
     gen.add_argument("--max-steps", type=int, default=8, help="most reasoning steps (default 8)")
-    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of every agent (default 0.7)")
-    gen.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per agent answer (default 1024)")
-    gen.add_argument("--workers", type=int, default=4, help="images processed at once with --chat-url (default 4)")
+    add_sampling_flags(p, num_samples=None, temperature=0.7, max_new_tokens=1024, seed=None)  # one answer per agent call
+    gen.add_argument("--workers", type=int, default=4, help="images processed at once with --endpoint (default 4)")
     gen.add_argument("--retry-failed", action="store_true", help="retry every failed item from scratch")
     gen.add_argument("--overwrite", action="store_true", help="start again instead of resuming (deletes the earlier records)")
     gen.add_argument("--max-backend-errors", type=int, default=5, help="stop after this many backend failures in a row (default 5)")
@@ -143,32 +139,32 @@ def _categories(value: str | None, parser: argparse.ArgumentParser) -> tuple[str
 
 def _generator(args, parser) -> dict:
     """The provenance every record carries (and the identity a resume checks), from the flags alone."""
-    if args.served_model and not args.chat_url:
-        parser.error("--served-model needs --chat-url (for a local model folder use --model PATH)")
-    if args.chat_url:
+    if args.served_model and not args.endpoint:
+        parser.error("--served-model needs --endpoint (for a local model folder use --model PATH)")
+    if args.endpoint:
         name = args.served_model or args.model
         if not name:
-            parser.error("--chat-url needs --model (the model name the server serves)")
-        return {"backend": "openai-compatible", "model": name, "url": store.redact_url(args.chat_url)}
+            parser.error("--endpoint needs --served-model (the model name the server serves)")
+        return {"backend": "openai-compatible", "model": name, "url": store.redact_url(args.endpoint)}
     if not args.model:
-        parser.error("give --chat-url URL --model NAME (an endpoint) or --model PATH (a local vision-language model)")
+        parser.error("give --endpoint URL --served-model NAME (a server) or --model PATH (a local vision-language model)")
     return {"backend": "transformers", "model": os.path.abspath(args.model)}
 
 
 def _policy(args) -> dict:
-    if args.chat_url:
-        return store.endpoint_fingerprint(args.chat_url, args.served_model or args.model)
+    if args.endpoint:
+        return store.endpoint_fingerprint(args.endpoint, args.served_model or args.model)
     policy = store.model_fingerprint(args.model, args.adapter)
     policy["dtype"] = args.dtype
     return policy
 
 
 def _make_backend(args, parser):
-    if args.chat_url:
-        from srpo_trl.backends import OpenAICompatibleBackend
+    if args.endpoint:
+        from ..backends import OpenAICompatibleBackend
 
         return OpenAICompatibleBackend(
-            args.chat_url,
+            args.endpoint,
             args.served_model or args.model,
             api_key=args.api_key,
             timeout=args.timeout,
@@ -176,8 +172,8 @@ def _make_backend(args, parser):
             concurrency=1,
             show_progress=False,
         )
-    from srpo_trl.backends import TransformersBackend
-    from srpo_trl.loading import load_model_and_processor
+    from ..backends import TransformersBackend
+    from ..loading import load_model_and_processor
 
     device = args.device
     if device is None:
@@ -224,7 +220,7 @@ def main_generate(argv: list[str] | None = None) -> int:
             max_steps=args.max_steps,
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
-            workers=args.workers if args.chat_url else 1,
+            workers=args.workers if args.endpoint else 1,
             retry_failed=args.retry_failed,
             max_consecutive_backend_errors=args.max_backend_errors,
             show_progress=not args.no_progress,
