@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from datasets import Dataset
 
+from . import store
 from .pairs import point_pairs
 from .rows import RowError, normalize_row
 
@@ -53,6 +54,20 @@ def _read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
             rows.append(_resolve_images(obj, path.parent))
     return rows
+
+
+def _read_exploration(path: str | os.PathLike) -> list[dict]:
+    """An exploration output (:func:`srpo_trl.store.read_lines`): a last line cut by a killed run is
+    left out with a warning; a broken line elsewhere names the line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (expected the JSON-lines output of srpo-trl explore)")
+
+    def broken(p: Path, n: int) -> ValueError:
+        return ValueError(f"{p}:{n}: not valid JSON, or not an exploration record; fix or delete the line")
+
+    rows = store.read_lines(path, valid=lambda obj: isinstance(obj, dict), error=broken)
+    return [_resolve_images(obj, path.parent) for obj in rows]
 
 
 def _canonical_rows(rows: Iterable[dict], source: str) -> list[dict]:
@@ -116,7 +131,7 @@ class StepPairDataset:
         rule is :func:`srpo_trl.pairs.point_pairs`. A record id seen before (two runs appended to one
         output) is left out, counted as ``records_duplicate`` and logged with the ids.
         """
-        records = _read_jsonl(explored) if not isinstance(explored, list) else explored
+        records = _read_exploration(explored) if not isinstance(explored, list) else explored
         rng = random.Random(seed)
         report: Counter = Counter()
         rows = []

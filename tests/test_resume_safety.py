@@ -199,3 +199,19 @@ def test_model_fingerprint_follows_weight_files(tmp_path):
     assert store.model_fingerprint(tmp_path) == a
     (tmp_path / "model.safetensors").write_bytes(b"b" * 11)
     assert store.model_fingerprint(tmp_path)["model"]["weights"] != a["model"]["weights"]
+
+
+def test_from_exploration_leaves_out_a_line_cut_by_a_kill(tmp_path, caplog):
+    from srpo_trl.dataset import StepPairDataset
+
+    out = tmp_path / "o.jsonl"
+    explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=2, out=out, **KW)
+    whole = len(StepPairDataset.from_exploration(out))
+    with out.open("a") as f:
+        f.write('{"id": "r9", "points": [{"branch')  # an explore run killed mid-write
+    with caplog.at_level("WARNING"):
+        ds = StepPairDataset.from_exploration(out)
+    assert len(ds) == whole and ds.report["records"] == 2 and "line 3 is incomplete" in caplog.text
+    out.write_text(out.read_text().replace('{"id": "r9"', '{"id": "r9"}\n{"id": "r9"', 1) + "\n{}\n")
+    with pytest.raises(ValueError, match=r"o\.jsonl:4: not valid JSON"):
+        StepPairDataset.from_exploration(out)
