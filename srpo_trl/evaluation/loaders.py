@@ -63,32 +63,41 @@ MMSB_WARN_SCENARIOS = ("10-Legal_Opinion", "11-Financial_Advice", "12-Health_Con
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-#: Benchmark files and items that cannot be read raise the record contract's error: the message names
-#: the file, the item and the field; ``path``, ``item`` and ``field`` hold them.
-LoadError = RecordError
+class LoadError(RecordError):
+    """A benchmark file or item that cannot be read: the record contract's error (a
+    :class:`srpo_trl.contract.RecordError`), built the way benchmark loaders name things. The message
+    names the file, the item and the field; ``path``, ``item`` and ``field`` hold them."""
+
+    def __init__(self, path: Any, item: Any, problem: str, field: str | None = None):
+        where = f"{path}" + (f", item {item}" if item is not None else "")
+        super().__init__(where, field, problem, path=path, item=item)
+
+    @classmethod
+    def at(cls, path: Any, item: Any, problem: str, field: str | None = None) -> LoadError:
+        return cls(path, item, problem, field)
 
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise LoadError.at(path, None, "file not found; check --data")
+        raise LoadError(path, None, "file not found; check --data")
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
-        raise LoadError.at(path, None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+        raise LoadError(path, None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
     except UnicodeDecodeError as exc:
-        raise LoadError.at(path, None, f"is not UTF-8 text ({exc.reason})") from exc
+        raise LoadError(path, None, f"is not UTF-8 text ({exc.reason})") from exc
 
 
 def _resolve_image(path: Path, item: Any, field: str, name: Any, image_dir: Path | None, check: bool) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise LoadError.at(path, item, f"must be an image file name, got {name!r}", field)
+        raise LoadError(path, item, f"must be an image file name, got {name!r}", field)
     candidate = Path(name)
     if not candidate.is_absolute():
         candidate = (image_dir if image_dir is not None else path.parent) / candidate
     if check and not candidate.is_file():
         hint = "pass the image folder with --images" if image_dir is None else "check --images"
-        raise LoadError.at(path, item, f"image not found: {candidate}; {hint}", field)
+        raise LoadError(path, item, f"image not found: {candidate}; {hint}", field)
     return str(candidate)
 
 
@@ -97,23 +106,23 @@ def load_siuo(path: str | os.PathLike, image_dir: str | os.PathLike | None = Non
     path = Path(path)
     data = _read_json(path)
     if not isinstance(data, list):
-        raise LoadError.at(path, None, f"SIUO's generation file is a JSON list of items, got {type(data).__name__}")
+        raise LoadError(path, None, f"SIUO's generation file is a JSON list of items, got {type(data).__name__}")
     image_root = Path(image_dir) if image_dir is not None else None
     items, seen = [], set()
     for index, obj in enumerate(data):
         label = f"#{index}"
         if not isinstance(obj, dict):
-            raise LoadError.at(path, label, f"must be a JSON object, got {type(obj).__name__}")
+            raise LoadError(path, label, f"must be a JSON object, got {type(obj).__name__}")
         if obj.get("question_id") is not None:
             label = f"#{index} (question_id {obj['question_id']})"
         for name in SIUO_FIELDS:
             if name not in obj or obj[name] is None:
-                raise LoadError.at(path, label, "is missing; SIUO items need " + ", ".join(SIUO_FIELDS), name)
+                raise LoadError(path, label, "is missing; SIUO items need " + ", ".join(SIUO_FIELDS), name)
         if not isinstance(obj["question"], str) or not obj["question"].strip():
-            raise LoadError.at(path, label, "must be a non-empty string", "question")
+            raise LoadError(path, label, "must be a non-empty string", "question")
         qid = str(obj["question_id"])
         if qid in seen:
-            raise LoadError.at(path, label, f"duplicate question_id {qid}", "question_id")
+            raise LoadError(path, label, f"duplicate question_id {qid}", "question_id")
         seen.add(qid)
         items.append(
             EvalItem(
@@ -138,9 +147,9 @@ def _mmsb_files(path: Path) -> list[Path]:
         folder = path / "processed_questions" if (path / "processed_questions").is_dir() else path
         files = sorted(p for p in folder.glob("*.json"))
         if not files:
-            raise LoadError.at(folder, None, "holds no <scenario>.json files; point --data at MM-SafetyBench's processed_questions folder")
+            raise LoadError(folder, None, "holds no <scenario>.json files; point --data at MM-SafetyBench's processed_questions folder")
         return files
-    raise LoadError.at(path, None, "not found; point --data at MM-SafetyBench's processed_questions folder or one <scenario>.json")
+    raise LoadError(path, None, "not found; point --data at MM-SafetyBench's processed_questions folder or one <scenario>.json")
 
 
 def load_mm_safetybench(
@@ -161,7 +170,7 @@ def load_mm_safetybench(
         if v not in MMSB_ALL_VARIANTS:
             raise ValueError(f"unknown MM-SafetyBench variant {v!r}; choose from {', '.join(MMSB_ALL_VARIANTS)}")
     if any(v != "TEXT" for v in variants) and image_dir is None:
-        raise LoadError.at(path, None, "MM-SafetyBench's image variants need the image folder: pass --images <imgs>")
+        raise LoadError(path, None, "MM-SafetyBench's image variants need the image folder: pass --images <imgs>")
     image_root = Path(image_dir) if image_dir is not None else None
     items = []
     for file in _mmsb_files(path):
@@ -170,17 +179,17 @@ def load_mm_safetybench(
             continue
         data = _read_json(file)
         if not isinstance(data, dict):
-            raise LoadError.at(file, None, f"an MM-SafetyBench scenario file is a JSON object keyed by question id, got {type(data).__name__}")
+            raise LoadError(file, None, f"an MM-SafetyBench scenario file is a JSON object keyed by question id, got {type(data).__name__}")
         expected = "warn" if scenario in MMSB_WARN_SCENARIOS else "refuse"
         for qid, obj in data.items():
             label = f"'{qid}'"
             if not isinstance(obj, dict):
-                raise LoadError.at(file, label, f"must be a JSON object, got {type(obj).__name__}")
+                raise LoadError(file, label, f"must be a JSON object, got {type(obj).__name__}")
             for variant in variants:
                 field = MMSB_QUESTION_FIELD[variant]
                 question = obj.get(field)
                 if not isinstance(question, str) or not question.strip():
-                    raise LoadError.at(file, label, f"is missing or empty; variant {variant} asks this question", field)
+                    raise LoadError(file, label, f"is missing or empty; variant {variant} asks this question", field)
                 images = []
                 if variant != "TEXT":
                     images = [
@@ -207,10 +216,13 @@ def load_records(path: str | os.PathLike, image_dir: str | os.PathLike | None = 
     """The project's records (JSONL or JSON list; :mod:`srpo_trl.contract`) -> items. ``expected`` is required."""
     path = Path(path)
     if not path.is_file():
-        raise LoadError.at(path, None, "file not found; check --data")
+        raise LoadError(path, None, "file not found; check --data")
     label = lambda n: f"{path}, item at line {n}"  # noqa: E731
-    records = load_contract_records(path, label=label, image_dir=image_dir, check_images=check_images,
-                                    required={"expected": "benign items expect 'comply'"}, name_ids=True)  # fmt: skip
+    try:
+        records = load_contract_records(path, label=label, image_dir=image_dir, check_images=check_images,
+                                        required={"expected": "benign items expect 'comply'"}, name_ids=True)  # fmt: skip
+    except RecordError as exc:  # the contract's checks, named as this loader names items
+        raise LoadError(path, exc.item, exc.problem, exc.field) from None
     items = []
     for rec in records:
         items.append(
@@ -243,5 +255,5 @@ def load_benchmark(name: str, path: str | os.PathLike, image_dir: str | os.PathL
     else:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     if not items:
-        raise LoadError.at(path, None, "holds no items")
+        raise LoadError(path, None, "holds no items")
     return items
