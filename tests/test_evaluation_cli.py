@@ -53,7 +53,8 @@ def test_evaluate_siuo_with_judge_model_two_models_side_by_side(tmp_path, siuo, 
     out = tmp_path / "report"
     common = ["evaluate", "--model", str(tiny_vlm_dir), "--benchmark", "siuo", "--data", str(data), "--images", str(images),
               "--judge", "openai-compatible", "--judge-url", openai_server.url, "--judge-model", "judge",
-              "--samples", "3", "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out), "--no-progress"]  # fmt: skip
+              "--samples", "3", "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out), "--no-progress",
+              "--protocol", "srpo"]  # the project's JSON templates (SIUO's own protocol: test_evaluation_protocols.py)  # fmt: skip
     assert cli_main(common + ["--label", "base"]) == 0
     assert cli_main(common + ["--label", "trained", "--seed", "1"]) == 0
     printed = capsys.readouterr().out

@@ -24,15 +24,14 @@ from ..evaluation import (
     ModelJudge,
     RuleJudge,
     evaluate_to_dir,
-    load_benchmark,
     load_report,
     load_runs,
     safe_label,
     write_report,
 )
-from ..evaluation.judges import ASPECTS
 from ..evaluation.loaders import BENCHMARKS, MMSB_VARIANTS
 from ..evaluation.metrics import METRIC_LABELS, format_proportion
+from ..evaluation.protocols import command as protocol_command
 from ..evaluation.runner import check_resume, run_settings
 from .flags import add_http_flags, add_policy_flags, add_sampling_flags
 
@@ -58,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", help="siuo: siuo_gen.json; mm-safetybench: the processed_questions folder or one <scenario>.json; records: records.jsonl")
     data.add_argument("--images", help="image folder (siuo: the images; mm-safetybench: imgs/ with <scenario>/<variant>/<id>.jpg; records: base of relative paths)")
     data.add_argument("--variants", type=_csv, default=list(MMSB_VARIANTS), help="mm-safetybench image variants, comma-separated (SD,SD_TYPO,TYPO; TEXT = no image)")
-    data.add_argument("--scenarios", type=_csv, default=None, help="mm-safetybench scenarios to keep, comma-separated (default: all)")
-    data.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    data.add_argument("--scenarios", type=_csv, default=None, help="mm-safetybench scenarios to keep, comma-separated (default: all; same as --categories)")
+    data.add_argument("--limit", type=int, default=None, help="evaluate N items drawn with --seed, stratified by category (and variant); see docs/evaluation.md")
     model = add_policy_flags(p, model_help="model folder, loaded in-process (or, with the deprecated --generation-url, the served name)",
                              old_endpoint=("--generation-url",))  # fmt: skip
     model.add_argument("--adapter", help="PEFT adapter folder on top of --model")
@@ -77,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--judge-model", help="judge model name at --judge-url")
     judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
     judge.add_argument("--judge-templates", help="folder with safety.txt / effectiveness.txt / steps.txt (see --write-judge-templates)")
-    judge.add_argument("--judge-aspects", type=_csv, default=list(ASPECTS), help="safety,effectiveness,steps (default: all)")
+    judge.add_argument("--judge-aspects", type=_csv, default=None, help="safety,effectiveness,steps (default: all the protocol has; mm-safetybench: safety,steps)")
     judge.add_argument("--judge-retries", type=int, default=2, help="times an unreadable judge reply is asked again")
     judge.add_argument("--judge-no-images", action="store_true", help="do not send the item's images to the judge")
     rep = p.add_argument_group("report")
@@ -86,10 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-judge-templates", metavar="DIR", help="write the default judge templates to DIR (to edit) and exit")
     p.add_argument("--overwrite", action="store_true", help="start this --label's evaluation again instead of resuming it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    protocol_command.add_arguments(p)
     return p
 
 
 def _default_label(args: argparse.Namespace) -> str:
+    if not args.model and not args.endpoint:  # score-only / import: named after the file
+        source = args.responses or args.import_verdicts[0]
+        return safe_label(Path(source.rstrip("/")).stem)
     name = Path(args.model.rstrip("/")).name if not args.endpoint else args.served_model
     if args.adapter:
         name += "+" + Path(args.adapter.rstrip("/")).name
@@ -160,6 +163,23 @@ def main(argv: list[str] | None = None) -> int:
             if not runs:
                 raise FileNotFoundError(f"no evaluation in {args.out} (expected {RUNS_DIR}/<label>/{STATE_FILE})")
             paths = write_report(runs, args.out, vote=args.vote)
+        elif args.responses or args.import_verdicts:
+            if not args.benchmark:
+                raise ValueError("--responses / --import-verdicts need --benchmark (the format of the file)")
+            if args.responses and args.import_verdicts:
+                raise ValueError("pass --responses (judge them) or --import-verdicts (already judged), not both")
+            if args.model or args.endpoint:
+                raise ValueError("--responses / --import-verdicts score existing answers: drop --model / --endpoint")
+            protocol = protocol_command.resolve_protocol(args)
+            label = safe_label(args.label) if args.label else _default_label(args)
+            run = protocol_command.run_without_model(args, protocol, label, Path(args.out) / RUNS_DIR, _make_judge)
+            paths = write_report(load_runs(args.out), args.out, vote=args.vote)
+            if args.compare_eval_results:
+                from ..evaluation.protocols import benchmark_scores
+                from ..evaluation.protocols.responses import compare_eval_results
+
+                problems = compare_eval_results(benchmark_scores(run.results, protocol)["cal_metric"], args.compare_eval_results)
+                print("\n".join(problems) if problems else f"attack rates equal {args.compare_eval_results}")
         else:
             if args.endpoint and not args.served_model and args.model:  # the old --generation-url URL --model NAME
                 args.served_model, args.model = args.model, None
@@ -173,18 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--endpoint needs --served-model (the model name the server serves)")
             if args.adapter and args.endpoint:
                 raise ValueError("--adapter loads the model in-process; with --endpoint serve the adapter from the endpoint")
-            kwargs = {}
-            if args.benchmark == "mm-safetybench":
-                kwargs = {"variants": args.variants, "scenarios": args.scenarios}
-            items = load_benchmark(args.benchmark, args.data, args.images, **kwargs)
-            if args.limit is not None:
-                items = items[: args.limit]
+            protocol = protocol_command.resolve_protocol(args)
+            items = protocol_command.load_items(args)
             config = EvalConfig(samples=args.num_samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed, batch_size=args.batch_size, separator=args.separator,
                                 system_prompt=args.system_prompt)  # fmt: skip
-            judge = _make_judge(args)
+            judge = protocol_command.make_judge(args, protocol, _make_judge)
             label = safe_label(args.label) if args.label else _default_label(args)
-            model_info = _model_info(args)
+            model_info = {**_model_info(args), "protocol": protocol}
             # refuse a mixed resume (other weights, data or settings) before the model is loaded
             check_resume(Path(args.out) / RUNS_DIR / label, run_settings(items, judge, config, label, model_info),
                          overwrite=args.overwrite)  # fmt: skip
@@ -194,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"srpo-trl evaluate: error: {exc}", file=sys.stderr)
         return 1
-    print(_summary(load_report(paths["json"])))
+    report = load_report(paths["json"])
+    print("\n".join(protocol_command.summary_lines(report) + [_summary(report)]))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

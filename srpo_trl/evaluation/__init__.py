@@ -5,6 +5,12 @@ Command line (``srpo-trl evaluate``; see docs/evaluation.md)::
     srpo-trl evaluate --model PATH [--adapter PATH] --benchmark siuo --data siuo_gen.json \\
         --images DIR --judge openai-compatible --judge-url http://... --judge-model NAME \\
         --num-samples 3 --out report/
+    srpo-trl evaluate --benchmark siuo --responses siuo_gen-mymodel.json --judge openai-compatible ...  # no model
+    srpo-trl evaluate --benchmark siuo --import-verdicts *-gpteval-safe-pro.json *-gpteval-effective-pro.json --out report/
+
+``--protocol`` (default: the benchmark's own, see :mod:`srpo_trl.evaluation.protocols`) sets the
+judge prompts, verdict reading and counting; the benchmark's numbers are reported apart from the
+project's metrics.
 
 Python::
 
@@ -13,8 +19,9 @@ Python::
     run = evaluate(items, backend, RuleJudge(), EvalConfig(samples=3), label="trained", state_dir="out/runs/trained")
     write_report([run], "out")
 
-Modules: ``loaders`` (benchmarks -> items), ``runner`` (generate + judge, resumable), ``judges``
-(rule / judge model), ``metrics`` (pure functions on verdicts), ``report`` (JSON, markdown, PNG),
+Modules: ``protocols`` (each benchmark's own judge prompts and scripts' counting; score-only and
+imports), ``subsets`` (stratified ``--limit``), ``loaders`` (benchmarks -> items), ``runner``
+(generate + judge, resumable), ``judges`` (rule / judge model), ``metrics`` (pure functions on verdicts), ``report`` (JSON, markdown, PNG),
 ``callback`` (:class:`SafetyEvalCallback` for ``SRPOTrainer``).
 """
 

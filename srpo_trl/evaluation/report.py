@@ -1,7 +1,10 @@
 """The report: one JSON file with everything, a markdown table, and a PNG chart per category.
 
 ``report.json`` holds, per model, the settings, every item with its samples, steps and verdicts,
-and the metrics; :func:`recompute_metrics` recomputes the metrics from the items alone (the tests
+the benchmark's own numbers under its protocol (``benchmark``: SIUO's gen_score.py,
+MM-SafetyBench's cal_metric, SIUO's MCQA accuracy; see :mod:`srpo_trl.evaluation.protocols`),
+and the project's metrics (``metrics``: Wilson intervals, refusal rates, per-step path safety),
+kept apart; :func:`recompute_metrics` recomputes the metrics from the items alone (the tests
 check that they agree). Several models (e.g. base vs trained) sit side by side: one column each in
 the markdown tables and one bar each in the chart.
 """
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import METRIC_LABELS, PROPORTIONS, compute_metrics, format_proportion
+from .protocols import benchmark_scores, run_protocol
 from .schema import RunResult
 
 REPORT_FORMAT = "srpo_trl.evaluation.report/1"
@@ -51,11 +55,20 @@ def build_report(runs: Sequence[RunResult], *, vote: str = "majority", categorie
         "models": [
             {
                 **run.to_dict(),
+                "benchmark": _with_judge(benchmark_scores(run.results, run_protocol(run.config)), run.config),
                 "metrics": compute_metrics(run.results, vote=vote, categories=all_categories),
             }
             for run in runs
         ],
     }
+
+
+def _with_judge(bench: dict[str, Any] | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Say whose verdicts the benchmark's numbers were computed from (a rule judge's are not comparable)."""
+    if bench is not None:
+        judge = config.get("judge")
+        bench["judge"] = judge.get("name") if isinstance(judge, dict) else None
+    return bench
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -89,9 +102,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     models = report["models"]
     labels = [m["label"] + ("" if m.get("complete", True) else " (incomplete)") for m in models]
     head = "| metric | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n"
-    lines = [
-        "# Safety evaluation of reasoning paths",
-        "",
+    lines = ["# Safety evaluation of reasoning paths", "", *benchmark_markdown(report)]
+    if any(m.get("benchmark") for m in models):
+        lines += ["# Project metrics (additions to the benchmark's protocol, not its numbers)", ""]
+    lines += [
         f"Unit: {'item (majority vote over samples; a tie counts as False)' if report['vote'] == 'majority' else 'sample'}. "
         "Each cell: percent (k/n) [95% Wilson interval].",
         "",
@@ -111,6 +125,45 @@ def markdown_report(report: dict[str, Any]) -> str:
             cells = [format_proportion(m["metrics"]["per_category"][category][name]) for m in models]
             lines.append(f"| {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def benchmark_markdown(report: dict[str, Any]) -> list[str]:
+    """The benchmark's own numbers, per model, as its scripts print them."""
+    lines: list[str] = []
+    for model in report["models"]:
+        bench = model.get("benchmark")
+        if not bench:
+            continue
+        src = bench["source"]
+        lines += [f"## Benchmark protocol: {bench['protocol']} ({model['label']})", "",
+                  f"As {src['repository']} computes it: " + "; ".join(f"{k}: {v}" for k, v in src.items() if k != "repository") + ".", ""]  # fmt: skip
+        if bench.get("judge") not in (None, "imported", "siuo", "mm-safetybench", "siuo-mcqa"):
+            lines += [f"**Verdicts from the {bench['judge']} judge, not the benchmark's judge model: not comparable with published numbers.**", ""]
+        if bench["protocol"] == "siuo":
+            g = bench["gen_score"]
+            lines += ["| category | Safe % | Effective % | Safe & Effective % |", "|---|---|---|---|",
+                      f"| overall ({g['n_items']} items) | {_pct(g['overall_avg_safetyness'])} | {_pct(g['overall_avg_helpfulness'])} | {_pct(g['overall_avg_combined'])} |"]  # fmt: skip
+            for cat, c in g["category_averages"].items():
+                lines.append(f"| {cat} | {_pct(c['avg_safetyness'])} | {_pct(c['avg_helpfulness'])} | {_pct(c['avg_combined'])} |")
+            if g["skipped_questions"]:
+                lines += ["", f"Skipped (no score): {g['skipped_questions']}"]
+        elif bench["protocol"] == "mm-safetybench":
+            lines += ["| scenario | key | safe | unsafe | total | not safe/unsafe | attack rate |", "|---|---|---|---|---|---|---|"]
+            for scenario, keys in bench["cal_metric"].items():
+                for key, e in keys.items():
+                    rate = "n/a" if e["attack_rate"] is None else f"{e['attack_rate']:.4f}"
+                    lines.append(f"| {scenario} | {key} | {e['safe']} | {e['unsafe']} | {e['total']} | {e['unreadable']} | {rate} |")
+        elif bench["protocol"] == "siuo-mcqa":
+            a = bench["accuracy"]
+            lines += ["| category | accuracy % | correct / n | random picks |", "|---|---|---|---|"]
+            for name, e in [("overall", a["overall"]), *a["per_category"].items()]:
+                lines.append(f"| {name} | {_pct(e['accuracy'])} | {e['correct']}/{e['n']} | {e['random_picks']} |")
+        lines.append("")
+    return lines
 
 
 def category_figure(report: dict[str, Any], metrics: Sequence[str] = CHART_METRICS):

@@ -64,11 +64,14 @@ class EvalVerdict:
     """The evaluation judge's verdict on one sampled reasoning path (not exploration's pass / fail
     :class:`srpo_trl.verifiers.Verdict`).
 
-    ``safe`` / ``effective``: None means "not applicable" (e.g. effectiveness of an item that must
-    be refused, under the rule judge); such a verdict is left out of that metric's denominator.
+    ``safe`` / ``effective``: None means "no verdict" (the aspect was not asked, e.g. effectiveness
+    under MM-SafetyBench's protocol, or the judge's reply had none); such a verdict is left out of
+    that metric's denominator.
     ``outcome``: the answer's safety outcome (refuse / warn / comply). ``steps_safe``: one bool per
     reasoning step, or None when the judge did not judge steps. ``replies``: the judge model's raw
-    replies, kept for audit.
+    replies, kept for audit. ``scores``: a benchmark protocol's own per-sample scores, as its
+    scripts record them (SIUO: ``{"safety": 1|0|-1, "effectiveness": ...}``; MM-SafetyBench:
+    ``{"is_safe(gpt)": reply}``; MCQA: ``{"pred_ans", "score"}``); see ``evaluation.protocols``.
     """
 
     safe: bool | None
@@ -77,6 +80,7 @@ class EvalVerdict:
     steps_safe: list[bool] | None = None
     judge: str = ""
     replies: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
 
     @property
     def safe_and_effective(self) -> bool | None:
