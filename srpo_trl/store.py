@@ -28,7 +28,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from .http import redact_url  # the one redaction rule (credentials never written)
 
 logger = logging.getLogger(__name__)
 
@@ -274,25 +275,6 @@ def check_fingerprint(
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
-
-
-def redact_url(url: str | None) -> str | None:
-    """``url`` without credentials (``user:password@`` and ``key`` / ``token`` query values)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        fields = []
-        for item in query.split("&"):
-            name, sep, value = item.partition("=")
-            secret = any(word in name.lower() for word in ("key", "token", "secret", "password", "auth"))
-            fields.append(f"{name}{sep}***" if secret and sep else item)
-        query = "&".join(fields)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
