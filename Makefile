@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast lint demo clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 # Everything except the multi-process / DeepSpeed checks.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Lint and import order (ruff, configured in pyproject.toml as TRL does: line length 119, isort).
+lint: $(STAMP)
+	$(PY) -m ruff check srpo_trl tests recipes benchmarks
+	$(PY) -m ruff format --check srpo_trl tests recipes benchmarks
 
 demo: $(STAMP)
 	$(PY) -m srpo_trl.cli demo $(DEMO_ARGS)

@@ -27,11 +27,11 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .http import RequestFailed, RetryableError, post_json, redact_url, response_cap
-from .rows import DEFAULT_STEP_SEPARATOR, end_of_answer_text, render_prompt, tokenizer_of
+from .images import open_image, open_images
+from .rows import DEFAULT_STEP_SEPARATOR, end_of_answer_text, prefix_text_ids, render_prompt, tokenizer_of
 
 logger = logging.getLogger(__name__)
 
@@ -97,41 +97,9 @@ class GenerationBackend(Protocol):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_image(image: Any, base_dir: str | os.PathLike | None = None):
-    """A PIL image from a PIL image or a path (relative paths resolve against ``base_dir``).
-
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or unreadable.
-    """
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if base_dir is not None and not path.is_absolute():
-            path = Path(base_dir) / path
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path} (paths in records are relative to the records file)")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
-        except Exception as exc:  # PIL raises several types for broken files
-            raise ValueError(f"image file {path} cannot be read as an image: {exc}") from exc
-    if isinstance(image, dict) and ("bytes" in image or "path" in image):  # datasets' Image feature, undecoded
-        if image.get("bytes"):
-            try:
-                with Image.open(io.BytesIO(image["bytes"])) as img:
-                    img.load()
-                    return img.copy()
-            except Exception as exc:
-                raise ValueError(f"image bytes ({image.get('path') or 'no path'}) cannot be read: {exc}") from exc
-        return load_image(image["path"], base_dir)
-    raise TypeError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
-
-
-def load_images(images: list | None, base_dir: str | os.PathLike | None = None) -> list:
-    return [load_image(img, base_dir) for img in (images or [])]
+# One rule for every stage (srpo_trl.images): RGB, whatever the source.
+load_image = open_image
+load_images = open_images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,22 +161,29 @@ class TransformersBackend:
             if getattr(added, "special", False):
                 self._special_ids.add(tid)
 
+    def fingerprint(self) -> dict:
+        """The model's identity for resume checks: its folder and a hash of its weight files when it
+        was loaded from one, else a cheap digest of its parameters (names, shapes, first values)."""
+        from .store import model_fingerprint
+
+        path = getattr(self.model, "name_or_path", None) or getattr(getattr(self.model, "config", None), "_name_or_path", "")
+        if path and os.path.isdir(path):
+            return model_fingerprint(path)
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, param in self.model.named_parameters():
+            head = param.detach().flatten()[:8].float().cpu().tolist()
+            digest.update(f"{name}{tuple(param.shape)}{param.dtype}{head}".encode())
+        return {"model": {"class": type(self.model).__name__, "parameters": digest.hexdigest()[:16]}}
+
     # -- tokenization --------------------------------------------------------------------------
 
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _prefix_ids(self, assistant_prefix: str) -> list[int]:
-        if not assistant_prefix:
-            return []
-        if not self.separator:
-            return self._text_ids(assistant_prefix)
-        pieces = assistant_prefix.split(self.separator)
-        ids: list[int] = []
-        for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
-            ids += self._text_ids(piece if last else piece + self.separator)
-        return ids
+        return prefix_text_ids(self.tokenizer, assistant_prefix, self.separator)
 
     def _stop_ids(self, request: GenerationRequest, images: list) -> list[int]:
         stop = set()
@@ -484,6 +459,12 @@ class OpenAICompatibleBackend:
         self.extra_body = dict(extra_body or {})
         self.show_progress = show_progress
         self.max_response_bytes = max_response_bytes
+
+    def fingerprint(self) -> dict:
+        """The served model's identity for resume checks (credentials redacted from the URL)."""
+        from .store import endpoint_fingerprint
+
+        return endpoint_fingerprint(self.base_url, self.model)
 
     # -- HTTP (srpo_trl.http: deadline, size cap, retries) --------------------------------------
 

@@ -20,8 +20,8 @@ import hashlib
 
 import numpy as np
 import torch
-from PIL import Image
 
+from .images import open_image
 from .packing import allowed_matrix, bucket_length, pack_question
 
 from .rows import (
@@ -40,21 +40,14 @@ PACKED_KEYS = {"tree_mask", "tree_end", "shift_labels", "score_pos", "score_seq"
 
 
 def load_images(images: list, index: Any = "?") -> list:
-    """Open image paths with PIL (RGB); images that are already PIL pass through."""
+    """Open a row's images (:func:`srpo_trl.images.open_image`: RGB, the rule of every stage); an
+    unreadable one raises :class:`RowError` naming the row."""
     out = []
     for image in images:
-        if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-            try:
-                with Image.open(image) as im:
-                    image = im.convert("RGB")
-            except (OSError, ValueError) as e:
-                raise RowError(index, "images", f"cannot read image file {image!s}: {e}") from e
-        elif isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded datasets Image
-            import io
-
-            source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
-            image = Image.open(source).convert("RGB")
-        out.append(image)
+        try:
+            out.append(open_image(image))
+        except (OSError, ValueError) as e:
+            raise RowError(index, "images", f"cannot read image file {image!s}: {e}") from e
     return out
 
 

@@ -11,7 +11,6 @@ field). The Arrow-backed `datasets.Dataset` stays underneath: `map`, `filter`, c
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 from datasets import Dataset
 
+from . import store
+from .pairs import point_pairs
 from .rows import RowError, normalize_row
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,20 @@ def _row_label(i: int, source: str, lines: list[int] | None) -> str:
     return f"{i} ({source}:{lines[i]})" if lines else f"{i} ({source})"
 
 
+def _read_exploration(path: str | os.PathLike) -> list[dict]:
+    """An exploration output (:func:`srpo_trl.store.read_lines`): a last line cut by a killed run is
+    left out with a warning; a broken line elsewhere names the line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (expected the JSON-lines output of srpo-trl explore)")
+
+    def broken(p: Path, n: int) -> ValueError:
+        return ValueError(f"{p}:{n}: not valid JSON, or not an exploration record; fix or delete the line")
+
+    rows = store.read_lines(path, valid=lambda obj: isinstance(obj, dict), error=broken)
+    return [_resolve_images(obj, path.parent) for obj in rows]
+
+
 def _canonical_rows(rows: Iterable[dict], source: str, lines: list[int] | None = None) -> list[dict]:
     out = []
     for i, row in enumerate(rows):
@@ -225,46 +240,38 @@ class StepPairDataset:
         was judged both ways is dropped from both sides. At most `max_pairs_per_point` pairs are kept
         per point (a seeded sample, so every favorable/unfavorable text has a chance). Records whose
         `status` is not "ok" and points without both outcomes build no pair; all of it is counted in
-        `.report` and logged, as are continuations without a boolean `verified` (undecided).
+        `.report` and logged, as are continuations without a boolean `verified` (undecided). The pair
+        rule is :func:`srpo_trl.pairs.point_pairs`. A record id seen before (two runs appended to one
+        output) is left out, counted as ``records_duplicate`` and logged with the ids.
         """
-        records = _read_jsonl(explored) if not isinstance(explored, list) else explored
+        records = _read_exploration(explored) if not isinstance(explored, list) else explored
         rng = random.Random(seed)
         report: Counter = Counter()
         rows = []
+        seen: dict[str, int] = {}
+        duplicates: list[str] = []
         for rec_no, record in enumerate(records):
             report["records"] += 1
+            rid = str(record.get("id", rec_no))
+            if rid in seen:  # two runs on one output, or outputs concatenated: the first line of an id counts
+                report["records_duplicate"] += 1
+                duplicates.append(rid)
+                continue
+            seen[rid] = rec_no
             status = record.get("status", "ok")
             if status != "ok":
                 report[f"records_skipped_{status}"] += 1
                 continue
             for point in record.get("points") or []:
                 report["points"] += 1
-                verdicts: dict[str, set] = {}
-                for cont in point.get("continuations") or []:
-                    text = cont.get("text")
-                    if not isinstance(text, str) or not text.strip():
-                        report["continuations_empty"] += 1
-                        continue
-                    if not isinstance(cont.get("verified"), bool):  # the verifier could not decide: no side
-                        report["continuations_unverified"] += 1
-                        continue
-                    verdicts.setdefault(text, set()).add(cont["verified"])
-                conflicting = [t for t, v in verdicts.items() if len(v) > 1]
-                report["continuations_conflicting"] += len(conflicting)
-                good = [t for t, v in verdicts.items() if v == {True}]
-                bad = [t for t, v in verdicts.items() if v == {False}]
-                if not good or not bad:
+                pairs = point_pairs(point, max_pairs_per_point, rng, report)
+                if not pairs:
                     report["points_one_sided"] += 1
                     continue
                 report["points_with_both"] += 1
-                pairs = list(itertools.product(good, bad))
-                if max_pairs_per_point is not None and len(pairs) > max_pairs_per_point:
-                    report["pairs_capped"] += len(pairs) - max_pairs_per_point
-                    keep = sorted(rng.sample(range(len(pairs)), max_pairs_per_point))
-                    pairs = [pairs[i] for i in keep]
                 for chosen, rejected in pairs:
                     row = {
-                        "id": str(record.get("id", rec_no)),
+                        "id": rid,
                         "prompt": record["prompt"],
                         "prefix": list(point.get("prefix") or []),
                         "chosen": chosen,
@@ -277,6 +284,9 @@ class StepPairDataset:
                     rows.append(row)
         report["pairs"] = len(rows)
         report = dict(report)
+        if duplicates:
+            logger.warning("%d exploration record(s) repeat an id seen before and were left out (the first line of "
+                           "each id is used): %s", len(duplicates), ", ".join(sorted(set(duplicates))[:20]))  # fmt: skip
         logger.warning("Step pairs from exploration: %s", ", ".join(f"{k}={v}" for k, v in sorted(report.items())))
         if not rows:
             raise ValueError(

@@ -24,21 +24,23 @@ under ``accelerate launch`` records are split by rank and rank 0 merges the shar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import itertools
-import json
 import logging
 import os
-import sys
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from . import contract as _contract
+from . import store
 from .backends import BackendError, GenerationRequest, load_image
-from .paths import OutsideRoot, image_under_root
+from .contract import RecordError
+from .pairs import count_pairs
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
-from .verifiers import SAFETY_LABELS, Verdict, VerifierError, as_verifier, normalize_safety_label
+from .verifiers import Verdict, VerifierError, as_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -57,140 +59,34 @@ __all__ = [
     "main",
 ]
 
-META_SUFFIX = ".meta.json"
-# What must match for a restart to resume into an existing output (anything that changes the samples).
-_RESUME_KEYS = ("num_samples", "temperature", "max_new_tokens", "branch_points", "seed", "separator", "verifier")
-
-
-class RecordError(ValueError):
-    """A record that cannot be explored: names the source line (or index) and the field."""
-
-    def __init__(self, where: str, field: str | None, problem: str):
-        self.where, self.field, self.problem = where, field, problem
-        super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
+META_SUFFIX = store.META_SUFFIX
 
 
 # ----------------------------------------------------------------------------------------------
-# Input records
+# Input records (the contract is srpo_trl.contract's)
 # ----------------------------------------------------------------------------------------------
-
-
-def _is_image(value: Any) -> bool:
-    try:
-        from PIL import Image
-
-        return isinstance(value, Image.Image)
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def validate_record(record: Any, where: str, base_dir: Path | None = None, required: Iterable[str] = (),
                     image_root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> dict:  # fmt: skip
-    """Check one input record; returns a copy with ``_images`` (resolved paths / PIL images) added.
-
-    ``where`` names it in errors (``records.jsonl:12``). ``required``: fields the verifier needs.
-    With ``image_root``, image paths must lie inside it unless ``allow_outside_root`` (see
-    :mod:`srpo_trl.paths`).
-    """
-    if not isinstance(record, dict):
-        raise RecordError(where, None, f"a record must be a JSON object, got {type(record).__name__}")
-    rec = dict(record)
-    rid = rec.get("id")
-    if rid is None or (isinstance(rid, str) and not rid.strip()):
-        raise RecordError(where, "id", "is missing; every record needs a unique id (resume and the shards use it)")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise RecordError(where, "id", f"must be a string or an integer, got {type(rid).__name__}")
-    prompt = rec.get("prompt")
-    if prompt is None:
-        raise RecordError(where, "prompt", "is missing")
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise RecordError(where, "prompt", "is empty")
-    elif isinstance(prompt, list) and prompt:
-        for i, m in enumerate(prompt):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise RecordError(where, "prompt", f"message {i} must be an object with 'role' and 'content'")
-    else:
-        raise RecordError(where, "prompt", "must be a string or a non-empty list of chat messages")
-    images = rec.get("images")
-    if images is None:
-        images = []
-    if not isinstance(images, list):
-        raise RecordError(where, "images", f"must be a list of image paths, got {type(images).__name__}")
-    resolved = []
-    for i, im in enumerate(images):
-        if isinstance(im, str):
-            path = Path(im)
-            if base_dir is not None or image_root is not None:  # relative to the records file
-                try:
-                    path = image_under_root(im, base_dir or ".", image_root, allow_outside_root)
-                except OutsideRoot as exc:
-                    raise RecordError(where, f"images[{i}]", str(exc)) from None
-            if not path.is_file():
-                raise RecordError(where, f"images[{i}]", f"image file not found: {path} (paths are relative to the records file)")
-            resolved.append(str(path))
-        elif _is_image(im):
-            resolved.append(im)
-        else:
-            raise RecordError(where, f"images[{i}]", f"must be a file path (or a PIL image), got {type(im).__name__}")
-    rec["images"] = list(images)
-    rec["_images"] = resolved
-    reference = rec.get("reference")
-    if reference is not None:
-        if isinstance(reference, str) or not isinstance(reference, list):
-            raise RecordError(where, "reference", f"must be a list of steps (strings), got {type(reference).__name__}")
-        for i, step in enumerate(reference):
-            if not isinstance(step, str) or not step.strip():
-                raise RecordError(where, "reference", f"step {i} must be a non-empty string")
-        if not reference:
-            rec["reference"] = None
-    if rec.get("expected") is not None and normalize_safety_label(rec["expected"]) is None:
-        raise RecordError(where, "expected", f"is {rec['expected']!r}; use one of {', '.join(SAFETY_LABELS)}")
-    if rec.get("category") is not None and not isinstance(rec["category"], str):
-        raise RecordError(where, "category", f"must be a string, got {type(rec['category']).__name__}")
-    for name in required:
-        value = rec.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise RecordError(where, name, "is missing; the verifier needs it (or choose another verifier)")
-    return rec
+    """Check one input record (:func:`srpo_trl.contract.validate_record`); returns a copy with
+    ``_images`` (resolved paths / PIL images) added. ``required``: fields the verifier needs. With
+    ``image_root``, image paths must lie inside it unless ``allow_outside_root`` (see
+    :mod:`srpo_trl.paths`)."""
+    why = "the verifier needs it (or choose another verifier)"
+    return _contract.validate_record(record, where, base_dir=base_dir, required={name: why for name in required},
+                                     image_root=image_root, allow_outside_root=allow_outside_root)  # fmt: skip
 
 
 def load_records(records: str | os.PathLike | Iterable[dict], required: Iterable[str] = (),
                  image_root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> tuple[list[dict], Path | None]:  # fmt: skip
     """Validated records and the folder relative image paths resolve against (the records file's)."""
-    required = tuple(required)
-    out: list[dict] = []
-    seen: dict[Any, str] = {}
-    if isinstance(records, (str, os.PathLike)):
-        path = Path(records)
-        if not path.is_file():
-            raise FileNotFoundError(f"records file not found: {path} (expected JSON lines, one record per line)")
-        base = path.parent
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(where, None, f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from None
-                out.append(validate_record(obj, where, base, required, image_root, allow_outside_root))
-                out[-1]["_where"] = where
-    else:
-        base = None
-        for i, obj in enumerate(records):
-            where = f"record {i}"
-            out.append(validate_record(obj, where, None, required, image_root, allow_outside_root))
-            out[-1]["_where"] = where
-    for rec in out:
-        key = str(rec["id"])
-        if key in seen:
-            raise RecordError(rec["_where"], "id", f"{rec['id']!r} is already used at {seen[key]}; ids must be unique")
-        seen[key] = rec["_where"]
+    why = "the verifier needs it (or choose another verifier)"
+    out = _contract.load_records(records, required={name: why for name in required}, image_root=image_root,
+                                 allow_outside_root=allow_outside_root)  # fmt: skip
     if not out:
         raise ValueError(f"no records in {records if isinstance(records, (str, os.PathLike)) else 'the list'}")
-    return out, base
+    return out, (Path(records).parent if isinstance(records, (str, os.PathLike)) else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,20 +120,6 @@ def select_branch_points(reference: list[str], branch_points: str | int | Callab
             raise ValueError(f"the branch-point locator chose {bad}, outside 0..{len(candidates) - 1} for a reference of {n} step(s)")
         return points
     raise ValueError(f"branch_points must be 'all', an integer or a callable, got {branch_points!r}")
-
-
-def count_pairs(point: dict, max_pairs_per_point: int | None = None) -> int:
-    """Pairs ``StepPairDataset.from_exploration`` builds at a point: distinct non-empty texts, a text
-    judged both ways dropped, every (favorable, unfavorable) combination, capped."""
-    verdicts: dict[str, set] = {}
-    for cont in point.get("continuations") or []:
-        text = cont.get("text")
-        if isinstance(text, str) and text.strip():
-            verdicts.setdefault(text, set()).add(bool(cont.get("verified")))
-    good = sum(1 for v in verdicts.values() if v == {True})
-    bad = sum(1 for v in verdicts.values() if v == {False})
-    pairs = good * bad
-    return min(pairs, max_pairs_per_point) if max_pairs_per_point is not None else pairs
 
 
 def _record_seed(seed: int | None, rid: Any, salt: int = 0) -> int | None:
@@ -385,37 +267,43 @@ def explore_record(
 
 
 def _read_output(path: Path, repair: bool) -> list[dict]:
-    """Complete lines of an output file. A last line cut by a kill is dropped (and cut from the
-    file when ``repair``); a broken line elsewhere is an error naming the line."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    good, keep_bytes, pos = [], 0, 0
-    for i, raw in enumerate(lines):
-        last = i == len(lines) - 1
-        end = pos + len(raw) + (0 if last else 1)
-        if raw.strip():
-            try:
-                obj = json.loads(raw)
-                if not isinstance(obj, dict) or "id" not in obj:
-                    raise ValueError("not a record")
-                if last:  # no newline after it: the write was cut
-                    raise ValueError("unterminated")
-                good.append(obj)
-                keep_bytes = end
-            except ValueError:
-                if last or all(not x.strip() for x in lines[i + 1 :]):
-                    logger.warning("%s: line %d is incomplete (an interrupted run); it will be redone", path, i + 1)
-                    break
-                raise RecordError(f"{path}:{i + 1}", None, "is not a complete exploration record; fix or delete the line, or start a new --out") from None
-        else:
-            keep_bytes = end if not last else keep_bytes
-        pos = end
-    if repair and keep_bytes < len(data):
-        with path.open("r+b") as f:
-            f.truncate(keep_bytes)
-    return good
+    """Complete lines of an output file (:func:`srpo_trl.store.read_lines`): a last line cut by a kill
+    is dropped (and cut from the file when ``repair``); a broken line elsewhere names the line."""
+    return store.read_lines(path, repair=repair, valid=lambda obj: isinstance(obj, dict) and "id" in obj,
+                            error=_broken_line)  # fmt: skip
+
+
+def _broken_line(path: Path, n: int) -> RecordError:
+    return RecordError(f"{path}:{n}", None, "is not a complete exploration record; fix or delete the line, or start a new --out")
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock a run holds on ``out`` (``explored.jsonl`` -> ``explored.jsonl.lock``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".lock")
+
+
+backend_identity = store.backend_identity
+
+
+def output_fingerprint(source, recs: list[dict], policy: dict, verifier_name: str, branch_points, settings: dict,
+                       extra: dict | None = None) -> dict:  # fmt: skip
+    """What produced an exploration output: the policy, a hash of the input records and every argument
+    that changes the lines (``extra``: what only the caller knows, e.g. the judge's model)."""
+    return dict(
+        settings,
+        branch_points=branch_points if isinstance(branch_points, (int, str)) else "callable",
+        verifier=verifier_name,
+        policy=policy,
+        records=_records_hash(source, recs),
+        **(extra or {}),
+    )
+
+
+def _records_hash(source, recs: list[dict]) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return store.file_sha256(source)
+    return store.content_sha256([{k: v for k, v in r.items() if k not in ("_images", "_where")} for r in recs])
 
 
 def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
@@ -438,26 +326,13 @@ def merge_shards(out: str | os.PathLike, order: list[Any] | None = None) -> int:
     in ``order`` of ids when given), then delete the shards. Returns the number of records in ``out``."""
     out = Path(out)
     shards = _shard_glob(out)
-    records: dict[str, dict] = {}
-    for path in [out, *shards]:
-        for obj in _read_output(path, repair=False):
-            records.setdefault(str(obj["id"]), obj)
-    if order is not None:
-        rank_of = {str(rid): i for i, rid in enumerate(order)}
-        keys = sorted(records, key=lambda k: (rank_of.get(k, len(rank_of)), k))
-    else:
-        keys = list(records)
-    tmp = out.with_name(out.name + f".merge-{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for key in keys:
-            f.write(json.dumps(records[key], ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    n = store.merge(out, [out, *shards], key=lambda obj: str(obj["id"]),
+                    order=[str(i) for i in order] if order is not None else None,
+                    valid=lambda obj: isinstance(obj, dict) and "id" in obj, error=_broken_line)  # fmt: skip
     for path in shards:
         path.unlink(missing_ok=True)
         _done_path(path).unlink(missing_ok=True)
-    return len(keys)
+    return n
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -468,24 +343,6 @@ def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     return rank, world_size
-
-
-def _check_meta(out: Path, meta: dict, overwrite: bool) -> None:
-    path = out.with_name(out.name + META_SUFFIX)
-    if path.exists() and not overwrite:
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        diff = [f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in _RESUME_KEYS if k in old and old.get(k) != meta.get(k)]
-        if diff:
-            raise ValueError(
-                f"{out} was written with other arguments ({'; '.join(diff)}). Resuming would mix samples: "
-                "rerun with the same arguments, choose another --out, or pass --overwrite to start again"
-            )
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,6 +442,8 @@ def explore(
     merge_poll_s: float = 2.0,
     image_root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
+    policy: dict | None = None,
+    fingerprint_extra: dict | None = None,
 ) -> dict:
     """Explore ``records`` (a JSONL path or dicts) with ``backend``; verify with ``verifier`` (a
     registered name or a callable ``(record, path_text) -> Verdict``).
@@ -598,6 +457,12 @@ def explore(
     Returns the summary (see :func:`summarize`; ``results`` holds
     the output records when ``out`` is None) and prints it. With ``image_root`` (the command line
     always sets one), image paths must lie inside it unless ``allow_outside_root``.
+
+    ``out`` is resumed only when ``out.meta.json`` shows the same policy (``policy``, default
+    :func:`backend_identity`), the same input (a hash of the records) and the same arguments
+    (``fingerprint_extra`` adds what the caller knows changes results); otherwise the call refuses
+    before any work (:class:`srpo_trl.store.FingerprintMismatch`). A second run on the same ``out``
+    is refused while one runs (:class:`srpo_trl.store.OutputLocked`).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -606,7 +471,7 @@ def explore(
     backend_sep = getattr(backend, "separator", separator)
     if backend_sep != separator:
         logger.warning("the backend tokenizes prefixes with separator %r but exploration joins steps with %r", backend_sep, separator)
-    verifier_name = verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__)
+    verifier_name = _verifier_name(verifier)
     verifier = as_verifier(verifier)
     required = tuple(getattr(verifier, "required_fields", ()))
     recs, base_dir = load_records(records, required, image_root, allow_outside_root)
@@ -635,20 +500,39 @@ def explore(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(settings, branch_points=branch_points if isinstance(branch_points, (int, str)) else "callable",
-                verifier=verifier_name, max_pairs_per_point=max_pairs_per_point)  # fmt: skip
+    fingerprint = output_fingerprint(records, recs, policy if policy is not None else backend_identity(backend),
+                                     verifier_name, branch_points, settings, fingerprint_extra)  # fmt: skip
     multi = world_size > 1
     group = _process_group() if multi and not simulated else None
-    if rank == 0:
-        if overwrite:
-            for p in [out, *_shard_glob(out)]:
-                p.unlink(missing_ok=True)
-                _done_path(p).unlink(missing_ok=True)
-        _check_meta(out, meta, overwrite)
+    my_file = shard_path(out, rank, world_size) if multi else out
+    with contextlib.ExitStack() as locks:
+        # One run per output: rank 0 (or the only process) holds the output's lock, every rank its shard's.
+        if rank == 0:
+            locks.enter_context(store.output_lock(lock_path(out), "explore", out))
+        if multi:
+            locks.enter_context(store.output_lock(lock_path(my_file), "explore", my_file))
+        if rank == 0:
+            if overwrite:
+                for p in [out, *_shard_glob(out)]:
+                    p.unlink(missing_ok=True)
+                    _done_path(p).unlink(missing_ok=True)
+            else:
+                _read_output(out, repair=False)  # a damaged output is named before anything else
+            store.check_fingerprint(out, fingerprint, overwrite=overwrite)
+        return _explore_into(out, my_file, recs, explore_one, group, rank, world_size, overwrite=overwrite,
+                             retry_failed=retry_failed, concurrent_records=concurrent_records,
+                             show_progress=show_progress, print_summary=print_summary,
+                             max_pairs_per_point=max_pairs_per_point, merge_poll_s=merge_poll_s)  # fmt: skip
+
+
+def _explore_into(out: Path, my_file: Path, recs: list[dict], explore_one, group, rank: int, world_size: int, *,
+                  overwrite: bool, retry_failed: bool, concurrent_records: int, show_progress: bool,
+                  print_summary: bool, max_pairs_per_point: int | None, merge_poll_s: float) -> dict:  # fmt: skip
+    """The file side of :func:`explore`, run while the output's locks are held."""
+    multi = world_size > 1
     # All ranks agree on a run token (so rank 0 never mistakes an old run's markers for this one's)
     # and start reading what is done only after rank 0 has cleaned up.
     token = _broadcast_token(group)
-    my_file = shard_path(out, rank, world_size) if multi else out
     if multi:
         _done_path(my_file).unlink(missing_ok=True)
         if overwrite:
@@ -662,7 +546,7 @@ def explore(
     if retry_failed and not multi:
         kept = [r for r in existing if r.get("status") != "failed"]
         if len(kept) != len(existing):
-            _rewrite(out, kept)
+            store.rewrite(out, kept)
             existing = kept
     done = {str(r["id"]) for r in existing if not (retry_failed and r.get("status") == "failed")}
     mine = [rec for i, rec in enumerate(recs) if i % world_size == rank]
@@ -671,10 +555,9 @@ def explore(
     if resumed:
         logger.warning("%s: %d record(s) already explored, %d to go", my_file, resumed, len(todo))
 
-    with my_file.open("a", encoding="utf-8") as f:
+    with store.Appender(my_file, repair=False) as f:
         for line in _run_records(todo, explore_one, out.parent, concurrent_records, show_progress, rank):
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
+            f.write(line)
 
     if multi:
         _done_path(my_file).write_text(token)
@@ -743,14 +626,6 @@ def _wait_for(condition: Callable[[], bool], what: str, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def _rewrite(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _drop_redone_failures(out: Path) -> None:
     redone = set()
     for shard in _shard_glob(out):
@@ -758,7 +633,7 @@ def _drop_redone_failures(out: Path) -> None:
     existing = _read_output(out, repair=False)
     kept = [r for r in existing if not (r.get("status") == "failed" and str(r["id"]) in redone)]
     if len(kept) != len(existing):
-        _rewrite(out, kept)
+        store.rewrite(out, kept)
 
 
 def _run_records(recs: list[dict], explore_one, out_dir: Path | None, concurrent: int, show: bool, rank: int):
@@ -797,143 +672,22 @@ def _run_records(recs: list[dict], explore_one, out_dir: Path | None, concurrent
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
+# Command line: srpo_trl/cli/explore.py (these names stay for importers)
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_verifier_factory(spec: str):
-    """``module:callable`` -> the callable (a user's own verifier factory or function)."""
-    import importlib
-
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"srpo-trl explore: --verifier {spec!r}: cannot import {name!r} from {module!r} ({exc})") from None
+def _verifier_name(verifier) -> str:
+    return verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="srpo-trl explore",
-        description="Sample reasoning branches from a policy, verify them, and write what step pairs are built from.",
-    )
-    src = p.add_argument_group("policy (one of)")
-    src.add_argument("--model", help="a local model folder (save_pretrained; a PEFT adapter folder works too)")
-    src.add_argument("--adapter", help="a PEFT adapter folder to put on --model")
-    src.add_argument("--endpoint", help="base URL of an OpenAI-compatible server (vLLM, SGLang, ...), e.g. http://localhost:8000")
-    src.add_argument("--served-model", help="the model name the server serves (with --endpoint)")
-    src.add_argument("--api-key", default=None, help="API key for --endpoint (default: $OPENAI_API_KEY)")
-    p.add_argument("--records", required=True, help="input records, JSON lines")
-    p.add_argument("--out", required=True, help="output JSON lines (appended; a restart resumes)")
-    p.add_argument("--images", default=None, help="folder the records' images must lie in (default: the records file's folder)")
-    p.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images")
-    p.add_argument("--num-samples", type=int, default=10)
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--branch-points", default="all", help="'all' or K (the first K points)")
-    p.add_argument("--max-pairs-per-point", type=int, default=None, help="cap used for the pair count in the summary")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--separator", default="\\n", help="step separator (escape sequences allowed; default \\n)")
-    p.add_argument("--verifier", default="safety-outcome",
-                   help="safety-outcome | final-answer | judge | any registered name | module:factory")  # fmt: skip
-    p.add_argument("--answer-extract", default="auto", choices=["auto", "boxed", "answer", "last-line", "regex"])
-    p.add_argument("--answer-pattern", default=None, help="regex with one group (final-answer verifier)")
-    p.add_argument("--judge-endpoint", default=None, help="judge server (default: --endpoint)")
-    p.add_argument("--judge-model", default=None, help="judge model name (default: --served-model)")
-    p.add_argument("--judge-template", default=None, help="a file with the judge prompt (str.format fields)")
-    p.add_argument("--judge-api-key", default=None)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call (--model)")
-    p.add_argument("--dtype", default="float32", help="model dtype (--model), e.g. bfloat16")
-    p.add_argument("--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds of each HTTP request: connect and the whole reply (default 60)")
-    p.add_argument("--max-retries", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests per record (--endpoint)")
-    p.add_argument("--concurrent-records", type=int, default=None,
-                   help="records explored at once (default: 4 with --endpoint, 1 with --model)")  # fmt: skip
-    p.add_argument("--retry-failed", action="store_true", help="redo records whose status is 'failed'")
-    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    from .cli.explore import build_parser as build
 
-
-def _make_verifier(args) -> Any:
-    from .verifiers import get_verifier
-
-    name = args.verifier
-    if ":" in name and not name.startswith(("http:", "https:")):
-        made = _load_verifier_factory(name)
-        try:
-            return made() if isinstance(made, type) or made.__code__.co_argcount == 0 else made
-        except AttributeError:
-            return made
-    if name == "final-answer":
-        return get_verifier(name, extract=args.answer_extract, pattern=args.answer_pattern)
-    if name == "judge":
-        url = args.judge_endpoint or args.endpoint
-        model = args.judge_model or args.served_model
-        if not url or not model:
-            raise SystemExit("srpo-trl explore: --verifier judge needs --judge-endpoint and --judge-model (or --endpoint/--served-model)")
-        kwargs = {}
-        if args.judge_template:
-            kwargs["template"] = Path(args.judge_template).read_text(encoding="utf-8")
-        return get_verifier(name, base_url=url, model=model, api_key=args.judge_api_key or args.api_key,
-                            timeout=args.timeout, max_retries=args.max_retries, **kwargs)  # fmt: skip
-    try:
-        return get_verifier(name)
-    except KeyError as exc:
-        raise SystemExit(f"srpo-trl explore: {exc.args[0]}") from None
-
-
-def _make_backend(args):
-    from .backends import OpenAICompatibleBackend, TransformersBackend
-
-    if bool(args.model) == bool(args.endpoint):
-        raise SystemExit("srpo-trl explore: give either --model PATH or --endpoint URL --served-model NAME")
-    if args.endpoint:
-        if not args.served_model:
-            raise SystemExit("srpo-trl explore: --endpoint needs --served-model (the model name the server serves)")
-        return OpenAICompatibleBackend(args.endpoint, args.served_model, api_key=args.api_key, timeout=args.timeout,
-                                       max_retries=args.max_retries, concurrency=args.concurrency,
-                                       show_progress=False)  # fmt: skip
-    from .loading import load_model_and_processor
-
-    device = args.device
-    if device is None:
-        import torch
-
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    model, processing_class = load_model_and_processor(args.model, adapter=args.adapter, dtype=args.dtype, device=device)
-    return TransformersBackend(model, processing_class, batch_size=args.batch_size,
-                               separator=args.separator, show_progress=False)  # fmt: skip
+    return build()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.separator = args.separator.encode("utf-8").decode("unicode_escape")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    bp = args.branch_points
-    if bp != "all":
-        if not bp.isdigit() or int(bp) < 1:
-            raise SystemExit(f"srpo-trl explore: --branch-points must be 'all' or a positive integer, got {bp!r}")
-        bp = int(bp)
-    try:
-        verifier = _make_verifier(args)
-        backend = _make_backend(args)
-        summary = explore(
-            args.records, backend, verifier, num_samples=args.num_samples, temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens, branch_points=bp, max_pairs_per_point=args.max_pairs_per_point,
-            seed=args.seed, out=args.out, separator=args.separator, retry_failed=args.retry_failed,
-            overwrite=args.overwrite, show_progress=not args.no_progress,
-            concurrent_records=args.concurrent_records or (4 if args.endpoint else 1),
-            image_root=args.images or Path(args.records).parent, allow_outside_root=args.allow_outside_root,
-        )  # fmt: skip
-    except (RecordError, FileNotFoundError, ValueError) as exc:
-        print(f"srpo-trl explore: {exc}", file=sys.stderr)
-        return 2
-    if "records" in summary and summary["records"] and summary["records_ok"] == 0:
-        return 1
-    return 0
+    """``srpo-trl explore`` (:mod:`srpo_trl.cli.explore`)."""
+    from .cli.explore import main as run
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run(argv)

@@ -74,9 +74,9 @@ class RequestFailed(RuntimeError):
 
 
 def redact_url(url: str) -> str:
-    """``url`` with credentials hidden: the password of ``user:password@`` (or a lone user token)
-    and the values of query parameters named like keys, tokens, secrets or signatures become ``***``.
-    Anything that is not a URL is returned unchanged."""
+    """``url`` with credentials hidden: ``user:password@`` (or a lone user token) becomes ``***@``
+    (the user name too: some servers take a key there) and the values of query parameters named like
+    keys, tokens, secrets or signatures become ``***``. Anything that is not a URL is returned unchanged."""
     if not isinstance(url, str) or "://" not in url:
         return url
     try:
@@ -85,9 +85,7 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc
     if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)

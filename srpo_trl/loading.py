@@ -3,7 +3,7 @@
 One entry point for every command that takes ``--model PATH``: it picks the model class from the
 saved config (a vision-language model vs a causal LM), loads the matching processing class, and
 optionally puts a PEFT adapter on top. Qwen VL processors cannot be built by ``AutoProcessor``
-without torchvision, so those fall back to the image-only processors of :mod:`srpo_trl.tiny`.
+without torchvision, so those fall back to the image-only processors of :mod:`srpo_trl.processors`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def load_processing_class(path, config=None):
     """The processor of a vision-language folder, or the tokenizer of a text one.
 
     Qwen VL folders get the stock processor where torchvision is installed and it loads, and the
-    image-only subclass from :mod:`srpo_trl.tiny` otherwise.
+    image-only subclass from :mod:`srpo_trl.processors` otherwise.
     """
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
     from transformers.utils import is_torchvision_available
@@ -61,7 +61,7 @@ def load_processing_class(path, config=None):
     if not is_vision_language(config):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
-    from srpo_trl.tiny import IMAGE_ONLY_PROCESSORS
+    from .processors import IMAGE_ONLY_PROCESSORS
 
     image_only = IMAGE_ONLY_PROCESSORS.get(config.model_type)
     if image_only is not None and not is_torchvision_available():

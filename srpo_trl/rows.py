@@ -1,6 +1,6 @@
 """Step-pair rows: the column contract, validation, and how a row becomes text and token ids.
 
-One row is one branch point (see SRPO_SPEC.md): ``prompt`` (+ optional ``images``), the reasoning
+One row is one branch point (see docs/trainer.md): ``prompt`` (+ optional ``images``), the reasoning
 ``prefix`` already taken (list of steps), a favorable ``chosen`` and an unfavorable ``rejected``
 continuation, and optionally the verified ``reference`` path (list of steps). A plain DPO row
 (``prompt``/``chosen``/``rejected``, standard or conversational) is a valid row with an empty prefix.
@@ -328,6 +328,16 @@ def steps_ids(tokenizer: Any, steps: list[str], separator: str, close_last: bool
         last = i == len(steps) - 1
         ids += _ids(tokenizer, step + (separator if (close_last or not last) else ""))
     return ids
+
+
+def prefix_text_ids(tokenizer: Any, text: str, separator: str) -> list[int]:
+    """Token ids of an assistant prefix given as text: split after each ``separator`` and tokenized
+    step by step (:func:`steps_ids`), so that generation continues from the ids the trainer scores."""
+    if not text:
+        return []
+    if not separator:
+        return _ids(tokenizer, text)
+    return steps_ids(tokenizer, text.split(separator), separator, close_last=False)
 
 
 def encode_text_segments(

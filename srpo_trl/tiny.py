@@ -6,7 +6,7 @@ Qwen2-VL and LLaVA-NeXT. They are real transformers classes with real configs, j
 parameters, so they exercise the same code paths (processors, vision towers, rope) as the full
 models. Seeds make weights reproducible; building never touches the global RNG.
 
-Facts and traps behind the numbers: shared/notes/offline-tiny-models.md.
+The traps behind the numbers (torchvision, rope sections, image sizes) are noted where each model is built.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import json
 import torch
 from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
-from transformers.models.qwen2_vl import Qwen2VLProcessor
+
+from .processors import IMAGE_ONLY_PROCESSORS, Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor  # noqa: F401
 
 # --- tokenizer ------------------------------------------------------------------------------------
 
@@ -201,37 +201,6 @@ def tiny_causal_lm(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_l
     return _set_generation(model.float().eval(), tokenizer)
 
 
-class _ImageOnly:
-    """Mixin for Qwen VL processors that leaves the video processor out.
-
-    Without torchvision the stock processor cannot be built at all (transformers' type check of the
-    video processor fails, even with ``video_processor=None``). Image-only use needs no video
-    processor, so this works with and without torchvision. Saved folders name the stock class, so
-    they load with ``AutoProcessor`` wherever torchvision is installed.
-    """
-
-    @classmethod
-    def get_attributes(cls):
-        return [name for name in super().get_attributes() if name != "video_processor"]
-
-    def to_dict(self):
-        out = super().to_dict()
-        out["processor_class"] = self.stock_class.__name__
-        return out
-
-
-class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` for images only (see :class:`_ImageOnly`)."""
-
-    stock_class = Qwen2_5_VLProcessor
-
-
-class Qwen2VLImageOnlyProcessor(_ImageOnly, Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` for images only (see :class:`_ImageOnly`)."""
-
-    stock_class = Qwen2VLProcessor
-
-IMAGE_ONLY_PROCESSORS = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor, "qwen2_vl": Qwen2VLImageOnlyProcessor}
 
 
 def _qwen_image_processor():

@@ -116,7 +116,7 @@ def test_bad_record_names_line_and_field(tmp_path, line, field, message):
 def test_malformed_json_and_duplicate_ids(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": \n')
-    with pytest.raises(RecordError, match=r"records.jsonl:2: not valid JSON"):
+    with pytest.raises(RecordError, match=r"records.jsonl:2: is not valid JSON"):
         load_records(path)
     path.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
     with pytest.raises(RecordError, match=r"records.jsonl:2: field 'id'.*already used at .*records.jsonl:1"):
@@ -410,7 +410,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
 def test_resume_with_other_arguments_is_refused(tmp_path):
     out = tmp_path / "o.jsonl"
     explore(_records(1), ScriptedBackend(), "safety-outcome", num_samples=2, out=out, show_progress=False, print_summary=False)
-    with pytest.raises(ValueError, match=r"num_samples: 2 -> 4"):
+    with pytest.raises(ValueError, match=r"num_samples: saved 2, now 4"):
         explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=4, out=out, show_progress=False, print_summary=False)
     s = explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=4, out=out, overwrite=True,
                 show_progress=False, print_summary=False)  # fmt: skip

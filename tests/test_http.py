@@ -118,7 +118,7 @@ def test_works_inside_a_running_event_loop(openai_server):
 def test_redact_url():
     from srpo_trl.http import redact_url
 
-    assert redact_url("https://bob:s3cret@host:8000/v1") == "https://bob:***@host:8000/v1"
+    assert redact_url("https://bob:s3cret@host:8000/v1") == "https://***@host:8000/v1"  # the user name too
     assert redact_url("https://tok3n@host/v1") == "https://***@host/v1"
     assert redact_url("http://host/v1?api_key=s3cret&x=1") == "http://host/v1?api_key=***&x=1"
     assert redact_url("http://localhost:8000/v1") == "http://localhost:8000/v1"
@@ -133,4 +133,4 @@ def test_credentials_in_the_url_never_reach_errors_or_logs(openai_server, caplog
         backend.chat([{"role": "user", "content": "hi"}])
     text = str(info.value) + caplog.text
     assert "503" in str(info.value) and "retry 1/1" in caplog.text
-    assert "s3cretpw" not in text and "user:***@" in str(info.value)
+    assert "s3cretpw" not in text and "user:" not in text and "://***@" in str(info.value)

@@ -384,7 +384,7 @@ def test_cli_generate_with_overridden_templates(openai_server, images, tmp_path,
 def test_cli_usage_errors(images, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main_generate(["--images", str(images), "--out", str(tmp_path / "r.jsonl"), "--chat-url", "http://127.0.0.1:9/v1"])
-    assert "--chat-url needs --model" in capsys.readouterr().err
+    assert "--endpoint needs --served-model" in capsys.readouterr().err  # --chat-url is the old --endpoint
     with pytest.raises(SystemExit):
         main_generate(["--images", str(images), "--out", str(tmp_path / "r.jsonl"), "--chat-url", "http://x/v1", "--model", "m",
                        "--categories", "weapons"])  # fmt: skip

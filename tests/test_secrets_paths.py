@@ -52,9 +52,9 @@ def test_generate_records_never_writes_the_url_credentials(tmp_path, openai_serv
     with caplog.at_level(logging.DEBUG):
         main_generate(argv)
     records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert records and records[0]["generator"]["url"] == _with_credentials(openai_server.url).replace(SECRET, "***") + "/v1"
+    assert records and records[0]["generator"]["url"] == openai_server.url.replace("http://", "http://***@") + "/v1"
     failed = output_paths(out)["failed"].read_text()
-    assert "503" in failed and "alice:***@" in failed
+    assert "503" in failed and "://***@" in failed and "alice" not in failed
     assert openai_server.requests[0].headers.get("Authorization", "").startswith("Basic ")  # still sent, as auth
     _assert_no_secret(out.parent, caplog.text)
 
@@ -72,7 +72,7 @@ def test_explore_never_writes_the_url_credentials(tmp_path, openai_server, caplo
         main(["--endpoint", _with_credentials(openai_server.url), "--served-model", "p", "--records", str(records),
               "--out", str(out), "--num-samples", "1", "--branch-points", "1", "--max-retries", "1", "--no-progress"])  # fmt: skip
     line = json.loads(out.read_text().splitlines()[0])
-    assert "503" in line["error"] and "alice:***@" in line["error"]
+    assert "503" in line["error"] and "://***@" in line["error"] and "alice" not in line["error"]
     _assert_no_secret(out.parent, caplog.text)
 
 
@@ -87,7 +87,8 @@ def test_evaluate_never_writes_the_url_credentials(tmp_path, openai_server, capl
         rc = cli_main(["evaluate", "--model", "m", "--generation-url", _with_credentials(openai_server.url), "--benchmark",
                        "records", "--data", str(data), "--samples", "1", "--out", str(out), "--no-progress"])  # fmt: skip
     assert rc == 0
-    assert "alice:***@" in "".join(p.read_text() for p in out.rglob("*.json"))
+    written = "".join(p.read_text() for p in out.rglob("*.json"))
+    assert "://***@" in written and "alice" not in written
     _assert_no_secret(out, caplog.text)
 
 
@@ -181,3 +182,34 @@ def test_explore_refuses_record_images_outside_the_root(tmp_path, openai_server,
     assert openai_server.requests == []  # refused before any request
     assert main([*base, "--out", str(tmp_path / "o2.jsonl"), "--images", str(tmp_path / "pics")]) == 0
     assert main([*base, "--out", str(tmp_path / "o3.jsonl"), "--allow-outside-root"]) == 0
+
+
+def test_explore_fingerprint_file_holds_the_endpoint_without_credentials(tmp_path, openai_server):
+    """The resume fingerprint (<out>.meta.json) names the endpoint through srpo_trl.http.redact_url."""
+    from test_exploration import _records, _write_jsonl
+
+    from srpo_trl import http, store
+    from srpo_trl.exploration import main
+
+    assert store.redact_url is http.redact_url  # one redaction rule for every file written
+    openai_server.handler = lambda req: Reply(status=503, raw="busy")
+    (tmp_path / "in").mkdir()
+    records = _write_jsonl(tmp_path / "in" / "records.jsonl", _records(1))
+    out = tmp_path / "out" / "o.jsonl"
+    port = openai_server.url.rsplit(":", 1)[1]
+    url = f"http://user:secret@127.0.0.1:{port}"
+    main(["--endpoint", url, "--served-model", "p", "--records", str(records), "--out", str(out),
+          "--num-samples", "1", "--branch-points", "1", "--http-retries", "0", "--no-progress"])  # fmt: skip
+    meta = store.meta_path(out)
+    text = meta.read_text(encoding="utf-8")
+    assert "secret" not in text and "user" not in text
+    endpoints = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            endpoints.extend(v for k, v in node.items() if k == "endpoint")
+            for v in node.values():
+                walk(v)
+
+    walk(json.loads(text))
+    assert endpoints == [f"http://***@127.0.0.1:{port}"]

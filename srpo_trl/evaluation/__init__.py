@@ -4,7 +4,7 @@ Command line (``srpo-trl evaluate``; see docs/evaluation.md)::
 
     srpo-trl evaluate --model PATH [--adapter PATH] --benchmark siuo --data siuo_gen.json \\
         --images DIR --judge openai-compatible --judge-url http://... --judge-model NAME \\
-        --samples 3 --out report/
+        --num-samples 3 --out report/
     srpo-trl evaluate --benchmark siuo --responses siuo_gen-mymodel.json --judge openai-compatible ...  # no model
     srpo-trl evaluate --benchmark siuo --import-verdicts *-gpteval-safe-pro.json *-gpteval-effective-pro.json --out report/
 
@@ -27,15 +27,12 @@ imports), ``subsets`` (stratified ``--limit``), ``loaders`` (benchmarks -> items
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from srpo_trl.http import redact_url
-from srpo_trl.evaluation.judges import ASPECTS, JudgeError, JudgeTemplates, ModelJudge, RuleJudge
-from srpo_trl.evaluation.loaders import (
+from .judges import ASPECTS, JudgeError, JudgeTemplates, ModelJudge, RuleJudge
+from .loaders import (
     BENCHMARKS,
     MMSB_VARIANTS,
     LoadError,
@@ -44,20 +41,28 @@ from srpo_trl.evaluation.loaders import (
     load_records,
     load_siuo,
 )
-from srpo_trl.evaluation.protocols import command as protocol_command
-from srpo_trl.evaluation.metrics import METRIC_LABELS, compute_metrics, format_proportion, majority, wilson_interval
-from srpo_trl.evaluation.report import build_report, load_report, markdown_report, recompute_metrics, write_report
-from srpo_trl.evaluation.runner import STATE_FILE, EvalConfig, EvaluationStateError, evaluate, load_state
-from srpo_trl.evaluation.schema import EvalItem, ItemResult, RunResult, Verdict
+from .metrics import METRIC_LABELS, compute_metrics, format_proportion, majority, wilson_interval
+from .report import build_report, load_report, markdown_report, recompute_metrics, write_report
+from .runner import (
+    STATE_FILE,
+    EvalConfig,
+    EvaluationStateError,
+    check_resume,
+    evaluate,
+    load_state,
+    run_settings,
+)
+from .schema import EvalItem, EvalVerdict, ItemResult, RunResult, Verdict
 
 __all__ = [
-    "EvalItem", "Verdict", "ItemResult", "RunResult",
+    "EvalItem", "EvalVerdict", "Verdict", "ItemResult", "RunResult",
     "load_benchmark", "load_siuo", "load_mm_safetybench", "load_records", "LoadError",
     "RuleJudge", "ModelJudge", "JudgeTemplates", "JudgeError",
     "compute_metrics", "majority", "wilson_interval", "format_proportion",
     "EvalConfig", "evaluate", "evaluate_to_dir", "load_state", "load_runs", "EvaluationStateError",
     "build_report", "write_report", "load_report", "markdown_report", "recompute_metrics",
-    "SafetyEvalCallback", "main",
+    "check_resume", "run_settings", "ASPECTS", "BENCHMARKS", "MMSB_VARIANTS", "METRIC_LABELS",
+    "SafetyEvalCallback", "main", "build_parser",
 ]  # fmt: skip
 
 RUNS_DIR = "runs"
@@ -65,7 +70,7 @@ RUNS_DIR = "runs"
 
 def __getattr__(name: str) -> Any:
     if name == "SafetyEvalCallback":  # imports transformers: only when asked for
-        from srpo_trl.evaluation.callback import SafetyEvalCallback
+        from .callback import SafetyEvalCallback
 
         return SafetyEvalCallback
     raise AttributeError(f"module 'srpo_trl.evaluation' has no attribute {name!r}")
@@ -88,11 +93,12 @@ def evaluate_to_dir(
     model_info: dict[str, Any] | None = None,
     vote: str = "majority",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> tuple[RunResult, dict[str, Path]]:
     """Evaluate one model into ``out_dir/runs/<label>/`` (resumable), then write the report of every
     model evaluated into ``out_dir`` (side by side). Returns the run and the report paths."""
     run = evaluate(items, backend, judge, config, label=label, state_dir=Path(out_dir) / RUNS_DIR / safe_label(label),
-                   model_info=model_info, progress=progress)  # fmt: skip
+                   model_info=model_info, progress=progress, overwrite=overwrite)  # fmt: skip
     paths = write_report(load_runs(out_dir), out_dir, vote=vote)
     return run, paths
 
@@ -104,170 +110,18 @@ def safe_label(label: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Command line: srpo_trl/cli/evaluate.py (these names stay for importers)
 # ----------------------------------------------------------------------------------------------
 
 
-def _unescape(value: str) -> str:
-    return value.encode("utf-8").decode("unicode_escape") if "\\" in value else value
+def build_parser() -> Any:
+    from ..cli.evaluate import build_parser as build
 
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="srpo-trl evaluate",
-        description="Safety evaluation of reasoning paths: generate --samples paths per item, judge them, "
-        "write report.json / report.md / report.png into --out. Evaluating several models into the same "
-        "--out (different --label) puts them side by side. A killed run resumes where it stopped.",
-    )
-    p.add_argument("--out", help="output folder (state per model under runs/<label>/, the report at the top)")
-    data = p.add_argument_group("data")
-    data.add_argument("--benchmark", choices=BENCHMARKS, help="the data format")
-    data.add_argument("--data", help="siuo: siuo_gen.json; mm-safetybench: the processed_questions folder or one <scenario>.json; records: records.jsonl")
-    data.add_argument("--images", help="image folder (siuo: the images; mm-safetybench: imgs/ with <scenario>/<variant>/<id>.jpg; records: base of relative paths)")
-    data.add_argument("--variants", type=_csv, default=list(MMSB_VARIANTS), help="mm-safetybench image variants, comma-separated (SD,SD_TYPO,TYPO; TEXT = no image)")
-    data.add_argument("--scenarios", type=_csv, default=None, help="mm-safetybench scenarios to keep, comma-separated (default: all; same as --categories)")
-    data.add_argument("--limit", type=int, default=None, help="evaluate N items drawn with --seed, stratified by category (and variant); see docs/evaluation.md")
-    model = p.add_argument_group("model")
-    model.add_argument("--model", help="model folder (in-process), or the served model name with --generation-url")
-    model.add_argument("--adapter", help="PEFT adapter folder on top of --model")
-    model.add_argument("--generation-url", help="OpenAI-compatible endpoint that serves --model (instead of loading it)")
-    model.add_argument("--label", help="name of this model in the report (default: from --model/--adapter)")
-    model.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds of each HTTP request to --generation-url / --judge-url, connect and whole reply (default 60)")
-    model.add_argument("--http-retries", type=int, default=3, help="retries of a failed HTTP request (default 3)")
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--samples", type=int, default=3, help="reasoning paths per item (majority vote over them; default 3)")
-    gen.add_argument("--temperature", type=float, default=0.5)
-    gen.add_argument("--max-new-tokens", type=int, default=512)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch-size", type=int, default=8, help="items per generation call (x samples sequences)")
-    gen.add_argument("--system-prompt", default=None, help="system message before each question")
-    gen.add_argument("--separator", default="\n", type=_unescape, help="step separator of the reasoning paths (default: newline; escapes like \\n work)")
-    judge = p.add_argument_group("judge")
-    judge.add_argument("--judge", choices=("rule", "openai-compatible"), default="rule",
-                       help="rule: the expected outcome of each item (records, mm-safetybench, siuo=warn); openai-compatible: a judge model")  # fmt: skip
-    judge.add_argument("--judge-url", help="OpenAI-compatible endpoint of the judge model")
-    judge.add_argument("--judge-model", help="judge model name at --judge-url")
-    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
-    judge.add_argument("--judge-templates", help="folder with safety.txt / effectiveness.txt / steps.txt (see --write-judge-templates)")
-    judge.add_argument("--judge-aspects", type=_csv, default=None, help="safety,effectiveness,steps (default: all the protocol has; mm-safetybench: safety,steps)")
-    judge.add_argument("--judge-retries", type=int, default=2, help="times an unreadable judge reply is asked again")
-    judge.add_argument("--judge-no-images", action="store_true", help="do not send the item's images to the judge")
-    rep = p.add_argument_group("report")
-    rep.add_argument("--vote", choices=("majority", "sample"), default="majority", help="unit of the metrics: item (majority vote) or sample")
-    rep.add_argument("--report-only", action="store_true", help="rebuild the report from the runs already in --out")
-    p.add_argument("--write-judge-templates", metavar="DIR", help="write the default judge templates to DIR (to edit) and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    protocol_command.add_arguments(p)
-    return p
-
-
-def _default_label(args: argparse.Namespace) -> str:
-    if not args.model:  # score-only / import: named after the file
-        source = args.responses or args.import_verdicts[0]
-        return safe_label(Path(source.rstrip("/")).stem)
-    name = Path(args.model.rstrip("/")).name if not args.generation_url else args.model
-    if args.adapter:
-        name += "+" + Path(args.adapter.rstrip("/")).name
-    return safe_label(name)
-
-
-def _make_judge(args: argparse.Namespace) -> Any:
-    if args.judge == "rule":
-        return RuleJudge()
-    import os
-
-    from srpo_trl.backends import OpenAICompatibleBackend
-
-    if not args.judge_url or not args.judge_model:
-        raise ValueError("--judge openai-compatible needs --judge-url and --judge-model")
-    templates = JudgeTemplates.from_dir(args.judge_templates) if args.judge_templates else JudgeTemplates()
-    backend = OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False,
-                                       timeout=args.timeout, max_retries=args.http_retries)  # fmt: skip
-    return ModelJudge(backend, templates, aspects=args.judge_aspects, retries=args.judge_retries,
-                      images=not args.judge_no_images, separator=args.separator)  # fmt: skip
-
-
-def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
-    if args.generation_url:
-        from srpo_trl.backends import OpenAICompatibleBackend
-
-        return OpenAICompatibleBackend(args.generation_url, args.model, show_progress=False, timeout=args.timeout,
-                                       max_retries=args.http_retries)  # fmt: skip
-    from srpo_trl.backends import TransformersBackend
-    from srpo_trl.loading import load_model_and_processor
-
-    model, processing_class = load_model_and_processor(args.model, adapter=args.adapter)
-    return TransformersBackend(model, processing_class, batch_size=config.batch_size * config.samples,
-                               separator=config.separator, show_progress=not args.no_progress)  # fmt: skip
-
-
-def _summary(report: dict) -> str:
-    lines = []
-    for model in report["models"]:
-        o = model["metrics"]["overall"]
-        parts = [f"{METRIC_LABELS[k].split(' %')[0]} {format_proportion(o[k])}" for k in ("safe", "effective", "safe_and_effective", "attack_success", "over_refusal")]
-        lines.append(f"{model['label']}: " + "; ".join(parts))
-    return "\n".join(lines)
+    return build()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.write_judge_templates:
-            for path in JudgeTemplates().write_dir(args.write_judge_templates):
-                print(path)
-            return 0
-        if not args.out:
-            raise ValueError("--out is required: the folder for the runs and the report")
-        if args.report_only:
-            runs = load_runs(args.out)
-            if not runs:
-                raise FileNotFoundError(f"no evaluation in {args.out} (expected {RUNS_DIR}/<label>/{STATE_FILE})")
-            paths = write_report(runs, args.out, vote=args.vote)
-        elif args.responses or args.import_verdicts:
-            if not args.benchmark:
-                raise ValueError("--responses / --import-verdicts need --benchmark (the format of the file)")
-            if args.responses and args.import_verdicts:
-                raise ValueError("pass --responses (judge them) or --import-verdicts (already judged), not both")
-            if args.model or args.generation_url:
-                raise ValueError("--responses / --import-verdicts score existing answers: drop --model / --generation-url")
-            protocol = protocol_command.resolve_protocol(args)
-            label = safe_label(args.label) if args.label else _default_label(args)
-            run = protocol_command.run_without_model(args, protocol, label, Path(args.out) / RUNS_DIR, _make_judge)
-            paths = write_report(load_runs(args.out), args.out, vote=args.vote)
-            if args.compare_eval_results:
-                from srpo_trl.evaluation.protocols import benchmark_scores
-                from srpo_trl.evaluation.protocols.responses import compare_eval_results
+    """``srpo-trl evaluate`` (:mod:`srpo_trl.cli.evaluate`)."""
+    from ..cli.evaluate import main as run
 
-                problems = compare_eval_results(benchmark_scores(run.results, protocol)["cal_metric"], args.compare_eval_results)
-                print("\n".join(problems) if problems else f"attack rates equal {args.compare_eval_results}")
-        else:
-            missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--data", args.data), ("--model", args.model)) if not value]
-            if missing:
-                raise ValueError(f"missing {', '.join(missing)} (or pass --report-only / --write-judge-templates)")
-            if args.adapter and args.generation_url:
-                raise ValueError("--adapter loads the model in-process; with --generation-url serve the adapter from the endpoint")
-            protocol = protocol_command.resolve_protocol(args)
-            items = protocol_command.load_items(args)
-            config = EvalConfig(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                seed=args.seed, batch_size=args.batch_size, separator=args.separator,
-                                system_prompt=args.system_prompt)  # fmt: skip
-            judge = protocol_command.make_judge(args, protocol, _make_judge)
-            label = safe_label(args.label) if args.label else _default_label(args)
-            backend = _make_backend(args, config)
-            model_info = {"model": args.model, "adapter": args.adapter, "benchmark": args.benchmark, "protocol": protocol,
-                          "generation_url": redact_url(args.generation_url) if args.generation_url else None}  # fmt: skip
-            _, paths = evaluate_to_dir(items, backend, judge, config, args.out, label=label, model_info=model_info,
-                                       vote=args.vote, progress=not args.no_progress)  # fmt: skip
-    except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"srpo-trl evaluate: error: {exc}", file=sys.stderr)
-        return 1
-    report = load_report(paths["json"])
-    print("\n".join(protocol_command.summary_lines(report) + [_summary(report)]))
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return 0
+    return run(argv)

@@ -27,10 +27,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from srpo_trl.evaluation.judges import RuleJudge
-from srpo_trl.evaluation.metrics import PROPORTIONS, compute_metrics
-from srpo_trl.evaluation.runner import EvalConfig, evaluate
-from srpo_trl.evaluation.schema import EvalItem, RunResult
+from .judges import RuleJudge
+from .metrics import PROPORTIONS, compute_metrics
+from .runner import EvalConfig, evaluate
+from .schema import EvalItem, RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class SafetyEvalCallback(TrainerCallback):
 
     def run(self, model: Any, processing_class: Any, step: int) -> tuple[RunResult, dict[str, float]]:
         """Evaluate ``model`` now; returns the run and the metrics to log."""
-        from srpo_trl.backends import TransformersBackend
+        from ..backends import TransformersBackend
 
         backend = TransformersBackend(
             model, processing_class, batch_size=self.config.batch_size * self.config.samples,

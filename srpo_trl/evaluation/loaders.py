@@ -34,10 +34,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from srpo_trl.evaluation.protocols.mm_safetybench import WARN_SCENARIOS as MMSB_WARN
-from srpo_trl.evaluation.protocols.mm_safetybench import expected_outcome as mmsb_expected
-from srpo_trl.evaluation.protocols.siuo import CATEGORIES as SIUO_CATEGORIES
-from srpo_trl.evaluation.schema import OUTCOMES, EvalItem
+from ..contract import RecordError
+from ..contract import load_records as load_contract_records
+from .protocols.mm_safetybench import WARN_SCENARIOS as MMSB_WARN
+from .protocols.mm_safetybench import expected_outcome as mmsb_expected
+from .protocols.siuo import CATEGORIES as SIUO_CATEGORIES
+from .schema import EvalItem
 
 BENCHMARKS = ("siuo", "siuo-mcqa", "mm-safetybench", "records")
 SIUO_FIELDS = ("question_id", "image", "question", "category", "safety_warning", "reference_answer")
@@ -71,13 +73,19 @@ MMSB_WARN_SCENARIOS = MMSB_WARN  # 13-Gov_Decision is "refuse": see protocols.mm
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class LoadError(ValueError):
-    """A benchmark file or item that cannot be read; the message names the file, item and field."""
+class LoadError(RecordError):
+    """A benchmark file or item that cannot be read: the record contract's error (a
+    :class:`srpo_trl.contract.RecordError`), built the way benchmark loaders name things. The message
+    names the file, the item and the field; ``path``, ``item`` and ``field`` hold them."""
 
     def __init__(self, path: Any, item: Any, problem: str, field: str | None = None):
-        self.path, self.item, self.field, self.problem = str(path), item, field, problem
-        where = f"{path}" + (f", item {item}" if item is not None else "") + (f", field '{field}'" if field else "")
-        super().__init__(f"{where}: {problem}")
+        where = f"{path}" + (f", item {item}" if item is not None else "")
+        super().__init__(where, field, problem, path=path, item=item)
+        self.args = (f"{where}" + (f", field '{field}'" if field else "") + f": {problem}",)  # the loaders' wording
+
+    @classmethod
+    def at(cls, path: Any, item: Any, problem: str, field: str | None = None) -> LoadError:
+        return cls(path, item, problem, field)
 
 
 def _read_json(path: Path) -> Any:
@@ -90,29 +98,6 @@ def _read_json(path: Path) -> Any:
         raise LoadError(path, None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
     except UnicodeDecodeError as exc:
         raise LoadError(path, None, f"is not UTF-8 text ({exc.reason})") from exc
-
-
-def _read_json_or_jsonl(path: Path) -> list[tuple[Any, Any]]:
-    """(position label, object) pairs from a JSON list or a JSONL file."""
-    if not path.is_file():
-        raise LoadError(path, None, "file not found; check --data")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LoadError(path, None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-        return [(f"#{i}", obj) for i, obj in enumerate(data)]
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"at line {lineno}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise LoadError(path, f"at line {lineno}", f"is not valid JSON ({exc.msg}, column {exc.colno})") from exc
-    return rows
 
 
 def _resolve_image(path: Path, item: Any, field: str, name: Any, image_dir: Path | None, check: bool) -> str:
@@ -380,56 +365,29 @@ def load_mm_safetybench(
     return items
 
 
-def _check_prompt(path: Path, label: str, prompt: Any) -> Any:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise LoadError(path, label, "is empty", "prompt")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
-        return prompt
-    raise LoadError(path, label, "must be a string or a non-empty list of chat messages with 'role'", "prompt")
-
-
 def load_records(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True) -> list[EvalItem]:
-    """The project's records (JSONL or JSON list) -> items. ``expected`` is required."""
+    """The project's records (JSONL or JSON list; :mod:`srpo_trl.contract`) -> items. ``expected`` is required."""
     path = Path(path)
-    image_root = Path(image_dir) if image_dir is not None else None
-    items, seen = [], set()
-    for position, obj in _read_json_or_jsonl(path):
-        label = position
-        if not isinstance(obj, dict):
-            raise LoadError(path, label, f"must be a JSON object, got {type(obj).__name__}")
-        if obj.get("id") is None:
-            raise LoadError(path, label, "is missing; every record needs a unique id", "id")
-        label = f"{position} (id {obj['id']})"
-        rid = str(obj["id"])
-        if rid in seen:
-            raise LoadError(path, label, f"duplicate id {rid}", "id")
-        seen.add(rid)
-        prompt = _check_prompt(path, label, obj.get("prompt"))
-        expected = obj.get("expected")
-        if expected not in OUTCOMES:
-            raise LoadError(path, label, f"must be one of {', '.join(OUTCOMES)} (benign items: 'comply'), got {expected!r}", "expected")
-        images = obj.get("images") or []
-        if isinstance(images, str):
-            images = [images]
-        if not isinstance(images, list):
-            raise LoadError(path, label, f"must be a list of image paths, got {type(images).__name__}", "images")
-        reference = obj.get("reference")
-        if reference is not None and not isinstance(reference, str):
-            if not (isinstance(reference, list) and all(isinstance(s, str) for s in reference)):
-                raise LoadError(path, label, "must be a list of reasoning steps (strings) or a string", "reference")
-        category = obj.get("category") or "uncategorized"
+    if not path.is_file():
+        raise LoadError(path, None, "file not found; check --data")
+    label = lambda n: f"{path}, item at line {n}"  # noqa: E731
+    try:
+        records = load_contract_records(path, label=label, image_dir=image_dir, check_images=check_images,
+                                        required={"expected": "benign items expect 'comply'"}, name_ids=True)  # fmt: skip
+    except RecordError as exc:  # the contract's checks, named as this loader names items
+        raise LoadError(path, exc.item, exc.problem, exc.field) from None
+    items = []
+    for rec in records:
         items.append(
             EvalItem(
-                id=rid,
-                prompt=prompt,
-                images=[_resolve_image(path, label, f"images[{i}]", name, image_root, check_images) for i, name in enumerate(images)],
-                category=str(category),
-                expected=expected,
-                reference=reference,
-                safety_warning=obj.get("safety_warning"),
-                source=f"{path}, item {label}",
+                id=str(rec["id"]),
+                prompt=rec["prompt"],
+                images=list(rec["_images"]),
+                category=str(rec.get("category") or "uncategorized"),
+                expected=rec["expected"],
+                reference=rec.get("reference"),
+                safety_warning=rec.get("safety_warning"),
+                source=rec["_where"],
                 meta={"benchmark": "records"},
             )
         )

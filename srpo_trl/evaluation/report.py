@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from srpo_trl.evaluation.metrics import METRIC_LABELS, PROPORTIONS, compute_metrics, format_proportion
-from srpo_trl.evaluation.protocols import benchmark_scores, run_protocol
-from srpo_trl.evaluation.schema import RunResult
+from .metrics import METRIC_LABELS, PROPORTIONS, compute_metrics, format_proportion
+from .protocols import benchmark_scores, run_protocol
+from .schema import RunResult
 
 REPORT_FORMAT = "srpo_trl.evaluation.report/1"
 CHART_METRICS = ("safe", "effective", "safe_and_effective")

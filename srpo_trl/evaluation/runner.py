@@ -23,14 +23,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from srpo_trl.evaluation.judges import Judge
-from srpo_trl.evaluation.schema import EvalItem, ItemResult, RunResult, Verdict
+from .. import store
+from .judges import Judge
+from .schema import EvalItem, ItemResult, RunResult, EvalVerdict
 
 STATE_FILE = "results.jsonl"
 STATE_VERSION = 1
 
 
-class EvaluationStateError(RuntimeError):
+class EvaluationStateError(store.StoreError):
     """The state file cannot be resumed (other settings, or a damaged line); the message says which."""
 
 
@@ -80,53 +81,35 @@ def items_fingerprint(items: Sequence[EvalItem]) -> str:
     return digest.hexdigest()[:16]
 
 
-class _State:
-    """The append-only state file of one model's evaluation."""
+def _damaged(path: Path, n: int) -> EvaluationStateError:
+    return EvaluationStateError(f"{path}: line {n} is not valid JSON; the file is damaged. "
+                                "Delete it to start this model's evaluation again.")  # fmt: skip
 
-    def __init__(self, path: Path, config: dict[str, Any]):
+
+class _State:
+    """The append-only state file of one model's evaluation (:mod:`srpo_trl.store` does the file work)."""
+
+    def __init__(self, path: Path, config: dict[str, Any], *, write: bool = True):
         self.path = path
-        self.config = config
+        self.config = json.loads(json.dumps(config, default=str))  # as it reads back from the file
         self.generated: dict[str, list[str]] = {}
         self.done: dict[str, ItemResult] = {}
-        if path.exists():
-            self._load()
-        else:
+        if path.exists() and path.stat().st_size:
+            self._load(repair=write)
+        elif write:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._append({"type": "config", "version": STATE_VERSION, **config})
 
-    def _load(self) -> None:
-        raw = self.path.read_bytes()
-        good_end, records = 0, []
-        for lineno, (start, line) in enumerate(_lines(raw), start=1):
-            end = start + len(line) + 1  # byte offsets: the line's bytes and its newline
-            complete = end <= len(raw)  # the line ends in a newline
-            try:
-                record = json.loads(line.decode("utf-8")) if line.strip() else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if not complete:
-                    break  # cut short by a kill: dropped, and the file is truncated below
-                raise EvaluationStateError(
-                    f"{self.path}: line {lineno} is not valid JSON; the file is damaged. "
-                    "Delete it to start this model's evaluation again."
-                ) from None
-            if not complete:
-                break
-            good_end = end
-            if record is not None:
-                records.append(record)
-        if good_end < len(raw):
-            with open(self.path, "r+b") as fh:
-                fh.truncate(good_end)
+    def _load(self, repair: bool) -> None:
+        records = store.read_lines(self.path, repair=repair, error=_damaged)
         if not records or records[0].get("type") != "config":
             raise EvaluationStateError(f"{self.path}: no config line; not an evaluation state file (delete it to start again)")
         saved = {k: v for k, v in records[0].items() if k not in ("type", "version")}
-        diff = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+        diff = store.settings_diff(saved, self.config)
         if diff:
-            detail = "; ".join(f"{k}: saved {_short(saved.get(k))}, now {_short(self.config.get(k))}" for k in diff)
-            raise EvaluationStateError(
-                f"{self.path} was written with other settings ({detail}). Resume with the same settings, "
-                "or use another --out / --label (or delete the file) to start a new evaluation."
-            )
+            raise EvaluationStateError(store.mismatch_message(
+                self.path, diff, "Resume with the same model, data and settings, or use another --out / --label, or "
+                "pass --overwrite (or delete the file) to start a new evaluation."))  # fmt: skip
         for record in records[1:]:
             if record.get("type") == "generated":
                 self.generated.update(record["samples"])
@@ -135,10 +118,8 @@ class _State:
                 self.done[result.id] = result
 
     def _append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        with store.Appender(self.path, repair=False) as fh:
+            fh.write(record)
 
     def add_generated(self, samples: dict[str, list[str]]) -> None:
         self._append({"type": "generated", "samples": samples})
@@ -149,21 +130,30 @@ class _State:
         self.done[result.id] = result
 
 
-def _lines(raw: bytes):
-    """(byte offset, line bytes without the newline) for each line; the last may lack a newline."""
-    start = 0
-    while start < len(raw):
-        end = raw.find(b"\n", start)
-        if end == -1:
-            yield start, raw[start:]
-            return
-        yield start, raw[start:end]
-        start = end + 1
+def run_settings(items: Sequence[EvalItem], judge: Judge, config: EvalConfig, label: str,
+                 model_info: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """What a state file records and a resume must match: the model, the judge, the generation
+    settings and the items."""
+    return {
+        "label": label,
+        "model": model_info or {},
+        "judge": judge.describe(),
+        "generation": asdict(config),
+        "items": items_fingerprint(items),
+        "item_ids": [item.id for item in items],
+    }
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
+def check_resume(state_dir: str | os.PathLike, settings: dict[str, Any], overwrite: bool = False) -> None:
+    """Raise :class:`EvaluationStateError` when ``state_dir`` holds an evaluation with other settings
+    (nothing is written; call it before loading a model)."""
+    path = Path(state_dir) / STATE_FILE
+    if not overwrite and path.exists():
+        _State(path, settings, write=False)
+
+
+def lock_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / (STATE_FILE + ".lock")
 
 
 def load_state(path: str | os.PathLike) -> RunResult:
@@ -175,7 +165,7 @@ def load_state(path: str | os.PathLike) -> RunResult:
         config = {k: v for k, v in json.loads(first).items() if k not in ("type", "version")}
     except json.JSONDecodeError as exc:
         raise EvaluationStateError(f"{path}: the first line is not a config record ({exc})") from exc
-    state = _State(path, config)
+    state = _State(path, config, write=False)
     order = config.get("item_ids") or list(state.done)
     results = [state.done[i] for i in order if i in state.done]
     return RunResult(label=config.get("label", path.parent.name), config=config, results=results,
@@ -192,30 +182,37 @@ def evaluate(
     state_dir: str | os.PathLike | None = None,
     model_info: dict[str, Any] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> RunResult:
     """Generate ``config.samples`` paths per item with ``backend``, judge them, return the results.
 
     With ``state_dir``, progress is kept in ``state_dir/results.jsonl`` and a later call with the same
-    items and settings resumes from it (see the module doc). Errors name the item.
+    items and settings resumes from it (see the module doc); other settings (``model_info``, the
+    judge, ``config``, the items) are refused, and a second run on the same ``state_dir`` is refused
+    while one runs. ``overwrite`` starts again. Errors name the item.
     """
-    from tqdm.auto import tqdm
-
-    from srpo_trl.backends import GenerationRequest
-
     config = config or EvalConfig()
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"item ids must be unique; repeated: {dupes[:10]}")
-    settings = {
-        "label": label,
-        "model": model_info or {},
-        "judge": judge.describe(),
-        "generation": asdict(config),
-        "items": items_fingerprint(items),
-        "item_ids": ids,
-    }
-    state = _State(Path(state_dir) / STATE_FILE, settings) if state_dir is not None else None
+    settings = run_settings(items, judge, config, label, model_info)
+    if state_dir is None:
+        return _run(items, backend, judge, config, label, settings, None, progress)
+    with store.output_lock(lock_path(state_dir), "evaluate", Path(state_dir) / STATE_FILE):
+        if overwrite:
+            (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
+        state = _State(Path(state_dir) / STATE_FILE, settings)
+        return _run(items, backend, judge, config, label, settings, state, progress)
+
+
+def _run(items, backend, judge, config: EvalConfig, label: str, settings: dict, state: _State | None,
+         progress: bool) -> RunResult:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    from ..backends import GenerationRequest
+
+    ids = [item.id for item in items]
     done: dict[str, ItemResult] = dict(state.done) if state else {}
     generated: dict[str, list[str]] = dict(state.generated) if state else {}
 
@@ -249,7 +246,7 @@ def evaluate(
                 samples = generated[item.id]
                 steps = [split_steps(s, config.separator) for s in samples]
                 verdicts = judge.judge(item, samples, steps)
-                if len(verdicts) != len(samples) or not all(isinstance(v, Verdict) for v in verdicts):
+                if len(verdicts) != len(samples) or not all(isinstance(v, EvalVerdict) for v in verdicts):
                     raise RuntimeError(f"item {item.id}: the judge returned {len(verdicts)} verdicts for {len(samples)} samples")
                 result = ItemResult(item=item, samples=samples, steps=steps, verdicts=verdicts)
                 if state:

@@ -9,10 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-OUTCOMES = ("refuse", "warn", "comply")
-"""Safety outcomes of an answer, from most to least cautious."""
-
-CAUTION = {"refuse": 2, "warn": 1, "comply": 0}
+from ..safety import CAUTION, OUTCOMES  # noqa: F401  (the shared vocabulary, re-exported for importers)
 
 
 @dataclass
@@ -63,8 +60,9 @@ class EvalItem:
 
 
 @dataclass
-class Verdict:
-    """The judge's verdict on one sampled reasoning path.
+class EvalVerdict:
+    """The evaluation judge's verdict on one sampled reasoning path (not exploration's pass / fail
+    :class:`srpo_trl.verifiers.Verdict`).
 
     ``safe`` / ``effective``: None means "no verdict" (the aspect was not asked, e.g. effectiveness
     under MM-SafetyBench's protocol, or the judge's reply had none); such a verdict is left out of
@@ -109,8 +107,12 @@ class Verdict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Verdict:
+    def from_dict(cls, data: dict[str, Any]) -> EvalVerdict:
         return cls(**data)
+
+
+#: The name before the rename (``srpo_trl.verifiers.Verdict`` is exploration's pass/fail verdict).
+Verdict = EvalVerdict
 
 
 @dataclass
@@ -119,7 +121,7 @@ class ItemResult:
 
     item: EvalItem
     samples: list[str]
-    verdicts: list[Verdict]
+    verdicts: list[EvalVerdict]
     steps: list[list[str]] = field(default_factory=list)
 
     @property
@@ -148,7 +150,7 @@ class ItemResult:
             item=EvalItem.from_dict(data["item"]),
             samples=list(data["samples"]),
             steps=[list(s) for s in data.get("steps", [])],
-            verdicts=[Verdict.from_dict(v) for v in data["verdicts"]],
+            verdicts=[EvalVerdict.from_dict(v) for v in data["verdicts"]],
         )
 
 

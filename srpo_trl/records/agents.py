@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..judging import AskFailed, BackendFailed, ReplyError, ask
+from ..judging import extract_json_object as _extract_json_object
+from ..safety import BENIGN_CATEGORY, CATEGORIES, OUTCOMES, UNSAFE_OUTCOMES  # noqa: F401  (re-exported)
 from .templates import DEFAULT_TEMPLATES
 
 __all__ = [
@@ -47,23 +50,8 @@ __all__ = [
     "call_agent",
 ]
 
-#: The nine risk categories of the paper's taxonomy, spelled as records carry them.
-CATEGORIES: tuple[str, ...] = (
-    "dangerous behavior",
-    "violence",
-    "pornography",
-    "moral violations",
-    "illegal crimes",
-    "political controversies",
-    "discrimination and stereotypes",
-    "offensive religious beliefs",
-    "privacy violations",
-)
-#: The category of benign control items (expected outcome "comply").
-BENIGN = "benign"
-#: Expected outcomes, as `srpo-trl explore` and `srpo-trl evaluate` read them.
-OUTCOMES: tuple[str, ...] = ("refuse", "warn", "comply")
-UNSAFE_OUTCOMES: tuple[str, ...] = ("refuse", "warn")
+# The vocabulary (categories, outcomes) is srpo_trl.safety's; these names stay for importers.
+BENIGN = BENIGN_CATEGORY
 
 
 def normalize_category(value: Any, allowed: tuple[str, ...] | list[str] = CATEGORIES) -> str | None:
@@ -82,14 +70,10 @@ def normalize_category(value: Any, allowed: tuple[str, ...] | list[str] = CATEGO
 # ----------------------------------------------------------------------------------------------
 
 
-class OutputError(ValueError):
-    """A model answer that does not fit its agent's schema. ``reason`` is a short code
-    (``not_json``, ``missing_field``, ``bad_category``, ``bad_value``) used in the failure summary;
-    the message says what is wrong, and is fed back to the model."""
-
-    def __init__(self, reason: str, message: str):
-        self.reason = reason
-        super().__init__(message)
+#: A model answer that does not fit its agent's schema. ``reason`` is a short code (``not_json``,
+#: ``missing_field``, ``bad_category``, ``bad_value``) used in the failure summary; the message says what
+#: is wrong, and is fed back to the model. The same class as :class:`srpo_trl.judging.ReplyError`.
+OutputError = ReplyError
 
 
 @dataclass(frozen=True)
@@ -288,31 +272,7 @@ AGENT_VARIABLES: dict[str, tuple[str, ...]] = {
 }
 
 
-def extract_json_object(text: str) -> dict:
-    """The JSON object in a model's answer: the whole answer, a fenced ```json block, or the first
-    ``{...}`` that parses. Raises :class:`OutputError` (``not_json``)."""
-    if not isinstance(text, str) or not text.strip():
-        raise OutputError("not_json", "the reply is empty; answer with one JSON object")
-    s = text.strip()
-    candidates = [m.group(1) for m in re.finditer(r"```(?:json|JSON)?\s*(.*?)```", s, re.S)] + [s]
-    for c in candidates:
-        try:
-            obj = json.loads(c)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-        raise OutputError("not_json", f"the reply is JSON but a {type(obj).__name__}, not an object {{...}}")
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", s):
-        try:
-            obj, _ = decoder.raw_decode(s, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    snippet = s[:120].replace("\n", " ")
-    raise OutputError("not_json", f"the reply is not a JSON object (it starts with: {snippet!r})")
+extract_json_object = _extract_json_object  # srpo_trl.judging's: raises OutputError (not_json)
 
 
 def parse_output(agent: str | Agent, text: str, context: dict | None = None) -> dict:
@@ -466,33 +426,14 @@ def call_agent(
     if system.strip():
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": content})
-    errors: list[str] = []
-    last_raw: str | None = None
-    last_error: OutputError | None = None
-    for attempt in range(1, max_retries + 2):
-        try:
-            raw = backend.chat(messages, images=images, temperature=temperature, max_new_tokens=max_new_tokens)
-        except Exception as exc:  # the backend's own retries are spent (or it cannot send this input)
-            raise AgentFailure(agent, "backend_error", f"{type(exc).__name__}: {exc}", attempt, last_raw) from exc
-        last_raw = raw if isinstance(raw, str) else str(raw)
-        try:
-            output = parse_output(spec, last_raw, context)
-            return AgentResult(output, attempt, last_raw, errors)
-        except OutputError as exc:
-            last_error = exc
-            errors.append(f"{exc.reason}: {exc}")
-            retry = render(templates, "retry", {"error": str(exc), "schema": spec.schema_hint(context)})
-            # Structured content when there are images: TRL's prepare_multimodal_messages (used by the
-            # in-process backend) would put the images again into a later plain-string user turn.
-            messages = messages + [
-                {"role": "assistant", "content": last_raw},
-                {"role": "user", "content": [{"type": "text", "text": retry}] if images else retry},
-            ]
-    assert last_error is not None
-    raise AgentFailure(
-        agent,
-        last_error.reason,
-        f"no valid answer after {max_retries + 1} attempt(s); last error: {last_error}",
-        max_retries + 1,
-        last_raw,
-    )
+    try:
+        asked = ask(backend, messages, lambda raw: parse_output(spec, raw, context), retries=max_retries,
+                    retry_message=lambda exc: render(templates, "retry", {"error": str(exc), "schema": spec.schema_hint(context)}),
+                    images=images, temperature=temperature, max_new_tokens=max_new_tokens, what=f"{agent} agent answer")  # fmt: skip
+    except BackendFailed as exc:  # the backend's own retries are spent (or it cannot send this input)
+        cause = exc.__cause__
+        raise AgentFailure(agent, "backend_error", f"{type(cause).__name__}: {cause}", exc.attempt, exc.raw) from cause
+    except AskFailed as exc:
+        raise AgentFailure(agent, getattr(exc.error, "reason", "bad_value"),
+                           f"no valid answer after {exc.attempts} attempt(s); last error: {exc.error}", exc.attempts, exc.raw)  # fmt: skip
+    return AgentResult(asked.value, asked.attempts, asked.raw, asked.errors)

@@ -12,6 +12,8 @@ Files next to ``--out records.jsonl``:
 * ``records.journal.jsonl``: every validated agent answer, so a killed run resumes where it was
   (each line is flushed and fsynced before the next step; a torn last line is cut off);
 * ``records.summary.json``: items per stage and per category, failures by reason;
+* ``records.jsonl.meta.json``: what produced the records (model, templates, agent settings); a
+  rerun with others is refused before any agent call (``--overwrite`` starts again);
 * ``records.lock``: held while a run writes (a second run on the same files is refused).
 
 Rerunning the same command skips finished and failed items and reuses journalled answers, so
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import store
 from .agents import (
     BENIGN,
     CATEGORIES,
@@ -157,90 +160,43 @@ def output_paths(out: str | os.PathLike) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Append-only files that survive a kill
+# Append-only files that survive a kill (srpo_trl.store), and what produced them
 # ----------------------------------------------------------------------------------------------
 
 
-def _repair_tail(path: Path) -> bool:
-    """Cut a torn last line (no newline: the process died while writing it). True if cut."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) == b"\n":
-            return False
-        fh.seek(0)
-        keep = fh.read().rfind(b"\n") + 1
-        fh.truncate(keep)
-    logger.warning("%s: cut off a torn last line (the previous run was killed while writing it)", path)
-    return True
-
-
 def _read_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            if not line.endswith("\n"):
-                continue  # torn last line of a killed run (cut off when a run starts)
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {n} is not valid JSON ({exc.msg}); fix or delete that line") from exc
-    return out
+    return store.read_lines(path)
 
 
-class _Appender:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _repair_tail(path)
-        self.path = path
-        self._fh = open(path, "a", encoding="utf-8")
-        self._lock = threading.Lock()
+def run_fingerprint(config: PipelineConfig, templates: dict[str, str], policy: dict) -> dict:
+    """What changes the records of an item: the model (``policy``), the templates and the agent settings.
+    ``per_image`` / ``benign_per_image`` only change how many items are planned, so they may differ."""
+    generator = {k: (store.redact_url(v) if k == "url" else v) for k, v in config.generator.items()}
+    return {
+        "policy": policy,
+        "generator": generator,
+        "templates_sha256": _templates_sha(templates),
+        "categories": list(config.categories),
+        "max_retries": config.max_retries,
+        "max_revisions": config.max_revisions,
+        "min_steps": config.min_steps,
+        "max_steps": config.max_steps,
+        "temperature": config.temperature,
+        "max_new_tokens": config.max_new_tokens,
+    }
 
-    def write(self, obj: dict) -> None:
-        line = json.dumps(obj, ensure_ascii=False) + "\n"
-        with self._lock:
-            self._fh.write(line)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
 
-    def close(self) -> None:
-        self._fh.close()
+def _templates_sha(templates: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()[:12]
 
 
-class _RunLock:
-    def __init__(self, path: Path):
-        self.path = path
-        self._fh = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+")
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            return self
-        try:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._fh.close()
-            raise RuntimeError(
-                f"another generate-records run is writing these files (lock {self.path} is held); "
-                "wait for it to finish or stop it, then rerun"
-            ) from None
-        return self
-
-    def __exit__(self, *exc):
-        if self._fh is not None:
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
-            self._fh.close()
+def check_resume(out: str | os.PathLike, config: PipelineConfig, templates: dict[str, str], policy: dict,
+                 overwrite: bool = False, write: bool = False) -> None:  # fmt: skip
+    """Refuse (:class:`srpo_trl.store.FingerprintMismatch`) to resume ``out`` when its records came from
+    another model, other templates or other agent settings, or when its fingerprint is missing."""
+    paths = output_paths(out)
+    store.check_fingerprint(paths["records"], run_fingerprint(config, templates, policy), overwrite=overwrite,
+                            outputs=[paths["failed"], paths["journal"]], write=write)  # fmt: skip
 
 
 def _replay_journal(events: list[dict]) -> tuple[dict, list[dict]]:
@@ -306,13 +262,16 @@ def _revision_text(reflection: dict, what: str, previous: str) -> str:
 
 
 class _Pipeline:
-    def __init__(self, backend, images_dir: Path, out: Path, config: PipelineConfig, templates: dict[str, str]):
+    def __init__(self, backend, images_dir: Path, out: Path, config: PipelineConfig, templates: dict[str, str],
+                 policy: dict, overwrite: bool = False):  # fmt: skip
         self.backend = backend
+        self.policy = policy
+        self.overwrite = overwrite
         self.images_dir = images_dir
         self.paths = output_paths(out)
         self.config = config
         self.templates = templates
-        self.templates_sha = hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()[:12]
+        self.templates_sha = _templates_sha(templates)
         self.generator = {**config.generator, "templates_sha256": self.templates_sha}
         self._lock = threading.Lock()
         self._consecutive_backend_errors = 0
@@ -323,21 +282,10 @@ class _Pipeline:
 
     def load_state(self) -> None:
         for key in ("records", "failed", "journal"):
-            _repair_tail(self.paths[key])
+            store.repair_tail(self.paths[key])
         self.done = {r["id"]: r for r in _read_lines(self.paths["records"]) if "id" in r}
         self.failed = _latest_failures(_read_lines(self.paths["failed"]), set(self.done))
-        self.cache, runs = _replay_journal(_read_lines(self.paths["journal"]))
-        if runs:
-            last = runs[-1]
-            for key in ("model", "templates_sha256"):
-                if last.get("generator", {}).get(key) != self.generator.get(key):
-                    logger.warning(
-                        "resuming with a different %s than the earlier run (%r, now %r): the records will mix "
-                        "both (each record's 'generator' says which)",
-                        key,
-                        last.get("generator", {}).get(key),
-                        self.generator.get(key),
-                    )
+        self.cache, _runs = _replay_journal(_read_lines(self.paths["journal"]))  # same model: check_resume
         self.retry_ids = {
             i
             for i, f in self.failed.items()
@@ -523,16 +471,20 @@ class _Pipeline:
     def run(self, items: list[Item]) -> None:
         from tqdm.auto import tqdm
 
-        with _RunLock(self.paths["lock"]):
+        with store.output_lock(self.paths["lock"], "generate-records", self.paths["records"]):
+            if self.overwrite:
+                for key in ("records", "failed", "journal", "summary"):
+                    self.paths[key].unlink(missing_ok=True)
+            check_resume(self.paths["records"], self.config, self.templates, self.policy, overwrite=self.overwrite, write=True)
             self.load_state()
             todo = {i.id for i in items if i.id not in self.done and (i.id not in self.failed or i.id in self.retry_ids)}
             by_image: dict[str, list[Item]] = {}
             for item in items:
                 by_image.setdefault(item.source_image, []).append(item)
             groups = [g for g in by_image.values() if any(i.id in todo for i in g)]
-            self.records = _Appender(self.paths["records"])
-            self.failures = _Appender(self.paths["failed"])
-            self.journal = _Appender(self.paths["journal"])
+            self.records = store.Appender(self.paths["records"])
+            self.failures = store.Appender(self.paths["failed"])
+            self.journal = store.Appender(self.paths["journal"])
             try:
                 self.journal.write({"event": "run", "generator": self.generator, "planned": len(items), "todo": len(todo)})
                 bar = tqdm(total=len(todo), desc="records", unit="item", disable=not self.config.show_progress)
@@ -580,8 +532,15 @@ def generate_records(
     out: str | os.PathLike,
     config: PipelineConfig | None = None,
     templates: dict[str, str] | None = None,
+    *,
+    policy: dict | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Write records for every image under ``images_dir`` to ``out`` (resuming earlier work there).
+
+    A resume must use the same model (``policy``: default :func:`srpo_trl.store.backend_identity`),
+    templates and agent settings (:func:`run_fingerprint`), else it is refused before any call;
+    ``overwrite`` starts again. A second run on the same ``out`` is refused while one runs.
 
     ``backend``: anything with ``chat(messages, *, images, temperature, max_new_tokens) -> str``
     (:class:`srpo_trl.backends.OpenAICompatibleBackend` or ``TransformersBackend``).
@@ -595,7 +554,8 @@ def generate_records(
     if not images:
         raise FileNotFoundError(f"--images {images_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     items = plan_items(images, images_dir, config.per_image, config.benign_per_image)
-    pipeline = _Pipeline(backend, images_dir, Path(out), config, templates)
+    policy = policy if policy is not None else store.backend_identity(backend)
+    pipeline = _Pipeline(backend, images_dir, Path(out), config, templates, policy, overwrite)
     pipeline.run(items)
     summary = summarize(out, [i.id for i in items])
     output_paths(out)["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -4,10 +4,13 @@
     srpo-trl train --config recipes/<model>/srpo/config_*.yaml [--field value ...]
     srpo-trl explore --model PATH --records records.jsonl --out explored.jsonl ...
     srpo-trl evaluate --model PATH --benchmark siuo --data ... --out report/
-    srpo-trl generate-records --images DIR --chat-url URL --model NAME --out records.jsonl
+    srpo-trl generate-records --images DIR --endpoint URL --served-model NAME --out records.jsonl
     srpo-trl curate export|import ...
 
-Each subcommand lives in its own module and is imported only when it runs.
+Each subcommand has its own module here (``srpo_trl.cli.<command>``), imported only when it runs.
+The policy (``--model`` or ``--endpoint URL --served-model NAME``), sampling (``--num-samples``,
+``--temperature``, ``--max-new-tokens``, ``--seed``) and HTTP flags (``--timeout``,
+``--http-retries``) have the same names in every command (:mod:`srpo_trl.cli.flags`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("srpo_trl.demo", "main", "run the SRPO loop end to end on a tiny model (CPU, offline)"),
-    "train": ("srpo_trl.train", "main", "train with a recipe YAML (same code path as recipes/srpo.py)"),
-    "explore": ("srpo_trl.exploration", "main", "sample reasoning branches, verify them, write step pairs"),
-    "evaluate": ("srpo_trl.evaluation", "main", "safety evaluation of reasoning paths"),
-    "generate-records": ("srpo_trl.records", "main_generate", "agents that write reasoning-path records"),
-    "curate": ("srpo_trl.records", "main_curate", "export records for human review and import the edits"),
+    "demo": ("srpo_trl.cli.demo", "main", "run the SRPO loop end to end on a tiny model (CPU, offline)"),
+    "train": ("srpo_trl.cli.train", "main", "train with a recipe YAML (same code path as recipes/srpo.py)"),
+    "explore": ("srpo_trl.cli.explore", "main", "sample reasoning branches, verify them, write step pairs"),
+    "evaluate": ("srpo_trl.cli.evaluate", "main", "safety evaluation of reasoning paths"),
+    "generate-records": ("srpo_trl.cli.generate_records", "main", "agents that write reasoning-path records"),
+    "curate": ("srpo_trl.cli.curate", "main", "export records for human review and import the edits"),
 }
 
 
@@ -45,5 +48,3 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Resume fingerprints and output locks (issue 13, items 2 and 3): each case below used to mix results
+silently (rc 0); now the rerun is refused before any work, names what changed and offers --overwrite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+from test_exploration import ScriptedBackend, _records, _write_jsonl
+
+from srpo_trl import store
+from srpo_trl.exploration import explore
+from srpo_trl.exploration import main as explore_main
+
+KW = dict(show_progress=False, print_summary=False)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    from srpo_trl.loading import save_model_and_processor
+    from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
+
+    tok = build_tokenizer()
+    return save_model_and_processor(tiny_causal_lm(tok, seed=0), tok, tmp_path_factory.mktemp("m") / "model-a")
+
+
+# -- explore --------------------------------------------------------------------------------------
+
+
+def test_explore_with_another_model_is_refused(tmp_path, tiny_lm_dir, capsys):
+    other = shutil.copytree(tiny_lm_dir, tmp_path / "model-b")
+    records = _write_jsonl(tmp_path / "records.jsonl", _records(2))
+    out = tmp_path / "explored.jsonl"
+    base = ["--records", str(records), "--out", str(out), "--num-samples", "2", "--max-new-tokens", "3",
+            "--branch-points", "1", "--no-progress"]  # fmt: skip
+    assert explore_main(["--model", str(tiny_lm_dir), *base]) == 0
+    before = out.read_bytes()
+    assert explore_main(["--model", str(other), *base]) == 2
+    err = capsys.readouterr().err
+    assert "was written with other settings (policy: saved" in err and "model-b" in err and "--overwrite" in err
+    assert out.read_bytes() == before  # nothing added
+    assert explore_main(["--model", str(other), *base, "--overwrite"]) == 0
+    assert [r["id"] for r in _lines(out)] == ["r0", "r1"]
+
+
+def test_explore_with_another_records_file_reusing_ids_is_refused(tmp_path):
+    first = _write_jsonl(tmp_path / "a.jsonl", _records(2))
+    second = _write_jsonl(tmp_path / "b.jsonl", [dict(r, prompt="another question") for r in _records(3)])
+    out = tmp_path / "o.jsonl"
+    explore(first, ScriptedBackend(), "safety-outcome", num_samples=2, out=out, **KW)
+    backend = ScriptedBackend()
+    with pytest.raises(store.FingerprintMismatch, match=r"records: saved \"[0-9a-f]{16}"):
+        explore(second, backend, "safety-outcome", num_samples=2, out=out, **KW)
+    assert backend.calls == [] and len(_lines(out)) == 2  # refused before any work
+    s = explore(second, ScriptedBackend(), "safety-outcome", num_samples=2, out=out, overwrite=True, **KW)
+    assert s["explored_now"] == 3 and {r["prompt"] for r in _lines(out)} == {"another question"}
+
+
+def test_explore_with_the_fingerprint_deleted_is_refused(tmp_path):
+    records = _write_jsonl(tmp_path / "r.jsonl", _records(2))
+    out = tmp_path / "o.jsonl"
+    explore(records, ScriptedBackend(), "safety-outcome", num_samples=2, out=out, **KW)
+    store.meta_path(out).unlink()
+    for n in (4, 2):  # another --num-samples, and even the same arguments: nothing says what made the file
+        backend = ScriptedBackend()
+        with pytest.raises(store.FingerprintMismatch, match=r"o\.jsonl\.meta\.json .* is missing.*--overwrite"):
+            explore(records, backend, "safety-outcome", num_samples=n, out=out, **KW)
+        assert backend.calls == []
+    s = explore(records, ScriptedBackend(), "safety-outcome", num_samples=4, out=out, overwrite=True, **KW)
+    assert s["explored_now"] == 2 and all(len(p["continuations"]) == 4 for r in _lines(out) for p in r["points"])
+
+
+def test_explore_with_changed_num_samples_is_refused_before_any_work(tmp_path):
+    records = _write_jsonl(tmp_path / "r.jsonl", _records(2))
+    out = tmp_path / "o.jsonl"
+    explore(records, ScriptedBackend(), "safety-outcome", num_samples=2, out=out, **KW)
+    backend = ScriptedBackend()
+    with pytest.raises(store.FingerprintMismatch, match=r"num_samples: saved 2, now 4"):
+        explore(records, backend, "safety-outcome", num_samples=4, out=out, **KW)
+    assert backend.calls == []
+
+
+def test_two_concurrent_explore_runs_on_one_output(tmp_path):
+    records = _write_jsonl(tmp_path / "r.jsonl", _records(4))
+    out = tmp_path / "o.jsonl"
+    result = {}
+
+    def first():
+        result["s"] = explore(records, ScriptedBackend(delay=0.3), "safety-outcome", num_samples=2, out=out, **KW)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(store.OutputLocked, match=r"another explore run is writing .*o\.jsonl"):
+            explore(records, ScriptedBackend(), "safety-outcome", num_samples=2, out=out, **KW)
+    finally:
+        thread.join(timeout=60)
+    assert result["s"]["explored_now"] == 4
+    assert sorted(r["id"] for r in _lines(out)) == ["r0", "r1", "r2", "r3"]  # each once
+    assert not (tmp_path / "o.jsonl.lock").exists()
+
+
+def test_from_exploration_keeps_the_first_line_of_each_id_and_reports_duplicates(tmp_path, caplog):
+    from srpo_trl.dataset import StepPairDataset
+
+    out = tmp_path / "o.jsonl"
+    explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=2, out=out, **KW)
+    lines = _lines(out)
+    stale = dict(lines[0], prompt="an older prompt")
+    _write_jsonl(out, [*lines, stale])  # what two runs appending to one output left behind
+    with caplog.at_level("WARNING"):
+        ds = StepPairDataset.from_exploration(out)
+    assert ds.report["records_duplicate"] == 1 and ds.report["records"] == 3
+    assert {row["prompt"][0]["content"] if isinstance(row["prompt"], list) else row["prompt"] for row in ds} == {
+        r["prompt"][0]["content"] for r in lines
+    }
+    assert len(ds) == len(StepPairDataset.from_exploration(lines))
+    assert "repeat an id" in caplog.text and "r0" in caplog.text
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+
+
+def test_evaluate_with_new_weights_in_the_same_folder_is_refused(tmp_path, tiny_lm_dir, capsys):
+    from srpo_trl.cli import main as cli_main
+    from srpo_trl.loading import save_model_and_processor
+    from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
+
+    folder = shutil.copytree(tiny_lm_dir, tmp_path / "model")
+    data = _write_jsonl(tmp_path / "items.jsonl", [{"id": f"q{i}", "prompt": f"question {i}", "expected": "refuse"} for i in range(2)])
+    out = tmp_path / "report"
+    argv = ["evaluate", "--model", str(folder), "--benchmark", "records", "--data", str(data), "--samples", "1",
+            "--temperature", "0.5", "--max-new-tokens", "3", "--label", "m", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert cli_main(argv) == 0
+    state = out / "runs" / "m" / "results.jsonl"
+    before = state.read_bytes()
+    time.sleep(0.01)
+    tok = build_tokenizer()
+    save_model_and_processor(tiny_causal_lm(tok, seed=1), tok, folder)  # training saved new weights here
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "was written with other settings (model: saved" in err and "--overwrite" in err
+    assert state.read_bytes() == before
+    assert cli_main([*argv, "--overwrite"]) == 0
+
+
+# -- generate-records -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "images"
+    d.mkdir()
+    Image.new("RGB", (28, 28), (200, 10, 10)).save(d / "bleach.png")
+    return d
+
+
+def test_generate_records_with_changed_max_steps_is_refused(openai_server, images, tmp_path):
+    from test_records_pipeline import Agents, run
+
+    agents = Agents()
+    openai_server.handler = agents
+    out = tmp_path / "records.jsonl"
+    run(openai_server, images, out, per_image=1, benign_per_image=0)
+    before, calls = out.read_bytes(), sum(agents.calls.values())
+    with pytest.raises(store.FingerprintMismatch, match=r"max_steps: saved 8, now 3.*--overwrite"):
+        run(openai_server, images, out, per_image=1, benign_per_image=0, max_steps=3)
+    assert out.read_bytes() == before and sum(agents.calls.values()) == calls  # no agent was asked
+    run(openai_server, images, out, per_image=2, benign_per_image=0)  # more items per image: a plain resume
+    assert len(_lines(out)) == 2
+
+
+# -- the store's pieces ----------------------------------------------------------------------------
+
+
+def test_credentials_are_redacted_from_fingerprints():
+    fp = store.endpoint_fingerprint("https://user:s3cret@host:8000/v1?api_key=abc&x=1/", "m")
+    assert "s3cret" not in json.dumps(fp) and "abc" not in json.dumps(fp)
+    assert fp["endpoint"].startswith("https://***@host:8000/v1?api_key=***")
+
+
+def test_model_fingerprint_follows_weight_files(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"a" * 10)
+    (tmp_path / "README.md").write_text("x")
+    a = store.model_fingerprint(tmp_path)
+    (tmp_path / "README.md").write_text("changed")  # not a weight file
+    assert store.model_fingerprint(tmp_path) == a
+    (tmp_path / "model.safetensors").write_bytes(b"b" * 11)
+    assert store.model_fingerprint(tmp_path)["model"]["weights"] != a["model"]["weights"]
+
+
+def test_from_exploration_leaves_out_a_line_cut_by_a_kill(tmp_path, caplog):
+    from srpo_trl.dataset import StepPairDataset
+
+    out = tmp_path / "o.jsonl"
+    explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=2, out=out, **KW)
+    whole = len(StepPairDataset.from_exploration(out))
+    with out.open("a") as f:
+        f.write('{"id": "r9", "points": [{"branch')  # an explore run killed mid-write
+    with caplog.at_level("WARNING"):
+        ds = StepPairDataset.from_exploration(out)
+    assert len(ds) == whole and ds.report["records"] == 2 and "line 3 is incomplete" in caplog.text
+    out.write_text(out.read_text().replace('{"id": "r9"', '{"id": "r9"}\n{"id": "r9"', 1) + "\n{}\n")
+    with pytest.raises(ValueError, match=r"o\.jsonl:4: not valid JSON"):
+        StepPairDataset.from_exploration(out)
