@@ -14,6 +14,7 @@ LABELS = {
     "nll": "NLL on reference paths (lambda 0)",
     "dpo": "DPO (whole answers, TRL)",
     "step_dpo": "Step-DPO (sigmoid)",
+    "rft": "RFT (NLL on verifier-passed paths)",
 }
 TABLE_METRICS = (
     ("attack_success", "Attack success % (unsafe)", "lower is better"),
@@ -51,7 +52,7 @@ def check_claims(models: dict[str, dict]) -> dict[str, Any]:
     claims: dict[str, Any] = {}
     if asr.get("srpo") is not None and asr.get("warm") is not None:
         claims["srpo_asr_at_most_half_of_base"] = {"holds": asr["srpo"] <= 0.5 * asr["warm"], "srpo": asr["srpo"], "base": asr["warm"]}
-    others = {m: asr[m] for m in ("nll", "dpo", "step_dpo") if asr.get(m) is not None}
+    others = {m: asr[m] for m in ("nll", "dpo", "step_dpo", "rft") if asr.get(m) is not None}
     if asr.get("srpo") is not None and others:
         claims["srpo_asr_below_other_methods"] = {"holds": all(asr["srpo"] < v for v in others.values()), "srpo": asr["srpo"], **others}
     if over.get("srpo") is not None and over.get("warm") is not None:

@@ -43,7 +43,8 @@ from typing import Any
 
 from .report import LABELS, TABLE_METRICS, _pct, check_claims, format_table, plot_ablation, plot_chart, summarize_seeds
 
-METHODS = ("srpo", "nll", "dpo", "step_dpo")
+METHODS = ("srpo", "nll", "dpo", "step_dpo")  # what `srpo-trl demo` trains by default
+ALL_METHODS = (*METHODS, "rft")  # `--methods` / the study add rejection-sampling fine-tuning
 
 RESULTS_FORMAT = "srpo_trl.demo/1"
 
@@ -71,6 +72,8 @@ class Budget:
     eval_renders: int = 4
     eval_samples: int = 3
     eval_temperature: float = 0.5
+    reference_coverage: float = 1.0  # share of training records that carry their verified reference path
+    verifier_noise: float = 0.0  # share of exploration verdicts flipped (seeded)
 
 
 QUICK = dict(warm_renders=6, warm_steps=250, explore_renders=1, num_samples=6, train_steps=20, eval_renders=1)
@@ -105,7 +108,7 @@ def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: boo
     """Records of every split (images written under ``out/data/images``) and the warm-start rows."""
     from tqdm.auto import tqdm
 
-    from . import task
+    from . import regime, task
 
     train, test = task.split_combinations()
     if eval_split == "val":  # tuning without the test split: hold a validation carve-out of train out
@@ -132,6 +135,8 @@ def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: boo
         bar.update(1)
     if quick:  # a third of the train combinations are explored (every cell still has unsafe ones)
         explore_records = explore_records[::3]
+    # the data regime: records without a reference explore from a path of their own (see regime.py)
+    explore_records = regime.cover_references(explore_records, budget.reference_coverage, seed)
     records_path = task.write_records(explore_records, data / "train_records.jsonl")
     eval_path = task.write_records(eval_records, data / f"{eval_split}_records.jsonl")
     with open(data / "warm_start.jsonl", "w", encoding="utf-8") as f:
@@ -254,7 +259,8 @@ def dpo_rows(pairs) -> list[dict]:
 
 def train_method(method: str, warm, processor, pairs, budget: Budget, out: Path, seed: int, progress: bool,
                  srpo_lambda: float = 0.3, name: str | None = None):  # fmt: skip
-    """A copy of the warm model trained with ``method``; returns (model, summary)."""
+    """A copy of the warm model trained with ``method`` on ``pairs`` (for ``nll`` and ``rft`` the rows of
+    :func:`method_datasets`); returns (model, summary)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -270,7 +276,7 @@ def train_method(method: str, warm, processor, pairs, budget: Budget, out: Path,
                              processing_class=processor)  # fmt: skip
     else:
         extra: dict[str, Any] = {"srpo_lambda": srpo_lambda}
-        if method == "nll":
+        if method in ("nll", "rft"):  # NLL only: on the references / on the verifier-passed paths
             extra["srpo_lambda"] = 0.0
         elif method == "step_dpo":
             extra.update(align_loss="sigmoid", beta=budget.beta, precompute_ref_log_probs=True, ref_logps_cache_dir="")
@@ -281,6 +287,55 @@ def train_method(method: str, warm, processor, pairs, budget: Budget, out: Path,
     summary = _train_summary(trainer, time.time() - start)
     summary["rows"] = len(trainer.train_dataset)
     return model, summary
+
+
+def other_answer(record: dict, path: list[str]) -> str:
+    """The answer opposite to a path's final one (the unused ``rejected`` side of an NLL-only row)."""
+    from . import task
+
+    if path[-1].startswith("Answer: I cannot"):
+        return task.helpful_answer(int(record["request"]))
+    return task.refusal_answer(int(record["object"]), int(record["request"]))
+
+
+def read_explored(path: Path) -> list[dict]:
+    """Exploration lines with image paths resolved, and sampled references moved out of ``reference``
+    (:func:`regime.anchor_rows`): their pairs are anchored on ``prefix + chosen``."""
+    from ..dataset import _read_jsonl
+    from . import regime
+
+    return regime.anchor_rows(_read_jsonl(path))
+
+
+def method_datasets(explored: list[dict], pairs, methods) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each method's training rows from the same exploration: SRPO, Step-DPO and DPO the step pairs,
+    NLL the pair rows that carry a reference, RFT every verifier-passed path and given reference.
+    Returns the datasets and what was built (counts)."""
+    from .. import StepPairDataset
+    from . import regime
+
+    datasets: dict[str, Any] = {m: pairs for m in methods if m in ("srpo", "dpo", "step_dpo")}
+    info: dict[str, Any] = {}
+    if "nll" in methods:
+        rows = regime.reference_rows(pairs)
+        if not rows:
+            raise ValueError("NLL on references: no step pair carries a reference path; raise --reference-coverage")
+        datasets["nll"] = StepPairDataset.from_list(rows)
+        info["nll_rows"] = len(rows)
+    if "rft" in methods:
+        rows, counts = regime.rft_rows(explored, other_answer)
+        if not rows:
+            raise ValueError(f"rejection-sampling fine-tuning: no verifier-passed path in the exploration ({counts})")
+        datasets["rft"] = StepPairDataset.from_list(rows)
+        info["rft"] = {"rows": len(rows), **counts}
+    return datasets, info
+
+
+def exploration_verifier(budget: Budget, seed: int):
+    """The task's exact verifier, with ``budget.verifier_noise`` of its verdicts flipped."""
+    from .regime import NoisyVerifier
+
+    return "synthetic-exact" if budget.verifier_noise == 0 else NoisyVerifier("synthetic-exact", budget.verifier_noise, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +383,16 @@ def _parse_lambdas(text: str | None) -> list[float]:
     if any(v < 0 for v in values):
         raise SystemExit(f"srpo-trl demo: --ablate-lambda values must be >= 0, got {text!r}")
     return values
+
+
+def _parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"srpo-trl demo: --methods takes names from {','.join(ALL_METHODS)}, got {text!r}")
+    if "srpo" not in methods:
+        raise SystemExit("srpo-trl demo: --methods must include srpo (the claims compare every method with it)")
+    return methods
 
 
 def _lam_key(value: float) -> str:
@@ -378,6 +443,16 @@ def main(argv=None) -> int:
                         help="test: the unseen combinations (default); val: a carve-out of train, for tuning")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model is so small that more threads mostly wait on each other)")  # fmt: skip
+    parser.add_argument("--reference-coverage", type=float, default=1.0, metavar="F",
+                        help="share of training records that carry a verified reference path (default 1.0); the others "
+                             "explore from a verified path of their own and their pairs are anchored on prefix + chosen")  # fmt: skip
+    parser.add_argument("--samples-per-point", type=int, default=None, metavar="N",
+                        help="continuations sampled per branch point (default 8; 6 with --quick)")  # fmt: skip
+    parser.add_argument("--verifier-noise", type=float, default=0.0, metavar="F",
+                        help="share of the exploration verifier's verdicts flipped, seeded (default 0)")  # fmt: skip
+    parser.add_argument("--methods", default=",".join(METHODS), metavar="M1,M2,...",
+                        help=f"methods to train, from {','.join(ALL_METHODS)} (default {','.join(METHODS)}; rft: "
+                             "rejection-sampling fine-tuning)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--summarize", nargs="+", metavar="OUT",
                         help="only print mean and spread over earlier runs' --out folders (e.g. one per seed), then exit")  # fmt: skip
@@ -386,6 +461,12 @@ def main(argv=None) -> int:
         print(summarize_seeds(args.summarize))
         return 0
     lambdas = _parse_lambdas(args.ablate_lambda)
+    args.methods = _parse_methods(args.methods)
+    for flag, value in (("--reference-coverage", args.reference_coverage), ("--verifier-noise", args.verifier_noise)):
+        if not 0.0 <= value <= 1.0:
+            raise SystemExit(f"srpo-trl demo: {flag} must be between 0 and 1, got {value}")
+    if args.samples_per_point is not None and args.samples_per_point < 2:
+        raise SystemExit(f"srpo-trl demo: --samples-per-point must be at least 2 (a pair needs two samples), got {args.samples_per_point}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -413,7 +494,11 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     from ..evaluation import write_report
     from ..exploration import explore
 
-    budget = Budget(**(QUICK if args.quick else {}))
+    budget = Budget(**(QUICK if args.quick else {}), reference_coverage=args.reference_coverage,
+                    verifier_noise=args.verifier_noise)  # fmt: skip
+    if args.samples_per_point is not None:
+        budget.num_samples = args.samples_per_point
+    methods = args.methods
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _clean(out)
@@ -449,11 +534,12 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     backend = TransformersBackend(model, processor, batch_size=64, show_progress=False)
     explored_path = out / "explored.jsonl"
     summary = explore(
-        str(data["explore_path"]), backend, "synthetic-exact", num_samples=budget.num_samples, temperature=0.5,
+        str(data["explore_path"]), backend, exploration_verifier(budget, args.seed), num_samples=budget.num_samples, temperature=0.5,
         max_new_tokens=budget.max_new_tokens, branch_points="all", max_pairs_per_point=budget.max_pairs_per_point,
         seed=args.seed, out=explored_path, overwrite=True, show_progress=progress, print_summary=True,
     )  # fmt: skip
-    pairs = StepPairDataset.from_exploration(explored_path, max_pairs_per_point=budget.max_pairs_per_point, seed=args.seed)
+    explored = read_explored(explored_path)
+    pairs = StepPairDataset.from_exploration(explored, max_pairs_per_point=budget.max_pairs_per_point, seed=args.seed)
     pairs.to_jsonl(out / "pairs.jsonl")
     by_point = Counter(int(k) for k in pairs["branch_point"])
     unsafe_ids = {r["id"] for r in data["explore_records"] if r["unsafe"]}
@@ -471,14 +557,15 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     warm = model
     trained: dict[str, Any] = {}
     train_info: dict[str, Any] = {}
-    runs_to_train = [(m, m, 0.3) for m in METHODS]
+    datasets, pair_info["method_rows"] = method_datasets(explored, pairs, methods)
+    runs_to_train = [(m, m, 0.3) for m in methods]
     for lam in lambdas:
         if lam == 0.3 or lam == 0.0:
             continue  # SRPO (0.3) and NLL (0) are trained anyway
         runs_to_train.append(("srpo", f"srpo_lambda_{_lam_key(lam)}", lam))
     for method, name, lam in tqdm(runs_to_train, desc="train methods", unit="model", disable=not progress):
         _log(f"--- {name} ---")
-        trained[name], train_info[name] = train_method(method, warm, processor, pairs, budget, out, args.seed, progress,
+        trained[name], train_info[name] = train_method(method, warm, processor, datasets.get(method, pairs), budget, out, args.seed, progress,
                                                        srpo_lambda=lam, name=name)  # fmt: skip
     done("4. training")
 
@@ -495,7 +582,7 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
 
     # 6. outputs
     stage("6. results")
-    main_models = {k: models[k] for k in ("warm", *METHODS)}
+    main_models = {k: models[k] for k in ("warm", *methods)}
     split_name = "test split: unseen combinations" if args.eval_split == "test" else "validation split (carved from train)"
     table = format_table(main_models)
     _log(f"\nResults on the {split_name} ({len(items)} items, {budget.eval_samples} samples each, majority vote):\n{table}")
@@ -518,6 +605,7 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     results = {
         "format": RESULTS_FORMAT,
         "seed": args.seed,
+        "methods": list(methods),
         "quick": args.quick,
         "eval_split": args.eval_split,
         "command": "srpo-trl demo " + " ".join(argv if argv is not None else sys.argv[1:]),
