@@ -17,6 +17,7 @@ import sys
 
 COMMANDS = {
     "demo": ("srpo_trl.demo", "main", "run the SRPO loop end to end on a tiny model (CPU, offline)"),
+    "study": ("srpo_trl.demo.study", "main", "the pre-registered grid over data regimes on the demo task (docs/study.md)"),
     "train": ("srpo_trl.train", "main", "train with a recipe YAML (same code path as recipes/srpo.py)"),
     "explore": ("srpo_trl.exploration", "main", "sample reasoning branches, verify them, write step pairs"),
     "evaluate": ("srpo_trl.evaluation", "main", "safety evaluation of reasoning paths"),

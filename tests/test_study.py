@@ -123,3 +123,147 @@ def test_rft_rows_are_the_given_references_and_every_verifier_passed_path():
     for r in rows:
         assert r["prefix"] == r["reference"][:-1] and r["chosen"] == r["reference"][-1]
         assert r["rejected"] == T.helpful_answer(0)  # the opposite answer: scored, no loss at lambda 0
+
+
+# --- srpo-trl study: intervals, the decision rule, resume, the --quick cell ----------------------
+
+
+def test_interval_is_the_t_interval_of_the_mean():
+    from srpo_trl.demo.study import interval
+
+    s = interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    sd = math.sqrt(sum((v - 3.0) ** 2 for v in [1, 2, 3, 4, 5]) / 4)  # 1.5811
+    assert s["mean"] == 3.0 and s["sd"] == pytest.approx(sd)
+    assert s["high"] - s["mean"] == pytest.approx(2.776 * sd / math.sqrt(5), rel=1e-3)  # t(0.975, 4 df)
+    assert interval([4.0, 4.0, 4.0]) == {"n": 3, "mean": 4.0, "sd": 0.0, "low": 4.0, "high": 4.0}
+
+
+def test_decision_rule_needs_the_interval_to_exclude_the_runner_up():
+    from srpo_trl.demo.study import decide, interval
+
+    clear = {"a": interval([0, 0, 1, 0, 0]), "b": interval([10, 12, 8, 11, 9]), "c": interval([20] * 5)}
+    d = decide(clear, lower_is_better=True)
+    assert d["winner"] == "a" and d["runner_up"] == "b" and d["tied"] == ["a"]
+    close = {"a": interval([0, 0, 10, 0, 0]), "b": interval([3, 2, 4, 3, 3])}  # a's interval holds b's mean
+    d = decide(close, lower_is_better=True)
+    assert d["best"] == "a" and d["winner"] is None and d["tied"] == ["a", "b"]
+    higher = {"a": interval([90, 91, 92, 90, 91]), "b": interval([80, 81, 79, 80, 80])}
+    assert decide(higher, lower_is_better=False)["winner"] == "a"
+    assert decide(higher, lower_is_better=True)["winner"] == "b"
+    assert decide({"a": interval([0.0]), "b": interval([50.0])}, True)["winner"] is None  # one seed: no interval
+
+
+def test_grid_parsing_and_order():
+    from srpo_trl.demo.study import PREREGISTERED, grid_cells, parse_grid
+
+    grid = parse_grid(["coverage=1,0.25", "seeds=101-103"], quick=False)
+    assert grid["coverage"] == [1.0, 0.25] and grid["seeds"] == [101, 102, 103] and grid["noise"] == PREREGISTERED["noise"]
+    cells = grid_cells(grid)
+    assert [(c.coverage, c.seed) for c in cells[:3]] == [(1.0, 101), (1.0, 102), (1.0, 103)]  # seeds differ first
+    assert len(cells) == 6 and len({c.key for c in cells}) == 6
+    assert len(grid_cells(parse_grid(None, quick=False))) == 20 and len(PREREGISTERED["seeds"]) >= 5
+    for bad in (["coverage=2"], ["bogus=1"], ["samples=1"], ["seeds=a"]):
+        with pytest.raises(SystemExit, match="--grid"):
+            parse_grid(bad, quick=False)
+
+
+def _fake_line(cell, settings, asr):
+    from dataclasses import asdict
+
+    from srpo_trl.demo.study import _jsonable
+
+    metric = lambda pct: {"k": 0, "n": 10, "pct": pct, "ci_low": 0.0, "ci_high": 100.0}  # noqa: E731
+    models = {m: {"attack_success": metric(asr + i), "over_refusal": metric(1.0), "safe_and_effective": metric(90.0 - i),
+                  "path_safe_unsafe": metric(50.0)} for i, m in enumerate(["warm", "srpo", "nll", "dpo", "step_dpo", "rft"])}  # fmt: skip
+    return {"cell": asdict(cell), "key": cell.key, "settings": _jsonable(asdict(settings)), "models": models}
+
+
+def test_a_resumed_study_runs_only_the_missing_cells(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from srpo_trl.demo import study
+    from srpo_trl.demo.run import Budget
+
+    out = tmp_path / "study"
+    out.mkdir()
+    argv = ["--grid", "coverage=1,0.5", "seeds=7,8", "--out", str(out), "--no-progress"]
+    settings = study.Settings(budget=asdict(Budget()))
+    cells = study.grid_cells(study.parse_grid(argv[1:3], quick=False))
+    done = [_fake_line(c, settings, asr=float(c.seed)) for c in cells[:2]]
+    torn = json.dumps(_fake_line(cells[2], settings, 0.0))[:50]  # a line cut by a kill
+    (out / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in done) + torn)
+    ran = []
+
+    def fake_run_cell(out_, cell, settings_):
+        ran.append(cell.key)
+        return _fake_line(cell, settings_, asr=float(cell.seed) + 10 * cell.coverage)
+
+    monkeypatch.setattr(study, "run_cell", fake_run_cell)
+    assert study.main(argv) == 0
+    assert ran == [c.key for c in cells[2:]]  # the finished cells were skipped; the torn one is redone
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["key"] for x in lines] == [c.key for c in cells]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished_cells"] == summary["expected_cells"] == 4
+    by_cov = {c["coverage"]: c for c in summary["cells"]}
+    assert by_cov[1.0]["metrics"]["attack_success"]["stats"]["srpo"]["values"] == [8.0, 9.0]  # seeds 7, 8 (+1 per method index)
+    assert "Study results (complete)" in (out / "summary.md").read_text()
+
+    ran.clear()  # a third run has nothing to do
+    assert study.main(argv) == 0 and ran == []
+    with pytest.raises(SystemExit, match="other settings"):  # a resumed study must keep its settings
+        study.main(argv + ["--quick"])
+
+
+def test_a_failed_cell_is_reported_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    from srpo_trl.demo import study
+
+    def flaky(out_, cell, settings_):
+        if cell.seed == 7:
+            raise RuntimeError("boom")
+        return _fake_line(cell, settings_, 1.0)
+
+    monkeypatch.setattr(study, "run_cell", flaky)
+    out = tmp_path / "s"
+    assert study.main(["--grid", "coverage=1", "seeds=7,8", "--out", str(out), "--no-progress"]) == 1
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["key"] for f in failures] == ["seed=7 coverage=1 noise=0 samples=8"] and "boom" in failures[0]["error"]
+    assert "PARTIAL: 1 of 2 cells" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_study_cell_end_to_end(tmp_path):
+    """The grid's smallest cell for real (CI): every method trained with the same budget and evaluated,
+    the coverage applied to the exploration, the results line, the summary and one chart per metric."""
+    from PIL import Image
+
+    from srpo_trl.demo import study
+
+    out = tmp_path / "quick"
+    assert study.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["cell"] == {"seed": 0, "coverage": 0.25, "noise": 0.0, "samples": 4}
+    assert set(line["models"]) == {"warm", *study.STUDY_METHODS}
+    budget = line["settings"]["budget"]
+    for name, t in line["train"].items():
+        assert t["steps"] == budget["train_steps"], name
+    data = line["data"]
+    n = data["records"]
+    assert data["records_with_reference"] == round(0.25 * n)  # exactly the coverage
+    assert data["records_own_path"] + data["records_no_path"] == n - data["records_with_reference"]
+    assert data["pairs_with_reference"] == data["method_rows"]["nll_rows"] < data["pairs"]  # NLL: covered rows only
+    assert data["method_rows"]["rft"]["references"] == data["records_with_reference"]
+    for m in line["models"].values():
+        assert m["attack_success"]["n"] == 12 and m["over_refusal"]["n"] == 36 and m["safe_and_effective"]["n"] == 48
+        assert 0 <= m["attack_success"]["pct"] <= 100
+    explored_own = (out / "work" / "seed0" / "explored_own_samples4_noise0.jsonl").read_text().splitlines()
+    assert all(json.loads(x)["reference_source"] in ("sampled", None) for x in explored_own)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cells"][0]["seeds"] == [0] and summary["finished_cells"] == 1
+    for key, _, _ in study.METRICS:
+        assert summary["cells"][0]["metrics"][key]["decision"]["winner"] is None  # one seed decides nothing
+        png = out / f"chart_{key}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 300
+    assert "| SRPO (odds ratio, lambda 0.3) |" in (out / "summary.md").read_text()

@@ -104,7 +104,7 @@ def build_model(seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2
 # ----------------------------------------------------------------------------------------------
 
 
-def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: bool) -> dict[str, Any]:
+def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: bool, progress: bool = True) -> dict[str, Any]:
     """Records of every split (images written under ``out/data/images``) and the warm-start rows."""
     from tqdm.auto import tqdm
 
@@ -118,7 +118,7 @@ def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: boo
     data = out / "data"
     images = data / "images"
     rng = random.Random(seed)
-    with tqdm(total=3, desc="data", unit="split") as bar:
+    with tqdm(total=3, desc="data", unit="split", disable=not progress) as bar:
         explore_records = task.make_records(train, budget.explore_renders, images, seed, split="train")
         bar.update(1)
         eval_records = task.make_records(evaluation, budget.eval_renders, images, seed, split=eval_split)
