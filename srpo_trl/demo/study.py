@@ -45,8 +45,8 @@ METRICS = (  # (key, title, lower is better)
 # Extremes first: if the time runs out, the finished cells are the most informative ones.
 PREREGISTERED = {"coverage": [0.1, 1.0, 0.25, 0.5], "noise": [0.0], "samples": [8], "seeds": [101, 102, 103, 104, 105]}
 QUICK_GRID = {"coverage": [0.25], "noise": [0.0], "samples": [4], "seeds": [0]}  # seed 0: a development seed
-# The quick cell's budget: CI only (a few warm-start steps less than the demo's --quick, fewer records)
-QUICK_BUDGET = dict(warm_renders=6, warm_steps=160, explore_renders=1, num_samples=4, train_steps=10, eval_renders=1)
+# The quick cell's budget: CI only (a 64-wide model, fewer warm-start steps than the demo's --quick): about 80 s of CPU
+QUICK_BUDGET = dict(hidden_size=64, warm_renders=6, warm_steps=160, explore_renders=1, num_samples=4, train_steps=10, eval_renders=1)
 
 
 @dataclass(frozen=True)
