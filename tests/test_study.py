@@ -187,7 +187,7 @@ def test_a_resumed_study_runs_only_the_missing_cells(tmp_path, monkeypatch):
     out = tmp_path / "study"
     out.mkdir()
     argv = ["--grid", "coverage=1,0.5", "seeds=7,8", "--out", str(out), "--no-progress"]
-    settings = study.Settings(budget=asdict(Budget()))
+    settings = study.Settings(budget=asdict(Budget(**study.STUDY_BUDGET)))
     cells = study.grid_cells(study.parse_grid(argv[1:3], quick=False))
     done = [_fake_line(c, settings, asr=float(c.seed)) for c in cells[:2]]
     torn = json.dumps(_fake_line(cells[2], settings, 0.0))[:50]  # a line cut by a kill

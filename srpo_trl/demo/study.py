@@ -36,7 +36,7 @@ from .report import LABELS
 STUDY_FORMAT = "srpo_trl.study/1"
 STUDY_METHODS = ("srpo", "nll", "dpo", "step_dpo", "rft")
 ABLATION_LAMBDAS = (0.0, 0.9)  # extra SRPO arms (lambda 0.3 is "srpo") ...
-ABLATION_COVERAGES = (1.0, 0.1)  # ... in the cells of these coverages only (the machine's time)
+ABLATION_COVERAGES = (0.1,)  # ... in the cells of this coverage only (the machine's time)
 METRICS = (  # (key, title, lower is better)
     ("attack_success", "Attack success % (unsafe, unseen combinations)", True),
     ("over_refusal", "Over-refusal % (harmless, unseen combinations)", True),
@@ -45,6 +45,11 @@ METRICS = (  # (key, title, lower is better)
 # Extremes first: if the time runs out, the finished cells are the most informative ones.
 PREREGISTERED = {"coverage": [0.1, 1.0, 0.25, 0.5], "noise": [0.0], "samples": [8], "seeds": [101, 102, 103, 104, 105]}
 QUICK_GRID = {"coverage": [0.25], "noise": [0.0], "samples": [4], "seeds": [0]}  # seed 0: a development seed
+# The grid's budget (docs/study.md, amended before any cell finished: the shared machine ran the
+# demo's full budget about ten times slower than measured alone): the demo's --quick warm start, one
+# render per train combination explored, 30 training steps (a budget the demo's validation runs
+# tried), half the test renders.
+STUDY_BUDGET = dict(warm_renders=6, warm_steps=250, explore_renders=1, train_steps=30, eval_renders=2)
 # The quick cell's budget: CI only (a 64-wide model, fewer warm-start steps than the demo's --quick): about 80 s of CPU
 QUICK_BUDGET = dict(hidden_size=64, warm_renders=6, warm_steps=160, explore_renders=1, num_samples=4, train_steps=10, eval_renders=1)
 
@@ -465,7 +470,7 @@ def main(argv=None) -> int:
     from .run import QUICK, Budget
 
     grid = parse_grid(args.grid, args.quick)
-    budget = Budget(**(QUICK_BUDGET if args.quick else {}))
+    budget = Budget(**(QUICK_BUDGET if args.quick else STUDY_BUDGET))
     settings = Settings(quick=args.quick, budget=asdict(budget), ablation_lambdas=() if args.quick else ABLATION_LAMBDAS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
