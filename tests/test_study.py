@@ -267,3 +267,18 @@ def test_quick_study_cell_end_to_end(tmp_path):
         png = out / f"chart_{key}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 300
     assert "| SRPO (odds ratio, lambda 0.3) |" in (out / "summary.md").read_text()
+
+
+def test_srpo_verdict_and_paired_differences():
+    from srpo_trl.demo.study import decide, interval, paired_differences, srpo_verdict
+
+    assert srpo_verdict(decide({"srpo": interval([0, 0, 0]), "nll": interval([5, 6, 7])}, True)) == "wins"
+    assert srpo_verdict(decide({"srpo": interval([5, 6, 7]), "nll": interval([0, 0, 0])}, True)) == "loses"
+    assert srpo_verdict(decide({"srpo": interval([0, 0, 3]), "nll": interval([2, 2, 2])}, True)) == "ties"  # wide interval
+    # best NLL's interval excludes SRPO but holds RFT: no winner, SRPO outside the tie
+    tie = decide({"nll": interval([1, 2, 3]), "rft": interval([2, 2, 2]), "srpo": interval([9, 9, 9])}, True)
+    assert tie["winner"] is None and srpo_verdict(tie) == "loses"
+    metric = lambda pct: {"pct": pct}  # noqa: E731
+    group = [{"models": {"srpo": {"k": metric(s)}, "nll": {"k": metric(n)}}} for s, n in [(1, 4), (2, 4), (3, 7)]]
+    d = paired_differences(group, "k", ["srpo", "nll"])["nll"]
+    assert d["mean"] == pytest.approx(-3.0) and d["n"] == 3  # differences -3, -2, -4

@@ -348,6 +348,7 @@ def summarize(lines: list[dict], methods: list[str]) -> dict[str, Any]:
         groups.setdefault((c["coverage"], c["noise"], c["samples"]), []).append(line)
     cells = []
     for (coverage, noise, samples), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+        group = sorted(group, key=lambda g: g["cell"]["seed"])  # values in seed order: paired across methods
         entry = {"coverage": coverage, "noise": noise, "samples": samples, "seeds": sorted(g["cell"]["seed"] for g in group),
                  "metrics": {}}  # fmt: skip
         for key, _, lower in METRICS:
@@ -357,9 +358,35 @@ def summarize(lines: list[dict], methods: list[str]) -> dict[str, Any]:
                 if values:
                     stats[name] = interval(values) | {"values": values}
             ranked = {m: stats[m] for m in methods if m in stats}
-            entry["metrics"][key] = {"stats": stats, "decision": decide(ranked, lower) if len(ranked) > 1 else None}
+            decision = decide(ranked, lower) if len(ranked) > 1 else None
+            entry["metrics"][key] = {"stats": stats, "decision": decision, "srpo": srpo_verdict(decision),
+                                     "srpo_minus": paired_differences(group, key, methods)}  # fmt: skip
         cells.append(entry)
     return {"format": STUDY_FORMAT, "cells": cells, "methods": methods}
+
+
+def srpo_verdict(decision: dict | None) -> str | None:
+    """SRPO in one cell and metric by the pre-registered rule: wins, ties or loses."""
+    if not decision:
+        return None
+    if decision["winner"] == "srpo":
+        return "wins"
+    return "ties" if decision["winner"] is None and "srpo" in decision["tied"] else "loses"
+
+
+def paired_differences(group: list[dict], key: str, methods: list[str]) -> dict[str, dict]:
+    """Exploratory (not part of the rule): SRPO minus each other method, seed by seed (same warm model and
+    exploration), mean and 95% interval of the difference."""
+    out = {}
+    for m in methods:
+        if m == "srpo":
+            continue
+        diffs = [g["models"]["srpo"][key]["pct"] - g["models"][m][key]["pct"] for g in group
+                 if m in g["models"] and "srpo" in g["models"] and g["models"][m][key]["pct"] is not None
+                 and g["models"]["srpo"][key]["pct"] is not None]  # fmt: skip
+        if diffs:
+            out[m] = interval(diffs)
+    return out
 
 
 def _label(name: str) -> str:
@@ -392,7 +419,20 @@ def summary_markdown(summary: dict) -> str:
             if d:
                 verdict = (f"{_label(d['winner'])} wins" if d["winner"] else
                            f"no winner: {', '.join(_label(m) for m in d['tied'])} tie")  # fmt: skip
-                lines.append(f"- coverage {c['coverage']:g}: {verdict} (seeds {', '.join(map(str, c['seeds']))})")
+                lines.append(f"- coverage {c['coverage']:g}: {verdict}; SRPO {c['metrics'][key]['srpo']} "
+                             f"(seeds {', '.join(map(str, c['seeds']))})")  # fmt: skip
+        lines.append("")
+        lines += ["SRPO minus each method, paired by seed (exploratory, not part of the rule): mean [95% interval]", "",
+                  "| SRPO minus | " + " | ".join(f"coverage {c['coverage']:g}" for c in cells) + " |",
+                  "|---" * (len(cells) + 1) + "|"]  # fmt: skip
+        for m in summary["methods"]:
+            if m == "srpo":
+                continue
+            row = []
+            for c in cells:
+                d = c["metrics"][key]["srpo_minus"].get(m)
+                row.append("n/a" if d is None else f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]")
+            lines.append(f"| {_label(m)} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -467,7 +507,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .run import QUICK, Budget
+    from .run import Budget
 
     grid = parse_grid(args.grid, args.quick)
     budget = Budget(**(QUICK_BUDGET if args.quick else STUDY_BUDGET))
@@ -482,8 +522,8 @@ def main(argv=None) -> int:
     (out / "grid.json").write_text(json.dumps({"grid": grid, "settings": _jsonable(asdict(settings)),
                                                "cells": [c.key for c in cells]}, indent=1), encoding="utf-8")  # fmt: skip
     print(f"study: {len(cells)} cells ({len(done_keys & {c.key for c in cells})} already in {results}), "
-          f"{len(todo)} to run with {args.jobs} process(es); quick budget {QUICK_BUDGET if args.quick else 'no'} "
-          f"(demo --quick: {QUICK})", flush=True)  # fmt: skip
+          f"{len(todo)} to run with {args.jobs} process(es); budget: {QUICK_BUDGET if args.quick else STUDY_BUDGET} "
+          "over the demo's defaults", flush=True)  # fmt: skip
     if not args.summarize and todo:
         _run_cells(out, todo, settings, results, args.jobs, not args.no_progress)
     lines = [line for line in read_results(results, settings) if line["key"] in {c.key for c in cells}]
