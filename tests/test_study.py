@@ -282,3 +282,18 @@ def test_srpo_verdict_and_paired_differences():
     group = [{"models": {"srpo": {"k": metric(s)}, "nll": {"k": metric(n)}}} for s, n in [(1, 4), (2, 4), (3, 7)]]
     d = paired_differences(group, "k", ["srpo", "nll"])["nll"]
     assert d["mean"] == pytest.approx(-3.0) and d["n"] == 3  # differences -3, -2, -4
+
+
+def test_a_grid_over_noise_gets_one_chart_per_metric_and_noise(tmp_path, monkeypatch):
+    from srpo_trl.demo import study
+
+    monkeypatch.setattr(study, "run_cell", lambda out_, cell, s: _fake_line(cell, s, 10.0 * cell.noise + cell.seed))
+    out = tmp_path / "s"
+    assert study.main(["--grid", "coverage=1,0.5", "noise=0,0.2", "seeds=1,2", "--out", str(out), "--no-progress"]) == 0
+    for key, _, _ in study.METRICS:
+        for noise in ("0", "0.2"):
+            assert (out / f"chart_{key}_noise{noise}_samples8.png").read_bytes()[:4] == b"\x89PNG"
+    cells = json.loads((out / "summary.json").read_text())["cells"]
+    assert {(c["coverage"], c["noise"]) for c in cells} == {(1.0, 0.0), (1.0, 0.2), (0.5, 0.0), (0.5, 0.2)}
+    noisy = next(c for c in cells if c["noise"] == 0.2 and c["coverage"] == 1.0)
+    assert noisy["metrics"]["attack_success"]["stats"]["warm"]["values"] == [3.0, 4.0]  # 10 * 0.2 + seed

@@ -482,8 +482,13 @@ def write_summary(out: Path, lines: list[dict], methods: list[str], expected_cel
     md = f"# Study results ({status})\n\n" + summary_markdown(summary)
     (out / "summary.md").write_text(md, encoding="utf-8")
     paths = {"summary": out / "summary.md", "summary_json": out / "summary.json"}
+    combos = sorted({(c["noise"], c["samples"]) for c in summary["cells"]})
     for key, title, _ in METRICS:
-        paths[f"chart_{key}"] = plot_metric(summary, key, title, out / f"chart_{key}.png")
+        for noise, samples in combos:  # one chart per metric (and per noise / samples, when the grid varies them)
+            sub = dict(summary, cells=[c for c in summary["cells"] if (c["noise"], c["samples"]) == (noise, samples)])
+            name = f"chart_{key}" + (f"_noise{noise:g}_samples{samples}" if len(combos) > 1 else "")
+            label = f"{title}; noise {noise:g}, {samples} samples per branch point"
+            paths[name] = plot_metric(sub, key, label + (f" ({status})" if status != "complete" else ""), out / f"{name}.png")
     return paths
 
 
