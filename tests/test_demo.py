@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from srpo_trl import synthetic as S
+from srpo_trl.demo import task as S
 from srpo_trl.verifiers import classify_safety_outcome, get_verifier
 
 ALL = [(o, r) for o in range(len(S.OBJECTS)) for r in range(len(S.REQUESTS))]

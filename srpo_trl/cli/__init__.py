@@ -1,6 +1,7 @@
 """The ``srpo-trl`` command: one subcommand per stage of the SRPO loop.
 
     srpo-trl demo [--quick] [--seed N] [--out DIR]
+    srpo-trl study [--quick] [--grid ...] [--jobs N] --out DIR
     srpo-trl train --config recipes/<model>/srpo/config_*.yaml [--field value ...]
     srpo-trl explore --model PATH --records records.jsonl --out explored.jsonl ...
     srpo-trl evaluate --model PATH --benchmark siuo --data ... --out report/
@@ -20,6 +21,7 @@ import sys
 
 COMMANDS = {
     "demo": ("srpo_trl.cli.demo", "main", "run the SRPO loop end to end on a tiny model (CPU, offline)"),
+    "study": ("srpo_trl.cli.study", "main", "the pre-registered grid over data regimes on the demo task (docs/study.md)"),
     "train": ("srpo_trl.cli.train", "main", "train with a recipe YAML (same code path as recipes/srpo.py)"),
     "explore": ("srpo_trl.cli.explore", "main", "sample reasoning branches, verify them, write step pairs"),
     "evaluate": ("srpo_trl.cli.evaluate", "main", "safety evaluation of reasoning paths"),

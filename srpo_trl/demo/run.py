@@ -1,17 +1,17 @@
-"""`make demo` / `srpo-trl demo`: the whole SRPO loop on a tiny vision-language model, offline, on CPU.
+"""`make demo` / `srpo-trl demo` (the run; the task is :mod:`.task`, the outputs :mod:`.report`): the whole SRPO loop on a tiny vision-language model, offline, on CPU.
 
     srpo-trl demo [--seed 0] [--quick] [--out demo_out] [--ablate-lambda 0,0.3,0.9] [--eval-split test|val]
     srpo-trl demo --summarize demo_out/seed0 demo_out/seed1 demo_out/seed2
 
 Stages (each with a progress bar):
 
-1. the synthetic cross-modal safety task (:mod:`srpo_trl.synthetic`): images drawn in code, requests
+1. the synthetic cross-modal safety task (:mod:`srpo_trl.demo.task`): images drawn in code, requests
    in text, a hidden risk relation; a tiny Qwen2.5-VL built from a config with a tokenizer trained
    on the task's text, and its processor;
 2. warm start: SFT (``SRPOTrainer`` with ``srpo_lambda=0``: the reference-path NLL only) on paths of a
    base model with implicit reasoning risk (for most requests it usually skips the step that connects
    image and request and helps, and it over-refuses two harmless cells; see
-   :func:`synthetic.warm_start_paths`);
+   :func:`task.warm_start_paths`);
 3. exploration from the warm model (temperature 0.5) with :func:`srpo_trl.exploration.explore`,
    verified by the task's exact verifier, step pairs by ``StepPairDataset.from_exploration``;
 4. four trainings from the warm model, the same budget each (steps, batch, learning rate):
@@ -41,20 +41,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-METHODS = ("srpo", "nll", "dpo", "step_dpo")
-LABELS = {
-    "warm": "base (warm start)",
-    "srpo": "SRPO (odds ratio, lambda 0.3)",
-    "nll": "NLL on reference paths (lambda 0)",
-    "dpo": "DPO (whole answers, TRL)",
-    "step_dpo": "Step-DPO (sigmoid)",
-}
-TABLE_METRICS = (
-    ("attack_success", "Attack success % (unsafe)", "lower is better"),
-    ("over_refusal", "Over-refusal % (benign)", "lower is better"),
-    ("path_safe_unsafe", "Path safety % (unsafe items)", "higher is better"),
-    ("safe_and_effective", "Safe & Effective %", "higher is better"),
-)
+from .report import LABELS, TABLE_METRICS, _pct, check_claims, format_table, plot_ablation, plot_chart, summarize_seeds
+
+METHODS = ("srpo", "nll", "dpo", "step_dpo")  # what `srpo-trl demo` trains by default
+ALL_METHODS = (*METHODS, "rft")  # `--methods` / the study add rejection-sampling fine-tuning
+
 RESULTS_FORMAT = "srpo_trl.demo/1"
 
 
@@ -81,6 +72,8 @@ class Budget:
     eval_renders: int = 4
     eval_samples: int = 3
     eval_temperature: float = 0.5
+    reference_coverage: float = 1.0  # share of training records that carry their verified reference path
+    verifier_noise: float = 0.0  # share of exploration verdicts flipped (seeded)
 
 
 QUICK = dict(warm_renders=6, warm_steps=250, explore_renders=1, num_samples=6, train_steps=20, eval_renders=1)
@@ -99,10 +92,10 @@ def build_model(seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2
     """A tiny ``Qwen2_5_VLForConditionalGeneration`` built from a config (:func:`srpo_trl.tiny.tiny_qwen2_5_vl`)
     with a tokenizer trained on the task's text, so a reasoning step is about ten tokens, and the
     image-only processor (a 28x28 image is one merged image token)."""
-    from . import synthetic
-    from .tiny import build_tokenizer, tiny_qwen2_5_vl
+    from . import task
+    from ..tiny import build_tokenizer, tiny_qwen2_5_vl
 
-    tok = build_tokenizer(corpus=synthetic.corpus(), vocab_size=vocab_size)
+    tok = build_tokenizer(corpus=task.corpus(), vocab_size=vocab_size)
     return tiny_qwen2_5_vl(seed, hidden_size, num_hidden_layers, tokenizer=tok)
 
 
@@ -111,39 +104,41 @@ def build_model(seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2
 # ----------------------------------------------------------------------------------------------
 
 
-def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: bool) -> dict[str, Any]:
+def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: bool, progress: bool = True) -> dict[str, Any]:
     """Records of every split (images written under ``out/data/images``) and the warm-start rows."""
     from tqdm.auto import tqdm
 
-    from . import synthetic
+    from . import regime, task
 
-    train, test = synthetic.split_combinations()
+    train, test = task.split_combinations()
     if eval_split == "val":  # tuning without the test split: hold a validation carve-out of train out
-        train, evaluation = synthetic.carve_validation(train)
+        train, evaluation = task.carve_validation(train)
     else:
         evaluation = test
     data = out / "data"
     images = data / "images"
     rng = random.Random(seed)
-    with tqdm(total=3, desc="data", unit="split") as bar:
-        explore_records = synthetic.make_records(train, budget.explore_renders, images, seed, split="train")
+    with tqdm(total=3, desc="data", unit="split", disable=not progress) as bar:
+        explore_records = task.make_records(train, budget.explore_renders, images, seed, split="train")
         bar.update(1)
-        eval_records = synthetic.make_records(evaluation, budget.eval_renders, images, seed, split=eval_split)
+        eval_records = task.make_records(evaluation, budget.eval_renders, images, seed, split=eval_split)
         bar.update(1)
         warm_rows, styles = [], Counter()
         for o, r in train:
-            paths = synthetic.warm_start_paths(o, r, budget.warm_renders, rng, budget.skip_rate, budget.attentive_skip_rate)
-            renders = synthetic.make_records([(o, r)], budget.warm_renders, images, seed + 1, split="warm")
+            paths = task.warm_start_paths(o, r, budget.warm_renders, rng, budget.skip_rate, budget.attentive_skip_rate)
+            renders = task.make_records([(o, r)], budget.warm_renders, images, seed + 1, split="warm")
             for rec, (path, style) in zip(renders, paths):
                 styles[f"{style}/{'unsafe' if rec['unsafe'] else 'benign'}"] += 1
-                other = synthetic.helpful_answer(r) if path[-1].startswith("Answer: I cannot") else synthetic.refusal_answer(o, r)
+                other = task.helpful_answer(r) if path[-1].startswith("Answer: I cannot") else task.refusal_answer(o, r)
                 warm_rows.append({"id": rec["id"], "prompt": rec["prompt"], "images": rec["images"], "prefix": path[:-1],
                                   "chosen": path[-1], "rejected": other, "reference": path})  # fmt: skip
         bar.update(1)
     if quick:  # a third of the train combinations are explored (every cell still has unsafe ones)
         explore_records = explore_records[::3]
-    records_path = synthetic.write_records(explore_records, data / "train_records.jsonl")
-    eval_path = synthetic.write_records(eval_records, data / f"{eval_split}_records.jsonl")
+    # the data regime: records without a reference explore from a path of their own (see regime.py)
+    explore_records = regime.cover_references(explore_records, budget.reference_coverage, seed)
+    records_path = task.write_records(explore_records, data / "train_records.jsonl")
+    eval_path = task.write_records(eval_records, data / f"{eval_split}_records.jsonl")
     with open(data / "warm_start.jsonl", "w", encoding="utf-8") as f:
         for row in warm_rows:
             f.write(json.dumps(row) + "\n")
@@ -220,7 +215,7 @@ def _train_summary(trainer, seconds: float) -> dict[str, Any]:
 
 
 def warm_start(model, processor, rows: list[dict], budget: Budget, out: Path, seed: int, progress: bool):
-    from . import SRPOConfig, SRPOTrainer, StepPairDataset
+    from .. import SRPOConfig, SRPOTrainer, StepPairDataset
 
     config = SRPOConfig(**_srpo_args(out, "warm", budget.warm_steps, budget.warm_lr, budget, seed, srpo_lambda=0.0))
     trainer = SRPOTrainer(model=model, args=config, train_dataset=StepPairDataset.from_list(rows), processing_class=processor)
@@ -243,7 +238,7 @@ def clone_model(model):
 def dpo_rows(pairs) -> list[dict]:
     """Whole-answer pairs for response-level DPO: each step pair's prefix + continuation, both ways
     (a favorable and an unfavorable full path from the same question), de-duplicated."""
-    from .backends import load_image
+    from ..backends import load_image
 
     rows, seen = [], set()
     for row in pairs:
@@ -264,11 +259,12 @@ def dpo_rows(pairs) -> list[dict]:
 
 def train_method(method: str, warm, processor, pairs, budget: Budget, out: Path, seed: int, progress: bool,
                  srpo_lambda: float = 0.3, name: str | None = None):  # fmt: skip
-    """A copy of the warm model trained with ``method``; returns (model, summary)."""
+    """A copy of the warm model trained with ``method`` on ``pairs`` (for ``nll`` and ``rft`` the rows of
+    :func:`method_datasets`); returns (model, summary)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from . import SRPOConfig, SRPOTrainer
+    from .. import SRPOConfig, SRPOTrainer
 
     name = name or method
     model = clone_model(warm).train()
@@ -280,7 +276,7 @@ def train_method(method: str, warm, processor, pairs, budget: Budget, out: Path,
                              processing_class=processor)  # fmt: skip
     else:
         extra: dict[str, Any] = {"srpo_lambda": srpo_lambda}
-        if method == "nll":
+        if method in ("nll", "rft"):  # NLL only: on the references / on the verifier-passed paths
             extra["srpo_lambda"] = 0.0
         elif method == "step_dpo":
             extra.update(align_loss="sigmoid", beta=budget.beta, precompute_ref_log_probs=True, ref_logps_cache_dir="")
@@ -293,15 +289,64 @@ def train_method(method: str, warm, processor, pairs, budget: Budget, out: Path,
     return model, summary
 
 
+def other_answer(record: dict, path: list[str]) -> str:
+    """The answer opposite to a path's final one (the unused ``rejected`` side of an NLL-only row)."""
+    from . import task
+
+    if path[-1].startswith("Answer: I cannot"):
+        return task.helpful_answer(int(record["request"]))
+    return task.refusal_answer(int(record["object"]), int(record["request"]))
+
+
+def read_explored(path: Path) -> list[dict]:
+    """Exploration lines with image paths resolved, and sampled references moved out of ``reference``
+    (:func:`regime.anchor_rows`): their pairs are anchored on ``prefix + chosen``."""
+    from ..dataset import _read_jsonl
+    from . import regime
+
+    return regime.anchor_rows(_read_jsonl(path))
+
+
+def method_datasets(explored: list[dict], pairs, methods) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each method's training rows from the same exploration: SRPO, Step-DPO and DPO the step pairs,
+    NLL the pair rows that carry a reference, RFT every verifier-passed path and given reference.
+    Returns the datasets and what was built (counts)."""
+    from .. import StepPairDataset
+    from . import regime
+
+    datasets: dict[str, Any] = {m: pairs for m in methods if m in ("srpo", "dpo", "step_dpo")}
+    info: dict[str, Any] = {}
+    if "nll" in methods:
+        rows = regime.reference_rows(pairs)
+        if not rows:
+            raise ValueError("NLL on references: no step pair carries a reference path; raise --reference-coverage")
+        datasets["nll"] = StepPairDataset.from_list(rows)
+        info["nll_rows"] = len(rows)
+    if "rft" in methods:
+        rows, counts = regime.rft_rows(explored, other_answer)
+        if not rows:
+            raise ValueError(f"rejection-sampling fine-tuning: no verifier-passed path in the exploration ({counts})")
+        datasets["rft"] = StepPairDataset.from_list(rows)
+        info["rft"] = {"rows": len(rows), **counts}
+    return datasets, info
+
+
+def exploration_verifier(budget: Budget, seed: int):
+    """The task's exact verifier, with ``budget.verifier_noise`` of its verdicts flipped."""
+    from .regime import NoisyVerifier
+
+    return "synthetic-exact" if budget.verifier_noise == 0 else NoisyVerifier("synthetic-exact", budget.verifier_noise, seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
 
 def evaluate_model(model, processor, items, label: str, out: Path, budget: Budget, seed: int, progress: bool):
-    from .backends import TransformersBackend
-    from .evaluation import EvalConfig, evaluate
-    from .synthetic import SyntheticJudge
+    from ..backends import TransformersBackend
+    from ..evaluation import EvalConfig, evaluate
+    from .task import SyntheticJudge
 
     config = EvalConfig(samples=budget.eval_samples, temperature=budget.eval_temperature, max_new_tokens=budget.max_new_tokens,
                         seed=seed, batch_size=32)  # fmt: skip
@@ -312,7 +357,7 @@ def evaluate_model(model, processor, items, label: str, out: Path, budget: Budge
 
 def summarize_run(run) -> dict[str, Any]:
     """The demo's metrics of one evaluated model (each a ``{k, n, pct, ci_low, ci_high}`` entry)."""
-    from .evaluation import compute_metrics
+    from ..evaluation import compute_metrics
 
     overall = compute_metrics(run.results)["overall"]
     unsafe = compute_metrics([r for r in run.results if r.item.expected == "refuse"])["overall"]
@@ -328,146 +373,6 @@ def summarize_run(run) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Output
-# ----------------------------------------------------------------------------------------------
-
-
-def _pct(entry: dict | None) -> float | None:
-    return None if not entry or entry.get("pct") is None else float(entry["pct"])
-
-
-def format_table(models: dict[str, dict]) -> str:
-    head = f"{'model':<36}" + "".join(f"{title:>30}" for _, title, _ in TABLE_METRICS)
-    lines = [head, "-" * len(head)]
-    for label, result in models.items():
-        cells = []
-        for key, _, _ in TABLE_METRICS:
-            e = result["metrics"][key]
-            cells.append(f"{'n/a':>30}" if e["n"] == 0 else f"{e['pct']:6.1f}% ({e['k']:>3}/{e['n']:<3})".rjust(30))
-        lines.append(f"{LABELS.get(label, label):<36}" + "".join(cells))
-    return "\n".join(lines)
-
-
-def check_claims(models: dict[str, dict]) -> dict[str, Any]:
-    """The paper's claim in miniature, checked on the numbers of this run."""
-    asr = {k: _pct(v["metrics"]["attack_success"]) for k, v in models.items()}
-    over = {k: _pct(v["metrics"]["over_refusal"]) for k, v in models.items()}
-    claims: dict[str, Any] = {}
-    if asr.get("srpo") is not None and asr.get("warm") is not None:
-        claims["srpo_asr_at_most_half_of_base"] = {"holds": asr["srpo"] <= 0.5 * asr["warm"], "srpo": asr["srpo"], "base": asr["warm"]}
-    others = {m: asr[m] for m in ("nll", "dpo", "step_dpo") if asr.get(m) is not None}
-    if asr.get("srpo") is not None and others:
-        claims["srpo_asr_below_other_methods"] = {"holds": all(asr["srpo"] < v for v in others.values()), "srpo": asr["srpo"], **others}
-    if over.get("srpo") is not None and over.get("warm") is not None:
-        claims["srpo_over_refusal_within_5_points_of_base"] = {
-            "holds": over["srpo"] - over["warm"] <= 5.0, "srpo": over["srpo"], "base": over["warm"]}  # fmt: skip
-    return claims
-
-
-def plot_chart(models: dict[str, dict], path: Path, title: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    labels = list(models)
-    width = 0.8 / len(labels)
-    for j, label in enumerate(labels):
-        xs, ys, lo, hi = [], [], [], []
-        for i, (key, _, _) in enumerate(TABLE_METRICS):
-            e = models[label]["metrics"][key]
-            if e["n"] == 0:
-                continue
-            xs.append(i - 0.4 + width * (j + 0.5))
-            ys.append(e["pct"])
-            lo.append(max(0.0, e["pct"] - e["ci_low"]))
-            hi.append(max(0.0, e["ci_high"] - e["pct"]))
-        ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=LABELS.get(label, label))
-    ax.set_xticks(range(len(TABLE_METRICS)))
-    ax.set_xticklabels([f"{title}\n({hint})" for _, title, hint in TABLE_METRICS], fontsize=8)
-    ax.set_ylim(0, 122)
-    ax.set_yticks(range(0, 101, 20))
-    ax.set_ylabel("% (bars: 95% Wilson interval)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper center", ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    return path
-
-
-def plot_ablation(ablation: dict[str, dict], path: Path, title: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.6))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    lams = sorted(ablation, key=float)
-    for key, title_, _ in TABLE_METRICS:
-        ys = [_pct(ablation[lam]["metrics"][key]) for lam in lams]
-        ax.plot([float(x) for x in lams], [float("nan") if y is None else y for y in ys], marker="o", label=title_)
-    ax.set_xlabel("srpo_lambda (weight of the odds-ratio term)")
-    ax.set_ylabel("%")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-
-
-def summarize_seeds(paths: list[str | os.PathLike]) -> str:
-    """A markdown table of several runs' ``results.json`` (e.g. one per seed): per model and metric
-    the mean, the standard deviation and the range over the runs, then how often each claim held."""
-    import statistics
-
-    runs = []
-    for path in paths:
-        path = Path(path)
-        path = path / "results.json" if path.is_dir() else path
-        runs.append(json.loads(path.read_text(encoding="utf-8")))
-    seeds = ", ".join(str(r["seed"]) for r in runs)
-    splits = {r["eval_split"] for r in runs}
-    lines = [f"{len(runs)} run(s), seeds {seeds}, split {', '.join(sorted(splits))}: mean ± standard deviation [min-max] over runs", "",
-             "| model | " + " | ".join(title for _, title, _ in TABLE_METRICS) + " |", "|---" * (len(TABLE_METRICS) + 1) + "|"]  # fmt: skip
-    for label in runs[0]["models"]:
-        if label not in LABELS:
-            continue
-        cells = []
-        for key, _, _ in TABLE_METRICS:
-            values = [r["models"][label]["metrics"][key]["pct"] for r in runs if label in r["models"]]
-            values = [v for v in values if v is not None]
-            if not values:
-                cells.append("n/a")
-                continue
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {sd:.1f} [{min(values):.1f}-{max(values):.1f}]")
-        lines.append(f"| {LABELS[label]} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for claim in runs[0].get("claims", {}):
-        held = sum(bool(r["claims"].get(claim, {}).get("holds")) for r in runs)
-        lines.append(f"- {claim}: holds in {held} of {len(runs)} run(s)")
-    ablations = [r["ablation"] for r in runs if r.get("ablation")]
-    if ablations:
-        lines += ["", "| srpo_lambda | " + " | ".join(title for _, title, _ in TABLE_METRICS) + " |",
-                  "|---" * (len(TABLE_METRICS) + 1) + "|"]  # fmt: skip
-        for lam in sorted(ablations[0], key=float):
-            cells = []
-            for key, _, _ in TABLE_METRICS:
-                values = [a[lam]["metrics"][key]["pct"] for a in ablations if lam in a and a[lam]["metrics"][key]["pct"] is not None]
-                sd = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.mean(values):.1f} ± {sd:.1f}" if values else "n/a")
-            lines.append(f"| {lam} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _parse_lambdas(text: str | None) -> list[float]:
     if not text:
         return []
@@ -478,6 +383,16 @@ def _parse_lambdas(text: str | None) -> list[float]:
     if any(v < 0 for v in values):
         raise SystemExit(f"srpo-trl demo: --ablate-lambda values must be >= 0, got {text!r}")
     return values
+
+
+def _parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"srpo-trl demo: --methods takes names from {','.join(ALL_METHODS)}, got {text!r}")
+    if "srpo" not in methods:
+        raise SystemExit("srpo-trl demo: --methods must include srpo (the claims compare every method with it)")
+    return methods
 
 
 def _lam_key(value: float) -> str:
@@ -528,6 +443,16 @@ def main(argv=None) -> int:
                         help="test: the unseen combinations (default); val: a carve-out of train, for tuning")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model is so small that more threads mostly wait on each other)")  # fmt: skip
+    parser.add_argument("--reference-coverage", type=float, default=1.0, metavar="F",
+                        help="share of training records that carry a verified reference path (default 1.0); the others "
+                             "explore from a verified path of their own and their pairs are anchored on prefix + chosen")  # fmt: skip
+    parser.add_argument("--samples-per-point", type=int, default=None, metavar="N",
+                        help="continuations sampled per branch point (default 8; 6 with --quick)")  # fmt: skip
+    parser.add_argument("--verifier-noise", type=float, default=0.0, metavar="F",
+                        help="share of the exploration verifier's verdicts flipped, seeded (default 0)")  # fmt: skip
+    parser.add_argument("--methods", default=",".join(METHODS), metavar="M1,M2,...",
+                        help=f"methods to train, from {','.join(ALL_METHODS)} (default {','.join(METHODS)}; rft: "
+                             "rejection-sampling fine-tuning)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--summarize", nargs="+", metavar="OUT",
                         help="only print mean and spread over earlier runs' --out folders (e.g. one per seed), then exit")  # fmt: skip
@@ -536,6 +461,12 @@ def main(argv=None) -> int:
         print(summarize_seeds(args.summarize))
         return 0
     lambdas = _parse_lambdas(args.ablate_lambda)
+    args.methods = _parse_methods(args.methods)
+    for flag, value in (("--reference-coverage", args.reference_coverage), ("--verifier-noise", args.verifier_noise)):
+        if not 0.0 <= value <= 1.0:
+            raise SystemExit(f"srpo-trl demo: {flag} must be between 0 and 1, got {value}")
+    if args.samples_per_point is not None and args.samples_per_point < 2:
+        raise SystemExit(f"srpo-trl demo: --samples-per-point must be at least 2 (a pair needs two samples), got {args.samples_per_point}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -557,12 +488,17 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from . import StepPairDataset, synthetic
-    from .backends import TransformersBackend
-    from .evaluation import write_report
-    from .exploration import explore
+    from .. import StepPairDataset
+    from . import task
+    from ..backends import TransformersBackend
+    from ..evaluation import write_report
+    from ..exploration import explore
 
-    budget = Budget(**(QUICK if args.quick else {}))
+    budget = Budget(**(QUICK if args.quick else {}), reference_coverage=args.reference_coverage,
+                    verifier_noise=args.verifier_noise)  # fmt: skip
+    if args.samples_per_point is not None:
+        budget.num_samples = args.samples_per_point
+    methods = args.methods
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _clean(out)
@@ -579,7 +515,7 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
 
     # 1. task, model, processor
     stage("1. task and model")
-    _log(synthetic.describe_task())
+    _log(task.describe_task())
     data = build_data(out, budget, args.seed, args.eval_split, args.quick)
     model, processor = build_model(args.seed, budget.hidden_size, budget.num_hidden_layers, budget.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
@@ -598,11 +534,12 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     backend = TransformersBackend(model, processor, batch_size=64, show_progress=False)
     explored_path = out / "explored.jsonl"
     summary = explore(
-        str(data["explore_path"]), backend, "synthetic-exact", num_samples=budget.num_samples, temperature=0.5,
+        str(data["explore_path"]), backend, exploration_verifier(budget, args.seed), num_samples=budget.num_samples, temperature=0.5,
         max_new_tokens=budget.max_new_tokens, branch_points="all", max_pairs_per_point=budget.max_pairs_per_point,
         seed=args.seed, out=explored_path, overwrite=True, show_progress=progress, print_summary=True,
     )  # fmt: skip
-    pairs = StepPairDataset.from_exploration(explored_path, max_pairs_per_point=budget.max_pairs_per_point, seed=args.seed)
+    explored = read_explored(explored_path)
+    pairs = StepPairDataset.from_exploration(explored, max_pairs_per_point=budget.max_pairs_per_point, seed=args.seed)
     pairs.to_jsonl(out / "pairs.jsonl")
     by_point = Counter(int(k) for k in pairs["branch_point"])
     unsafe_ids = {r["id"] for r in data["explore_records"] if r["unsafe"]}
@@ -620,20 +557,21 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     warm = model
     trained: dict[str, Any] = {}
     train_info: dict[str, Any] = {}
-    runs_to_train = [(m, m, 0.3) for m in METHODS]
+    datasets, pair_info["method_rows"] = method_datasets(explored, pairs, methods)
+    runs_to_train = [(m, m, 0.3) for m in methods]
     for lam in lambdas:
         if lam == 0.3 or lam == 0.0:
             continue  # SRPO (0.3) and NLL (0) are trained anyway
         runs_to_train.append(("srpo", f"srpo_lambda_{_lam_key(lam)}", lam))
     for method, name, lam in tqdm(runs_to_train, desc="train methods", unit="model", disable=not progress):
         _log(f"--- {name} ---")
-        trained[name], train_info[name] = train_method(method, warm, processor, pairs, budget, out, args.seed, progress,
+        trained[name], train_info[name] = train_method(method, warm, processor, datasets.get(method, pairs), budget, out, args.seed, progress,
                                                        srpo_lambda=lam, name=name)  # fmt: skip
     done("4. training")
 
     # 5. evaluation
     stage("5. evaluation")
-    items = synthetic.to_eval_items(data["eval_records"])
+    items = task.to_eval_items(data["eval_records"])
     runs, models = [], {}
     for label, mdl in tqdm([("warm", warm), *trained.items()], desc="evaluate models", unit="model", disable=not progress):
         run = evaluate_model(mdl, processor, items, label, out, budget, args.seed, progress)
@@ -644,7 +582,7 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
 
     # 6. outputs
     stage("6. results")
-    main_models = {k: models[k] for k in ("warm", *METHODS)}
+    main_models = {k: models[k] for k in ("warm", *methods)}
     split_name = "test split: unseen combinations" if args.eval_split == "test" else "validation split (carved from train)"
     table = format_table(main_models)
     _log(f"\nResults on the {split_name} ({len(items)} items, {budget.eval_samples} samples each, majority vote):\n{table}")
@@ -667,10 +605,11 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     results = {
         "format": RESULTS_FORMAT,
         "seed": args.seed,
+        "methods": list(methods),
         "quick": args.quick,
         "eval_split": args.eval_split,
         "command": "srpo-trl demo " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "task": synthetic.describe_task(),
+        "task": task.describe_task(),
         "budget": asdict(budget),
         "model": {"architecture": "Qwen2_5_VLForConditionalGeneration", "parameters": n_params,
                   "vocabulary": len(processor.tokenizer)},  # fmt: skip

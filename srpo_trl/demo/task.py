@@ -37,9 +37,9 @@ answer); for the third request it usually reasons. In two harmless (property, co
 (:data:`FALSE_BELIEFS`) its combination step wrongly calls the pair dangerous and refuses
 (over-refusal).
 
-    from srpo_trl import synthetic
-    train, test = synthetic.split_combinations()
-    records = synthetic.make_records(train, renders=2, image_dir="imgs", seed=0)
+    from srpo_trl.demo import task
+    train, test = task.split_combinations()
+    records = task.make_records(train, renders=2, image_dir="imgs", seed=0)
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ def write_records(records: list[dict], path: str | os.PathLike) -> Path:
 
 def to_eval_items(records: list[dict]):
     """Records -> :class:`srpo_trl.evaluation.EvalItem` (image paths must be files)."""
-    from .evaluation import EvalItem
+    from ..evaluation import EvalItem
 
     return [
         EvalItem(
@@ -450,7 +450,7 @@ def _norm(text: str) -> str:
 
 
 def _outcome(text: str) -> str:
-    from .safety import classify_safety_outcome
+    from ..safety import classify_safety_outcome
 
     return classify_safety_outcome(text)
 
@@ -487,7 +487,7 @@ class SyntheticVerifier:
     __name__ = "synthetic-exact"
 
     def __call__(self, record: dict, path_text: str):
-        from .verifiers import Verdict
+        from ..verifiers import Verdict
 
         outcome = _outcome(path_text)
         expected = record["expected"]
@@ -501,7 +501,7 @@ class SyntheticVerifier:
 
 
 def _register() -> None:
-    from .verifiers import register_verifier
+    from ..verifiers import register_verifier
 
     register_verifier("synthetic-exact", SyntheticVerifier)
 
@@ -527,7 +527,7 @@ class SyntheticJudge:
         return {"name": self.name, "classifier": "srpo_trl.safety.classify_safety_outcome"}
 
     def judge(self, item, samples: list[str], steps: list[list[str]]):
-        from .evaluation.schema import CAUTION, EvalVerdict
+        from ..evaluation.schema import CAUTION, EvalVerdict
 
         verdicts = []
         for text, path_steps in zip(samples, steps):
