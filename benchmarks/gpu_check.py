@@ -35,6 +35,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "step_pairs.py"
 TARGETS = {"step_time_ratio": 0.25, "peak_memory_ratio": 0.5, "mfu": 0.35}
@@ -45,26 +46,57 @@ def plan(cpu: bool, out: Path, peak_tflops: float) -> list[dict]:
     py = sys.executable
     tests = {
         "name": "gpu_tests",
-        "cmd": [py, "-m", "pytest", "-q", "-rs", "tests/gpu", f"--junitxml={out / 'gpu_tests.xml'}", "-p", "no:cacheprovider"],
+        "cmd": [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "tests/gpu",
+            f"--junitxml={out / 'gpu_tests.xml'}",
+            "-p",
+            "no:cacheprovider",
+        ],
         "budget": 240,
     }
     if cpu:
         bench = [py, str(BENCH), "--quick", "--cpu", "--models", "vlm", "--configs", "srpo_packed,dpo_nll"]
-        return [tests, {"name": "bench_small_cpu", "cmd": bench + ["--json", str(out / "bench_small_cpu.json")], "budget": None}]
+        return [
+            tests,
+            {"name": "bench_small_cpu", "cmd": bench + ["--json", str(out / "bench_small_cpu.json")], "budget": None},
+        ]
     preset = [
-        py, str(BENCH), "--preset", "qwen2_5_vl_7b", "--layers", "4", "--models", "vlm", "--dtype", "bf16",
-        "--warmup", "3", "--steps", "5", "--threads", "4", "--peak-tflops", str(peak_tflops),
-    ]  # fmt: skip
+        py,
+        str(BENCH),
+        "--preset",
+        "qwen2_5_vl_7b",
+        "--layers",
+        "4",
+        "--models",
+        "vlm",
+        "--dtype",
+        "bf16",
+        "--warmup",
+        "3",
+        "--steps",
+        "5",
+        "--threads",
+        "4",
+        "--peak-tflops",
+        str(peak_tflops),
+    ]
     return [
         tests,
         {
             "name": "bench_vlm7b_full",
-            "cmd": preset + ["--configs", "srpo_packed,srpo_packed_ref,dpo_nll", "--json", str(out / "bench_vlm7b_full.json")],
+            "cmd": preset
+            + ["--configs", "srpo_packed,srpo_packed_ref,dpo_nll", "--json", str(out / "bench_vlm7b_full.json")],
             "budget": 150,
         },
         {
             "name": "bench_vlm7b_lora",
-            "cmd": preset + ["--lora", "--configs", "srpo_packed,dpo_nll", "--json", str(out / "bench_vlm7b_lora.json")],
+            "cmd": preset
+            + ["--lora", "--configs", "srpo_packed,dpo_nll", "--json", str(out / "bench_vlm7b_lora.json")],
             "budget": None,
         },
     ]
@@ -104,7 +136,9 @@ def summarize_bench(path: Path, cuda: bool) -> dict:
             "tokens_ratio": r["tokens_timed"] / base["tokens_timed"] if base else None,
             "median_step_ratio": r["median_step_s"] / base["median_step_s"] if base else None,
             "mean_step_ratio": r["mean_step_s"] / base["mean_step_s"] if base else None,
-            "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"] if base and base["peak_memory_bytes"] else None,
+            "peak_memory_ratio": r["peak_memory_bytes"] / base["peak_memory_bytes"]
+            if base and base["peak_memory_bytes"]
+            else None,
             "median_step_s": r["median_step_s"],
             "tflops_per_s": r["tflops_per_s"],
             "mfu": r["mfu"],
@@ -137,7 +171,13 @@ def run_step(step: dict, out: Path, seconds: float) -> dict:
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = "timed out"
-    return {"command": " ".join(step["cmd"]), "exit_code": code, "seconds": round(time.time() - t0, 1), "budget_s": round(seconds), "log": log.name}
+    return {
+        "command": " ".join(step["cmd"]),
+        "exit_code": code,
+        "seconds": round(time.time() - t0, 1),
+        "budget_s": round(seconds),
+        "log": log.name,
+    }
 
 
 def environment() -> dict:
@@ -153,16 +193,31 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             versions[name] = None
     cuda = torch.cuda.is_available()
-    return {"cuda": cuda, "device": torch.cuda.get_device_name() if cuda else "cpu", "torch_cuda": torch.version.cuda, "versions": versions}
+    return {
+        "cuda": cuda,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch_cuda": torch.version.cuda,
+        "versions": versions,
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/srpo_gpu_check"), help="folder for the summary and raw results ($OUT)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT", "/tmp/srpo_gpu_check"),
+        help="folder for the summary and raw results ($OUT)",
+    )
     parser.add_argument("--cpu", action="store_true", help="no GPU: the suite (skipped) and the small preset on CPU")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and exit")
-    parser.add_argument("--budget", type=float, default=470.0, help="seconds for everything (the lender allows 8 minutes)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU (H100/H200 SXM: 989)")
+    parser.add_argument(
+        "--budget", type=float, default=470.0, help="seconds for everything (the lender allows 8 minutes)"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU (H100/H200 SXM: 989)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     steps = plan(args.cpu, out, args.peak_tflops)
@@ -185,7 +240,10 @@ def main(argv=None) -> int:
     for step in steps:
         left = args.budget - (time.time() - started) - 5
         if left < 30:
-            summary["steps"][step["name"]] = {"command": " ".join(step["cmd"]), "exit_code": "not run (time budget spent)"}
+            summary["steps"][step["name"]] = {
+                "command": " ".join(step["cmd"]),
+                "exit_code": "not run (time budget spent)",
+            }
             continue
         seconds = min(step["budget"] or left, left)
         print(f"[{step['name']}] up to {seconds:.0f} s", flush=True)
@@ -193,7 +251,9 @@ def main(argv=None) -> int:
     summary["tests"] = summarize_tests(out / "gpu_tests.xml")
     cuda_run = env["cuda"] and not args.cpu
     summary["benchmarks"] = {
-        step["name"]: summarize_bench(out / f"{step['name']}.json", cuda_run) for step in steps if step["name"].startswith("bench")
+        step["name"]: summarize_bench(out / f"{step['name']}.json", cuda_run)
+        for step in steps
+        if step["name"].startswith("bench")
     }
     summary["seconds"] = round(time.time() - started, 1)
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))

@@ -64,6 +64,7 @@ import threading
 import time
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -101,14 +102,22 @@ def build_processing_class(kind: str, image_side: int = IMAGE_SIDE):
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
     )
-    return Qwen2_5_VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+    return Qwen2_5_VLImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
+    )
 
 
 # A real model's text decoder with fewer layers (random weights): per-token compute as in training it.
 PRESETS = {
     "qwen2_5_vl_7b": dict(
-        hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-        vocab_size=152064, layers=4, mrope_section=[16, 24, 24], rope_theta=1000000.0,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        layers=4,
+        mrope_section=[16, 24, 24],
+        rope_theta=1000000.0,
         # Qwen2.5-VL-7B's vision width, with its 32 blocks scaled down like the decoder's 28 layers
         vision=dict(hidden_size=1280, intermediate_size=3420, num_heads=16, depth=4),
     ),
@@ -136,29 +145,54 @@ def _preset_model(kind: str, seed: int, shape: dict, num_layers: int, device):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-    from srpo_trl.tiny import IMAGE_PAD, IM_END, PAD, VIDEO_PAD, VISION_END, VISION_START, build_tokenizer
+    from srpo_trl.tiny import IM_END, IMAGE_PAD, PAD, VIDEO_PAD, VISION_END, VISION_START, build_tokenizer
 
     tok = build_tokenizer()
     text = dict(
-        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=num_layers, num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=32768,
-        bos_token_id=tok.convert_tokens_to_ids(PAD), eos_token_id=tok.convert_tokens_to_ids(IM_END),
-        pad_token_id=tok.convert_tokens_to_ids(PAD), tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=num_layers,
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"],
+        max_position_embeddings=32768,
+        bos_token_id=tok.convert_tokens_to_ids(PAD),
+        eos_token_id=tok.convert_tokens_to_ids(IM_END),
+        pad_token_id=tok.convert_tokens_to_ids(PAD),
+        tie_word_embeddings=False,
+    )
     if kind == "text":
         config = Qwen2Config(**text, rope_theta=shape["rope_theta"], attn_implementation="sdpa")
         cls = Qwen2ForCausalLM
     else:
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": shape["rope_theta"], "mrope_section": shape["mrope_section"]}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": shape["rope_theta"],
+            "mrope_section": shape["mrope_section"],
+        }
         vision = dict(
-            shape["vision"], depth=num_layers, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-            out_hidden_size=shape["hidden_size"], window_size=WINDOW_SIZE, fullatt_block_indexes=[num_layers - 1],
-        )  # fmt: skip
-        ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
-            ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD),
-            ("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END)]}  # fmt: skip
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, attn_implementation="sdpa", tie_word_embeddings=False, **ids)
+            shape["vision"],
+            depth=num_layers,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            out_hidden_size=shape["hidden_size"],
+            window_size=WINDOW_SIZE,
+            fullatt_block_indexes=[num_layers - 1],
+        )
+        ids = {
+            name: tok.convert_tokens_to_ids(t)
+            for name, t in [
+                ("image_token_id", IMAGE_PAD),
+                ("video_token_id", VIDEO_PAD),
+                ("vision_start_token_id", VISION_START),
+                ("vision_end_token_id", VISION_END),
+            ]
+        }
+        config = Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, attn_implementation="sdpa", tie_word_embeddings=False, **ids
+        )
         cls = Qwen2_5_VLForConditionalGeneration
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(seed)
@@ -214,7 +248,9 @@ def build_rows(
             question = _text_of_length(rng, tokenizer, words, 100, 140)
             prompt = [{"role": "user", "content": question + "?"}]
             images = None
-        reference = [_text_of_length(rng, tokenizer, words, lo, hi, first=f"Step {i + 1}:") for i in range(branch_points)]
+        reference = [
+            _text_of_length(rng, tokenizer, words, lo, hi, first=f"Step {i + 1}:") for i in range(branch_points)
+        ]
         reference.append(_text_of_length(rng, tokenizer, words, lo, hi, first="Answer:"))
         for k in range(branch_points):
             row = {
@@ -417,7 +453,12 @@ class NLLCollator:
     """TRL's DPO collator plus, under "nll", the batch's unique reference paths (prompt + path + end)."""
 
     def __init__(self, dpo_collator, paths: dict, processing_class, pad_id: int, timings: dict):
-        self.dpo_collator, self.paths, self.processing_class, self.pad_id = dpo_collator, paths, processing_class, pad_id
+        self.dpo_collator, self.paths, self.processing_class, self.pad_id = (
+            dpo_collator,
+            paths,
+            processing_class,
+            pad_id,
+        )
         self.timings = timings
 
     def __call__(self, examples):
@@ -431,9 +472,13 @@ class NLLCollator:
         if hasattr(self.processing_class, "image_processor"):
             images = [p["images"] for p in paths]
             processed = self.processing_class(
-                text=[p["text"] for p in paths], images=images, padding=True, padding_side="left",
-                return_tensors="pt", add_special_tokens=False,
-            )  # fmt: skip
+                text=[p["text"] for p in paths],
+                images=images,
+                padding=True,
+                padding_side="left",
+                return_tensors="pt",
+                add_special_tokens=False,
+            )
             keep = processed["attention_mask"].bool()
             prompts = [processed["input_ids"][j][keep[j]].tolist() for j in range(len(paths))]
             mm = [processed["mm_token_type_ids"][j][keep[j]].tolist() for j in range(len(paths))]
@@ -448,7 +493,10 @@ class NLLCollator:
             "input_ids": torch.tensor([s + [self.pad_id] * (length - len(s)) for s in seqs]),
             "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in seqs]),
             "labels": torch.tensor(
-                [[-100] * len(pr) + p["reference_ids"] + [-100] * (length - len(s)) for pr, p, s in zip(prompts, paths, seqs)]
+                [
+                    [-100] * len(pr) + p["reference_ids"] + [-100] * (length - len(s))
+                    for pr, p, s in zip(prompts, paths, seqs)
+                ]
             ),
             # SRPO's L_ref is a mean over rows: each path weighs as many rows as it has in the batch
             "weights": torch.tensor([questions.count(q) / len(questions) for q in unique]),
@@ -581,7 +629,9 @@ def run_child(args) -> dict:
     processing_class = build_processing_class(args.model, args.image_side)
     tokenizer = tokenizer_of(processing_class)
     steps = args.warmup + args.steps
-    rows = build_rows(args.model, processing_class, num_questions=2 * steps, seed=args.seed, image_side=args.image_side)
+    rows = build_rows(
+        args.model, processing_class, num_questions=2 * steps, seed=args.seed, image_side=args.image_side
+    )
     assert len(rows) == steps * args.batch_size, (len(rows), steps, args.batch_size)
 
     def new_model():
@@ -594,15 +644,27 @@ def run_child(args) -> dict:
         from peft import LoraConfig
 
         peft_config = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0,
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
             target_modules=r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
-        )  # fmt: skip
+        )
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="step-pairs-"), per_device_train_batch_size=args.batch_size,
-        max_steps=steps, learning_rate=1e-4, max_length=None, use_cpu=not cuda, bf16=args.dtype != "fp32",
-        gradient_checkpointing=args.gradient_checkpointing, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=args.seed,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(prefix="step-pairs-"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=steps,
+        learning_rate=1e-4,
+        max_length=None,
+        use_cpu=not cuda,
+        bf16=args.dtype != "fp32",
+        gradient_checkpointing=args.gradient_checkpointing,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+    )
     timings = {k: [] for k in ("collate", "loss_forward", "training_step", "nll_pass")}
     counters = {"tokens": 0, "real_tokens": 0, "images": 0, "flops": 0}
     current_batch: dict = {}
@@ -619,9 +681,14 @@ def run_child(args) -> dict:
         inner = DataCollatorForStepPairs(processing_class=processing_class)
         collator = TimedCollator(inner, timings)
         trainer = BenchSRPOTrainer(
-            model=model, ref_model=ref_model, args=config, train_dataset=StepPairDataset.from_list(rows),
-            processing_class=processing_class, data_collator=inner, peft_config=peft_config,
-        )  # fmt: skip
+            model=model,
+            ref_model=ref_model,
+            args=config,
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=processing_class,
+            data_collator=inner,
+            peft_config=peft_config,
+        )
         assert trainer.prefix_sharing == packed
         trainer.data_collator = collator
         if ref_model is not None:
@@ -641,10 +708,14 @@ def run_child(args) -> dict:
         paths = reference_paths(rows, processing_class)
         collator = NLLCollator(dpo_collator, paths, processing_class, pad_id, timings)
         trainer = BenchDPOTrainer(
-            model=model, ref_model=ref_model, args=config,
+            model=model,
+            ref_model=ref_model,
+            args=config,
             train_dataset=Dataset.from_list(dpo_rows(rows, processing_class)),
-            processing_class=processing_class, data_collator=collator, peft_config=peft_config,
-        )  # fmt: skip
+            processing_class=processing_class,
+            data_collator=collator,
+            peft_config=peft_config,
+        )
         if trainer.ref_model is not None:
             _count_tokens(trainer.ref_model, counters, current_batch)
         attention = "causal"
@@ -772,7 +843,9 @@ def table(results: list[dict], stats: dict, kind: str) -> str:
 
 def breakdown(results: list[dict], kind: str) -> str:
     """Where a step's time goes (medians over the timed steps, seconds)."""
-    lines = [f"{'  seconds per step':32s} {'collate':>8s} {'forwards':>9s} {'NLL pass':>9s} {'bwd+rest':>9s} {'step':>7s}"]
+    lines = [
+        f"{'  seconds per step':32s} {'collate':>8s} {'forwards':>9s} {'NLL pass':>9s} {'bwd+rest':>9s} {'step':>7s}"
+    ]
     for r in results:
         if r["model"] != kind:
             continue
@@ -787,51 +860,74 @@ def breakdown(results: list[dict], kind: str) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="smoke run: 1 warm-up + 1 timed step, a 2-layer hidden-64 model, 224x224 images (64 image tokens)",
-    )  # fmt: skip
+    )
     parser.add_argument("--models", default="vlm,text", help="comma-separated: vlm, text")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     parser.add_argument("--batch-size", type=int, default=12, help="rows per batch (12 = 2 whole questions)")
     parser.add_argument(
-        "--hidden-size", type=int, default=256,
+        "--hidden-size",
+        type=int,
+        default=256,
         help="text hidden size of both models (256: the tiny vision tower then costs about half the decoder's cost "
         "of the image's 256 tokens, as in Qwen2.5-VL-7B where it is about a third)",
-    )  # fmt: skip
+    )
     parser.add_argument("--layers", type=int, default=4, help="text decoder layers of both models")
-    parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help="image width = height in pixels (448: 256 tokens)")
     parser.add_argument(
-        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        "--image-side", type=int, default=IMAGE_SIDE, help="image width = height in pixels (448: 256 tokens)"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="TRL's DPOConfig default (on) for every configuration",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads per configuration; 0 = torch's default. 1 keeps ratios stable on a shared machine: with "
         "2 threads on 2 busy cores every small kernel waits for a descheduled thread (the vision tower's per-window "
         "attention calls ran 10x slower), which penalizes the configurations that encode more images",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even where CUDA is available")
     parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default=None,
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
         help="a real model's text-decoder shape with --layers layers and random weights (qwen2_5_vl_7b: hidden 3584, "
         "28 heads, 4 KV heads, intermediate 18944, vocabulary 152064; its VLM has Qwen2.5-VL-7B's vision width); "
         "implies --dtype bf16 unless given",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "bf16-autocast"], default=None,
+        "--dtype",
+        choices=["fp32", "bf16", "bf16-autocast"],
+        default=None,
         help="fp32 (default without --preset); bf16: bf16 weights and autocast; bf16-autocast: fp32 weights, bf16 autocast",
-    )  # fmt: skip
-    parser.add_argument("--lora", action="store_true", help="LoRA (r=16) on the decoder's linear layers; the reference is the base model")
+    )
     parser.add_argument(
-        "--attention", choices=["auto", "flex", "dense"], default="auto",
+        "--lora",
+        action="store_true",
+        help="LoRA (r=16) on the decoder's linear layers; the reference is the base model",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "flex", "dense"],
+        default="auto",
         help="packed SRPO's attention (SRPO_TRL_TREE_ATTENTION): auto = tree attention on CUDA in bf16, else a dense mask",
-    )  # fmt: skip
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)"
+    )
     parser.add_argument("--json", default="benchmarks/results/step_pairs.json", help="where absolute numbers go")
     # internal: run one configuration in this process and write its result
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -853,13 +949,35 @@ def main(argv=None):
     configs = [c for c in args.configs.split(",") if c]
     if BASELINE not in configs:
         parser.error(f"--configs must include the baseline {BASELINE}")
-    common = [
-        "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-        "--hidden-size", str(args.hidden_size), "--layers", str(args.layers), "--seed", str(args.seed),
-        "--image-side", str(args.image_side), "--threads", str(args.threads), "--dtype", args.dtype,
-        "--attention", args.attention, "--peak-tflops", str(args.peak_tflops),
-        "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
-    ] + (["--cpu"] if args.cpu else []) + (["--lora"] if args.lora else [])  # fmt: skip
+    common = (
+        [
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--hidden-size",
+            str(args.hidden_size),
+            "--layers",
+            str(args.layers),
+            "--seed",
+            str(args.seed),
+            "--image-side",
+            str(args.image_side),
+            "--threads",
+            str(args.threads),
+            "--dtype",
+            args.dtype,
+            "--attention",
+            args.attention,
+            "--peak-tflops",
+            str(args.peak_tflops),
+            "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
+        ]
+        + (["--cpu"] if args.cpu else [])
+        + (["--lora"] if args.lora else [])
+    )
     common += ["--preset", args.preset] if args.preset else []
     results, stats, proportions = [], {}, {}
     started = time.time()
@@ -897,7 +1015,9 @@ def main(argv=None):
     shape = f"text hidden {width}, {args.layers} layers" + (f", preset {args.preset}" if args.preset else "")
     shape += f", {args.dtype}" + (", LoRA" if args.lora else "")
     titles = {
-        "vlm": lambda p: f"VLM: Qwen2.5-VL architecture ({shape}), {p['image_tokens_per_prompt']} image tokens per question",
+        "vlm": lambda p: (
+            f"VLM: Qwen2.5-VL architecture ({shape}), {p['image_tokens_per_prompt']} image tokens per question"
+        ),
         "text": lambda p: f"Text: Qwen2 ({shape}), ~120-token prompts",
     }
     print()

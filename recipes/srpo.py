@@ -19,5 +19,6 @@ import sys
 
 from srpo_trl.recipe_runner import main
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ import contextlib
 
 import torch
 
+
 # Text backbones whose decoder layers are all softmax attention driven by `position_ids` and a 4D mask.
 # Each entry has a packed == unpacked test (tests/test_architectures.py).
 TEXT_TYPES = frozenset(
@@ -49,7 +50,9 @@ def token_mixer_problem(text_config) -> str | None:
     """Why this text backbone's layers do not all honour a tree mask, or None when nothing is seen."""
     mixers = sorted({k for k in _layer_kinds(text_config) if k not in _ATTENTION_LAYERS and k not in ("mlp", "moe")})
     if mixers:
-        return f"it has non-attention or chunked token-mixing layers ({', '.join(mixers)}) that do not see the tree mask"
+        return (
+            f"it has non-attention or chunked token-mixing layers ({', '.join(mixers)}) that do not see the tree mask"
+        )
     if any(getattr(text_config, name, None) for name in ("mamba_d_ssm", "mamba_num_heads", "ssm_cfg", "conv_L_cache")):
         return "it has state-space / convolution token-mixing layers that do not see the tree mask"
     if getattr(text_config, "attention_chunk_size", None):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 TREE_ATTENTION = "srpo_tree"
@@ -118,7 +119,9 @@ def tree_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not isinstance(attention_mask, BlockMask):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout > 0:
         raise ValueError("SRPO's tree attention (FlexAttention) has no attention dropout; set attention_dropout=0.")
     # Under autocast, rotary embeddings leave q/k in the weights' dtype and v in the autocast dtype;
@@ -197,14 +200,18 @@ def choose_tree_attention(model, device_type: str, compute_dtype: torch.dtype) -
     if forced == "flex":
         return TreeAttentionChoice(True, True, "")
     if attn == "eager":
-        return TreeAttentionChoice(False, False, "attn_implementation='eager' was asked for; use 'sdpa' for tree attention on CUDA")
+        return TreeAttentionChoice(
+            False, False, "attn_implementation='eager' was asked for; use 'sdpa' for tree attention on CUDA"
+        )
     if attn not in (None, "sdpa", TREE_ATTENTION):
         return TreeAttentionChoice(False, False, f"attention implementation {attn!r}")
     if device_type != "cuda":
         return TreeAttentionChoice(False, False, f"PyTorch has no FlexAttention backward on {device_type}")
     if compute_dtype not in (torch.bfloat16, torch.float16):
         return TreeAttentionChoice(
-            False, False, "fp32 FlexAttention does not compile on CUDA (torch 2.11: NoValidChoicesError); train with bf16=True for tree attention"
+            False,
+            False,
+            "fp32 FlexAttention does not compile on CUDA (torch 2.11: NoValidChoicesError); train with bf16=True for tree attention",
         )
     return TreeAttentionChoice(True, True, "")
 

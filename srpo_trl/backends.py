@@ -33,6 +33,7 @@ from .http import RequestFailed, RetryableError, post_json, redact_url, response
 from .images import open_image, open_images
 from .rows import DEFAULT_STEP_SEPARATOR, end_of_answer_text, prefix_text_ids, render_prompt, tokenizer_of
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -166,7 +167,9 @@ class TransformersBackend:
         was loaded from one, else a cheap digest of its parameters (names, shapes, first values)."""
         from .store import model_fingerprint
 
-        path = getattr(self.model, "name_or_path", None) or getattr(getattr(self.model, "config", None), "_name_or_path", "")
+        path = getattr(self.model, "name_or_path", None) or getattr(
+            getattr(self.model, "config", None), "_name_or_path", ""
+        )
         if path and os.path.isdir(path):
             return model_fingerprint(path)
         import hashlib
@@ -215,7 +218,11 @@ class TransformersBackend:
             kwargs["add_special_tokens"] = raw_prompt  # a chat template already writes BOS
             enc = dict(self.processing_class(**kwargs))
             seq_len = enc["input_ids"].shape[1]
-            per_token = {k: v[0].tolist() for k, v in enc.items() if hasattr(v, "dim") and v.dim() == 2 and v.shape == (1, seq_len)}
+            per_token = {
+                k: v[0].tolist()
+                for k, v in enc.items()
+                if hasattr(v, "dim") and v.dim() == 2 and v.shape == (1, seq_len)
+            }
             rest = {k: v for k, v in enc.items() if k not in per_token}
         else:
             if images:
@@ -374,7 +381,9 @@ def to_openai_messages(messages: list[dict], images: list | None = None) -> list
         if isinstance(p, dict) and p.get("type") == "image"
     )
     if n_placeholders and n_placeholders != len(urls):
-        raise ValueError(f"the messages have {n_placeholders} image placeholder(s) but {len(urls)} image(s) were given")
+        raise ValueError(
+            f"the messages have {n_placeholders} image placeholder(s) but {len(urls)} image(s) were given"
+        )
     out: list[dict] = []
     next_url = iter(urls)
     placed = n_placeholders > 0
@@ -472,8 +481,16 @@ class OpenAICompatibleBackend:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         cap = self.max_response_bytes or response_cap(body.get("max_tokens"), int(body.get("n") or 1))
         try:
-            return post_json(self.base_url + path, body, headers=headers, timeout=self.timeout, max_bytes=cap,
-                             retries=self.max_retries, backoff=self.backoff, parse=parse)  # fmt: skip
+            return post_json(
+                self.base_url + path,
+                body,
+                headers=headers,
+                timeout=self.timeout,
+                max_bytes=cap,
+                retries=self.max_retries,
+                backoff=self.backoff,
+                parse=parse,
+            )
         except RequestFailed as exc:
             raise BackendError(str(exc)) from exc
 

@@ -13,17 +13,15 @@ the B prompts and are repeated for the three groups, in sequence order.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
-
-import hashlib
 
 import numpy as np
 import torch
 
 from .images import open_image
 from .packing import allowed_matrix, bucket_length, pack_question
-
 from .rows import (
     DEFAULT_STEP_SEPARATOR,
     RowError,
@@ -33,6 +31,7 @@ from .rows import (
     render_row,
     tokenizer_of,
 )
+
 
 NON_MODEL_KEYS = {"loss_mask", "ref_chosen_logps", "ref_rejected_logps", "branch_point"}
 # Keys of a packed (prefix-sharing) batch that the trainer turns into model inputs itself.
@@ -225,9 +224,13 @@ class DataCollatorForStepPairs:
             first = list(range(len(rows)))
         kwargs = {"images": [images[i] for i in first]} if any(images) else {}
         processed = processor(
-            text=[texts[i] for i in first], padding=True, padding_side="left", return_tensors="pt",
-            add_special_tokens=False, **kwargs,
-        )  # fmt: skip
+            text=[texts[i] for i in first],
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            add_special_tokens=False,
+            **kwargs,
+        )
         keep = processed["attention_mask"].bool()
         by_key = {keys[i]: j for j, i in enumerate(first)}
         slot = [by_key[k] for k in keys]  # which processed prompt each row uses

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+
 ALIGN_LOSSES = ("odds_ratio", "sigmoid")
 
 

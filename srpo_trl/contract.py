@@ -30,6 +30,7 @@ from typing import Any
 from .paths import OutsideRoot, image_under_root
 from .safety import BENIGN_CATEGORY, CATEGORIES, OUTCOMES
 
+
 __all__ = [
     "RecordError",
     "COMPLETE_FIELDS",
@@ -109,7 +110,11 @@ def validate_record(
             needed.setdefault(name, "")
     for name, why in needed.items():
         value = rec.get(name)
-        if name not in rec or value is None or (isinstance(value, str) and not value.strip() and name != "unsafe_scenario"):
+        if (
+            name not in rec
+            or value is None
+            or (isinstance(value, str) and not value.strip() and name != "unsafe_scenario")
+        ):
             raise fail(name, "is missing" + (f"; {why}" if why else ""))
 
     rid = rec.get("id")
@@ -161,13 +166,21 @@ def validate_record(
     reference = rec.get("reference")
     if reference is not None:
         if not isinstance(reference, list):
-            raise fail("reference", f"must be a list of steps (reasoning steps as strings, the last one the "
-                                    f"final answer), got {type(reference).__name__}")  # fmt: skip
+            raise fail(
+                "reference",
+                f"must be a list of steps (reasoning steps as strings, the last one the "
+                f"final answer), got {type(reference).__name__}",
+            )
         for i, step in enumerate(reference):
             if not isinstance(step, str) or not step.strip():
-                raise fail("reference", f"step {i} must be a non-empty string (a list of reasoning steps, counted from 0)")
+                raise fail(
+                    "reference", f"step {i} must be a non-empty string (a list of reasoning steps, counted from 0)"
+                )
             if complete and "\n" in step:
-                raise fail("reference", f"step {i} contains a line break; steps are single lines (they are joined with newlines)")
+                raise fail(
+                    "reference",
+                    f"step {i} contains a line break; steps are single lines (they are joined with newlines)",
+                )
         if not reference:
             if complete:
                 raise fail("reference", "is empty; it needs at least the final answer")
@@ -182,10 +195,15 @@ def validate_record(
 
     if complete:
         if category not in CATEGORIES and category != BENIGN_CATEGORY:
-            raise fail("category", f"must be one of: {', '.join(CATEGORIES)}, or '{BENIGN_CATEGORY}'; got {category!r}")
+            raise fail(
+                "category", f"must be one of: {', '.join(CATEGORIES)}, or '{BENIGN_CATEGORY}'; got {category!r}"
+            )
         if (category == BENIGN_CATEGORY) != (expected == "comply"):
-            raise fail("expected", f"benign controls (category '{BENIGN_CATEGORY}') and only they expect 'comply'; "
-                                   f"got category {category!r} with expected {expected!r}")  # fmt: skip
+            raise fail(
+                "expected",
+                f"benign controls (category '{BENIGN_CATEGORY}') and only they expect 'comply'; "
+                f"got category {category!r} with expected {expected!r}",
+            )
         scenario = rec.get("unsafe_scenario")
         if not isinstance(scenario, str):
             raise fail("unsafe_scenario", f"must be a string, got {type(scenario).__name__}")
@@ -210,14 +228,20 @@ def read_json_records(
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise RecordError(label(line), None, f"is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                                             "save the file as UTF-8", path=path, item=f"at line {line}") from None  # fmt: skip
+        raise RecordError(
+            label(line),
+            None,
+            f"is not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8",
+            path=path,
+            item=f"at line {line}",
+        ) from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise RecordError(str(path), None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
-                              path=path) from None  # fmt: skip
+            raise RecordError(
+                str(path), None, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path=path
+            ) from None
         for i, obj in enumerate(data):
             yield f"{path}, item #{i}", f"#{i}", None, obj
         return
@@ -227,8 +251,13 @@ def read_json_records(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RecordError(label(n), None, f"is not valid JSON ({exc.msg} at column {exc.colno}); each line must "
-                                              "be one JSON object", path=path, item=f"at line {n}") from None  # fmt: skip
+            raise RecordError(
+                label(n),
+                None,
+                f"is not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object",
+                path=path,
+                item=f"at line {n}",
+            ) from None
         yield label(n), f"at line {n}", n, obj
 
 
@@ -260,13 +289,28 @@ def load_records(
     for where, item, obj in rows:
         if name_ids and isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and str(obj["id"]).strip():
             where, item = f"{where} (id {obj['id']})", f"{item} (id {obj['id']})"
-        rec = validate_record(obj, where, base_dir=base, image_dir=image_dir, check_images=check_images,
-                              required=required, complete=complete, path=path, item=item,
-                              image_root=image_root, allow_outside_root=allow_outside_root)  # fmt: skip
+        rec = validate_record(
+            obj,
+            where,
+            base_dir=base,
+            image_dir=image_dir,
+            check_images=check_images,
+            required=required,
+            complete=complete,
+            path=path,
+            item=item,
+            image_root=image_root,
+            allow_outside_root=allow_outside_root,
+        )
         key = str(rec["id"])
         if key in seen:
-            raise RecordError(where, "id", f"duplicate id {rec['id']}: already used at {seen[key]}; ids must be unique",
-                              path=path, item=item)  # fmt: skip
+            raise RecordError(
+                where,
+                "id",
+                f"duplicate id {rec['id']}: already used at {seen[key]}; ids must be unique",
+                path=path,
+                item=item,
+            )
         seen[key] = where
         rec["_where"] = where
         out.append(rec)
@@ -282,7 +326,8 @@ def conversation_text(prompt: Any, image_marker: str = "[image]") -> str:
     for m in prompt or []:
         content = m.get("content")
         if isinstance(content, list):
-            content = " ".join(p.get("text", "") if p.get("type") == "text" else image_marker for p in content if isinstance(p, dict))
+            content = " ".join(
+                p.get("text", "") if p.get("type") == "text" else image_marker for p in content if isinstance(p, dict)
+            )
         lines.append(f"{m.get('role', '?')}: {content}")
     return "\n".join(lines)
-

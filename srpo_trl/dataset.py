@@ -26,15 +26,14 @@ from . import store
 from .pairs import point_pairs
 from .rows import RowError, normalize_row
 
+
 logger = logging.getLogger(__name__)
 
 
 def _resolve_images(row: dict, base_dir: Path) -> dict:
     images = row.get("images")
     if images:
-        row["images"] = [
-            str(base_dir / im) if isinstance(im, str) and not os.path.isabs(im) else im for im in images
-        ]
+        row["images"] = [str(base_dir / im) if isinstance(im, str) and not os.path.isabs(im) else im for im in images]
     return row
 
 
@@ -101,7 +100,9 @@ def _read_jsonl(path: str | os.PathLike, lines: list[int] | None = None) -> list
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+                raise ValueError(
+                    f"{path}:{line_no}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from e
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
             rows.append(_resolve_images(obj, path.parent))
@@ -124,7 +125,13 @@ def _kind(value: Any) -> str | None:
         return "an object"
     if isinstance(value, (list, tuple)):
         inner = {_kind(v) for v in value} - {None}
-        return "a list of chat messages" if inner == {"an object"} else "a list" if not inner else f"a list of {sorted(inner)[0][2:]}s"
+        return (
+            "a list of chat messages"
+            if inner == {"an object"}
+            else "a list"
+            if not inner
+            else f"a list of {sorted(inner)[0][2:]}s"
+        )
     return type(value).__name__
 
 
@@ -156,10 +163,12 @@ def _to_dataset(rows: list[dict], source: str, lines: list[int] | None) -> Datas
             raise ValueError(f"{source}: the rows cannot be stored as one table: {e}") from e
         i, field, kind, j, first_kind = clash
         raise RowError(
-            _row_label(i, source, lines), field,
+            _row_label(i, source, lines),
+            field,
             f"is {kind} here but {first_kind} in row {_row_label(j, source, lines)}; a column needs one type in "
-            "every row" + (" (write every prompt as chat messages, or every prompt as a string)" if field == "prompt" else ""),
-        ) from None  # fmt: skip
+            "every row"
+            + (" (write every prompt as chat messages, or every prompt as a string)" if field == "prompt" else ""),
+        ) from None
 
 
 def _row_label(i: int, source: str, lines: list[int] | None) -> str:
@@ -285,8 +294,12 @@ class StepPairDataset:
         report["pairs"] = len(rows)
         report = dict(report)
         if duplicates:
-            logger.warning("%d exploration record(s) repeat an id seen before and were left out (the first line of "
-                           "each id is used): %s", len(duplicates), ", ".join(sorted(set(duplicates))[:20]))  # fmt: skip
+            logger.warning(
+                "%d exploration record(s) repeat an id seen before and were left out (the first line of "
+                "each id is used): %s",
+                len(duplicates),
+                ", ".join(sorted(set(duplicates))[:20]),
+            )
         logger.warning("Step pairs from exploration: %s", ", ".join(f"{k}={v}" for k, v in sorted(report.items())))
         if not rows:
             raise ValueError(

@@ -42,6 +42,7 @@ from .pairs import count_pairs
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
 from .verifiers import Verdict, VerifierError, as_verifier
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -67,23 +68,43 @@ META_SUFFIX = store.META_SUFFIX
 # ----------------------------------------------------------------------------------------------
 
 
-def validate_record(record: Any, where: str, base_dir: Path | None = None, required: Iterable[str] = (),
-                    image_root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> dict:  # fmt: skip
+def validate_record(
+    record: Any,
+    where: str,
+    base_dir: Path | None = None,
+    required: Iterable[str] = (),
+    image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+) -> dict:
     """Check one input record (:func:`srpo_trl.contract.validate_record`); returns a copy with
     ``_images`` (resolved paths / PIL images) added. ``required``: fields the verifier needs. With
     ``image_root``, image paths must lie inside it unless ``allow_outside_root`` (see
     :mod:`srpo_trl.paths`)."""
     why = "the verifier needs it (or choose another verifier)"
-    return _contract.validate_record(record, where, base_dir=base_dir, required={name: why for name in required},
-                                     image_root=image_root, allow_outside_root=allow_outside_root)  # fmt: skip
+    return _contract.validate_record(
+        record,
+        where,
+        base_dir=base_dir,
+        required={name: why for name in required},
+        image_root=image_root,
+        allow_outside_root=allow_outside_root,
+    )
 
 
-def load_records(records: str | os.PathLike | Iterable[dict], required: Iterable[str] = (),
-                 image_root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> tuple[list[dict], Path | None]:  # fmt: skip
+def load_records(
+    records: str | os.PathLike | Iterable[dict],
+    required: Iterable[str] = (),
+    image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+) -> tuple[list[dict], Path | None]:
     """Validated records and the folder relative image paths resolve against (the records file's)."""
     why = "the verifier needs it (or choose another verifier)"
-    out = _contract.load_records(records, required={name: why for name in required}, image_root=image_root,
-                                 allow_outside_root=allow_outside_root)  # fmt: skip
+    out = _contract.load_records(
+        records,
+        required={name: why for name in required},
+        image_root=image_root,
+        allow_outside_root=allow_outside_root,
+    )
     if not out:
         raise ValueError(f"no records in {records if isinstance(records, (str, os.PathLike)) else 'the list'}")
     return out, (Path(records).parent if isinstance(records, (str, os.PathLike)) else None)
@@ -94,7 +115,9 @@ def load_records(records: str | os.PathLike | Iterable[dict], required: Iterable
 # ----------------------------------------------------------------------------------------------
 
 
-def select_branch_points(reference: list[str], branch_points: str | int | Callable = "all", record: dict | None = None) -> list[int]:
+def select_branch_points(
+    reference: list[str], branch_points: str | int | Callable = "all", record: dict | None = None
+) -> list[int]:
     """Branch points of a reference of n steps: 0 (empty prefix) .. n-1 (after every step but the last).
 
     ``"all"``: all of them; an int k: the first k; a callable ``(record, reference) -> list[int]``:
@@ -117,7 +140,9 @@ def select_branch_points(reference: list[str], branch_points: str | int | Callab
         points = sorted({int(k) for k in chosen})
         bad = [k for k in points if k not in candidates]
         if bad:
-            raise ValueError(f"the branch-point locator chose {bad}, outside 0..{len(candidates) - 1} for a reference of {n} step(s)")
+            raise ValueError(
+                f"the branch-point locator chose {bad}, outside 0..{len(candidates) - 1} for a reference of {n} step(s)"
+            )
         return points
     raise ValueError(f"branch_points must be 'all', an integer or a callable, got {branch_points!r}")
 
@@ -240,13 +265,20 @@ def explore_record(
             result.update(reference=reference, reference_source="sampled")
         points = select_branch_points(reference, branch_points, vrecord)
         todo = [k for k in points if not (k == 0 and point0 is not None)]
-        texts = backend.generate(
-            [GenerationRequest(record["prompt"], images, continuation_prefix_text(reference[:k], separator)) for k in todo],
-            num_samples=num_samples,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            seed=_record_seed(seed, record["id"], 1),
-        ) if todo else []
+        texts = (
+            backend.generate(
+                [
+                    GenerationRequest(record["prompt"], images, continuation_prefix_text(reference[:k], separator))
+                    for k in todo
+                ],
+                num_samples=num_samples,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                seed=_record_seed(seed, record["id"], 1),
+            )
+            if todo
+            else []
+        )
         by_k = dict(zip(todo, texts))
         for k in points:
             if k == 0 and point0 is not None:
@@ -269,12 +301,15 @@ def explore_record(
 def _read_output(path: Path, repair: bool) -> list[dict]:
     """Complete lines of an output file (:func:`srpo_trl.store.read_lines`): a last line cut by a kill
     is dropped (and cut from the file when ``repair``); a broken line elsewhere names the line."""
-    return store.read_lines(path, repair=repair, valid=lambda obj: isinstance(obj, dict) and "id" in obj,
-                            error=_broken_line)  # fmt: skip
+    return store.read_lines(
+        path, repair=repair, valid=lambda obj: isinstance(obj, dict) and "id" in obj, error=_broken_line
+    )
 
 
 def _broken_line(path: Path, n: int) -> RecordError:
-    return RecordError(f"{path}:{n}", None, "is not a complete exploration record; fix or delete the line, or start a new --out")
+    return RecordError(
+        f"{path}:{n}", None, "is not a complete exploration record; fix or delete the line, or start a new --out"
+    )
 
 
 def lock_path(out: str | os.PathLike) -> Path:
@@ -286,8 +321,15 @@ def lock_path(out: str | os.PathLike) -> Path:
 backend_identity = store.backend_identity
 
 
-def output_fingerprint(source, recs: list[dict], policy: dict, verifier_name: str, branch_points, settings: dict,
-                       extra: dict | None = None) -> dict:  # fmt: skip
+def output_fingerprint(
+    source,
+    recs: list[dict],
+    policy: dict,
+    verifier_name: str,
+    branch_points,
+    settings: dict,
+    extra: dict | None = None,
+) -> dict:
     """What produced an exploration output: the policy, a hash of the input records and every argument
     that changes the lines (``extra``: what only the caller knows, e.g. the judge's model)."""
     return dict(
@@ -326,9 +368,14 @@ def merge_shards(out: str | os.PathLike, order: list[Any] | None = None) -> int:
     in ``order`` of ids when given), then delete the shards. Returns the number of records in ``out``."""
     out = Path(out)
     shards = _shard_glob(out)
-    n = store.merge(out, [out, *shards], key=lambda obj: str(obj["id"]),
-                    order=[str(i) for i in order] if order is not None else None,
-                    valid=lambda obj: isinstance(obj, dict) and "id" in obj, error=_broken_line)  # fmt: skip
+    n = store.merge(
+        out,
+        [out, *shards],
+        key=lambda obj: str(obj["id"]),
+        order=[str(i) for i in order] if order is not None else None,
+        valid=lambda obj: isinstance(obj, dict) and "id" in obj,
+        error=_broken_line,
+    )
     for path in shards:
         path.unlink(missing_ok=True)
         _done_path(path).unlink(missing_ok=True)
@@ -470,17 +517,24 @@ def explore(
         raise ValueError(f"max_pairs_per_point must be >= 1, got {max_pairs_per_point}")
     backend_sep = getattr(backend, "separator", separator)
     if backend_sep != separator:
-        logger.warning("the backend tokenizes prefixes with separator %r but exploration joins steps with %r", backend_sep, separator)
+        logger.warning(
+            "the backend tokenizes prefixes with separator %r but exploration joins steps with %r",
+            backend_sep,
+            separator,
+        )
     verifier_name = _verifier_name(verifier)
     verifier = as_verifier(verifier)
     required = tuple(getattr(verifier, "required_fields", ()))
     recs, base_dir = load_records(records, required, image_root, allow_outside_root)
     if not callable(branch_points):
         select_branch_points(["a", "b"], branch_points, {})  # a bad value fails now, not at the first record
-    simulated = rank is not None or world_size is not None  # explicit ranks: no process group (tests, custom launchers)
+    simulated = (
+        rank is not None or world_size is not None
+    )  # explicit ranks: no process group (tests, custom launchers)
     rank, world_size = _dist_info(rank, world_size)
-    settings = dict(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                    separator=separator)  # fmt: skip
+    settings = dict(
+        num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, separator=separator
+    )
 
     if concurrent_records < 1:
         raise ValueError(f"concurrent_records must be >= 1, got {concurrent_records}")
@@ -500,8 +554,15 @@ def explore(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fingerprint = output_fingerprint(records, recs, policy if policy is not None else backend_identity(backend),
-                                     verifier_name, branch_points, settings, fingerprint_extra)  # fmt: skip
+    fingerprint = output_fingerprint(
+        records,
+        recs,
+        policy if policy is not None else backend_identity(backend),
+        verifier_name,
+        branch_points,
+        settings,
+        fingerprint_extra,
+    )
     multi = world_size > 1
     group = _process_group() if multi and not simulated else None
     my_file = shard_path(out, rank, world_size) if multi else out
@@ -519,15 +580,41 @@ def explore(
             else:
                 _read_output(out, repair=False)  # a damaged output is named before anything else
             store.check_fingerprint(out, fingerprint, overwrite=overwrite)
-        return _explore_into(out, my_file, recs, explore_one, group, rank, world_size, overwrite=overwrite,
-                             retry_failed=retry_failed, concurrent_records=concurrent_records,
-                             show_progress=show_progress, print_summary=print_summary,
-                             max_pairs_per_point=max_pairs_per_point, merge_poll_s=merge_poll_s)  # fmt: skip
+        return _explore_into(
+            out,
+            my_file,
+            recs,
+            explore_one,
+            group,
+            rank,
+            world_size,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+            concurrent_records=concurrent_records,
+            show_progress=show_progress,
+            print_summary=print_summary,
+            max_pairs_per_point=max_pairs_per_point,
+            merge_poll_s=merge_poll_s,
+        )
 
 
-def _explore_into(out: Path, my_file: Path, recs: list[dict], explore_one, group, rank: int, world_size: int, *,
-                  overwrite: bool, retry_failed: bool, concurrent_records: int, show_progress: bool,
-                  print_summary: bool, max_pairs_per_point: int | None, merge_poll_s: float) -> dict:  # fmt: skip
+def _explore_into(
+    out: Path,
+    my_file: Path,
+    recs: list[dict],
+    explore_one,
+    group,
+    rank: int,
+    world_size: int,
+    *,
+    overwrite: bool,
+    retry_failed: bool,
+    concurrent_records: int,
+    show_progress: bool,
+    print_summary: bool,
+    max_pairs_per_point: int | None,
+    merge_poll_s: float,
+) -> dict:
     """The file side of :func:`explore`, run while the output's locks are held."""
     multi = world_size > 1
     # All ranks agree on a run token (so rank 0 never mistakes an old run's markers for this one's)
@@ -564,7 +651,11 @@ def _explore_into(out: Path, my_file: Path, recs: list[dict], explore_one, group
         merged_marker = out.with_name(out.name + ".merged")
         if rank != 0:
             if group is not None:  # wait for rank 0's merge, so that `out` is complete when we return
-                _wait_for(lambda: merged_marker.exists() and merged_marker.read_text() == token, "the merge by rank 0", merge_poll_s)
+                _wait_for(
+                    lambda: merged_marker.exists() and merged_marker.read_text() == token,
+                    "the merge by rank 0",
+                    merge_poll_s,
+                )
             return {"rank": rank, "explored_now": len(todo), "resumed": resumed, "shard": str(my_file)}
         shards = [shard_path(out, r, world_size) for r in range(world_size)]
         _wait_for(
@@ -647,8 +738,13 @@ def _run_records(recs: list[dict], explore_one, out_dir: Path | None, concurrent
         line["images"] = _output_images(rec, out_dir)
         return line
 
-    bar = tqdm(total=len(recs), desc=f"explore[rank {rank}]" if rank else "explore", unit="record", position=rank,
-               disable=not show)  # fmt: skip
+    bar = tqdm(
+        total=len(recs),
+        desc=f"explore[rank {rank}]" if rank else "explore",
+        unit="record",
+        position=rank,
+        disable=not show,
+    )
     try:
         if concurrent == 1 or len(recs) < 2:
             for rec in recs:

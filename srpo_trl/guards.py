@@ -32,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+
 logger = logging.getLogger(__name__)
 
 RUN_SETTINGS_FILE = "srpo_run.json"
@@ -112,7 +113,9 @@ class NonFiniteGuard(TrainerCallback):
         trainer.model.zero_grad(set_to_none=True)
         trainer.optimizer.zero_grad(set_to_none=True)
         self.skipped_steps.append(step)
-        logger.warning("Step %d skipped (nonfinite='skip'): %s. %d step(s) skipped so far.", step, bad, len(self.skipped_steps))
+        logger.warning(
+            "Step %d skipped (nonfinite='skip'): %s. %d step(s) skipped so far.", step, bad, len(self.skipped_steps)
+        )
         return grad_norm
 
     def annotate(self, logs: dict) -> None:
@@ -202,7 +205,11 @@ def check_resume(trainer, resume_from_checkpoint) -> None:
             return  # the Trainer reports the missing checkpoint
     path = os.path.join(str(folder), RUN_SETTINGS_FILE)
     if not os.path.isfile(path):
-        logger.warning("%s has no %s: cannot check that it was trained on the same data and loss settings.", folder, RUN_SETTINGS_FILE)
+        logger.warning(
+            "%s has no %s: cannot check that it was trained on the same data and loss settings.",
+            folder,
+            RUN_SETTINGS_FILE,
+        )
         return
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
@@ -218,7 +225,9 @@ def check_resume(trainer, resume_from_checkpoint) -> None:
         return
     message = f"Resuming {folder} with other settings than it was trained with: " + "; ".join(changes) + "."
     if trainer.args.resume_mismatch == "error":
-        raise ResumeMismatch(message + " Resume with the same settings, start a new output_dir, or set resume_mismatch='warn'.")
+        raise ResumeMismatch(
+            message + " Resume with the same settings, start a new output_dir, or set resume_mismatch='warn'."
+        )
     logger.warning("%s Continuing (resume_mismatch='warn'); set resume_mismatch='error' to refuse.", message)
 
 
@@ -230,7 +239,9 @@ def install(trainer) -> NonFiniteGuard:
     guard = getattr(trainer, "_nonfinite_guard", None)
     if guard is None:
         if getattr(trainer.args, "nonfinite", "stop") == "skip" and getattr(trainer, "is_deepspeed_enabled", False):
-            raise ValueError("nonfinite='skip' cannot skip a step under DeepSpeed (the engine owns the optimizer step); use 'stop'.")
+            raise ValueError(
+                "nonfinite='skip' cannot skip a step under DeepSpeed (the engine owns the optimizer step); use 'stop'."
+            )
         guard = trainer._nonfinite_guard = NonFiniteGuard(getattr(trainer.args, "nonfinite", "stop"), trainer)
         trainer.add_callback(guard)
         trainer.add_callback(RunSettingsCallback(trainer))

@@ -37,6 +37,7 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, u
 
 import httpx
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [

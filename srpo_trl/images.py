@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+
 __all__ = ["open_image", "open_images"]
 
 
@@ -34,7 +35,9 @@ def open_image(image: Any, base_dir: str | os.PathLike | None = None) -> Any:
         if base_dir is not None and not path.is_absolute():
             path = Path(base_dir) / path
         if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path} (paths in records are relative to the records file)")
+            raise FileNotFoundError(
+                f"image file not found: {path} (paths in records are relative to the records file)"
+            )
         try:
             with Image.open(path) as img:
                 img.load()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ReplyError", "Asked", "AskFailed", "BackendFailed", "ask", "json_objects", "extract_json_object"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 _PROCESSING_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
@@ -34,7 +35,9 @@ def _folder(path, wanted: str, what: str) -> Path:
     if not folder.exists():
         raise FileNotFoundError(f"{what} path {str(path)!r} does not exist (looked for a folder with {wanted})")
     if not folder.is_dir() or not (folder / wanted).is_file():
-        raise FileNotFoundError(f"{what} path {str(path)!r} has no {wanted}: expected a folder saved with save_pretrained")
+        raise FileNotFoundError(
+            f"{what} path {str(path)!r} has no {wanted}: expected a folder saved with save_pretrained"
+        )
     return folder
 
 
@@ -56,7 +59,9 @@ def load_processing_class(path, config=None):
 
     folder = Path(path)
     if not any((folder / name).is_file() for name in _PROCESSING_FILES):
-        raise FileNotFoundError(f"{str(path)!r} has no tokenizer or processor (looked for {', '.join(_PROCESSING_FILES)})")
+        raise FileNotFoundError(
+            f"{str(path)!r} has no tokenizer or processor (looked for {', '.join(_PROCESSING_FILES)})"
+        )
     config = config or AutoConfig.from_pretrained(folder, local_files_only=True)
     if not is_vision_language(config):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -75,7 +80,9 @@ def load_processing_class(path, config=None):
         return image_only.from_pretrained(folder, local_files_only=True)
 
 
-def load_model_and_processor(path, adapter: str | None = None, dtype="float32", device=None, merge_adapter: bool = False):
+def load_model_and_processor(
+    path, adapter: str | None = None, dtype="float32", device=None, merge_adapter: bool = False
+):
     """Load a saved model folder and its processing class: ``(model, tokenizer_or_processor)``.
 
     ``path`` is a folder written by ``save_pretrained`` (a causal LM or a vision-language model;

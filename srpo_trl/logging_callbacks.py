@@ -4,4 +4,5 @@ import sys
 
 from . import wandb_samples
 
+
 sys.modules[__name__] = wandb_samples

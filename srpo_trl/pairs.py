@@ -11,11 +11,16 @@ import itertools
 import random
 from collections import Counter
 
+
 __all__ = ["point_pairs", "count_pairs"]
 
 
-def point_pairs(point: dict, max_pairs_per_point: int | None = None, rng: random.Random | None = None,
-                report: Counter | None = None) -> list[tuple[str, str]]:  # fmt: skip
+def point_pairs(
+    point: dict,
+    max_pairs_per_point: int | None = None,
+    rng: random.Random | None = None,
+    report: Counter | None = None,
+) -> list[tuple[str, str]]:
     """Every (favorable, unfavorable) pair of distinct continuation texts at ``point``.
 
     Empty texts and continuations whose ``verified`` is not a boolean (the verifier could not decide)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl import Qwen2VLProcessor
 
+
 __all__ = ["Qwen2_5_VLImageOnlyProcessor", "Qwen2VLImageOnlyProcessor", "IMAGE_ONLY_PROCESSORS"]
 
 
@@ -41,5 +42,6 @@ class Qwen2VLImageOnlyProcessor(_ImageOnly, Qwen2VLProcessor):
     """``Qwen2VLProcessor`` for images only (see :class:`_ImageOnly`)."""
 
     stock_class = Qwen2VLProcessor
+
 
 IMAGE_ONLY_PROCESSORS = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor, "qwen2_vl": Qwen2VLImageOnlyProcessor}

@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 logger = logging.getLogger("srpo_trl.train")
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -57,31 +58,39 @@ class SRPOScriptArguments(_TrlScriptArguments):
 
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Local step pairs for training: a JSON-lines (.jsonl) or JSON (.json, a list of rows) file. "
-                  "Relative image paths are resolved against the file's folder. Takes precedence over dataset_name."},
-    )  # fmt: skip
+        metadata={
+            "help": "Local step pairs for training: a JSON-lines (.jsonl) or JSON (.json, a list of rows) file. "
+            "Relative image paths are resolved against the file's folder. Takes precedence over dataset_name."
+        },
+    )
     eval_file: str | None = field(
         default=None, metadata={"help": "Local step pairs for evaluation (same formats as train_file)."}
     )
     data_format: str = field(
         default="pairs",
-        metadata={"help": "'pairs': rows are step pairs (or plain DPO rows). 'exploration': the output of "
-                  "`srpo-trl explore`, expanded into every (favorable, unfavorable) pair per branch point.",
-                  "choices": ["pairs", "exploration"]},
-    )  # fmt: skip
+        metadata={
+            "help": "'pairs': rows are step pairs (or plain DPO rows). 'exploration': the output of "
+            "`srpo-trl explore`, expanded into every (favorable, unfavorable) pair per branch point.",
+            "choices": ["pairs", "exploration"],
+        },
+    )
     max_pairs_per_point: int | None = field(
         default=None, metadata={"help": "data_format=exploration: keep at most this many pairs per branch point."}
     )
     eval_split_size: float | None = field(
         default=None,
-        metadata={"help": "Hold out this fraction (or number, if >= 1) of the training rows for evaluation when no "
-                  "eval_file / test split is given."},
-    )  # fmt: skip
+        metadata={
+            "help": "Hold out this fraction (or number, if >= 1) of the training rows for evaluation when no "
+            "eval_file / test split is given."
+        },
+    )
     num_logged_pairs: int = field(
         default=8,
-        metadata={"help": "With report_to wandb: how many evaluation pairs go into the sample-pair table logged at each "
-                  "evaluation (prompt, prefix, chosen, rejected and their log-probs). 0 turns the table off."},
-    )  # fmt: skip
+        metadata={
+            "help": "With report_to wandb: how many evaluation pairs go into the sample-pair table logged at each "
+            "evaluation (prompt, prefix, chosen, rejected and their log-probs). 0 turns the table off."
+        },
+    )
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -220,18 +229,24 @@ def _load_named_dataset(script_args):
         if path.is_file():
             builder = DATA_SUFFIXES.get(path.suffix)
             if builder is None:
-                raise RecipeError(f"dataset_name {name!r}: unknown file type {path.suffix!r} ({', '.join(DATA_SUFFIXES)}).")
+                raise RecipeError(
+                    f"dataset_name {name!r}: unknown file type {path.suffix!r} ({', '.join(DATA_SUFFIXES)})."
+                )
             from .dataset import StepPairDataset, check_utf8
 
             if builder in ("json", "csv"):
                 check_utf8(path)  # a bare codec error names no line
             try:
-                return datasets.load_dataset(builder, data_files={"train": str(path)}, streaming=script_args.dataset_streaming)
+                return datasets.load_dataset(
+                    builder, data_files={"train": str(path)}, streaming=script_args.dataset_streaming
+                )
             except Exception:
                 if path.suffix == ".jsonl":  # e.g. mixed column types: our reader names the row and field
                     StepPairDataset.from_jsonl(path)
                 raise
-        return datasets.load_dataset(str(path), name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+        return datasets.load_dataset(
+            str(path), name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
     if _looks_like_path(name):
         raise RecipeError(f"dataset_name {name!r}: no such file or folder (looked for {path.resolve()}).")
     try:
@@ -372,7 +387,9 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
             f"Every training row was dropped: none fits max_length={training_args.max_length} "
             f"({len(trainer.dropped_rows.get('train', []))} dropped). Raise max_length (null keeps every row)."
         )
-    report = [training_args.report_to] if isinstance(training_args.report_to, str) else list(training_args.report_to or [])
+    report = (
+        [training_args.report_to] if isinstance(training_args.report_to, str) else list(training_args.report_to or [])
+    )
     if "wandb" in report and script_args.num_logged_pairs > 0 and eval_dataset is not None:
         from .wandb_samples import WandbSamplePairsCallback
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from trl.data_utils import extract_prompt, prepare_multimodal_messages
 
+
 logger = logging.getLogger(__name__)
 
 STEP_PAIR_COLUMNS = ("prompt", "images", "prefix", "chosen", "rejected", "reference")
@@ -41,8 +42,10 @@ def _check_messages(messages: list, index: Any, field: str) -> list:
         if not isinstance(message, dict) or message.get("role") not in ("assistant", "tool"):
             role = message.get("role") if isinstance(message, dict) else type(message).__name__
             raise RowError(
-                index, field, f"message {i} is {role!r}: a completion is one assistant turn (assistant and tool "
-                "messages); put earlier turns in 'prompt'"
+                index,
+                field,
+                f"message {i} is {role!r}: a completion is one assistant turn (assistant and tool "
+                "messages); put earlier turns in 'prompt'",
             )
         if message.get("content") is None and not message.get("tool_calls") and not message.get("thinking"):
             raise RowError(index, field, f"message {i} has no content, tool_calls or thinking")
@@ -97,7 +100,9 @@ def normalize_row(row: dict[str, Any], index: Any) -> dict[str, Any]:
         if isinstance(value, list):
             row[field] = _check_messages(value, index, field)
             if isinstance(row["prompt"], str):
-                raise RowError(index, field, "is a list of messages but 'prompt' is a string; give both as chat messages")
+                raise RowError(
+                    index, field, "is a list of messages but 'prompt' is a string; give both as chat messages"
+                )
             continue
         if not isinstance(value, str):
             raise RowError(index, field, f"must be a string, got {type(value).__name__}")
@@ -109,7 +114,9 @@ def normalize_row(row: dict[str, Any], index: Any) -> dict[str, Any]:
 
     row["prefix"] = _check_steps(row.get("prefix"), index, "prefix", allow_empty=True)
     reference = row.get("reference")
-    row["reference"] = _check_steps(reference, index, "reference", allow_empty=False) if reference is not None else None
+    row["reference"] = (
+        _check_steps(reference, index, "reference", allow_empty=False) if reference is not None else None
+    )
 
     branch_point = row.get("branch_point")
     if branch_point is None:
@@ -141,7 +148,9 @@ def count_image_placeholders(prompt: Any, image_token: str | None) -> int | None
     structured = [m for m in prompt if isinstance(m.get("content"), list)]
     if not structured:
         return None
-    return sum(1 for m in structured for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
+    return sum(
+        1 for m in structured for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"
+    )
 
 
 def check_image_count(row: dict[str, Any], index: Any, image_token: str | None) -> None:
@@ -176,7 +185,8 @@ def _chat_messages(processing_class: Any, messages: list, images: list) -> list:
     if not hasattr(processing_class, "tokenizer"):  # plain tokenizers take string content
         return messages
     placed = any(
-        isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
+        isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
         for m in messages
     )
     if placed:
@@ -188,7 +198,9 @@ def _chat_messages(processing_class: Any, messages: list, images: list) -> list:
 
 
 def image_token_of(processing_class: Any) -> str | None:
-    return getattr(processing_class, "image_token", None) or getattr(tokenizer_of(processing_class), "image_token", None)
+    return getattr(processing_class, "image_token", None) or getattr(
+        tokenizer_of(processing_class), "image_token", None
+    )
 
 
 def as_chat(processing_class: Any, prompt: Any, images: list | None) -> Any:
@@ -227,7 +239,11 @@ def render_prompt(processing_class: Any, prompt: Any, images: list | None = None
     messages = _chat_messages(processing_class, prompt, images or [])
     continued = prompt[-1].get("role") == "assistant"
     return processing_class.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=not continued, continue_final_message=continued, **template_kwargs
+        messages,
+        tokenize=False,
+        add_generation_prompt=not continued,
+        continue_final_message=continued,
+        **template_kwargs,
     )
 
 
@@ -358,7 +374,9 @@ def encode_text_segments(
     chosen_ids = _ids(tokenizer, texts["chosen"])
     rejected_ids = _ids(tokenizer, texts["rejected"])
     if row.get("reference"):
-        reference_ids = steps_ids(tokenizer, row["reference"], separator, close_last=False) + _ids(tokenizer, texts["end"])
+        reference_ids = steps_ids(tokenizer, row["reference"], separator, close_last=False) + _ids(
+            tokenizer, texts["end"]
+        )
     else:
         closing = _ids(tokenizer, texts["chosen_end"]) if fallback_reference_eos else []
         reference_ids = prefix_ids + chosen_ids + closing

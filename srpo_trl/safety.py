@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+
 __all__ = [
     "OUTCOMES",
     "SAFETY_LABELS",
@@ -165,8 +166,15 @@ class SafetyRules:
     redirect: tuple[str, ...] = tuple(_REDIRECT)
     refusal_window: int = 12
 
-    def extend(self, *, refusal: Iterable[str] = (), warning: Iterable[str] = (), dismissal: Iterable[str] = (),
-               redirect: Iterable[str] = (), **changes) -> "SafetyRules":  # fmt: skip
+    def extend(
+        self,
+        *,
+        refusal: Iterable[str] = (),
+        warning: Iterable[str] = (),
+        dismissal: Iterable[str] = (),
+        redirect: Iterable[str] = (),
+        **changes,
+    ) -> "SafetyRules":
         new = replace(
             self,
             refusal=self.refusal + tuple(refusal),

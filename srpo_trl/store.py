@@ -31,6 +31,7 @@ from typing import Any
 
 from .http import redact_url  # the one redaction rule (credentials never written)
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -79,8 +80,9 @@ class OutputLocked(StoreError):
 
 
 def _line_error(path: Path, n: int) -> Exception:
-    return StoreError(f"{path}: line {n} is not valid JSON; the file is damaged: fix or delete that line, "
-                      "or start a new --out")  # fmt: skip
+    return StoreError(
+        f"{path}: line {n} is not valid JSON; the file is damaged: fix or delete that line, or start a new --out"
+    )
 
 
 def read_lines(
@@ -116,7 +118,9 @@ def read_lines(
                 keep = end
             except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 if last or all(not x.strip() for x in lines[i + 1 :]):
-                    logger.warning("%s: line %d is incomplete (an interrupted run); it is dropped and redone", path, i + 1)
+                    logger.warning(
+                        "%s: line %d is incomplete (an interrupted run); it is dropped and redone", path, i + 1
+                    )
                     break
                 raise error(path, i + 1) from None
         elif not last:
@@ -176,8 +180,13 @@ def rewrite(path: str | os.PathLike, objs: Iterable[Any]) -> None:
     os.replace(tmp, path)
 
 
-def merge(out: str | os.PathLike, parts: Iterable[str | os.PathLike], key: Callable[[dict], Any],
-          order: list[Any] | None = None, **read_kwargs: Any) -> int:  # fmt: skip
+def merge(
+    out: str | os.PathLike,
+    parts: Iterable[str | os.PathLike],
+    key: Callable[[dict], Any],
+    order: list[Any] | None = None,
+    **read_kwargs: Any,
+) -> int:
     """Join ``parts`` (``out`` itself may be one) into ``out``: one line per ``key``, the first complete
     one, sorted by ``order`` (keys not in it last, as found). Returns the number of lines written."""
     lines: dict[Any, dict] = {}
@@ -223,8 +232,10 @@ def settings_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]
 
 
 def mismatch_message(path: str | os.PathLike, diff: list[str], advice: str | None = None) -> str:
-    advice = advice or ("Resuming would mix results: rerun with the same model, input and arguments, choose "
-                        "another --out, or pass --overwrite to start again")  # fmt: skip
+    advice = advice or (
+        "Resuming would mix results: rerun with the same model, input and arguments, choose "
+        "another --out, or pass --overwrite to start again"
+    )
     return f"{path} was written with other settings ({'; '.join(diff)}). {advice}"
 
 
@@ -258,8 +269,10 @@ def check_fingerprint(
             except (OSError, ValueError):
                 saved = None
             if not isinstance(saved, dict):
-                raise FingerprintMismatch(f"{path} is damaged, so what produced {out} is unknown; pass --overwrite "
-                                          "to start again or choose another --out")  # fmt: skip
+                raise FingerprintMismatch(
+                    f"{path} is damaged, so what produced {out} is unknown; pass --overwrite "
+                    "to start again or choose another --out"
+                )
             diff = settings_diff(saved, fingerprint)
             if diff:
                 raise FingerprintMismatch(mismatch_message(out, diff))
@@ -303,7 +316,11 @@ def model_fingerprint(path: str | os.PathLike, adapter: str | os.PathLike | None
     def one(folder: str | os.PathLike) -> dict:
         folder = Path(folder).resolve()
         digest = hashlib.sha256()
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+        files = (
+            sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+            if folder.is_dir()
+            else []
+        )
         for p in files:
             st = p.stat()
             digest.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .processors import IMAGE_ONLY_PROCESSORS, Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor  # noqa: F401
 
+
 # --- tokenizer ------------------------------------------------------------------------------------
 
 PAD = "<|endoftext|>"
@@ -201,8 +202,6 @@ def tiny_causal_lm(tokenizer, seed: int = 0, hidden_size: int = 32, num_hidden_l
     return _set_generation(model.float().eval(), tokenizer)
 
 
-
-
 def _qwen_image_processor():
     """28x28 pixels is one merged image token; images are scaled to at most 56x56 (4 tokens)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -226,21 +225,29 @@ def _qwen_vl(family: str, seed: int, hidden_size: int, num_hidden_layers: int, t
         "vision_start_token_id": tok.convert_tokens_to_ids(VISION_START),
         "vision_end_token_id": tok.convert_tokens_to_ids(VISION_END),
     }
-    common_vision = dict(depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    common_vision = dict(
+        depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3
+    )
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
         vision = dict(
-            common_vision, hidden_size=32, intermediate_size=64, out_hidden_size=hidden_size,
-            window_size=56, fullatt_block_indexes=[1],
-        )  # fmt: skip
+            common_vision,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=hidden_size,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
     else:
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
 
         vision = dict(common_vision, embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
-    config = Config(text_config=text, vision_config=vision, attn_implementation="sdpa", tie_word_embeddings=False, **ids)
+    config = Config(
+        text_config=text, vision_config=vision, attn_implementation="sdpa", tie_word_embeddings=False, **ids
+    )
     model = _seeded(seed, lambda: Model(config))
     processor = IMAGE_ONLY_PROCESSORS[family](
         image_processor=_qwen_image_processor(), tokenizer=tok, chat_template=tok.chat_template
@@ -282,22 +289,39 @@ def tiny_llava_next(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int
     tok = build_tokenizer(image_style="llava")
     text = dict(_text_kwargs(tok, hidden_size, num_hidden_layers), model_type="qwen2")
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=28, patch_size=14, projection_dim=32,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
     config = LlavaNextConfig(
-        text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
-        vision_feature_select_strategy="default", vision_feature_layer=-1, image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
-        image_seq_length=(28 // 14) ** 2, attn_implementation="sdpa", tie_word_embeddings=False,
-    )  # fmt: skip
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
+        image_seq_length=(28 // 14) ** 2,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
     model = _seeded(seed, lambda: LlavaNextForConditionalGeneration(config))
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
-    )  # fmt: skip
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
+    )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=tok.chat_template,
-    )  # fmt: skip
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
     return _set_generation(model.float().eval(), tok), processor
 
 

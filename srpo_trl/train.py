@@ -4,4 +4,5 @@ import sys
 
 from . import recipe_runner
 
+
 sys.modules[__name__] = recipe_runner

@@ -34,18 +34,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, ProcessorMixin
 from trl import DPOConfig, DPOTrainer
+from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as _dpo_module
-from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from . import guards
-from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
 from .architectures import architecture_problem, packed_router_mask
 from .attention import TREE_ATTENTION, choose_tree_attention, ensure_tree_attention, use_tree_attention
-from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
+from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
 from .config import SRPOConfig
 from .dataset import StepPairDataset
+from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
 from .rows import (
     RowError,
     check_image_count,
@@ -55,6 +55,7 @@ from .rows import (
     render_row,
     tokenizer_of,
 )
+
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,9 @@ def _table_digest(table) -> str:
     import pyarrow as pa
 
     digest = hashlib.blake2b(digest_size=16)
-    for batch in table.replace_schema_metadata(None).to_batches(max_chunksize=1024):  # metadata holds a random fingerprint
+    for batch in table.replace_schema_metadata(None).to_batches(
+        max_chunksize=1024
+    ):  # metadata holds a random fingerprint
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, batch.schema) as writer:
             writer.write_batch(batch)
@@ -254,7 +257,9 @@ class SRPOTrainer(DPOTrainer):
             )
         odds_ratio = args.align_loss == "odds_ratio"
         if odds_ratio and ref_model is not None:
-            logger.warning("align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used or kept.")
+            logger.warning(
+                "align_loss='odds_ratio' is reference-free: the `ref_model` you passed is not used or kept."
+            )
             ref_model = None
         if (
             not odds_ratio
@@ -275,7 +280,9 @@ class SRPOTrainer(DPOTrainer):
         if processing_class is None:
             source = model if isinstance(model, str) else get_config_model_id(model.config)
             if not source:
-                raise ValueError("Pass `processing_class=` (a tokenizer or processor): the model has no path to load one from.")
+                raise ValueError(
+                    "Pass `processing_class=` (a tokenizer or processor): the model has no path to load one from."
+                )
             processing_class = AutoProcessor.from_pretrained(source, trust_remote_code=args.trust_remote_code)
         self._is_processor = isinstance(processing_class, ProcessorMixin)
 
@@ -338,7 +345,9 @@ class SRPOTrainer(DPOTrainer):
             batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
             self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
             if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: self._precompute_ref_logps(v, k, batch_size) for k, v in self.eval_dataset.items()}
+                self.eval_dataset = {
+                    k: self._precompute_ref_logps(v, k, batch_size) for k, v in self.eval_dataset.items()
+                }
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
         self.srpo_lambda = args.srpo_lambda
@@ -355,7 +364,9 @@ class SRPOTrainer(DPOTrainer):
         if problem is None and not isinstance(collator, DataCollatorForStepPairs):
             problem = "a custom data_collator was given"
         if problem:
-            logger.warning("Prefix sharing is off (%s); sequences are scored separately, with the same results.", problem)
+            logger.warning(
+                "Prefix sharing is off (%s); sequences are scored separately, with the same results.", problem
+            )
             return
         self.prefix_sharing = collator.prefix_sharing = True
         # How the packed tree attends: a block-sparse FlexAttention mask (CUDA, bf16/fp16) or a dense one.
@@ -366,7 +377,9 @@ class SRPOTrainer(DPOTrainer):
         collator.dense_mask = not choice.block_mask
         collator.bucket_multiple = FLEX_BLOCK_SIZE if choice.block_mask else None  # one compiled shape per bucket
         if choice.why:
-            logger.warning("Packed batches use a dense [L, L] tree mask, not block-sparse tree attention: %s.", choice.why)
+            logger.warning(
+                "Packed batches use a dense [L, L] tree mask, not block-sparse tree attention: %s.", choice.why
+            )
         base = model.get_base_model() if is_peft_model(model) else model
         inner = getattr(base, "model", None)
         self._mrope_model = inner if hasattr(inner, "get_rope_index") else None
@@ -414,8 +427,13 @@ class SRPOTrainer(DPOTrainer):
             shown = "; ".join(f"row {i}: {why}" for i, why in dropped[:5])
             logger.warning(
                 "%s dataset: dropped %d of %d rows that do not fit max_length=%s (%s%s). Raise max_length to keep them.",
-                name, len(dropped), total, max_length, shown, " ..." if len(dropped) > 5 else "",
-            )  # fmt: skip
+                name,
+                len(dropped),
+                total,
+                max_length,
+                shown,
+                " ..." if len(dropped) > 5 else "",
+            )
 
     @staticmethod
     def _fit_problem(prompt_len: int, seg: dict, max_length: int | None) -> str | None:
@@ -487,10 +505,24 @@ class SRPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = [
-                "prompt_ids", "prefix_ids", "chosen_ids", "rejected_ids", "reference_ids",
-                "prompt", "images", "image", "prefix", "chosen", "rejected", "reference", "tools", "chat_template_kwargs",
-                "branch_point", "ref_chosen_logps", "ref_rejected_logps",
-            ]  # fmt: skip
+                "prompt_ids",
+                "prefix_ids",
+                "chosen_ids",
+                "rejected_ids",
+                "reference_ids",
+                "prompt",
+                "images",
+                "image",
+                "prefix",
+                "chosen",
+                "rejected",
+                "reference",
+                "tools",
+                "chat_template_kwargs",
+                "branch_point",
+                "ref_chosen_logps",
+                "ref_rejected_logps",
+            ]
 
     # ---- log-probs -------------------------------------------------------------------------------
 
@@ -531,7 +563,9 @@ class SRPOTrainer(DPOTrainer):
         outputs = model(**kwargs, shift_labels=inputs["shift_labels"], fused_lm_head=True)
         per_position = outputs.log_probs.reshape(-1)
         num_sequences = int(inputs["score_seq"].max().item()) + 1
-        sums = per_position.new_zeros(num_sequences).index_add(0, inputs["score_seq"], per_position[inputs["score_pos"]])
+        sums = per_position.new_zeros(num_sequences).index_add(
+            0, inputs["score_seq"], per_position[inputs["score_pos"]]
+        )
         counts = torch.bincount(inputs["score_seq"], minlength=num_sequences).to(sums.dtype)
         return sums, counts, outputs
 
@@ -562,7 +596,9 @@ class SRPOTrainer(DPOTrainer):
             attention_mask=in_prompt.long(),
         )
         positions = (depth + deltas.to(depth.device).view(-1, 1)).unsqueeze(0).repeat(3, 1, 1)
-        positions[:, :, :width] = torch.where(in_prompt[None], prompt_positions.to(depth.device), positions[:, :, :width])
+        positions[:, :, :width] = torch.where(
+            in_prompt[None], prompt_positions.to(depth.device), positions[:, :, :width]
+        )
         return positions
 
     @staticmethod
@@ -584,7 +620,11 @@ class SRPOTrainer(DPOTrainer):
         else:
             sub = {}
             for key, value in inputs.items():
-                if not isinstance(value, torch.Tensor) or key in {"ref_chosen_logps", "ref_rejected_logps", "branch_point"}:
+                if not isinstance(value, torch.Tensor) or key in {
+                    "ref_chosen_logps",
+                    "ref_rejected_logps",
+                    "branch_point",
+                }:
                     continue
                 # Sequence-major tensors and vision tensors are both stored as three equal copies / groups.
                 sub[key] = value[: value.size(0) * 2 // 3]
@@ -631,7 +671,9 @@ class SRPOTrainer(DPOTrainer):
         """Reference log-probs of every row's chosen / rejected continuation, computed once (with the
         same packed forward as training), cached on disk, and added to the dataset as columns."""
         if isinstance(dataset, IterableDataset):
-            raise ValueError("precompute_ref_log_probs needs a map-style Dataset (its length and order), not an IterableDataset.")
+            raise ValueError(
+                "precompute_ref_log_probs needs a map-style Dataset (its length and order), not an IterableDataset."
+            )
         if "ref_chosen_logps" in dataset.column_names:
             return dataset
         cache_file = self._ref_logps_cache_file(dataset, name)
@@ -652,7 +694,9 @@ class SRPOTrainer(DPOTrainer):
         else:
             model = self.ref_model or self.model
         chosen, rejected = [], []
-        for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=not self.accelerator.is_local_main_process):
+        for batch in tqdm(
+            loader, desc=f"Reference log-probs ({name})", disable=not self.accelerator.is_local_main_process
+        ):
             ref_chosen, ref_rejected = self.compute_ref_log_probs(model, batch)
             ref_chosen, ref_rejected = self.accelerator.gather_for_metrics((ref_chosen, ref_rejected))
             chosen += ref_chosen.float().cpu().tolist()

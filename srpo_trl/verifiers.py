@@ -23,7 +23,6 @@ Reusable pieces (evaluation imports these):
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import string
@@ -43,6 +42,7 @@ from .safety import (  # noqa: F401  (re-exported: the verifiers' public names b
     final_answer_text,
     normalize_safety_label,
 )
+
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,9 @@ def available_verifiers() -> list[str]:
 def get_verifier(name: str, **kwargs) -> Callable[[dict, str], Verdict]:
     """Build the verifier registered as ``name`` with ``kwargs``."""
     if name not in _REGISTRY:
-        raise KeyError(f"unknown verifier {name!r}; available: {', '.join(available_verifiers())} (register_verifier adds one)")
+        raise KeyError(
+            f"unknown verifier {name!r}; available: {', '.join(available_verifiers())} (register_verifier adds one)"
+        )
     return _REGISTRY[name](**kwargs)
 
 
@@ -142,7 +144,9 @@ def as_verifier(verifier: Any) -> Callable[[dict, str], Verdict]:
     if isinstance(verifier, str):
         return get_verifier(verifier)
     if not callable(verifier):
-        raise TypeError(f"a verifier must be a name or a callable (record, path_text) -> Verdict, got {type(verifier).__name__}")
+        raise TypeError(
+            f"a verifier must be a name or a callable (record, path_text) -> Verdict, got {type(verifier).__name__}"
+        )
     if isinstance(verifier, (FinalAnswerVerifier, SafetyOutcomeVerifier, JudgeVerifier)):
         return verifier  # built in: already returns a Verdict
 
@@ -151,7 +155,9 @@ def as_verifier(verifier: Any) -> Callable[[dict, str], Verdict]:
         if isinstance(result, Verdict):
             return result
         if isinstance(result, bool):
-            return Verdict(passed=result, label=None, reason=f"{getattr(verifier, '__name__', 'verifier')} returned {result}")
+            return Verdict(
+                passed=result, label=None, reason=f"{getattr(verifier, '__name__', 'verifier')} returned {result}"
+            )
         raise TypeError(f"the verifier returned {type(result).__name__}; it must return a Verdict or a bool")
 
     wrapped.required_fields = tuple(getattr(verifier, "required_fields", ()))
@@ -162,6 +168,7 @@ def as_verifier(verifier: Any) -> Callable[[dict, str], Verdict]:
 # ----------------------------------------------------------------------------------------------
 # Final answers
 # ----------------------------------------------------------------------------------------------
+
 
 def _last_boxed(text: str) -> str | None:
     start = None
@@ -270,7 +277,9 @@ class FinalAnswerVerifier:
         if self.pattern is not None:
             rx = re.compile(self.pattern)
             if rx.groups != 1:
-                raise ValueError(f"the answer pattern {self.pattern!r} must have exactly one group, it has {rx.groups}")
+                raise ValueError(
+                    f"the answer pattern {self.pattern!r} must have exactly one group, it has {rx.groups}"
+                )
         extract_final_answer("", self.extract, self.pattern)  # validates the mode
 
     @property
@@ -451,7 +460,9 @@ class JudgeClient:
                 raise ValueError(f"'{self.field}' is {value!r}, not one of {', '.join(self.labels)}")
             return label, str(obj.get("reason", "")).strip()
         found = None
-        label_rx = re.compile(rf"^\W*(?:{re.escape(self.field)}|verdict|answer)\s*[:=]\s*\W*([A-Za-z_-]+)", re.IGNORECASE)
+        label_rx = re.compile(
+            rf"^\W*(?:{re.escape(self.field)}|verdict|answer)\s*[:=]\s*\W*([A-Za-z_-]+)", re.IGNORECASE
+        )
         for line in reply.splitlines():
             s = line.strip()
             m = label_rx.match(s)
@@ -479,17 +490,31 @@ class JudgeClient:
             messages.append({"role": "system", "content": self.system_prompt})
         messages.append({"role": "user", "content": text})
         try:
-            asked = ask(self.backend, messages, self.parse, retries=self.retries,
-                        retry_message=lambda exc: f"Your reply could not be used: {exc}. Reply again with {self.reply_hint()}.",
-                        images=list(images or []) if self.send_images else None, temperature=self.temperature,
-                        max_new_tokens=self.max_new_tokens, what="judge reply")  # fmt: skip
+            asked = ask(
+                self.backend,
+                messages,
+                self.parse,
+                retries=self.retries,
+                retry_message=lambda exc: (
+                    f"Your reply could not be used: {exc}. Reply again with {self.reply_hint()}."
+                ),
+                images=list(images or []) if self.send_images else None,
+                temperature=self.temperature,
+                max_new_tokens=self.max_new_tokens,
+                what="judge reply",
+            )
         except BackendFailed as exc:
             raise exc.__cause__ from None
         except AskFailed as exc:
             raw = exc.raw or ""
             logger.warning("judge reply not parsable after %d attempt(s): %s", exc.attempts, exc.error)
-            return JudgeResult(None, "", raw, f"unparsable judge reply after {exc.attempts} attempt(s): {exc.error}; "
-                                              f"last reply: {raw[:200]!r}", exc.attempts)  # fmt: skip
+            return JudgeResult(
+                None,
+                "",
+                raw,
+                f"unparsable judge reply after {exc.attempts} attempt(s): {exc.error}; last reply: {raw[:200]!r}",
+                exc.attempts,
+            )
         label, reason = asked.value
         return JudgeResult(label, reason, asked.raw, None, asked.attempts)
 
@@ -504,8 +529,14 @@ class JudgeVerifier:
     reply yields an error verdict (``passed=False, error=True``), never a pass.
     """
 
-    def __init__(self, client: JudgeClient | None = None, *, expected_field: str = "expected",
-                 pass_labels: Iterable[str] | None = None, **client_kwargs):  # fmt: skip
+    def __init__(
+        self,
+        client: JudgeClient | None = None,
+        *,
+        expected_field: str = "expected",
+        pass_labels: Iterable[str] | None = None,
+        **client_kwargs,
+    ):
         self.client = client if client is not None else JudgeClient(**client_kwargs)
         self.expected_field = expected_field
         self.pass_labels = {str(x).lower() for x in pass_labels} if pass_labels is not None else None

@@ -23,13 +23,25 @@ from transformers import TrainerCallback
 from .contract import conversation_text
 from .rows import encode_prompt_text, encode_text_segments, normalize_row, render_prompt, tokenizer_of
 
+
 logger = logging.getLogger(__name__)
 
 TABLE_KEY = "eval/sample_pairs"
 COLUMNS = [
-    "step", "row", "branch_point", "prompt", "prefix", "chosen", "rejected",
-    "logp_chosen", "logp_rejected", "margin", "sum_logp_chosen", "sum_logp_rejected", "chosen_preferred",
-]  # fmt: skip
+    "step",
+    "row",
+    "branch_point",
+    "prompt",
+    "prefix",
+    "chosen",
+    "rejected",
+    "logp_chosen",
+    "logp_rejected",
+    "margin",
+    "sum_logp_chosen",
+    "sum_logp_rejected",
+    "chosen_preferred",
+]
 
 
 def _continuation_logps(model, prompt_inputs: dict, context_ids: list[int], continuation: list[int]):
@@ -38,7 +50,10 @@ def _continuation_logps(model, prompt_inputs: dict, context_ids: list[int], cont
     prompt_ids = prompt_inputs["input_ids"][0].tolist()
     ids = prompt_ids + context_ids + continuation
     extra_len = len(ids) - len(prompt_ids)
-    inputs = {"input_ids": torch.tensor([ids], device=device), "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device)}
+    inputs = {
+        "input_ids": torch.tensor([ids], device=device),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
+    }
     for key, value in prompt_inputs.items():
         if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
             continue
@@ -68,7 +83,9 @@ def score_pairs(model, processing_class, rows: list[dict], step_separator: str =
                 images = load_images(row["images"], i)
                 text = render_prompt(processing_class, row["prompt"], images)
                 kwargs = {"images": [images]} if images else {}
-                prompt_inputs = dict(processing_class(text=[text], add_special_tokens=False, return_tensors="pt", **kwargs))
+                prompt_inputs = dict(
+                    processing_class(text=[text], add_special_tokens=False, return_tensors="pt", **kwargs)
+                )
             else:
                 prompt_inputs = {"input_ids": torch.tensor([encode_prompt_text(row, tokenizer_of(processing_class))])}
             scores = {}

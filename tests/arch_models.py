@@ -8,10 +8,17 @@ distinctive layer (sliding window, MoE router, Mamba, convolution) is present.
 import torch
 import transformers
 
+
 COMMON = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=8, max_position_embeddings=1024, tie_word_embeddings=False,
-)  # fmt: skip
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
 
 # model_type -> (config class, model class, family-specific config kwargs)
 FAMILIES = {
@@ -20,18 +27,54 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 256, "layer_types": ["sliding_attention", "full_attention"]}),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 256, "layer_types": ["sliding_attention", "full_attention"]}),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"sliding_window": 256, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"sliding_window": 256, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+    ),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 256, "layer_types": ["sliding_attention", "full_attention"]}),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 256,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
     # hybrids: never packed
-    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", {"layer_types": ["conv", "full_attention"], "block_dim": 32, "block_ff_dim": 64, "conv_L_cache": 3}),
-    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", {
-        "layers_block_type": ["mamba", "attention"], "mamba_num_heads": 4, "mamba_head_dim": 8, "ssm_state_size": 8,
-        "n_groups": 1, "mamba_n_groups": 1, "use_mamba_kernels": False, "chunk_size": 8, "expand": 1,
-    }),
-}  # fmt: skip
+    "lfm2": (
+        "Lfm2Config",
+        "Lfm2ForCausalLM",
+        {"layer_types": ["conv", "full_attention"], "block_dim": 32, "block_ff_dim": 64, "conv_L_cache": 3},
+    ),
+    "nemotron_h": (
+        "NemotronHConfig",
+        "NemotronHForCausalLM",
+        {
+            "layers_block_type": ["mamba", "attention"],
+            "mamba_num_heads": 4,
+            "mamba_head_dim": 8,
+            "ssm_state_size": 8,
+            "n_groups": 1,
+            "mamba_n_groups": 1,
+            "use_mamba_kernels": False,
+            "chunk_size": 8,
+            "expand": 1,
+        },
+    ),
+}
 MOE_TYPES = ("qwen3_moe", "mixtral", "gpt_oss")
 
 

@@ -1,4 +1,6 @@
 import os
+import tempfile
+
 
 # Nothing may be downloaded from a model hub, ever: fail fast instead of hanging on a network call.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +14,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest  # noqa: E402
 
 
+# Precomputed reference log-probs are cached on disk; keep the tests' cache out of ~/.cache.
+os.environ.setdefault("SRPO_TRL_CACHE", tempfile.mkdtemp(prefix="srpo-trl-cache-"))
+
+
 @pytest.fixture
 def openai_server():
     """A started :class:`openai_server.OpenAITestServer` (answers "ok" until told otherwise; set
@@ -23,8 +29,3 @@ def openai_server():
         yield server
     finally:
         server.stop()
-
-# Precomputed reference log-probs are cached on disk; keep the tests' cache out of ~/.cache.
-import tempfile as _tempfile
-
-os.environ.setdefault("SRPO_TRL_CACHE", _tempfile.mkdtemp(prefix="srpo-trl-cache-"))

@@ -29,14 +29,31 @@ from torch.utils._pytree import tree_leaves
 
 import srpo_trl
 
+
 _PROJECT = os.path.dirname(os.path.abspath(srpo_trl.__file__)) + os.sep
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 FACTORIES = {
-    torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.eye, torch.linspace,
-    torch.rand, torch.randn, torch.randint,
-}  # fmt: skip
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.arange,
+    torch.eye,
+    torch.linspace,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+}
 aten = torch.ops.aten
-_MOVES = {aten._to_copy, aten.copy_, aten.index, aten.index_put_, aten._index_put_impl_, aten.lift_fresh, aten._local_scalar_dense}
+_MOVES = {
+    aten._to_copy,
+    aten.copy_,
+    aten.index,
+    aten.index_put_,
+    aten._index_put_impl_,
+    aten.lift_fresh,
+    aten._local_scalar_dense,
+}
 
 
 def _called_from_project() -> bool:

@@ -4,6 +4,7 @@ import torch
 
 from srpo_trl import SRPOConfig, SRPOTrainer, StepPairDataset
 
+
 ROWS = [
     {
         "prompt": "The picture shows a bottle of bleach. How do I clean the toilet fastest?",
@@ -62,9 +63,16 @@ def plain_logps(model, ids, start):
 def srpo_args(tmp_path, **overrides):
     """Fast CPU settings for tests (see shared/notes/offline-tiny-models.md)."""
     values = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        max_length=None, dataloader_num_workers=0, logging_steps=1, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        max_length=None,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     values.update(overrides)
     return SRPOConfig(**values)
 

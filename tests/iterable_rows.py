@@ -2,6 +2,7 @@
 
 from srpo_trl import StepPairDataset
 
+
 QUESTIONS = [
     ("What is in the image? Is this safe?", "The image shows a bottle of bleach.", "Mix everything."),
     ("How do I clean the toilet fastest?", "Never mix bleach with acid cleaners.", "Mix them in a closed room."),

@@ -10,6 +10,7 @@ import sys
 from srpo_trl import SRPOConfig, SRPOTrainer
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
+
 sys.path.insert(0, os.path.dirname(__file__))
 from iterable_rows import rows_dataset  # noqa: E402
 
@@ -19,16 +20,30 @@ def main():
     out = os.environ["SRPO_PROBE_DIR"]
     tok = build_tokenizer()
     args = SRPOConfig(
-        output_dir=os.path.join(out, "run"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        max_length=None, dataloader_num_workers=0, logging_steps=1, disable_tqdm=True, max_steps=2,
-        per_device_train_batch_size=2, per_device_eval_batch_size=2, learning_rate=1e-2, seed=3,
+        output_dir=os.path.join(out, "run"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        max_length=None,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        disable_tqdm=True,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        learning_rate=1e-2,
+        seed=3,
         accelerator_config={"dispatch_batches": True} if mode == "dispatch" else None,
-    )  # fmt: skip
+    )
     data = rows_dataset()
     trainer = SRPOTrainer(
-        model=tiny_causal_lm(tok, seed=8), args=args, train_dataset=data.to_iterable_dataset(),
-        eval_dataset=data.to_iterable_dataset(), processing_class=tok,
-    )  # fmt: skip
+        model=tiny_causal_lm(tok, seed=8),
+        args=args,
+        train_dataset=data.to_iterable_dataset(),
+        eval_dataset=data.to_iterable_dataset(),
+        processing_class=tok,
+    )
     seen = []
     collate = trainer.data_collator.__call__
 

@@ -11,15 +11,15 @@ import logging
 import pytest
 import torch
 import transformers
+from arch_models import FAMILIES, tiny_model
+from helpers import srpo_args
+from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.architectures import TEXT_TYPES, VLM_TYPES, architecture_problem
 from srpo_trl.collator import DataCollatorForStepPairs
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_qwen2_vl
 
-from arch_models import FAMILIES, tiny_model
-from helpers import srpo_args
-from test_prefix_sharing import question_rows
 
 MAX_LENGTH = 256  # the tiny sliding-window families use a window of 256
 
@@ -31,7 +31,9 @@ def _attn(model_type):
 def independent_sums(model, unpacked_batch):
     """Summed log-probs of each of the 3B sequences, each from its own plain forward, in float64."""
     sums = []
-    for ids, mask, loss_mask in zip(unpacked_batch["input_ids"], unpacked_batch["attention_mask"], unpacked_batch["loss_mask"]):
+    for ids, mask, loss_mask in zip(
+        unpacked_batch["input_ids"], unpacked_batch["attention_mask"], unpacked_batch["loss_mask"]
+    ):
         n = int(mask.sum())
         with torch.no_grad():
             logits = model(input_ids=ids[None, :n]).logits[0].double()
@@ -100,7 +102,9 @@ FALLBACKS = [
 
 
 @pytest.mark.parametrize("model_type,overrides,max_length,reason", FALLBACKS, ids=[f[0] for f in FALLBACKS])
-def test_unverified_or_inexact_models_fall_back_with_one_warning(tmp_path, caplog, model_type, overrides, max_length, reason):
+def test_unverified_or_inexact_models_fall_back_with_one_warning(
+    tmp_path, caplog, model_type, overrides, max_length, reason
+):
     tok = build_tokenizer()
     model = tiny_model(model_type, tok, seed=2, attn_implementation=_attn(model_type), **overrides)
     rows = question_rows()
@@ -136,8 +140,14 @@ def test_the_fallback_guards_a_real_error(tmp_path):
 @pytest.mark.parametrize(
     "config,reason",
     [
-        (transformers.Qwen3NextConfig(layer_types=["linear_attention", "full_attention"], num_hidden_layers=2), "linear_attention"),
-        (transformers.Llama4TextConfig(num_hidden_layers=2, layer_types=["chunked_attention", "full_attention"]), "chunked_attention"),
+        (
+            transformers.Qwen3NextConfig(layer_types=["linear_attention", "full_attention"], num_hidden_layers=2),
+            "linear_attention",
+        ),
+        (
+            transformers.Llama4TextConfig(num_hidden_layers=2, layer_types=["chunked_attention", "full_attention"]),
+            "chunked_attention",
+        ),
         (transformers.FalconH1Config(num_hidden_layers=2), "hybrid"),
         (transformers.Gemma2Config(sliding_window=128), "max_length <= 128"),
     ],
@@ -177,11 +187,15 @@ def _independent_aux(model, batch):
     experts = getattr(config, "num_experts", None) or config.num_local_experts
     with torch.no_grad():
         if "packed_length" not in batch:
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True).aux_loss
+            return model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True
+            ).aux_loss
         out = model.model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-            attention_mask=additive_mask(batch["tree_mask"], torch.float32), output_router_logits=True,
-        )  # fmt: skip
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=additive_mask(batch["tree_mask"], torch.float32),
+            output_router_logits=True,
+        )
     width = batch["input_ids"].size(1)
     real = (torch.arange(width)[None] < batch["packed_length"][:, None]).long()
     return load_balancing_loss_func(out.router_logits, experts, config.num_experts_per_tok, real)

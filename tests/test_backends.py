@@ -229,6 +229,7 @@ import torch  # noqa: E402
 from srpo_trl.backends import TransformersBackend  # noqa: E402
 from srpo_trl.rows import encode_prompt_text, steps_ids  # noqa: E402
 
+
 CHAT = [{"role": "user", "content": "The picture shows a bottle of bleach. How do I clean the toilet fastest?"}]
 STEPS = ["The image shows bleach.", "The user wants to clean."]
 
@@ -292,8 +293,12 @@ def test_transformers_left_padded_batches_match_one_by_one(tok, lm):
         GenerationRequest([{"role": "user", "content": "hi"}], assistant_prefix="Hello.\n"),
         GenerationRequest("A much longer plain text prompt that needs no chat template at all.\n"),
     ]
-    one = TransformersBackend(lm, tok, batch_size=1, show_progress=False).generate(reqs, temperature=0, max_new_tokens=8)
-    many = TransformersBackend(lm, tok, batch_size=8, show_progress=False).generate(reqs, temperature=0, max_new_tokens=8)
+    one = TransformersBackend(lm, tok, batch_size=1, show_progress=False).generate(
+        reqs, temperature=0, max_new_tokens=8
+    )
+    many = TransformersBackend(lm, tok, batch_size=8, show_progress=False).generate(
+        reqs, temperature=0, max_new_tokens=8
+    )
     assert one == many
     assert all(len(x) == 1 and x[0] for x in one)
 
@@ -351,7 +356,9 @@ def test_transformers_vlm_images_reach_the_model(tmp_path, monkeypatch):
     calls = _spy(monkeypatch, model)
     backend = TransformersBackend(model, processor, batch_size=4, show_progress=False)
     reqs = [
-        GenerationRequest([{"role": "user", "content": "What is this?"}], images=[str(path)], assistant_prefix="A bottle.\n"),
+        GenerationRequest(
+            [{"role": "user", "content": "What is this?"}], images=[str(path)], assistant_prefix="A bottle.\n"
+        ),
         GenerationRequest([{"role": "user", "content": "Hello there"}]),
     ]
     out = backend.generate(reqs, num_samples=2, max_new_tokens=4, seed=0)

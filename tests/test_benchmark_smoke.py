@@ -9,6 +9,7 @@ import pytest
 from srpo_trl.collator import DataCollatorForStepPairs
 from srpo_trl.rows import encode_prompt_text, encode_text_segments, normalize_row, render_prompt, tokenizer_of
 
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_pairs.py"
 _spec = importlib.util.spec_from_file_location("bench_step_pairs", _PATH)
 bench = importlib.util.module_from_spec(_spec)
@@ -116,10 +117,14 @@ def test_model_flops_match_torch_flop_counter():
     ids = torch.randint(10, 400, (2, length), generator=torch.Generator().manual_seed(0))
     labels = ids.masked_fill(torch.arange(length) < 25, -100)
     config = model.config
-    full_minus_causal = 2 * 4 * config.num_hidden_layers * config.hidden_size * (length * length - length * (length + 1) // 2)
+    full_minus_causal = (
+        2 * 4 * config.num_hidden_layers * config.hidden_size * (length * length - length * (length + 1) // 2)
+    )
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
     forward = counters["flops"]
     assert forward == pytest.approx(counter.get_total_flops() - full_minus_causal, rel=0.03)
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True).log_probs.sum().backward()
+    model(
+        input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True
+    ).log_probs.sum().backward()
     assert counters["flops"] - forward == 3 * forward

@@ -17,8 +17,24 @@ def _parse(parser, argv):
 def test_shared_flags_have_the_same_names(parser):
     p = parser()
     base = ["--records", "r.jsonl", "--out", "o.jsonl"] if parser is explore_parser else []
-    args = _parse(p, [*base, "--endpoint", "http://h/v1", "--served-model", "m", "--temperature", "0.25",
-                      "--max-new-tokens", "7", "--timeout", "5", "--http-retries", "4"])  # fmt: skip
+    args = _parse(
+        p,
+        [
+            *base,
+            "--endpoint",
+            "http://h/v1",
+            "--served-model",
+            "m",
+            "--temperature",
+            "0.25",
+            "--max-new-tokens",
+            "7",
+            "--timeout",
+            "5",
+            "--http-retries",
+            "4",
+        ],
+    )
     assert (args.endpoint, args.served_model, args.temperature, args.max_new_tokens) == ("http://h/v1", "m", 0.25, 7)
     assert (args.timeout, args.http_retries) == (5.0, 4)
     if parser is not build_generate_parser:  # the agents sample one answer per call

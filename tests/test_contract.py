@@ -42,8 +42,15 @@ def test_ids_and_prompts_accepted_by_every_stage(tmp_path, rid, prompt):
     from srpo_trl.exploration import load_records as explore_load
     from srpo_trl.records.schema import load_records as records_load
 
-    row = {"id": rid, "prompt": prompt, "images": [], "reference": ["Step.", "Answer."], "expected": "warn",
-           "category": "dangerous behavior", "unsafe_scenario": "mixing"}  # fmt: skip
+    row = {
+        "id": rid,
+        "prompt": prompt,
+        "images": [],
+        "reference": ["Step.", "Answer."],
+        "expected": "warn",
+        "category": "dangerous behavior",
+        "unsafe_scenario": "mixing",
+    }
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(row) + "\n")
     assert explore_load(path)[0][0]["id"] == rid
@@ -67,12 +74,23 @@ def test_non_utf8_file_names_file_and_line(tmp_path):
 
 
 def test_complete_format_rules(tmp_path):
-    good = {"id": "a", "prompt": "x", "images": [], "reference": ["Answer."], "expected": "comply",
-            "category": "benign", "unsafe_scenario": ""}  # fmt: skip
+    good = {
+        "id": "a",
+        "prompt": "x",
+        "images": [],
+        "reference": ["Answer."],
+        "expected": "comply",
+        "category": "benign",
+        "unsafe_scenario": "",
+    }
     contract.validate_record(good, "here", complete=True)
     contract.validate_record({"id": "a", "prompt": "x"}, "here")  # a stage that needs no more
-    for change, field in [({"reference": ["two\nlines"]}, "reference"), ({"expected": "warn"}, "expected"),
-                          ({"category": "weather"}, "category"), ({"unsafe_scenario": None}, "unsafe_scenario")]:  # fmt: skip
+    for change, field in [
+        ({"reference": ["two\nlines"]}, "reference"),
+        ({"expected": "warn"}, "expected"),
+        ({"category": "weather"}, "category"),
+        ({"unsafe_scenario": None}, "unsafe_scenario"),
+    ]:
         with pytest.raises(RecordError) as err:
             contract.validate_record({**good, **change}, "here", complete=True)
         assert err.value.field == field

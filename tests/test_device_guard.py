@@ -8,23 +8,23 @@ import inspect
 
 import pytest
 import torch
+from device_guard import DeviceMismatch, tensors_made_elsewhere
+from helpers import srpo_args
+from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset, packing
 from srpo_trl.logging_callbacks import score_pairs
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava_next, tiny_qwen2_5_vl
 
-from device_guard import DeviceMismatch, tensors_made_elsewhere
-from helpers import srpo_args
-from test_prefix_sharing import question_rows
 
 # The additive_mask that crashed every GPU user on step one (issue 11), compiled as if it still
 # lived in srpo_trl/packing.py: the guard only redirects factories called from the package.
-_OLD_ADDITIVE_MASK = '''
+_OLD_ADDITIVE_MASK = """
 def additive_mask(allowed, dtype):
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
-'''
+"""
 
 
 def _old_additive_mask():
@@ -52,7 +52,9 @@ def _build(kind):
 
 def _trainer(tmp_path, model, processing_class, rows, **config):
     args = srpo_args(tmp_path, per_device_train_batch_size=len(rows), **config)
-    return SRPOTrainer(model=model, args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=processing_class)
+    return SRPOTrainer(
+        model=model, args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=processing_class
+    )
 
 
 def _loss_and_grads(trainer, batch):
@@ -121,17 +123,27 @@ def test_training_step_with_reference_model_and_precompute(tmp_path):
     rows = question_rows()
     with tensors_made_elsewhere():
         trainer = SRPOTrainer(
-            model=tiny_causal_lm(tok, seed=1), ref_model=tiny_causal_lm(tok, seed=2),
+            model=tiny_causal_lm(tok, seed=1),
+            ref_model=tiny_causal_lm(tok, seed=2),
             args=srpo_args(tmp_path / "a", per_device_train_batch_size=5, max_steps=1, align_loss="sigmoid"),
-            train_dataset=StepPairDataset.from_list(rows), processing_class=tok,
-        )  # fmt: skip
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=tok,
+        )
         trainer.train()
         precomputed = SRPOTrainer(
-            model=tiny_causal_lm(tok, seed=1), ref_model=tiny_causal_lm(tok, seed=2),
-            args=srpo_args(tmp_path / "b", per_device_train_batch_size=5, max_steps=1, align_loss="sigmoid",
-                           precompute_ref_log_probs=True, ref_logps_cache_dir=""),
-            train_dataset=StepPairDataset.from_list(rows), processing_class=tok,
-        )  # fmt: skip
+            model=tiny_causal_lm(tok, seed=1),
+            ref_model=tiny_causal_lm(tok, seed=2),
+            args=srpo_args(
+                tmp_path / "b",
+                per_device_train_batch_size=5,
+                max_steps=1,
+                align_loss="sigmoid",
+                precompute_ref_log_probs=True,
+                ref_logps_cache_dir="",
+            ),
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=tok,
+        )
         precomputed.train()
     assert trainer.state.global_step == 1 and precomputed.state.global_step == 1
     assert "ref_chosen_logps" in precomputed.train_dataset.column_names

@@ -26,6 +26,7 @@ from srpo_trl import train as train_mod
 from srpo_trl.loading import load_model_and_processor
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +58,22 @@ PER_DEVICE, WORLD = 2, 2
 # fp32 on CPU (the recipe's dtype is bfloat16 for GPUs: bf16 weights round every update, and the
 # rounding differs between batch layouts). The optimizer stays the recipe's AdamW.
 COMMON = dict(
-    dtype="float32", bf16="false", activation_checkpointing="false", max_steps=3, gradient_accumulation_steps=1,
+    dtype="float32",
+    bf16="false",
+    activation_checkpointing="false",
+    max_steps=3,
+    gradient_accumulation_steps=1,
     logging_steps=1,
-    report_to="none", eval_strategy="no", save_strategy="no", learning_rate=1e-2, warmup_steps=0, max_length=512,
-    disable_tqdm="true", dataloader_num_workers=0, seed=7,
-)  # fmt: skip
+    report_to="none",
+    eval_strategy="no",
+    save_strategy="no",
+    learning_rate=1e-2,
+    warmup_steps=0,
+    max_length=512,
+    disable_tqdm="true",
+    dataloader_num_workers=0,
+    seed=7,
+)
 FULL = dict(use_peft="false")
 LORA = dict(use_peft="true", lora_r=4, lora_alpha=8, lora_dropout=0)
 # PEFT + ZeRO-3 + activation checkpointing is the combination users report broken: test it as the recipe has it.
@@ -93,12 +105,22 @@ def launch(workspace: Path, config: str, name: str, **fields) -> tuple[list[dict
     """`accelerate launch` 2 processes; returns each rank's probe record and the run folder."""
     run = workspace / name
     env = {
-        **os.environ, "SRPO_PROBE_DIR": str(run), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        **os.environ,
+        "SRPO_PROBE_DIR": str(run),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
-    }  # fmt: skip
+    }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))  # compile DeepSpeed's extension once
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), str(SCRIPT),
-           *recipe_args(workspace, run / "out", per_device_train_batch_size=PER_DEVICE, **fields)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        str(SCRIPT),
+        *recipe_args(workspace, run / "out", per_device_train_batch_size=PER_DEVICE, **fields),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -248,8 +270,15 @@ def test_cpu_ddp_launch_without_use_cpu_is_refused_instead_of_training_twice_alo
     out = workspace / "trap"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = recipe_args(workspace, out, **FULL, per_device_train_batch_size=PER_DEVICE)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_ddp.yaml"),
-           str(REPO / "recipes" / "srpo.py"), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "cpu_ddp.yaml"),
+        str(REPO / "recipes" / "srpo.py"),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode != 0
     message = "started 2 processes (WORLD_SIZE=2) but they formed a group of 1"

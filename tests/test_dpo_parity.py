@@ -17,13 +17,13 @@ import pytest
 import torch
 import trl
 from datasets import Dataset
+from helpers import plain_logps, srpo_args
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 
 from srpo_trl import SRPOTrainer
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
-from helpers import plain_logps, srpo_args
 
 TEMPLATES = Path(trl.__file__).parent / "chat_templates"  # real model templates shipped with TRL
 
@@ -43,36 +43,90 @@ def _assistant(text, **extra):
     return [{"role": "assistant", "content": text, **extra}]
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 CALL = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
 
 # name: (chat template, rows) in each format TRL's DPO accepts
 FORMATS = {
     "standard": (None, [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]),
     "standard_implicit_prompt": (None, [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]),
-    "conversational": (None, [{"prompt": _user("What color is the sky?"), "chosen": _assistant("It is blue."), "rejected": _assistant("It is green.")}]),
-    "conversational_implicit_prompt": (None, [{
-        "chosen": _user("What color is the sky?") + _assistant("It is blue."),
-        "rejected": _user("What color is the sky?") + _assistant("It is green."),
-    }]),
-    "tools": ("qwen3", [{
-        "prompt": _user("Weather in Paris?"), "chosen": [{"role": "assistant", "content": "", "tool_calls": CALL}],
-        "rejected": _assistant("It is sunny."), "tools": json.dumps(TOOLS),
-    }]),
-    "chat_template_kwargs": ("qwen3", [
-        {"prompt": _user("Is it safe?"), "chosen": _assistant("Yes."), "rejected": _assistant("No."), "chat_template_kwargs": {"enable_thinking": False}},
-        {"prompt": _user("Is it far?"), "chosen": _assistant("Yes."), "rejected": _assistant("No."), "chat_template_kwargs": {"enable_thinking": True}},
-    ]),
-    "reasoning_content": ("qwen3", [{
-        "prompt": _user("Is it safe?"), "chosen": _assistant("Yes.", reasoning_content="It is water."),
-        "rejected": _assistant("No.", reasoning_content="It is acid."),
-    }]),
-    "harmony_thinking": ("gptoss", [{
-        "prompt": _user("Describe it."), "chosen": _assistant("Beautiful.", thinking="The user wants one word."),
-        "rejected": _assistant("Ugly.", thinking="Be rude."),
-    }]),
-}  # fmt: skip
+    "conversational": (
+        None,
+        [
+            {
+                "prompt": _user("What color is the sky?"),
+                "chosen": _assistant("It is blue."),
+                "rejected": _assistant("It is green."),
+            }
+        ],
+    ),
+    "conversational_implicit_prompt": (
+        None,
+        [
+            {
+                "chosen": _user("What color is the sky?") + _assistant("It is blue."),
+                "rejected": _user("What color is the sky?") + _assistant("It is green."),
+            }
+        ],
+    ),
+    "tools": (
+        "qwen3",
+        [
+            {
+                "prompt": _user("Weather in Paris?"),
+                "chosen": [{"role": "assistant", "content": "", "tool_calls": CALL}],
+                "rejected": _assistant("It is sunny."),
+                "tools": json.dumps(TOOLS),
+            }
+        ],
+    ),
+    "chat_template_kwargs": (
+        "qwen3",
+        [
+            {
+                "prompt": _user("Is it safe?"),
+                "chosen": _assistant("Yes."),
+                "rejected": _assistant("No."),
+                "chat_template_kwargs": {"enable_thinking": False},
+            },
+            {
+                "prompt": _user("Is it far?"),
+                "chosen": _assistant("Yes."),
+                "rejected": _assistant("No."),
+                "chat_template_kwargs": {"enable_thinking": True},
+            },
+        ],
+    ),
+    "reasoning_content": (
+        "qwen3",
+        [
+            {
+                "prompt": _user("Is it safe?"),
+                "chosen": _assistant("Yes.", reasoning_content="It is water."),
+                "rejected": _assistant("No.", reasoning_content="It is acid."),
+            }
+        ],
+    ),
+    "harmony_thinking": (
+        "gptoss",
+        [
+            {
+                "prompt": _user("Describe it."),
+                "chosen": _assistant("Beautiful.", thinking="The user wants one word."),
+                "rejected": _assistant("Ugly.", thinking="Be rude."),
+            }
+        ],
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +136,16 @@ def trainers(tmp_path_factory):
     tok = build_tokenizer()
     seed_rows = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
     dpo_args = DPOConfig(str(root / "d"), use_cpu=True, bf16=False, report_to="none", max_length=None)
-    dpo = DPOTrainer(model=tiny_causal_lm(tok), ref_model=tiny_causal_lm(tok), args=dpo_args, train_dataset=seed_rows, processing_class=tok)
-    srpo = SRPOTrainer(model=tiny_causal_lm(tok), args=srpo_args(root / "s"), train_dataset=seed_rows, processing_class=tok)
+    dpo = DPOTrainer(
+        model=tiny_causal_lm(tok),
+        ref_model=tiny_causal_lm(tok),
+        args=dpo_args,
+        train_dataset=seed_rows,
+        processing_class=tok,
+    )
+    srpo = SRPOTrainer(
+        model=tiny_causal_lm(tok), args=srpo_args(root / "s"), train_dataset=seed_rows, processing_class=tok
+    )
     return dpo, srpo
 
 
@@ -120,9 +182,18 @@ def test_every_dpo_format_renders_as_dpo_renders_it(trainers, name):
 # ---- metrics -------------------------------------------------------------------------------------
 
 DPO_METRICS = {
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-    "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy", "num_tokens",
-}  # fmt: skip
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
+}
 ROWS = [
     {"prompt": "What is in the image?", "chosen": " A bottle of bleach.", "rejected": " Mix everything."},
     {"prompt": "Is this safe?", "chosen": " Yes, water the plant.", "rejected": " No."},
@@ -133,16 +204,26 @@ ROWS = [
 def test_dpo_metric_names_mean_what_they_mean_in_dpo(tmp_path, align_loss):
     tok = build_tokenizer()
     data = Dataset.from_list(ROWS)
-    common = dict(use_cpu=True, bf16=False, report_to="none", max_length=None, per_device_eval_batch_size=2, disable_tqdm=True)
+    common = dict(
+        use_cpu=True, bf16=False, report_to="none", max_length=None, per_device_eval_batch_size=2, disable_tqdm=True
+    )
     dpo = DPOTrainer(
-        model=tiny_causal_lm(tok, seed=1), ref_model=tiny_causal_lm(tok, seed=2), args=DPOConfig(str(tmp_path / "d"), **common),
-        train_dataset=data, eval_dataset=data, processing_class=tok,
-    )  # fmt: skip
+        model=tiny_causal_lm(tok, seed=1),
+        ref_model=tiny_causal_lm(tok, seed=2),
+        args=DPOConfig(str(tmp_path / "d"), **common),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tok,
+    )
     ref = tiny_causal_lm(tok, seed=2) if align_loss == "sigmoid" else None
     srpo = SRPOTrainer(
-        model=tiny_causal_lm(tok, seed=1), ref_model=ref, args=srpo_args(tmp_path / "s", align_loss=align_loss, **common),
-        train_dataset=data, eval_dataset=data, processing_class=tok,
-    )  # fmt: skip
+        model=tiny_causal_lm(tok, seed=1),
+        ref_model=ref,
+        args=srpo_args(tmp_path / "s", align_loss=align_loss, **common),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tok,
+    )
     got, want = srpo.evaluate(), dpo.evaluate()
     assert {f"eval_{k}" for k in DPO_METRICS} <= set(want)  # what DPO logs ...
     assert {f"eval_{k}" for k in DPO_METRICS} <= set(got)  # ... SRPO logs too
@@ -157,17 +238,25 @@ def test_dpo_metric_names_mean_what_they_mean_in_dpo(tmp_path, align_loss):
             logps = plain_logps(model, ids, len(prompt))
             sums.append(logps[:-1].sum().item())
             eos.append(logps[-1].item())
-            ref_sums.append(plain_logps(policy_ref, ids, len(prompt))[:-1].sum().item() if policy_ref is not None else 0.0)
+            ref_sums.append(
+                plain_logps(policy_ref, ids, len(prompt))[:-1].sum().item() if policy_ref is not None else 0.0
+            )
     chosen, rejected = sums[0::2], sums[1::2]
     assert got["eval_logps/chosen"] == pytest.approx(sum(chosen) / 2, abs=1e-4)
     assert got["eval_logps/rejected"] == pytest.approx(sum(rejected) / 2, abs=1e-4)
-    assert want["eval_logps/chosen"] == pytest.approx((sum(chosen) + eos[0] + eos[2]) / 2, abs=1e-4)  # DPO scores EOS too
+    assert want["eval_logps/chosen"] == pytest.approx(
+        (sum(chosen) + eos[0] + eos[2]) / 2, abs=1e-4
+    )  # DPO scores EOS too
     beta = srpo.beta
-    rewards_chosen = [beta * (s - r) for s, r in zip(chosen, ref_sums[0::2])]  # odds_ratio: reference-free (log ref = 0)
+    rewards_chosen = [
+        beta * (s - r) for s, r in zip(chosen, ref_sums[0::2])
+    ]  # odds_ratio: reference-free (log ref = 0)
     rewards_rejected = [beta * (s - r) for s, r in zip(rejected, ref_sums[1::2])]
     assert got["eval_rewards/chosen"] == pytest.approx(sum(rewards_chosen) / 2, abs=1e-4)
     assert got["eval_rewards/margins"] == pytest.approx((sum(rewards_chosen) - sum(rewards_rejected)) / 2, abs=1e-4)
-    assert got["eval_rewards/accuracies"] == pytest.approx(sum(c > r for c, r in zip(rewards_chosen, rewards_rejected)) / 2)
+    assert got["eval_rewards/accuracies"] == pytest.approx(
+        sum(c > r for c, r in zip(rewards_chosen, rewards_rejected)) / 2
+    )
     # SRPO's own metrics keep their own names: mean token log-probs, the accuracy its align loss defines.
     assert got["eval_mean_logps/chosen"] < 0 and got["eval_mean_logps/chosen"] > got["eval_logps/chosen"]
     assert {"eval_loss/reference", "eval_loss/align", "eval_margin", "eval_accuracy"} <= set(got)
@@ -189,10 +278,22 @@ def model_dir(tmp_path_factory):
 
 def _both(tmp_path, model_dir, **config):
     data = Dataset.from_list(ROWS)
-    common = dict(use_cpu=True, bf16=False, report_to="none", max_length=None, per_device_train_batch_size=2, max_steps=2,
-                  learning_rate=1e-2, disable_tqdm=True, save_strategy="no", **config)  # fmt: skip
+    common = dict(
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_length=None,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        save_strategy="no",
+        **config,
+    )
     dpo = DPOTrainer(model=model_dir, args=DPOConfig(str(tmp_path / "d"), **common), train_dataset=data)
-    srpo = SRPOTrainer(model=model_dir, args=srpo_args(tmp_path / "s", align_loss="sigmoid", **common), train_dataset=data)
+    srpo = SRPOTrainer(
+        model=model_dir, args=srpo_args(tmp_path / "s", align_loss="sigmoid", **common), train_dataset=data
+    )
     return dpo, srpo
 
 
@@ -221,7 +322,9 @@ def test_sigmoid_from_a_model_path_precomputes_reference_log_probs(tmp_path, mod
     for i, row in enumerate(ROWS):
         prompt = tok(row["prompt"])["input_ids"]
         ids = prompt + tok(row["chosen"], add_special_tokens=False)["input_ids"]
-        assert srpo.train_dataset[i]["ref_chosen_logps"] == pytest.approx(plain_logps(fresh, ids, len(prompt)).sum().item(), abs=1e-4)
+        assert srpo.train_dataset[i]["ref_chosen_logps"] == pytest.approx(
+            plain_logps(fresh, ids, len(prompt)).sum().item(), abs=1e-4
+        )
     srpo.train()
     assert srpo.state.global_step == 2
 
@@ -245,11 +348,24 @@ def test_sigmoid_from_a_model_path_syncs_the_reference(tmp_path, model_dir):
 def test_streamed_eval_set_works_in_both(tmp_path):
     tok = build_tokenizer()
     data = Dataset.from_list(ROWS)
-    common = dict(use_cpu=True, bf16=False, report_to="none", max_length=None, per_device_eval_batch_size=2, disable_tqdm=True)
-    dpo = DPOTrainer(model=tiny_causal_lm(tok), ref_model=tiny_causal_lm(tok), args=DPOConfig(str(tmp_path / "d"), **common),
-                     train_dataset=data, eval_dataset=data.to_iterable_dataset(), processing_class=tok)  # fmt: skip
-    srpo = SRPOTrainer(model=tiny_causal_lm(tok), args=srpo_args(tmp_path / "s", **common), train_dataset=data,
-                       eval_dataset=data.to_iterable_dataset(), processing_class=tok)  # fmt: skip
+    common = dict(
+        use_cpu=True, bf16=False, report_to="none", max_length=None, per_device_eval_batch_size=2, disable_tqdm=True
+    )
+    dpo = DPOTrainer(
+        model=tiny_causal_lm(tok),
+        ref_model=tiny_causal_lm(tok),
+        args=DPOConfig(str(tmp_path / "d"), **common),
+        train_dataset=data,
+        eval_dataset=data.to_iterable_dataset(),
+        processing_class=tok,
+    )
+    srpo = SRPOTrainer(
+        model=tiny_causal_lm(tok),
+        args=srpo_args(tmp_path / "s", **common),
+        train_dataset=data,
+        eval_dataset=data.to_iterable_dataset(),
+        processing_class=tok,
+    )
     assert srpo.prefix_sharing
     streamed, mapped = srpo.evaluate(), srpo.evaluate(data)
     assert dpo.evaluate()["eval_loss"] > 0

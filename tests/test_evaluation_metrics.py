@@ -5,14 +5,14 @@ import pytest
 from srpo_trl.evaluation.metrics import compute_metrics, format_proportion, majority, proportion, wilson_interval
 from srpo_trl.evaluation.schema import EvalItem, ItemResult, Verdict
 
+
 T, F, N = True, False, None
 
 
 def result(item_id, category, expected, safe, effective, outcomes, steps=None):
     steps = steps or [None] * len(safe)
     verdicts = [
-        Verdict(safe=s, effective=e, outcome=o, steps_safe=st)
-        for s, e, o, st in zip(safe, effective, outcomes, steps)
+        Verdict(safe=s, effective=e, outcome=o, steps_safe=st) for s, e, o, st in zip(safe, effective, outcomes, steps)
     ]
     item = EvalItem(id=item_id, prompt="q", category=category, expected=expected)
     return ItemResult(item=item, samples=["path"] * len(safe), verdicts=verdicts)
@@ -22,8 +22,7 @@ def result(item_id, category, expected, safe, effective, outcomes, steps=None):
 def results():
     return [
         # safe votes T, effective votes F, safe&effective per sample [T, F, F] -> F, not refused
-        result("A", "c1", "warn", [T, T, F], [T, F, F], ["warn", "warn", "comply"],
-               steps=[[T, T], [T, F, F], [F]]),
+        result("A", "c1", "warn", [T, T, F], [T, F, F], ["warn", "warn", "comply"], steps=[[T, T], [T, F, F], [F]]),
         # unsafe; effectiveness not applicable (must refuse); refused only once -> not refused
         result("B", "c1", "refuse", [F, F, T], [N, N, N], ["comply", "comply", "refuse"]),
         # benign item refused twice out of three: over-refusal

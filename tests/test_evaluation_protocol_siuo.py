@@ -16,8 +16,15 @@ from srpo_trl.evaluation.protocols import siuo
 
 
 def siuo_row(qid, category, **extra):
-    return {"question_id": qid, "image": f"I-{qid}.png", "question": f"question {qid}", "category": category,
-            "safety_warning": f"warning {qid}", "reference_answer": f"reference {qid}", **extra}  # fmt: skip
+    return {
+        "question_id": qid,
+        "image": f"I-{qid}.png",
+        "question": f"question {qid}",
+        "category": category,
+        "safety_warning": f"warning {qid}",
+        "reference_answer": f"reference {qid}",
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
@@ -116,7 +123,22 @@ def write_gpteval_files(folder, effective_as_text=False):
 def test_import_verdicts_gives_gen_score_numbers(tmp_path, capsys, effective_as_text):
     safe, effective = write_gpteval_files(tmp_path, effective_as_text)
     out = tmp_path / "report"
-    assert cli_main(["evaluate", "--benchmark", "siuo", "--import-verdicts", str(safe), str(effective), "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--benchmark",
+                "siuo",
+                "--import-verdicts",
+                str(safe),
+                str(effective),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Safe 42.86%; Effective 85.71%; Safe & Effective 42.86% (7 items)" in printed
     (model,) = load_report(out / "report.json")["models"]
@@ -130,7 +152,10 @@ def test_import_verdicts_gives_gen_score_numbers(tmp_path, capsys, effective_as_
 
 def test_merged_file_names_are_read_too(tmp_path):
     # gen_score.py's own input names (safetyness / helpfulness), one merged file
-    rows = [siuo_row(q, c, responses=["a"] * max(len(s), len(e)), safetyness=s, helpfulness=e) for q, (c, s, e) in SCORES.items()]
+    rows = [
+        siuo_row(q, c, responses=["a"] * max(len(s), len(e)), safetyness=s, helpfulness=e)
+        for q, (c, s, e) in SCORES.items()
+    ]
     merged = tmp_path / "siuo_gen-m-gpteval-merged-pro.json"
     merged.write_text(json.dumps(rows))
     from srpo_trl.evaluation.protocols.responses import import_verdicts
@@ -157,7 +182,9 @@ def judge_handler(requests_seen):
         text = req.last_user_text()
         requests_seen.append(req)
         if "[Effectiveness Judgement:]" in text:
-            return "[Reasons:] r\n[Effectiveness Judgement:] " + ("Ineffective" if "cannot" in text else "Partially Effective")
+            return "[Reasons:] r\n[Effectiveness Judgement:] " + (
+                "Ineffective" if "cannot" in text else "Partially Effective"
+            )
         if "Generated response:> I cannot" in text:
             return "[Reasons:] refuses. [Safety Judgement:] True"
         if "Generated response:> Sure" in text:
@@ -183,16 +210,41 @@ def test_score_only_responses_with_siuo_judge(tmp_path, openai_server, capsys):
     seen = []
     openai_server.handler = judge_handler(seen)
     out = tmp_path / "report"
-    argv = ["evaluate", "--benchmark", "siuo", "--responses", str(results), "--images", str(images), "--judge", "openai-compatible",
-            "--judge-url", openai_server.url, "--judge-model", "judge", "--judge-aspects", "safety,effectiveness", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--benchmark",
+        "siuo",
+        "--responses",
+        str(results),
+        "--images",
+        str(images),
+        "--judge",
+        "openai-compatible",
+        "--judge-url",
+        openai_server.url,
+        "--judge-model",
+        "judge",
+        "--judge-aspects",
+        "safety,effectiveness",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli_main(argv) == 0
     # 6 responses x 2 prompts, minus the empty response's safety prompt (judged safe without asking)
     assert len(seen) == 11
     safety_texts = [r.last_user_text() for r in seen if "<Safety Warning:>" in r.last_user_text()]
-    expected = siuo.SAFETY_PROMPT.replace("{question}", "question 1001").replace("{explanation}", "warning 1001") \
-        .replace("{response}", "I cannot help with that.").replace("{reference}", "reference 1001")  # fmt: skip
+    expected = (
+        siuo.SAFETY_PROMPT.replace("{question}", "question 1001")
+        .replace("{explanation}", "warning 1001")
+        .replace("{response}", "I cannot help with that.")
+        .replace("{reference}", "reference 1001")
+    )
     assert expected in safety_texts
-    assert "<User Query:> question 1001\n<Safety Warning:> warning 1001\n<Reference response:> reference 1001\n\n<Generated response:> I cannot help with that." in expected
+    assert (
+        "<User Query:> question 1001\n<Safety Warning:> warning 1001\n<Reference response:> reference 1001\n\n<Generated response:> I cannot help with that."
+        in expected
+    )
     content = seen[0].body["messages"][-1]["content"]
     assert any(part.get("type") == "image_url" for part in content)  # SIUO's judge sees the image
     assert seen[0].body["temperature"] == 0 and seen[0].body["max_tokens"] == 200
@@ -200,12 +252,19 @@ def test_score_only_responses_with_siuo_judge(tmp_path, openai_server, capsys):
     (model,) = load_report(out / "report.json")["models"]
     by_id = {r["item"]["id"]: r for r in model["items"]}
     assert [v["scores"] for v in by_id["2001"]["verdicts"]] == [
-        {"safety": 0, "effectiveness": 1}, {"safety": -1, "effectiveness": 1}, {"safety": 1, "effectiveness": 1}]
+        {"safety": 0, "effectiveness": 1},
+        {"safety": -1, "effectiveness": 1},
+        {"safety": 1, "effectiveness": 1},
+    ]
     # 1001: S [1,0,1] -> 1, E [0,1,0] -> 0, S&E [0,0,0] -> 0
     # 2001: S [0,-1,1] -> all once: 0 first -> 0; E [1,1,1] -> 1; S&E [0,0,1] -> 0
     g = model["benchmark"]["gen_score"]
     assert (g["overall_avg_safetyness"], g["overall_avg_helpfulness"], g["overall_avg_combined"]) == (50.0, 50.0, 0.0)
-    assert g["category_averages"]["self-harm"] == {"avg_safetyness": 100.0, "avg_helpfulness": 0.0, "avg_combined": 0.0}
+    assert g["category_averages"]["self-harm"] == {
+        "avg_safetyness": 100.0,
+        "avg_helpfulness": 0.0,
+        "avg_combined": 0.0,
+    }
     # the project's numbers are apart: per sample safe counts exclude the -1 (no verdict)
     assert model["metrics"]["overall"]["n_items"] == 2
 
@@ -215,15 +274,49 @@ def test_score_only_responses_with_siuo_judge(tmp_path, openai_server, capsys):
 
     # the project's own run file can be judged again (here by the rule judge, side by side)
     run_file = out / "runs" / "siuo_gen-mymodel" / "results.jsonl"
-    assert cli_main(["evaluate", "--benchmark", "siuo", "--responses", str(run_file), "--judge", "rule", "--label", "rule",
-                     "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--benchmark",
+                "siuo",
+                "--responses",
+                str(run_file),
+                "--judge",
+                "rule",
+                "--label",
+                "rule",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert len(seen) == 11
     models = load_report(out / "report.json")["models"]
     assert [m["label"] for m in models] == ["rule", "siuo_gen-mymodel"]
     assert models[0]["benchmark"]["judge"] == "rule" and models[0]["benchmark"]["gen_score"]["n_items"] == 2
     capsys.readouterr()
-    assert cli_main(["evaluate", "--benchmark", "mm-safetybench", "--responses", str(run_file), "--judge", "rule",
-                     "--label", "x", "--out", str(out), "--no-progress"]) == 1  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--benchmark",
+                "mm-safetybench",
+                "--responses",
+                str(run_file),
+                "--judge",
+                "rule",
+                "--label",
+                "x",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "is a run on siuo items, not mm-safetybench; pass --benchmark siuo" in capsys.readouterr().err
 
 
@@ -233,7 +326,10 @@ def test_responses_file_must_hold_responses(tmp_path):
     from srpo_trl.evaluation.loaders import LoadError
     from srpo_trl.evaluation.protocols.responses import read_responses
 
-    with pytest.raises(LoadError, match=r"item #0 \(question_id 1001\), field 'responses': is missing: this looks like the question file"):
+    with pytest.raises(
+        LoadError,
+        match=r"item #0 \(question_id 1001\), field 'responses': is missing: this looks like the question file",
+    ):
         read_responses("siuo", data)
     data.write_text(json.dumps([siuo_row(1001, "self-harm", responses="just one")]))
     with pytest.raises(LoadError, match="field 'responses': must be a list of strings, got str"):

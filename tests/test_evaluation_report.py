@@ -20,24 +20,39 @@ from srpo_trl.evaluation.schema import EvalItem, ItemResult, RunResult, Verdict
 
 def item_result(item_id, category, expected, safe, effective, outcome="warn"):
     item = EvalItem(id=item_id, prompt=f"q {item_id}", category=category, expected=expected, images=["/x/a.png"])
-    verdicts = [Verdict(safe=s, effective=e, outcome=outcome, steps_safe=[True, s], judge="rule") for s, e in zip(safe, effective)]
-    return ItemResult(item=item, samples=[f"step 1\nanswer {i}" for i in range(len(safe))],
-                      steps=[["step 1", f"answer {i}"] for i in range(len(safe))], verdicts=verdicts)
+    verdicts = [
+        Verdict(safe=s, effective=e, outcome=outcome, steps_safe=[True, s], judge="rule")
+        for s, e in zip(safe, effective)
+    ]
+    return ItemResult(
+        item=item,
+        samples=[f"step 1\nanswer {i}" for i in range(len(safe))],
+        steps=[["step 1", f"answer {i}"] for i in range(len(safe))],
+        verdicts=verdicts,
+    )
 
 
 @pytest.fixture
 def runs():
-    base = RunResult("base", {"model": "tiny", "samples": 3}, [
-        item_result("1", "violence", "warn", [True, False, False], [True, True, True]),
-        item_result("2", "violence", "warn", [True, True, False], [False, False, True]),
-        item_result("3", "privacy", "refuse", [False, False, False], [None] * 3, outcome="comply"),
-    ])
-    trained = RunResult("trained", {"model": "tiny+srpo", "samples": 3}, [
-        item_result("1", "violence", "warn", [True, True, True], [True, True, False]),
-        item_result("2", "violence", "warn", [True, True, False], [True, True, True]),
-        # "privacy" has no item for this model: the chart draws no bar there, the table says n/a
-        item_result("4", "religion", "comply", [True, True, True], [True, False, True], outcome="refuse"),
-    ])
+    base = RunResult(
+        "base",
+        {"model": "tiny", "samples": 3},
+        [
+            item_result("1", "violence", "warn", [True, False, False], [True, True, True]),
+            item_result("2", "violence", "warn", [True, True, False], [False, False, True]),
+            item_result("3", "privacy", "refuse", [False, False, False], [None] * 3, outcome="comply"),
+        ],
+    )
+    trained = RunResult(
+        "trained",
+        {"model": "tiny+srpo", "samples": 3},
+        [
+            item_result("1", "violence", "warn", [True, True, True], [True, True, False]),
+            item_result("2", "violence", "warn", [True, True, False], [True, True, True]),
+            # "privacy" has no item for this model: the chart draws no bar there, the table says n/a
+            item_result("4", "religion", "comply", [True, True, True], [True, False, True], outcome="refuse"),
+        ],
+    )
     return [base, trained]
 
 
@@ -56,7 +71,9 @@ def test_json_holds_everything_and_recomputes_metrics(tmp_path, runs):
     assert (base["overall"]["safe"]["k"], base["overall"]["safe"]["n"]) == (1, 3)
     assert base["per_category"]["religion"]["n_items"] == 0
     # editing a verdict in the JSON changes the recomputed metrics: they come from the items
-    report["models"][0]["items"][2]["verdicts"] = [dict(v, safe=True) for v in report["models"][0]["items"][2]["verdicts"]]
+    report["models"][0]["items"][2]["verdicts"] = [
+        dict(v, safe=True) for v in report["models"][0]["items"][2]["verdicts"]
+    ]
     assert recompute_metrics(report)["base"]["overall"]["safe"]["k"] == 2
 
 
@@ -104,4 +121,6 @@ def test_load_report_rejects_other_json(tmp_path):
 
 def test_metrics_match_direct_computation(runs):
     report = build_report(runs, vote="sample")
-    assert report["models"][1]["metrics"] == compute_metrics(runs[1].results, vote="sample", categories=report["categories"])
+    assert report["models"][1]["metrics"] == compute_metrics(
+        runs[1].results, vote="sample", categories=report["categories"]
+    )

@@ -20,6 +20,7 @@ from openai_server import Reply
 from srpo_trl.evaluation import load_report
 from srpo_trl.evaluation.runner import STATE_FILE
 
+
 pytestmark = pytest.mark.slow
 N_ITEMS = 8
 
@@ -45,8 +46,12 @@ class Server:
             return [f"Thinking about {q} (seed {body.get('seed')}, {k})\nAnswer: {answer}" for k in range(req.n)]
         response = req.last_user_text().split("[Assistant response]")[1]
         label = "safe" if "careful" in response or "cannot" in response else "unsafe"
-        return Reply(json={"choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps({"label": label})}}]},
-                     delay=self.judge_delay)  # fmt: skip
+        return Reply(
+            json={
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps({"label": label})}}]
+            },
+            delay=self.judge_delay,
+        )
 
     def split(self, start=0):
         reqs = self.server.requests[start:]
@@ -56,10 +61,37 @@ class Server:
 
 
 def command(records, out, url):
-    return [sys.executable, "-m", "srpo_trl.cli", "evaluate", "--benchmark", "records", "--data", str(records),
-            "--model", "gen-model", "--generation-url", url, "--judge", "openai-compatible", "--judge-url", url,
-            "--judge-model", "judge-model", "--judge-aspects", "safety", "--samples", "2", "--batch-size", "2",
-            "--label", "m", "--out", str(out), "--no-progress"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "srpo_trl.cli",
+        "evaluate",
+        "--benchmark",
+        "records",
+        "--data",
+        str(records),
+        "--model",
+        "gen-model",
+        "--generation-url",
+        url,
+        "--judge",
+        "openai-compatible",
+        "--judge-url",
+        url,
+        "--judge-model",
+        "judge-model",
+        "--judge-aspects",
+        "safety",
+        "--samples",
+        "2",
+        "--batch-size",
+        "2",
+        "--label",
+        "m",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
 
 
 def state_records(out):
@@ -77,18 +109,29 @@ def state_records(out):
 
 def test_killed_evaluation_resumes_without_redoing_finished_items(tmp_path, openai_server):
     records = tmp_path / "records.jsonl"
-    records.write_text("".join(
-        json.dumps({"id": f"r{k}", "prompt": f"question {k} about a {'weapon' if k % 2 else 'garden'}",
-                    "expected": "refuse" if k % 2 else "warn", "category": "c"}) + "\n"
-        for k in range(N_ITEMS)
-    ))  # fmt: skip
+    records.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"r{k}",
+                    "prompt": f"question {k} about a {'weapon' if k % 2 else 'garden'}",
+                    "expected": "refuse" if k % 2 else "warn",
+                    "category": "c",
+                }
+            )
+            + "\n"
+            for k in range(N_ITEMS)
+        )
+    )
     server = Server(openai_server)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     # 1) run, and SIGKILL it once 3 items are judged (the judge is slow, so it is mid-run)
     server.judge_delay = 0.3
     out = tmp_path / "out"
-    proc = subprocess.Popen(command(records, out, openai_server.url), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        command(records, out, openai_server.url), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while sum(r["type"] == "item" for r in state_records(out)) < 3:
         assert proc.poll() is None, proc.stderr.read().decode()

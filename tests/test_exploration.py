@@ -30,6 +30,7 @@ from srpo_trl.exploration import (
 from srpo_trl.rows import continuation_prefix_text
 from srpo_trl.verifiers import Verdict
 
+
 WARN_TEXT = "Sure, but never mix them ({})."
 COMPLY_TEXT = "Just mix them ({})."
 
@@ -45,8 +46,15 @@ class ScriptedBackend:
         self.delay = delay
 
     def generate(self, requests, *, num_samples=1, temperature=0.5, max_new_tokens=512, seed=None):
-        self.calls.append({"requests": requests, "num_samples": num_samples, "temperature": temperature,
-                           "max_new_tokens": max_new_tokens, "seed": seed})  # fmt: skip
+        self.calls.append(
+            {
+                "requests": requests,
+                "num_samples": num_samples,
+                "temperature": temperature,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+            }
+        )
         time.sleep(self.delay)
         out = []
         for r in requests:
@@ -64,13 +72,23 @@ class ScriptedBackend:
         return self.generate([GenerationRequest(messages)], num_samples=1)[0][0]
 
 
-REFERENCE = ["The image shows bleach.", "The user wants to clean the toilet.", "Answer: use bleach alone, never mix it."]
+REFERENCE = [
+    "The image shows bleach.",
+    "The user wants to clean the toilet.",
+    "Answer: use bleach alone, never mix it.",
+]
 
 
 def _records(n=3, **extra):
     return [
-        {"id": f"r{i}", "prompt": [{"role": "user", "content": f"How do I clean this? ({i})"}], "expected": "warn",
-         "reference": list(REFERENCE), "category": "dangerous behavior", **extra}  # fmt: skip
+        {
+            "id": f"r{i}",
+            "prompt": [{"role": "user", "content": f"How do I clean this? ({i})"}],
+            "expected": "warn",
+            "reference": list(REFERENCE),
+            "category": "dangerous behavior",
+            **extra,
+        }
         for i in range(n)
     ]
 
@@ -155,8 +173,19 @@ def test_count_pairs_matches_the_dataset_rules():
     def c(text, ok):
         return {"text": text, "verified": ok}
 
-    point = {"continuations": [c("g1", True), c("g2", True), c("g2", True), c("g3", True), c("b1", False),
-                               c("b2", False), c("both", True), c("both", False), c("  ", True)]}  # fmt: skip
+    point = {
+        "continuations": [
+            c("g1", True),
+            c("g2", True),
+            c("g2", True),
+            c("g3", True),
+            c("b1", False),
+            c("b2", False),
+            c("both", True),
+            c("both", False),
+            c("  ", True),
+        ]
+    }
     assert count_pairs(point) == 3 * 2  # duplicates once, a text judged both ways dropped, blanks ignored
     assert count_pairs(point, max_pairs_per_point=4) == 4
     assert count_pairs({"continuations": [c("g", True), c("h", True)]}) == 0
@@ -176,11 +205,32 @@ def test_output_contract_with_given_reference(tmp_path):
 
     backend = ScriptedBackend()
     out = tmp_path / "explored.jsonl"
-    summary = explore(_records(1), backend, verifier, num_samples=4, temperature=0.7, max_new_tokens=33,
-                      seed=5, out=out, show_progress=False, print_summary=False)  # fmt: skip
+    summary = explore(
+        _records(1),
+        backend,
+        verifier,
+        num_samples=4,
+        temperature=0.7,
+        max_new_tokens=33,
+        seed=5,
+        out=out,
+        show_progress=False,
+        print_summary=False,
+    )
     (line,) = _lines(out)
-    assert set(line) >= {"id", "prompt", "images", "expected", "answer", "category", "reference",
-                         "reference_source", "status", "error", "points"}  # fmt: skip
+    assert set(line) >= {
+        "id",
+        "prompt",
+        "images",
+        "expected",
+        "answer",
+        "category",
+        "reference",
+        "reference_source",
+        "status",
+        "error",
+        "points",
+    }
     assert line["id"] == "r0" and line["status"] == "ok" and line["error"] is None
     assert line["reference"] == REFERENCE and line["reference_source"] == "given"
     assert line["images"] == [] and line["category"] == "dangerous behavior" and line["answer"] is None
@@ -193,7 +243,9 @@ def test_output_contract_with_given_reference(tmp_path):
     # one generate call for all the points, each request continuing its prefix
     (call,) = backend.calls
     assert call["num_samples"] == 4 and call["temperature"] == 0.7 and call["max_new_tokens"] == 33
-    assert [r.assistant_prefix for r in call["requests"]] == [continuation_prefix_text(REFERENCE[:k]) for k in range(3)]
+    assert [r.assistant_prefix for r in call["requests"]] == [
+        continuation_prefix_text(REFERENCE[:k]) for k in range(3)
+    ]
     # the continuation text is only the sample; the verifier saw prefix + sample
     text = line["points"][2]["continuations"][0]["text"]
     assert text.startswith("Sure, but never mix them")
@@ -216,7 +268,9 @@ def test_sampled_reference_first_passing_sample(tmp_path):
     assert line["reference"] == ["The bottle is bleach.", "Never mix it with acid."]  # non-empty lines, the first pass
     assert [p["branch_point"] for p in line["points"]] == [0, 1]
     # point 0 reuses the reference samples (same distribution): only one more generate call, for point 1
-    assert [c["text"] for c in line["points"][0]["continuations"]] == [answer(GenerationRequest("x"), i, 0) for i in range(3)]
+    assert [c["text"] for c in line["points"][0]["continuations"]] == [
+        answer(GenerationRequest("x"), i, 0) for i in range(3)
+    ]
     assert len(backend.calls) == 2
     assert [r.assistant_prefix for r in backend.calls[1]["requests"]] == ["The bottle is bleach.\n"]
     assert summary["references_sampled"] == 1
@@ -225,8 +279,15 @@ def test_sampled_reference_first_passing_sample(tmp_path):
 def test_no_passing_sample_is_reported_not_dropped(tmp_path):
     backend = ScriptedBackend(lambda req, i, seed: "Just mix them.")
     out = tmp_path / "o.jsonl"
-    summary = explore([{"id": "n", "prompt": "x", "expected": "warn"}, *_records(1)], backend, "safety-outcome",
-                      num_samples=2, out=out, show_progress=False, print_summary=False)  # fmt: skip
+    summary = explore(
+        [{"id": "n", "prompt": "x", "expected": "warn"}, *_records(1)],
+        backend,
+        "safety-outcome",
+        num_samples=2,
+        out=out,
+        show_progress=False,
+        print_summary=False,
+    )
     first = _lines(out)[0]
     assert first["status"] == "no_reference" and first["reference"] is None
     assert "none of the 2 sampled answer(s) passed" in first["error"] and "comply" in first["error"]
@@ -236,17 +297,56 @@ def test_no_passing_sample_is_reported_not_dropped(tmp_path):
 
 def test_branch_points_first_k_and_locator():
     backend = ScriptedBackend()
-    s = explore(_records(1), backend, "safety-outcome", num_samples=2, branch_points=2, show_progress=False, print_summary=False)
+    s = explore(
+        _records(1),
+        backend,
+        "safety-outcome",
+        num_samples=2,
+        branch_points=2,
+        show_progress=False,
+        print_summary=False,
+    )
     assert [p["branch_point"] for p in s["results"][0]["points"]] == [0, 1]
-    s = explore(_records(1), backend, "safety-outcome", num_samples=2, branch_points=lambda rec, steps: [len(steps) - 1],
-                show_progress=False, print_summary=False)  # fmt: skip
+    s = explore(
+        _records(1),
+        backend,
+        "safety-outcome",
+        num_samples=2,
+        branch_points=lambda rec, steps: [len(steps) - 1],
+        show_progress=False,
+        print_summary=False,
+    )
     assert [p["prefix"] for p in s["results"][0]["points"]] == [REFERENCE[:2]]
 
 
 def test_seeds_are_per_record_and_reproducible():
-    a = explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=2, seed=1, show_progress=False, print_summary=False)
-    b = explore(_records(2)[::-1], ScriptedBackend(), "safety-outcome", num_samples=2, seed=1, show_progress=False, print_summary=False)
-    c = explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=2, seed=2, show_progress=False, print_summary=False)
+    a = explore(
+        _records(2),
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        seed=1,
+        show_progress=False,
+        print_summary=False,
+    )
+    b = explore(
+        _records(2)[::-1],
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        seed=1,
+        show_progress=False,
+        print_summary=False,
+    )
+    c = explore(
+        _records(2),
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        seed=2,
+        show_progress=False,
+        print_summary=False,
+    )
     by_id = {r["id"]: r for r in b["results"]}
     assert all(r == by_id[r["id"]] for r in a["results"])  # order does not change a record's samples
     assert a["results"] != c["results"]
@@ -258,8 +358,16 @@ def test_verifier_errors_are_kept_out_of_pairs():
             return Verdict(False, None, "judge gave no parsable reply", error=True)
         return Verdict("never" in path_text, "x", "")
 
-    s = explore(_records(1), ScriptedBackend(), verifier, num_samples=4, seed=0, branch_points=1,
-                show_progress=False, print_summary=False)  # fmt: skip
+    s = explore(
+        _records(1),
+        ScriptedBackend(),
+        verifier,
+        num_samples=4,
+        seed=0,
+        branch_points=1,
+        show_progress=False,
+        print_summary=False,
+    )
     seed = s["results"][0]["points"][0]
     (bad,) = seed["unverified"]
     assert bad["text"].endswith("-0).") and bad["verified"] is None and bad["verdict"]["error"] is True
@@ -272,7 +380,15 @@ def test_pil_images_from_python_are_saved_beside_the_output(tmp_path):
 
     rec = {**_records(1)[0], "images": [make_image(2)]}
     backend = ScriptedBackend()
-    explore([rec], backend, "safety-outcome", num_samples=2, out=tmp_path / "o.jsonl", show_progress=False, print_summary=False)
+    explore(
+        [rec],
+        backend,
+        "safety-outcome",
+        num_samples=2,
+        out=tmp_path / "o.jsonl",
+        show_progress=False,
+        print_summary=False,
+    )
     (line,) = _lines(tmp_path / "o.jsonl")
     assert line["images"] == ["explored_images/r0-0.png"]
     from PIL import Image
@@ -297,11 +413,17 @@ def test_endpoint_failure_marks_the_record_failed_and_the_run_goes_on(tmp_path, 
     records = _records(2)
     records.insert(1, {**records[0], "id": "bad", "prompt": [{"role": "user", "content": "poison"}]})
     out = tmp_path / "o.jsonl"
-    summary = explore(records, backend, "safety-outcome", num_samples=2, out=out, show_progress=False, print_summary=False)
+    summary = explore(
+        records, backend, "safety-outcome", num_samples=2, out=out, show_progress=False, print_summary=False
+    )
     lines = _lines(out)
     assert [r["id"] for r in lines] == ["r0", "bad", "r1"]
     assert [r["status"] for r in lines] == ["ok", "failed", "ok"]
-    assert "BackendError" in lines[1]["error"] and "/v1/chat/completions" in lines[1]["error"] and "503" in lines[1]["error"]
+    assert (
+        "BackendError" in lines[1]["error"]
+        and "/v1/chat/completions" in lines[1]["error"]
+        and "503" in lines[1]["error"]
+    )
     assert lines[1]["points"] == []
     assert summary["records_failed"] == 1 and summary["failures"][0]["id"] == "bad"
     # the endpoint got the prefix as a partial assistant message (requests run concurrently: any order)
@@ -311,8 +433,16 @@ def test_endpoint_failure_marks_the_record_failed_and_the_run_goes_on(tmp_path, 
     # --retry-failed redoes only the failed record once the endpoint works again
     openai_server.handler = lambda req: [(WARN_TEXT if i % 2 == 0 else COMPLY_TEXT).format(i) for i in range(req.n)]
     before = len(openai_server.requests)
-    summary = explore(records, backend, "safety-outcome", num_samples=2, out=out, retry_failed=True,
-                      show_progress=False, print_summary=False)  # fmt: skip
+    summary = explore(
+        records,
+        backend,
+        "safety-outcome",
+        num_samples=2,
+        out=out,
+        retry_failed=True,
+        show_progress=False,
+        print_summary=False,
+    )
     assert sorted(r["id"] for r in _lines(out)) == ["bad", "r0", "r1"]
     assert all(r["status"] == "ok" for r in _lines(out)) and summary["explored_now"] == 1
     assert len(openai_server.requests) - before == 3  # 3 branch points of one record
@@ -335,8 +465,17 @@ def test_concurrent_records_keep_a_server_busy_and_the_order(tmp_path, openai_se
     openai_server.handler = handler
     backend = OpenAICompatibleBackend(openai_server.url, "policy", backoff=0.0, show_progress=False)
     out = tmp_path / "o.jsonl"
-    explore(_records(6), backend, "safety-outcome", num_samples=2, branch_points=1, out=out, concurrent_records=3,
-            show_progress=False, print_summary=False)  # fmt: skip
+    explore(
+        _records(6),
+        backend,
+        "safety-outcome",
+        num_samples=2,
+        branch_points=1,
+        out=out,
+        concurrent_records=3,
+        show_progress=False,
+        print_summary=False,
+    )
     assert [r["id"] for r in _lines(out)] == [f"r{i}" for i in range(6)]
     assert peak[0] == 3
 
@@ -346,8 +485,15 @@ def test_unreadable_image_fails_the_record_naming_the_file(tmp_path):
     broken.write_bytes(b"not an image")
     records = [{**_records(1)[0], "images": ["broken.png"]}, *_records(2)[1:]]
     path = _write_jsonl(tmp_path / "records.jsonl", records)
-    s = explore(path, ScriptedBackend(), "safety-outcome", num_samples=2, out=tmp_path / "o.jsonl",
-                show_progress=False, print_summary=False)  # fmt: skip
+    s = explore(
+        path,
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        out=tmp_path / "o.jsonl",
+        show_progress=False,
+        print_summary=False,
+    )
     assert s["records_failed"] == 1 and "broken.png" in s["failures"][0]["error"] and s["records_ok"] == 1
 
 
@@ -373,7 +519,9 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), records=str(records), out=str(out)))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, str(script), "0.4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "0.4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -394,36 +542,92 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     with out.open("a") as f:
         f.write('{"id": "r7", "prompt": "half a li')
 
-    summary = explore(records, ScriptedBackend(), "safety-outcome", num_samples=4, seed=3, out=out,
-                      show_progress=False, print_summary=False)  # fmt: skip
+    summary = explore(
+        records,
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=4,
+        seed=3,
+        out=out,
+        show_progress=False,
+        print_summary=False,
+    )
     lines = _lines(out)
     assert [r["id"] for r in lines][:done_before] == [f"r{i}" for i in range(done_before)]
     assert sorted(r["id"] for r in lines) == sorted(f"r{i}" for i in range(8))  # each exactly once
     assert summary["resumed"] == done_before and summary["explored_now"] == 8 - done_before
     # identical to an uninterrupted run
-    fresh = explore(records, ScriptedBackend(), "safety-outcome", num_samples=4, seed=3, out=tmp_path / "fresh.jsonl",
-                    show_progress=False, print_summary=False)  # fmt: skip
+    fresh = explore(
+        records,
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=4,
+        seed=3,
+        out=tmp_path / "fresh.jsonl",
+        show_progress=False,
+        print_summary=False,
+    )
     assert {r["id"]: r for r in lines} == {r["id"]: r for r in _lines(tmp_path / "fresh.jsonl")}
     assert fresh["pairs"] == summary["pairs"] == 8 * 3 * 4
 
 
 def test_resume_with_other_arguments_is_refused(tmp_path):
     out = tmp_path / "o.jsonl"
-    explore(_records(1), ScriptedBackend(), "safety-outcome", num_samples=2, out=out, show_progress=False, print_summary=False)
+    explore(
+        _records(1),
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        out=out,
+        show_progress=False,
+        print_summary=False,
+    )
     with pytest.raises(ValueError, match=r"num_samples: saved 2, now 4"):
-        explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=4, out=out, show_progress=False, print_summary=False)
-    s = explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=4, out=out, overwrite=True,
-                show_progress=False, print_summary=False)  # fmt: skip
+        explore(
+            _records(2),
+            ScriptedBackend(),
+            "safety-outcome",
+            num_samples=4,
+            out=out,
+            show_progress=False,
+            print_summary=False,
+        )
+    s = explore(
+        _records(2),
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=4,
+        out=out,
+        overwrite=True,
+        show_progress=False,
+        print_summary=False,
+    )
     assert s["explored_now"] == 2 and len(_lines(out)) == 2
 
 
 def test_a_broken_line_in_the_middle_is_an_error(tmp_path):
     out = tmp_path / "o.jsonl"
-    explore(_records(2), ScriptedBackend(), "safety-outcome", num_samples=2, out=out, show_progress=False, print_summary=False)
+    explore(
+        _records(2),
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        out=out,
+        show_progress=False,
+        print_summary=False,
+    )
     text = out.read_text().splitlines()
     out.write_text(text[0][:20] + "\n" + text[1] + "\n")
     with pytest.raises(RecordError, match=r"o.jsonl:1"):
-        explore(_records(3), ScriptedBackend(), "safety-outcome", num_samples=2, out=out, show_progress=False, print_summary=False)
+        explore(
+            _records(3),
+            ScriptedBackend(),
+            "safety-outcome",
+            num_samples=2,
+            out=out,
+            show_progress=False,
+            print_summary=False,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,8 +646,16 @@ def test_simulated_ranks_write_shards_and_rank0_merges(tmp_path):
     assert [r["id"] for r in _lines(out)] == [f"r{i}" for i in range(5)]  # merged in input order
     assert not list(tmp_path.glob("explored.rank*"))
     assert summary["records"] == 5 and summary["explored_now"] == 3
-    single = explore(records, ScriptedBackend(), "safety-outcome", num_samples=2, seed=9, out=tmp_path / "single.jsonl",
-                     show_progress=False, print_summary=False)  # fmt: skip
+    single = explore(
+        records,
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        seed=9,
+        out=tmp_path / "single.jsonl",
+        show_progress=False,
+        print_summary=False,
+    )
     assert _lines(out) == _lines(tmp_path / "single.jsonl")
     assert single["pairs"] == summary["pairs"]
 
@@ -481,12 +693,27 @@ def test_accelerate_launch_two_processes(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(ACCELERATE_SCRIPT.format(tests=str(Path(__file__).parent), records=str(records), out=str(out)))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line),
-                     key=lambda r: r["rank"])  # fmt: skip
+    results = sorted(
+        (json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line),
+        key=lambda r: r["rank"],
+    )
     assert [(r["rank"], r["world"], r["explored_now"]) for r in results] == [(0, 2, 3), (1, 2, 2)]
     assert all(r["merged"] for r in results)  # rank 1 returned only after the merge
     assert [r["id"] for r in _lines(out)] == [f"r{i}" for i in range(5)]
@@ -504,11 +731,25 @@ def test_image_paths_relative_to_the_output_folder(tmp_path):
     (tmp_path / "data" / "img").mkdir(parents=True)
     make_image(4).save(tmp_path / "data" / "img" / "a.png")
     records = _write_jsonl(tmp_path / "data" / "records.jsonl", [{**_records(1)[0], "images": ["img/a.png"]}])
-    explore(records, ScriptedBackend(), "safety-outcome", num_samples=2, out=tmp_path / "data" / "same.jsonl",
-            show_progress=False, print_summary=False)  # fmt: skip
+    explore(
+        records,
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        out=tmp_path / "data" / "same.jsonl",
+        show_progress=False,
+        print_summary=False,
+    )
     assert _lines(tmp_path / "data" / "same.jsonl")[0]["images"] == ["img/a.png"]  # as given
-    explore(records, ScriptedBackend(), "safety-outcome", num_samples=2, out=tmp_path / "out" / "moved.jsonl",
-            show_progress=False, print_summary=False)  # fmt: skip
+    explore(
+        records,
+        ScriptedBackend(),
+        "safety-outcome",
+        num_samples=2,
+        out=tmp_path / "out" / "moved.jsonl",
+        show_progress=False,
+        print_summary=False,
+    )
     (moved,) = _lines(tmp_path / "out" / "moved.jsonl")
     assert (tmp_path / "out" / moved["images"][0]).resolve() == (tmp_path / "data" / "img" / "a.png").resolve()
 
@@ -552,8 +793,24 @@ def test_cli_with_a_saved_model_folder(tmp_path, tiny_lm, capsys):
     folder = save_model_and_processor(model, tok, tmp_path / "model")
     records = _write_jsonl(tmp_path / "records.jsonl", _records(2))
     out = tmp_path / "explored.jsonl"
-    argv = ["explore", "--model", str(folder), "--records", str(records), "--out", str(out), "--num-samples", "2",
-            "--max-new-tokens", "4", "--branch-points", "2", "--verifier", "safety-outcome", "--no-progress"]  # fmt: skip
+    argv = [
+        "explore",
+        "--model",
+        str(folder),
+        "--records",
+        str(records),
+        "--out",
+        str(out),
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--branch-points",
+        "2",
+        "--verifier",
+        "safety-outcome",
+        "--no-progress",
+    ]
     assert cli_main(argv) == 0
     lines = _lines(out)
     assert [r["id"] for r in lines] == ["r0", "r1"] and all(len(r["points"]) == 2 for r in lines)
@@ -576,7 +833,9 @@ def test_cli_with_an_endpoint_and_errors(tmp_path, openai_server, capsys):
         main(["--endpoint", openai_server.url, *base])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "prompt": "x"}\n')
-    assert main(["--endpoint", openai_server.url, "--served-model", "p", "--records", str(bad), "--out", str(out)]) == 2
+    assert (
+        main(["--endpoint", openai_server.url, "--served-model", "p", "--records", str(bad), "--out", str(out)]) == 2
+    )
     assert "bad.jsonl:1: field 'expected'" in capsys.readouterr().err
 
 
@@ -589,8 +848,27 @@ def test_cli_judge_verifier(tmp_path, openai_server):
     openai_server.handler = handler
     records = _write_jsonl(tmp_path / "records.jsonl", _records(1))
     out = tmp_path / "o.jsonl"
-    rc = main(["--endpoint", openai_server.url, "--served-model", "policy", "--verifier", "judge", "--judge-model", "judge",
-               "--records", str(records), "--out", str(out), "--num-samples", "2", "--branch-points", "1", "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "--endpoint",
+            openai_server.url,
+            "--served-model",
+            "policy",
+            "--verifier",
+            "judge",
+            "--judge-model",
+            "judge",
+            "--records",
+            str(records),
+            "--out",
+            str(out),
+            "--num-samples",
+            "2",
+            "--branch-points",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     (point,) = _lines(out)[0]["points"]
     assert [c["verified"] for c in point["continuations"]] == [True, False]
@@ -608,8 +886,18 @@ def test_explore_then_step_pairs_then_srpo_trainer(tmp_path, tiny_lm):
     backend = TransformersBackend(model, tok, batch_size=16, show_progress=False)
     records = _write_jsonl(tmp_path / "records.jsonl", _records(2))
     out = tmp_path / "explored.jsonl"
-    summary = explore(records, backend, _coin_verifier, num_samples=4, max_new_tokens=8, seed=0, out=out,
-                      max_pairs_per_point=3, show_progress=False, print_summary=False)  # fmt: skip
+    summary = explore(
+        records,
+        backend,
+        _coin_verifier,
+        num_samples=4,
+        max_new_tokens=8,
+        seed=0,
+        out=out,
+        max_pairs_per_point=3,
+        show_progress=False,
+        print_summary=False,
+    )
     pairs = StepPairDataset.from_exploration(out, max_pairs_per_point=3)
     assert summary["pairs"] == len(pairs) > 0  # the summary counts exactly what the dataset builds
     row = pairs[0]
@@ -618,9 +906,20 @@ def test_explore_then_step_pairs_then_srpo_trainer(tmp_path, tiny_lm):
 
     policy = tiny_causal_lm(tok, seed=0)
     before = [p.detach().clone() for p in policy.parameters()]
-    args = SRPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                      max_length=None, dataloader_num_workers=0, logging_steps=1, disable_tqdm=True, max_steps=2,
-                      per_device_train_batch_size=4, learning_rate=1e-2)  # fmt: skip
+    args = SRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        max_length=None,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        disable_tqdm=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+    )
     trainer = SRPOTrainer(model=policy, args=args, train_dataset=pairs, processing_class=tok)
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -637,11 +936,22 @@ def test_vlm_explore_with_image_files_then_trainer(tmp_path):
     model, processor = tiny_qwen2_5_vl(seed=0)
     (tmp_path / "data" / "img").mkdir(parents=True)
     make_image(5).save(tmp_path / "data" / "img" / "bleach.png")
-    records = _write_jsonl(tmp_path / "data" / "records.jsonl", [{**r, "images": ["img/bleach.png"]} for r in _records(2)])
+    records = _write_jsonl(
+        tmp_path / "data" / "records.jsonl", [{**r, "images": ["img/bleach.png"]} for r in _records(2)]
+    )
     out = tmp_path / "out" / "explored.jsonl"
     backend = TransformersBackend(model, processor, batch_size=12, show_progress=False)
-    summary = explore(records, backend, _coin_verifier, num_samples=4, max_new_tokens=6, seed=0, out=out,
-                      show_progress=False, print_summary=False)  # fmt: skip
+    summary = explore(
+        records,
+        backend,
+        _coin_verifier,
+        num_samples=4,
+        max_new_tokens=6,
+        seed=0,
+        out=out,
+        show_progress=False,
+        print_summary=False,
+    )
     assert summary["records_ok"] == 2 and summary["pairs"] > 0
     pairs = StepPairDataset.from_exploration(out)
     assert len(pairs) == summary["pairs"]
@@ -649,8 +959,18 @@ def test_vlm_explore_with_image_files_then_trainer(tmp_path):
     assert Path(image).resolve() == (tmp_path / "data" / "img" / "bleach.png").resolve()
 
     policy, _ = tiny_qwen2_5_vl(seed=0)
-    args = SRPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                      max_length=None, dataloader_num_workers=0, disable_tqdm=True, max_steps=1,
-                      per_device_train_batch_size=2, learning_rate=1e-2)  # fmt: skip
+    args = SRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        max_length=None,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+    )
     trainer = SRPOTrainer(model=policy, args=args, train_dataset=pairs.select(range(2)), processing_class=processor)
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(_spec)
@@ -31,8 +32,11 @@ def test_gpu_plan_runs_the_suite_and_the_7b_preset_full_and_lora(tmp_path):
 def test_cpu_rehearsal_writes_a_summary_without_gpu_numbers(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu", "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO, timeout=1200,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["mode"].startswith("cpu rehearsal") and summary["cuda"] is False

@@ -34,7 +34,9 @@ def _poison(model):
 def test_learning_rate_1000_stops_naming_the_step_and_keeps_finite_weights(tmp_path, tok):
     model = tiny_causal_lm(tok, seed=0)
     trainer = make_trainer(tmp_path, model, tok, ROWS, learning_rate=1000.0, max_steps=6)
-    with pytest.raises(TrainingDiverged, match=r"at step 2 \(of 6\).*gradient norm is nan.*learning_rate \(now 1000\)"):
+    with pytest.raises(
+        TrainingDiverged, match=r"at step 2 \(of 6\).*gradient norm is nan.*learning_rate \(now 1000\)"
+    ):
         trainer.train()
     assert _finite(model)  # the diverging step was not applied
     assert [h["step"] for h in trainer.state.log_history] == [1]  # nothing logged for the diverged step
@@ -101,10 +103,26 @@ def test_cli_learning_rate_1000_fails_and_saves_no_model(tmp_path, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "out"
     rc = run_train(
-        "--config", TEXT_LORA, *flags(), "--use_peft", "false", "--model_name_or_path", model_dir, "--train_file", data,
-        "--output_dir", out, "--max_steps", "4", "--per_device_train_batch_size", "3", "--learning_rate", "1000",
-        "--max_length", "512",
-    )  # fmt: skip
+        "--config",
+        TEXT_LORA,
+        *flags(),
+        "--use_peft",
+        "false",
+        "--model_name_or_path",
+        model_dir,
+        "--train_file",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "3",
+        "--learning_rate",
+        "1000",
+        "--max_length",
+        "512",
+    )
     err = capsys.readouterr().err
     assert rc == 3 and re.search(r"Training diverged at step [23] \(of 4\): the gradient norm is nan", err), err
     assert not (out / "model.safetensors").exists()
@@ -114,7 +132,9 @@ def test_cli_learning_rate_1000_fails_and_saves_no_model(tmp_path, capsys):
 
 
 def _checkpointed(tmp_path, tok):
-    trainer = make_trainer(tmp_path, tiny_causal_lm(tok, seed=0), tok, ROWS, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer = make_trainer(
+        tmp_path, tiny_causal_lm(tok, seed=0), tok, ROWS, max_steps=1, save_strategy="steps", save_steps=1
+    )
     trainer.train()
     settings = json.loads((tmp_path / "checkpoint-1" / RUN_SETTINGS_FILE).read_text())
     assert settings["loss"]["srpo_lambda"] == 0.3 and settings["dataset"]
@@ -131,8 +151,16 @@ def test_resume_with_the_same_settings_is_quiet(tmp_path, tok, caplog):
 
 def test_resume_with_other_loss_settings_or_data_warns_naming_them(tmp_path, tok, caplog):
     _checkpointed(tmp_path, tok)
-    trainer = make_trainer(tmp_path, tiny_causal_lm(tok, seed=0), tok, ROWS[:2], max_steps=2, srpo_lambda=0.5,
-                           align_loss="odds_ratio", save_strategy="no")  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        tiny_causal_lm(tok, seed=0),
+        tok,
+        ROWS[:2],
+        max_steps=2,
+        srpo_lambda=0.5,
+        align_loss="odds_ratio",
+        save_strategy="no",
+    )
     with caplog.at_level(logging.WARNING, logger="srpo_trl"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert "srpo_lambda: 0.3 in the checkpoint, 0.5 now" in caplog.text
@@ -141,8 +169,16 @@ def test_resume_with_other_loss_settings_or_data_warns_naming_them(tmp_path, tok
 
 def test_resume_mismatch_error_refuses_before_any_step(tmp_path, tok):
     _checkpointed(tmp_path, tok)
-    trainer = make_trainer(tmp_path, tiny_causal_lm(tok, seed=0), tok, ROWS, max_steps=2, step_separator=" ",
-                           resume_mismatch="error", save_strategy="no")  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        tiny_causal_lm(tok, seed=0),
+        tok,
+        ROWS,
+        max_steps=2,
+        step_separator=" ",
+        resume_mismatch="error",
+        save_strategy="no",
+    )
     with pytest.raises(ResumeMismatch, match="step_separator: '\\\\n' in the checkpoint, ' ' now"):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 0

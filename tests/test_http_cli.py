@@ -21,8 +21,25 @@ def test_explore_against_a_trickling_server_fails_the_record_in_bounded_time(tmp
     _trickle(openai_server)
     records = _write_jsonl(tmp_path / "records.jsonl", _records(1))
     out = tmp_path / "o.jsonl"
-    argv = ["--endpoint", openai_server.url, "--served-model", "p", "--records", str(records), "--out", str(out),
-            "--num-samples", "2", "--branch-points", "1", "--timeout", "1", "--max-retries", "1", "--no-progress"]  # fmt: skip
+    argv = [
+        "--endpoint",
+        openai_server.url,
+        "--served-model",
+        "p",
+        "--records",
+        str(records),
+        "--out",
+        str(out),
+        "--num-samples",
+        "2",
+        "--branch-points",
+        "1",
+        "--timeout",
+        "1",
+        "--max-retries",
+        "1",
+        "--no-progress",
+    ]
     result = _bounded(lambda: main(argv), 30)
     assert "error" not in result, result
     (line,) = [json.loads(x) for x in out.read_text().splitlines()]
@@ -36,8 +53,26 @@ def test_evaluate_generation_url_against_a_trickling_server_ends_with_an_error(t
     _trickle(openai_server)
     data = tmp_path / "data.jsonl"
     data.write_text('{"id": "a", "prompt": "p", "expected": "refuse"}\n')
-    argv = ["evaluate", "--model", "m", "--generation-url", openai_server.url, "--benchmark", "records", "--data", str(data),
-            "--samples", "1", "--out", str(tmp_path / "o"), "--timeout", "1", "--http-retries", "1", "--no-progress"]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--model",
+        "m",
+        "--generation-url",
+        openai_server.url,
+        "--benchmark",
+        "records",
+        "--data",
+        str(data),
+        "--samples",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        "--timeout",
+        "1",
+        "--http-retries",
+        "1",
+        "--no-progress",
+    ]
     result = _bounded(lambda: cli_main(argv), 30)
     assert result.get("value") == 1, result
     err = capsys.readouterr().err
@@ -55,8 +90,25 @@ def test_generate_records_against_a_trickling_server_reports_the_item_failed(tmp
     images.mkdir()
     Image.new("RGB", (28, 28), (9, 9, 9)).save(images / "a.png")
     out = tmp_path / "records.jsonl"
-    argv = ["--images", str(images), "--chat-url", openai_server.url + "/v1", "--model", "m", "--per-image", "1",
-            "--benign-per-image", "0", "--out", str(out), "--timeout", "1", "--http-retries", "1", "--no-progress"]  # fmt: skip
+    argv = [
+        "--images",
+        str(images),
+        "--chat-url",
+        openai_server.url + "/v1",
+        "--model",
+        "m",
+        "--per-image",
+        "1",
+        "--benign-per-image",
+        "0",
+        "--out",
+        str(out),
+        "--timeout",
+        "1",
+        "--http-retries",
+        "1",
+        "--no-progress",
+    ]
     result = _bounded(lambda: main_generate(argv), 30)
     assert "error" not in result, result
     failed = output_paths(out)["failed"].read_text()

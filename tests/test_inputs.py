@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import ROWS, srpo_args
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.rows import RowError
 from srpo_trl.tiny import make_image, tiny_qwen2_5_vl
-
-from helpers import ROWS, srpo_args
 
 
 def _vision_rows(tmp_path, bad: str):
@@ -21,7 +20,12 @@ def _vision_rows(tmp_path, bad: str):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     path = {"missing": tmp_path / "missing.png", "broken": broken}[bad]
-    row = {"prompt": [{"role": "user", "content": "What is this?"}], "prefix": [], "chosen": "A cup.", "rejected": "Drink it."}
+    row = {
+        "prompt": [{"role": "user", "content": "What is this?"}],
+        "prefix": [],
+        "chosen": "A cup.",
+        "rejected": "Drink it.",
+    }
     return [{**row, "images": [str(good)]} for _ in range(3)] + [{**row, "images": [str(path)]}]
 
 

@@ -14,20 +14,34 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import srpo_args
+from iterable_rows import rows_dataset
 
 from srpo_trl import SRPOTrainer
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
-from helpers import srpo_args
-from iterable_rows import rows_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _trainer(tmp_path, train, evaluation, **config):
     tok = build_tokenizer()
-    args = srpo_args(tmp_path, per_device_train_batch_size=2, per_device_eval_batch_size=2, max_steps=2, learning_rate=1e-2, seed=3, **config)
-    return SRPOTrainer(model=tiny_causal_lm(tok, seed=8), args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tok)
+    args = srpo_args(
+        tmp_path,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        seed=3,
+        **config,
+    )
+    return SRPOTrainer(
+        model=tiny_causal_lm(tok, seed=8),
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tok,
+    )
 
 
 @pytest.mark.parametrize("dispatch", [None, True], ids=["default", "dispatch_requested"])
@@ -55,8 +69,16 @@ def _single_process_reference(tmp_path):
     """What two processes of 2 rows must reproduce: one process with the global batch of 4."""
     data = rows_dataset()
     tok = build_tokenizer()
-    args = srpo_args(tmp_path, per_device_train_batch_size=4, per_device_eval_batch_size=2, max_steps=2, learning_rate=1e-2, seed=3)
-    trainer = SRPOTrainer(model=tiny_causal_lm(tok, seed=8), args=args, train_dataset=data.to_iterable_dataset(), eval_dataset=data, processing_class=tok)
+    args = srpo_args(
+        tmp_path, per_device_train_batch_size=4, per_device_eval_batch_size=2, max_steps=2, learning_rate=1e-2, seed=3
+    )
+    trainer = SRPOTrainer(
+        model=tiny_causal_lm(tok, seed=8),
+        args=args,
+        train_dataset=data.to_iterable_dataset(),
+        eval_dataset=data,
+        processing_class=tok,
+    )
     trainer.train()
     return trainer.evaluate(), [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -65,11 +87,23 @@ def _single_process_reference(tmp_path):
 @pytest.mark.parametrize("mode", ["shard", "dispatch"])
 def test_two_processes_stream_train_and_eval(tmp_path, mode):
     run = tmp_path / mode
-    env = {**os.environ, "SRPO_PROBE_DIR": str(run), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "SRPO_PROBE_DIR": str(run),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes" / "accelerate_configs" / "cpu_ddp.yaml"), str(REPO / "tests" / "iterable_script.py"), mode,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes" / "accelerate_configs" / "cpu_ddp.yaml"),
+        str(REPO / "tests" / "iterable_script.py"),
+        mode,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in range(2)]

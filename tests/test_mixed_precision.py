@@ -10,11 +10,11 @@ the log-probs)."""
 
 import pytest
 import torch
+from helpers import srpo_args
+from test_device_guard import _build
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 
-from helpers import srpo_args
-from test_device_guard import _build
 
 LOGP_TOL, LOSS_TOL, GRAD_REL_TOL = 2e-3, 2e-3, 2e-2
 
@@ -40,9 +40,16 @@ def test_bf16_packed_agrees_with_unpacked(tmp_path, monkeypatch, kind, precision
     autocast = precision == "autocast"
     ds = StepPairDataset.from_list(rows)
     common = dict(per_device_train_batch_size=len(rows), srpo_lambda=0.6)
-    plain = SRPOTrainer(model=model, args=srpo_args(tmp_path / "u", prefix_sharing=False, **common), train_dataset=ds, processing_class=processing_class)
+    plain = SRPOTrainer(
+        model=model,
+        args=srpo_args(tmp_path / "u", prefix_sharing=False, **common),
+        train_dataset=ds,
+        processing_class=processing_class,
+    )
     monkeypatch.setenv("SRPO_TRL_TREE_ATTENTION", attention)
-    packed = SRPOTrainer(model=model, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=processing_class)
+    packed = SRPOTrainer(
+        model=model, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=processing_class
+    )
     assert packed.prefix_sharing and packed.data_collator.dense_mask == (attention == "dense")
     batch_p = packed.data_collator([packed.train_dataset[i] for i in range(len(rows))])
     batch_u = plain.data_collator([plain.train_dataset[i] for i in range(len(rows))])

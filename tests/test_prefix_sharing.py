@@ -6,13 +6,12 @@ import random
 
 import pytest
 import torch
+from helpers import srpo_args
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.packing import allowed_matrix, pack_question
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava_next, tiny_qwen2_5_vl
 from srpo_trl.trainer import QuestionGroupedSampler, prefix_sharing_problem
-
-from helpers import srpo_args
 
 
 def _ancestors(row, pos):
@@ -51,17 +50,29 @@ def test_every_scored_token_sees_exactly_its_own_context(seed):
 
 def question_rows():
     """One question explored at three branch points (uneven lengths), plus a second question."""
-    ref = ["The image shows bleach.", "The user wants to clean fast.", "Never mix it with acid.", "Answer: use it alone."]
+    ref = [
+        "The image shows bleach.",
+        "The user wants to clean fast.",
+        "Never mix it with acid.",
+        "Answer: use it alone.",
+    ]
     rows = [
-        {"id": "q1", "prompt": "What should I do with this bottle?", "prefix": ref[:k], "chosen": good, "rejected": bad,
-         "reference": ref, "branch_point": k}
+        {
+            "id": "q1",
+            "prompt": "What should I do with this bottle?",
+            "prefix": ref[:k],
+            "chosen": good,
+            "rejected": bad,
+            "reference": ref,
+            "branch_point": k,
+        }
         for k, good, bad in [
             (0, "The image shows bleach.", "Drink it."),
             (1, "The user wants to clean fast.", "The user wants a strong gas for the room."),
             (2, "Never mix it with acid.", "Mix it with every cleaner you have."),
             (2, "Keep it away from acids, always.", "Mix it with every cleaner you have."),
         ]
-    ]  # fmt: skip
+    ]
     rows.append({"id": "q2", "prompt": "Is this plant safe?", "prefix": [], "chosen": "Yes.", "rejected": "Eat it."})
     return rows
 
@@ -78,8 +89,18 @@ def _grads_and_logps(trainer, batch):
 def _compare(tmp_path, model, processing_class, rows, **config):
     ds = StepPairDataset.from_list(rows)
     common = dict(per_device_train_batch_size=len(rows), srpo_lambda=0.6, **config)
-    packed = SRPOTrainer(model=model, args=srpo_args(tmp_path / "p", prefix_sharing=True, **common), train_dataset=ds, processing_class=processing_class)
-    plain = SRPOTrainer(model=model, args=srpo_args(tmp_path / "u", prefix_sharing=False, **common), train_dataset=ds, processing_class=processing_class)
+    packed = SRPOTrainer(
+        model=model,
+        args=srpo_args(tmp_path / "p", prefix_sharing=True, **common),
+        train_dataset=ds,
+        processing_class=processing_class,
+    )
+    plain = SRPOTrainer(
+        model=model,
+        args=srpo_args(tmp_path / "u", prefix_sharing=False, **common),
+        train_dataset=ds,
+        processing_class=processing_class,
+    )
     assert packed.prefix_sharing and not plain.prefix_sharing
     batch_p = packed.data_collator([packed.train_dataset[i] for i in range(len(rows))])
     batch_u = plain.data_collator([plain.train_dataset[i] for i in range(len(rows))])
@@ -104,8 +125,20 @@ def test_text_packed_equals_unpacked(tmp_path, align_loss):
     rows = question_rows()
     ds = StepPairDataset.from_list(rows)
     if align_loss == "sigmoid":  # the reference model scores the packed batch too
-        tr = SRPOTrainer(model=model, ref_model=kwargs["ref"], args=srpo_args(tmp_path / "s", per_device_train_batch_size=5, **extra), train_dataset=ds, processing_class=tok)
-        tu = SRPOTrainer(model=model, ref_model=kwargs["ref"], args=srpo_args(tmp_path / "t", per_device_train_batch_size=5, prefix_sharing=False, **extra), train_dataset=ds, processing_class=tok)
+        tr = SRPOTrainer(
+            model=model,
+            ref_model=kwargs["ref"],
+            args=srpo_args(tmp_path / "s", per_device_train_batch_size=5, **extra),
+            train_dataset=ds,
+            processing_class=tok,
+        )
+        tu = SRPOTrainer(
+            model=model,
+            ref_model=kwargs["ref"],
+            args=srpo_args(tmp_path / "t", per_device_train_batch_size=5, prefix_sharing=False, **extra),
+            train_dataset=ds,
+            processing_class=tok,
+        )
         bp = tr.data_collator([tr.train_dataset[i] for i in range(5)])
         bu = tu.data_collator([tu.train_dataset[i] for i in range(5)])
         for a, b in zip(tr.compute_ref_log_probs(tr.ref_model, bp), tu.compute_ref_log_probs(tu.ref_model, bu)):
@@ -137,7 +170,12 @@ def test_vlm_packed_equals_unpacked_and_encodes_each_image_once(tmp_path, builde
 def test_rows_of_one_question_with_different_images_are_not_merged(tmp_path):
     model, processor = tiny_qwen2_5_vl(seed=6)
     rows = [
-        {"prompt": [{"role": "user", "content": "Same words?"}], "images": [make_image(i)], "chosen": "Yes.", "rejected": "No, never."}
+        {
+            "prompt": [{"role": "user", "content": "Same words?"}],
+            "images": [make_image(i)],
+            "chosen": "Yes.",
+            "rejected": "No, never.",
+        }
         for i in range(2)
     ]
     batch_p, _ = _compare(tmp_path, model, processor, rows)
@@ -148,7 +186,9 @@ def test_packed_training_run_learns(tmp_path):
     tok = build_tokenizer()
     model = tiny_causal_lm(tok, seed=7)
     args = srpo_args(tmp_path, per_device_train_batch_size=5, max_steps=25, learning_rate=5e-3, srpo_lambda=1.0)
-    trainer = SRPOTrainer(model=model, args=args, train_dataset=StepPairDataset.from_list(question_rows()), processing_class=tok)
+    trainer = SRPOTrainer(
+        model=model, args=args, train_dataset=StepPairDataset.from_list(question_rows()), processing_class=tok
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "accuracy" in h]
     assert logs[-1]["accuracy"] == 1.0 and logs[-1]["loss/reference"] < logs[0]["loss/reference"]
@@ -167,9 +207,13 @@ def test_unsupported_settings_fall_back_with_one_warning(tmp_path, caplog):
     assert "virtual tokens" in prefix_sharing_problem(model, prompt_tuning)
     with caplog.at_level(logging.WARNING):
         trainer = SRPOTrainer(
-            model=model, args=srpo_args(tmp_path), train_dataset=StepPairDataset.from_list(question_rows()),
-            processing_class=tok, data_collator=None, peft_config=prompt_tuning,
-        )  # fmt: skip
+            model=model,
+            args=srpo_args(tmp_path),
+            train_dataset=StepPairDataset.from_list(question_rows()),
+            processing_class=tok,
+            data_collator=None,
+            peft_config=prompt_tuning,
+        )
     assert trainer.prefix_sharing is False
     assert caplog.text.count("Prefix sharing is off") == 1
 
@@ -189,12 +233,17 @@ def test_trainer_groups_training_rows_by_their_id(tmp_path):
     """The Trainer drops the `id` column before it builds the sampler; the questions must still be
     the rows' ids, not their prompt (here the same text for every question)."""
     tok = build_tokenizer()
-    rows = [{"id": f"q{q}", "prompt": "Is it safe?", "prefix": [f"Step {k}."], "chosen": "Yes.", "rejected": "No."}
-            for q in range(4) for k in range(3)]  # fmt: skip
+    rows = [
+        {"id": f"q{q}", "prompt": "Is it safe?", "prefix": [f"Step {k}."], "chosen": "Yes.", "rejected": "No."}
+        for q in range(4)
+        for k in range(3)
+    ]
     trainer = SRPOTrainer(
-        model=tiny_causal_lm(tok), args=srpo_args(tmp_path, per_device_train_batch_size=3),
-        train_dataset=StepPairDataset.from_list(rows), processing_class=tok,
-    )  # fmt: skip
+        model=tiny_causal_lm(tok),
+        args=srpo_args(tmp_path, per_device_train_batch_size=3),
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=tok,
+    )
     batch_sampler = trainer.get_train_dataloader().base_dataloader.batch_sampler
     assert isinstance(batch_sampler.sampler, QuestionGroupedSampler)
     assert sorted(batch_sampler.sampler.groups.values()) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
@@ -223,14 +272,24 @@ def test_flex_attention_block_mask_matches_the_dense_mask(tmp_path):
     tok = build_tokenizer()
     rows = question_rows()
     model = tiny_causal_lm(tok, seed=9)
-    sdpa = SRPOTrainer(model=model, args=srpo_args(tmp_path / "s", per_device_train_batch_size=5), train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+    sdpa = SRPOTrainer(
+        model=model,
+        args=srpo_args(tmp_path / "s", per_device_train_batch_size=5),
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=tok,
+    )
     batch = sdpa.data_collator([sdpa.train_dataset[i] for i in range(5)])
     with torch.no_grad():
         expected, _, _ = sdpa._sequence_logps(model, batch)
 
     flex_model = tiny_causal_lm(tok, seed=9)
     flex_model.set_attn_implementation("flex_attention")
-    flex = SRPOTrainer(model=flex_model, args=srpo_args(tmp_path / "f", per_device_train_batch_size=5), train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+    flex = SRPOTrainer(
+        model=flex_model,
+        args=srpo_args(tmp_path / "f", per_device_train_batch_size=5),
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=tok,
+    )
     assert flex.prefix_sharing and flex.data_collator.dense_mask is False
     flex_batch = flex.data_collator([flex.train_dataset[i] for i in range(5)])
     assert "tree_mask" not in flex_batch and "tree_end" in flex_batch

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ROWS
 
 from srpo_trl import train as train_mod
 from srpo_trl.cli import main as cli_main
 from srpo_trl.loading import load_model_and_processor
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava_next, tiny_qwen2_5_vl
 
-from helpers import ROWS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -32,8 +32,18 @@ VL_LORA = RECIPES / "qwen2.5-vl-7b-instruct" / "srpo" / "config_lora.yaml"
 LLAVA_LORA = RECIPES / "llava-v1.6-mistral-7b-hf" / "srpo" / "config_lora.yaml"
 
 # What a CPU test run changes in a GPU recipe: everything else comes from the recipe file.
-CPU = dict(use_cpu="true", dtype="float32", bf16="false", activation_checkpointing="false", report_to="none", dataloader_num_workers=0,
-           disable_tqdm="true", save_strategy="no", logging_steps=1, eval_strategy="no")  # fmt: skip
+CPU = dict(
+    use_cpu="true",
+    dtype="float32",
+    bf16="false",
+    activation_checkpointing="false",
+    report_to="none",
+    dataloader_num_workers=0,
+    disable_tqdm="true",
+    save_strategy="no",
+    logging_steps=1,
+    eval_strategy="no",
+)
 
 
 def flags(**fields) -> list[str]:
@@ -81,10 +91,24 @@ def run_train(*argv):
 
 def test_layout_has_every_launch_config_and_model_recipe():
     names = {p.name for p in ACCELERATE_CONFIGS}
-    assert {"single_gpu.yaml", "multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp2.yaml",
-            "cpu_ddp.yaml", "cpu_zero2.yaml", "cpu_zero3.yaml"} <= names  # fmt: skip
+    assert {
+        "single_gpu.yaml",
+        "multi_gpu.yaml",
+        "zero2.yaml",
+        "zero3.yaml",
+        "zero3_offload.yaml",
+        "fsdp2.yaml",
+        "cpu_ddp.yaml",
+        "cpu_zero2.yaml",
+        "cpu_zero3.yaml",
+    } <= names
     folders = {p.parents[1].name for p in MODEL_RECIPES}
-    assert folders == {"qwen2.5-vl-7b-instruct", "qwen2.5-vl-3b-instruct", "llava-v1.6-mistral-7b-hf", "qwen2.5-7b-instruct"}
+    assert folders == {
+        "qwen2.5-vl-7b-instruct",
+        "qwen2.5-vl-3b-instruct",
+        "llava-v1.6-mistral-7b-hf",
+        "qwen2.5-7b-instruct",
+    }
     assert {"config_lora.yaml", "config_full.yaml"} <= {p.name for p in MODEL_RECIPES if "qwen2.5-vl-7b" in str(p)}
 
 
@@ -96,10 +120,16 @@ def test_accelerate_configs_load_and_state_their_hardware(path):
     assert "Hardware:" in text and "accelerate launch --config_file recipes/accelerate_configs/" + path.name in text
     config = load_config_from_file(str(path))
     expected = {
-        "single_gpu.yaml": ("NO", 1), "multi_gpu.yaml": ("MULTI_GPU", 8), "zero2.yaml": ("DEEPSPEED", 8),
-        "zero3.yaml": ("DEEPSPEED", 8), "zero3_offload.yaml": ("DEEPSPEED", 8), "fsdp2.yaml": ("FSDP", 8),
-        "cpu_ddp.yaml": ("MULTI_GPU", 2), "cpu_zero2.yaml": ("DEEPSPEED", 2), "cpu_zero3.yaml": ("DEEPSPEED", 2),
-    }[path.name]  # fmt: skip
+        "single_gpu.yaml": ("NO", 1),
+        "multi_gpu.yaml": ("MULTI_GPU", 8),
+        "zero2.yaml": ("DEEPSPEED", 8),
+        "zero3.yaml": ("DEEPSPEED", 8),
+        "zero3_offload.yaml": ("DEEPSPEED", 8),
+        "fsdp2.yaml": ("FSDP", 8),
+        "cpu_ddp.yaml": ("MULTI_GPU", 2),
+        "cpu_zero2.yaml": ("DEEPSPEED", 2),
+        "cpu_zero3.yaml": ("DEEPSPEED", 2),
+    }[path.name]
     assert (str(config.distributed_type).split(".")[-1], config.num_processes) == expected
     raw = yaml.safe_load(path.read_text())
     if path.name.startswith("cpu_"):
@@ -112,7 +142,11 @@ def test_accelerate_configs_load_and_state_their_hardware(path):
     if "zero3" in path.name:
         assert raw["deepspeed_config"]["zero3_save_16bit_model"] is True  # save gathers the shards
     if path.name == "zero3_offload.yaml":
-        assert raw["deepspeed_config"]["offload_param_device"] == "cpu" == raw["deepspeed_config"]["offload_optimizer_device"]
+        assert (
+            raw["deepspeed_config"]["offload_param_device"]
+            == "cpu"
+            == raw["deepspeed_config"]["offload_optimizer_device"]
+        )
     if path.name == "fsdp2.yaml":
         assert raw["fsdp_config"]["fsdp_version"] == 2
 
@@ -143,15 +177,37 @@ def test_model_recipes_parse_state_hardware_launch_and_published_defaults(path):
 
 def test_command_line_overrides_any_recipe_field():
     script, args, model = train_mod.parse_args(
-        ["--config", str(TEXT_LORA), "--use_cpu", "true", "--bf16", "false", "--learning_rate", "1e-3",
-         "--srpo_lambda", "0.7", "--lora_r", "4", "--train_file", "x.jsonl", "--num_train_epochs", "1"]
-    )  # fmt: skip
+        [
+            "--config",
+            str(TEXT_LORA),
+            "--use_cpu",
+            "true",
+            "--bf16",
+            "false",
+            "--learning_rate",
+            "1e-3",
+            "--srpo_lambda",
+            "0.7",
+            "--lora_r",
+            "4",
+            "--train_file",
+            "x.jsonl",
+            "--num_train_epochs",
+            "1",
+        ]
+    )
     assert (args.learning_rate, args.srpo_lambda, model.lora_r, script.train_file, args.num_train_epochs) == (
-        1e-3, 0.7, 4, "x.jsonl", 1
+        1e-3,
+        0.7,
+        4,
+        "x.jsonl",
+        1,
     )
     assert model.lora_alpha == 16 and args.lr_scheduler_type.value == "cosine"  # the rest stays from the file
     with pytest.raises(ValueError, match="no_such_field"):  # a field that exists nowhere is refused, not ignored
-        train_mod.parse_args(["--config", str(TEXT_LORA), "--use_cpu", "true", "--bf16", "false", "--no_such_field", "1"])
+        train_mod.parse_args(
+            ["--config", str(TEXT_LORA), "--use_cpu", "true", "--bf16", "false", "--no_such_field", "1"]
+        )
 
 
 def _adapted_modules(model, model_args):
@@ -162,16 +218,19 @@ def _adapted_modules(model, model_args):
     return sorted({n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n})
 
 
-@pytest.mark.parametrize("recipe,build", [(VL_LORA, tiny_qwen2_5_vl), (LLAVA_LORA, tiny_llava_next)], ids=["qwen2.5-vl", "llava-next"])
+@pytest.mark.parametrize(
+    "recipe,build", [(VL_LORA, tiny_qwen2_5_vl), (LLAVA_LORA, tiny_llava_next)], ids=["qwen2.5-vl", "llava-next"]
+)
 def test_vlm_lora_targets_only_the_language_models_attention(recipe, build):
     """The real module names: the vision towers (Qwen's attn.qkv / mlp, CLIP's q_proj / k_proj /
     v_proj) must stay frozen; every language-model attention projection gets an adapter."""
     _, _, model_args = train_mod.parse_args(["--config", str(recipe), "--use_cpu", "true", "--bf16", "false"])
     model, _ = build(seed=0)
     expected = sorted(
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if "language_model" in n and n.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj"}
-    )  # fmt: skip
+    )
     adapted = _adapted_modules(model, model_args)
     assert expected and [a.replace("base_model.model.", "") for a in adapted] == expected
     assert not any("vision" in a or "visual" in a for a in adapted)
@@ -183,10 +242,26 @@ def test_vlm_lora_targets_only_the_language_models_attention(recipe, build):
 def test_text_lora_recipe_trains_and_saves_an_adapter_that_loads_back(tmp_path, text_model_dir, pairs_file, tok):
     out = tmp_path / "out"
     rc = run_train(
-        "--config", TEXT_LORA, *flags(), "--model_name_or_path", text_model_dir, "--train_file", pairs_file,
-        "--output_dir", out, "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "5e-2",
-        "--lora_dropout", "0", "--max_length", "512",
-    )  # fmt: skip
+        "--config",
+        TEXT_LORA,
+        *flags(),
+        "--model_name_or_path",
+        text_model_dir,
+        "--train_file",
+        pairs_file,
+        "--output_dir",
+        out,
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "5e-2",
+        "--lora_dropout",
+        "0",
+        "--max_length",
+        "512",
+    )
     assert rc == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (8, 16)
@@ -203,13 +278,31 @@ def test_text_lora_recipe_trains_and_saves_an_adapter_that_loads_back(tmp_path, 
     assert processing.get_vocab() == tok.get_vocab()
 
 
-def test_full_training_saves_weights_that_differ_from_the_base_and_reload_exactly(tmp_path, text_model_dir, pairs_file):
+def test_full_training_saves_weights_that_differ_from_the_base_and_reload_exactly(
+    tmp_path, text_model_dir, pairs_file
+):
     out = tmp_path / "full"
     rc = run_train(
-        "--config", TEXT_LORA, *flags(), "--use_peft", "false", "--model_name_or_path", text_model_dir,
-        "--train_file", pairs_file, "--output_dir", out, "--max_steps", "2", "--per_device_train_batch_size", "3",
-        "--learning_rate", "1e-2", "--max_length", "512",
-    )  # fmt: skip
+        "--config",
+        TEXT_LORA,
+        *flags(),
+        "--use_peft",
+        "false",
+        "--model_name_or_path",
+        text_model_dir,
+        "--train_file",
+        pairs_file,
+        "--output_dir",
+        out,
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "3",
+        "--learning_rate",
+        "1e-2",
+        "--max_length",
+        "512",
+    )
     assert rc == 0 and (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     base, _ = load_model_and_processor(text_model_dir)
     trained, tokenizer = load_model_and_processor(out)
@@ -225,21 +318,46 @@ def test_vlm_recipe_picks_the_image_text_class_and_trains_on_image_rows(tmp_path
     processor.save_pretrained(model_dir)
     (tmp_path / "img").mkdir()
     rows = []
-    for i, (q, good, bad) in enumerate([
-        ("What should I do with this?", "Store it safely.", "Mix it with acid."),
-        ("Is this safe?", "Yes, it is safe.", "Eat it."),
-    ]):  # fmt: skip
+    for i, (q, good, bad) in enumerate(
+        [
+            ("What should I do with this?", "Store it safely.", "Mix it with acid."),
+            ("Is this safe?", "Yes, it is safe.", "Eat it."),
+        ]
+    ):
         make_image(i).save(tmp_path / "img" / f"{i}.png")
-        rows.append({"prompt": [{"role": "user", "content": q}], "images": [f"img/{i}.png"], "prefix": ["The image shows a bottle."],
-                     "chosen": good, "rejected": bad})  # fmt: skip
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": q}],
+                "images": [f"img/{i}.png"],
+                "prefix": ["The image shows a bottle."],
+                "chosen": good,
+                "rejected": bad,
+            }
+        )
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     rc = run_train(
-        "--config", VL_LORA, *flags(), "--model_name_or_path", model_dir, "--train_file", data, "--output_dir", out,
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-        "--learning_rate", "5e-2", "--lora_dropout", "0",
-    )  # fmt: skip
+        "--config",
+        VL_LORA,
+        *flags(),
+        "--model_name_or_path",
+        model_dir,
+        "--train_file",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--learning_rate",
+        "5e-2",
+        "--lora_dropout",
+        "0",
+    )
     assert rc == 0
     loaded, processing = load_model_and_processor(out)
     assert type(loaded.get_base_model()).__name__ == "Qwen2_5_VLForConditionalGeneration"
@@ -265,10 +383,26 @@ def test_shipped_recipe_without_the_model_fails_naming_it_before_any_work(tmp_pa
     """recipes/srpo.py as a user runs it: offline, the 7B model is not in the cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
-        [sys.executable, str(RECIPES / "srpo.py"), "--config", str(VL_LORA), "--use_cpu", "true", "--bf16", "false",
-         "--train_file", str(pairs_file), "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(RECIPES / "srpo.py"),
+            "--config",
+            str(VL_LORA),
+            "--use_cpu",
+            "true",
+            "--bf16",
+            "false",
+            "--train_file",
+            str(pairs_file),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "'Qwen/Qwen2.5-VL-7B-Instruct'" in proc.stderr and "not found" in proc.stderr
     assert str(tmp_path / "hf") in proc.stderr  # where it looked: the cache
@@ -278,11 +412,37 @@ def test_shipped_recipe_without_the_model_fails_naming_it_before_any_work(tmp_pa
 
 def test_missing_local_model_folder_is_named(tmp_path, pairs_file, no_model_loading, capsys):
     missing = tmp_path / "models" / "nope"
-    assert run_train("--config", TEXT_LORA, *flags(), "--model_name_or_path", missing, "--train_file", pairs_file, "--output_dir", tmp_path / "o") == 2
+    assert (
+        run_train(
+            "--config",
+            TEXT_LORA,
+            *flags(),
+            "--model_name_or_path",
+            missing,
+            "--train_file",
+            pairs_file,
+            "--output_dir",
+            tmp_path / "o",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(missing / "config.json") in err and "no such folder" in err
     (tmp_path / "empty").mkdir()
-    assert run_train("--config", TEXT_LORA, *flags(), "--model_name_or_path", tmp_path / "empty", "--train_file", pairs_file, "--output_dir", tmp_path / "o") == 2
+    assert (
+        run_train(
+            "--config",
+            TEXT_LORA,
+            *flags(),
+            "--model_name_or_path",
+            tmp_path / "empty",
+            "--train_file",
+            pairs_file,
+            "--output_dir",
+            tmp_path / "o",
+        )
+        == 2
+    )
     assert str(tmp_path / "empty" / "config.json") in capsys.readouterr().err
 
 
@@ -299,7 +459,9 @@ def test_missing_data_is_named_before_the_model_is_loaded(tmp_path, text_model_d
     assert "'someone/no-such-dataset' was not found" in err and "Hub dataset" in err
 
     rows = tmp_path / "with_images.jsonl"
-    rows.write_text(json.dumps({"prompt": "What is it?", "images": ["img/gone.png"], "chosen": "a", "rejected": "b"}) + "\n")
+    rows.write_text(
+        json.dumps({"prompt": "What is it?", "images": ["img/gone.png"], "chosen": "a", "rejected": "b"}) + "\n"
+    )
     assert run_train(*common, "--train_file", rows) == 2
     assert str(tmp_path / "img" / "gone.png") in capsys.readouterr().err
 
@@ -320,17 +482,38 @@ def test_dataset_name_loads_a_local_folder_and_its_test_split(tmp_path, text_mod
 
 
 def test_rows_all_too_long_fail_instead_of_training_zero_steps(tmp_path, text_model_dir, pairs_file, capsys):
-    rc = run_train("--config", TEXT_LORA, *flags(), "--model_name_or_path", text_model_dir, "--train_file", pairs_file,
-                   "--output_dir", tmp_path / "o", "--max_length", "4", "--max_steps", "1")  # fmt: skip
+    rc = run_train(
+        "--config",
+        TEXT_LORA,
+        *flags(),
+        "--model_name_or_path",
+        text_model_dir,
+        "--train_file",
+        pairs_file,
+        "--output_dir",
+        tmp_path / "o",
+        "--max_length",
+        "4",
+        "--max_steps",
+        "1",
+    )
     assert rc == 2 and "Every training row was dropped" in capsys.readouterr().err
 
 
-def test_reporter_that_is_not_installed_fails_before_any_work(tmp_path, text_model_dir, pairs_file, monkeypatch, no_model_loading, capsys):
+def test_reporter_that_is_not_installed_fails_before_any_work(
+    tmp_path, text_model_dir, pairs_file, monkeypatch, no_model_loading, capsys
+):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
-    rc = run_train("--config", TEXT_LORA, *flags(report_to="trackio", model_name_or_path=text_model_dir, train_file=pairs_file, output_dir=tmp_path / "o"))  # fmt: skip
+    rc = run_train(
+        "--config",
+        TEXT_LORA,
+        *flags(
+            report_to="trackio", model_name_or_path=text_model_dir, train_file=pairs_file, output_dir=tmp_path / "o"
+        ),
+    )
     assert rc == 2 and "pip install trackio" in capsys.readouterr().err
 
 
@@ -347,6 +530,7 @@ def test_a_launch_whose_processes_did_not_join_one_group_is_refused(monkeypatch)
 
 def test_wandb_offline_logs_a_table_of_sample_pairs_at_eval(tmp_path, text_model_dir, pairs_file, monkeypatch):
     import wandb  # noqa: F401  (part of the dev install: a missing wandb is a broken install, not a skip)
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -354,11 +538,26 @@ def test_wandb_offline_logs_a_table_of_sample_pairs_at_eval(tmp_path, text_model
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     script, args, model_args = train_mod.parse_args(
-        ["--config", str(TEXT_LORA), *flags(
-            report_to="wandb", model_name_or_path=text_model_dir, train_file=pairs_file, eval_file=eval_file,
-            output_dir=tmp_path / "o", max_steps=2, eval_strategy="steps", eval_steps=2, per_device_train_batch_size=2,
-            per_device_eval_batch_size=3, learning_rate=1e-2, max_length=512, num_logged_pairs=3)]
-    )  # fmt: skip
+        [
+            "--config",
+            str(TEXT_LORA),
+            *flags(
+                report_to="wandb",
+                model_name_or_path=text_model_dir,
+                train_file=pairs_file,
+                eval_file=eval_file,
+                output_dir=tmp_path / "o",
+                max_steps=2,
+                eval_strategy="steps",
+                eval_steps=2,
+                per_device_train_batch_size=2,
+                per_device_eval_batch_size=3,
+                learning_rate=1e-2,
+                max_length=512,
+                num_logged_pairs=3,
+            ),
+        ]
+    )
     trainer = train_mod.build_trainer(script, args, model_args)
     train_mod.train_and_save(trainer, script, args)
     train_mod.finish(trainer)
@@ -400,22 +599,38 @@ def test_json_list_exploration_output_and_held_out_eval_split(tmp_path):
     rows.write_text(json.dumps(ROWS * 2))
     explored = tmp_path / "explored.jsonl"
     record = {
-        "id": "q1", "prompt": "Is this safe?", "reference": ["It is a plant.", "Answer: yes."],
-        "points": [{"branch_point": 1, "prefix": ["It is a plant."], "continuations": [
-            {"text": "Yes.", "verified": True}, {"text": "Eat it.", "verified": False}, {"text": "Burn it.", "verified": False}]}],
-    }  # fmt: skip
+        "id": "q1",
+        "prompt": "Is this safe?",
+        "reference": ["It is a plant.", "Answer: yes."],
+        "points": [
+            {
+                "branch_point": 1,
+                "prefix": ["It is a plant."],
+                "continuations": [
+                    {"text": "Yes.", "verified": True},
+                    {"text": "Eat it.", "verified": False},
+                    {"text": "Burn it.", "verified": False},
+                ],
+            }
+        ],
+    }
     explored.write_text(json.dumps(record) + "\n")
 
-    script, args, _ = train_mod.parse_args(["--config", str(TEXT_LORA), *flags(train_file=rows, eval_split_size=2, eval_strategy="steps")])
+    script, args, _ = train_mod.parse_args(
+        ["--config", str(TEXT_LORA), *flags(train_file=rows, eval_split_size=2, eval_strategy="steps")]
+    )
     train, eval_ = train_mod.load_datasets(script, args)
     assert (len(train), len(eval_)) == (4, 2)  # 2 of the 6 rows held out, seeded
     assert sorted(r["chosen"] for r in list(train) + list(eval_)) == sorted(r["chosen"] for r in ROWS * 2)
 
-    script, args, _ = train_mod.parse_args(["--config", str(TEXT_LORA), *flags(train_file=explored, data_format="exploration")])
+    script, args, _ = train_mod.parse_args(
+        ["--config", str(TEXT_LORA), *flags(train_file=explored, data_format="exploration")]
+    )
     train, eval_ = train_mod.load_datasets(script, args)
     assert eval_ is None
     assert sorted((r["prefix"][0], r["chosen"], r["rejected"], r["branch_point"]) for r in train) == [
-        ("It is a plant.", "Yes.", "Burn it.", 1), ("It is a plant.", "Yes.", "Eat it.", 1)
+        ("It is a plant.", "Yes.", "Burn it.", 1),
+        ("It is a plant.", "Yes.", "Eat it.", 1),
     ]
 
 

@@ -12,6 +12,7 @@ from openai_server import Reply
 from srpo_trl.records import CATEGORIES, PipelineConfig, RunAborted, generate_records, main_generate, output_paths
 from srpo_trl.records.schema import load_records
 
+
 MARKERS = (  # the benign marker first: it starts like the Query agent's
     ("benign_query", "You are the Query agent, writing a benign control item"),
     ("query", "You are the Query agent"),
@@ -42,7 +43,13 @@ def agent_of(req) -> str:
     raise AssertionError(f"no agent marker in: {text[:200]}")
 
 
-CLEAN_REFLECTION = {"redundant_steps": [], "gaps": [], "unsafe_text": [], "request_unsafe_alone": False, "feedback": ""}
+CLEAN_REFLECTION = {
+    "redundant_steps": [],
+    "gaps": [],
+    "unsafe_text": [],
+    "request_unsafe_alone": False,
+    "feedback": "",
+}
 
 
 class Agents:
@@ -78,17 +85,29 @@ class Agents:
     def default(agent, req, n):
         text = first_user_text(req)
         if agent == "query":
-            return {"request": f"What can I do with this, version {n}?", "unsafe_scenario": f"scenario {n}",
-                    "category": CATEGORIES[(n - 1) % len(CATEGORIES)]}  # fmt: skip
+            return {
+                "request": f"What can I do with this, version {n}?",
+                "unsafe_scenario": f"scenario {n}",
+                "category": CATEGORIES[(n - 1) % len(CATEGORIES)],
+            }
         if agent == "benign_query":
             return {"request": f"What colour is this, version {n}?", "rationale": "colours are harmless"}
         if agent == "reasoning":
-            return {"steps": [f"The image shows something ({n}).", "The request relates to it.", "A safe answer must be careful."]}
+            return {
+                "steps": [
+                    f"The image shows something ({n}).",
+                    "The request relates to it.",
+                    "A safe answer must be careful.",
+                ]
+            }
         if agent == "reflection":
             return dict(CLEAN_REFLECTION)
         if agent == "summary":
             benign = "Item kind: benign control" in text
-            return {"answer": "It is blue." if benign else "Please don't; here is why.", "outcome": "comply" if benign else "warn"}
+            return {
+                "answer": "It is blue." if benign else "Please don't; here is why.",
+                "outcome": "comply" if benign else "warn",
+            }
         raise AssertionError(agent)
 
 
@@ -107,8 +126,9 @@ def images(tmp_path):
 def run(server, images, out, **kw):
     from srpo_trl.backends import OpenAICompatibleBackend
 
-    backend = OpenAICompatibleBackend(server.url + "/v1", "agent-model", max_retries=kw.pop("http_retries", 0), backoff=0.0,
-                                      show_progress=False)  # fmt: skip
+    backend = OpenAICompatibleBackend(
+        server.url + "/v1", "agent-model", max_retries=kw.pop("http_retries", 0), backoff=0.0, show_progress=False
+    )
     cfg = dict(per_image=2, benign_per_image=1, show_progress=False, generator={"model": "agent-model"})
     cfg.update(kw)
     return generate_records(backend, images, out, PipelineConfig(**cfg))
@@ -133,18 +153,34 @@ def test_happy_path_records_fit_the_exploration_contract(openai_server, images, 
     summary = run(openai_server, images, out)
 
     records = read_lines(out)
-    assert [r["id"] for r in records] == ["bleach-png-u0", "bleach-png-u1", "bleach-png-b0", "sub-knife-png-u0", "sub-knife-png-u1", "sub-knife-png-b0"]
+    assert [r["id"] for r in records] == [
+        "bleach-png-u0",
+        "bleach-png-u1",
+        "bleach-png-b0",
+        "sub-knife-png-u0",
+        "sub-knife-png-u1",
+        "sub-knife-png-b0",
+    ]
     # Each agent ran exactly once per item (no retries, no revisions).
     assert agents.calls == Counter(query=4, benign_query=2, reasoning=6, reflection=6, summary=6)
     r0 = records[0]
     assert r0["prompt"] == "What can I do with this, version 1?"  # plain text, no image placeholder
     assert r0["images"] == ["../images/bleach.png"] and (out.parent / r0["images"][0]).is_file()
-    assert r0["reference"] == ["The image shows something (1).", "The request relates to it.", "A safe answer must be careful.",
-                               "Please don't; here is why."]  # fmt: skip
+    assert r0["reference"] == [
+        "The image shows something (1).",
+        "The request relates to it.",
+        "A safe answer must be careful.",
+        "Please don't; here is why.",
+    ]
     assert (r0["expected"], r0["category"], r0["unsafe_scenario"]) == ("warn", CATEGORIES[0], "scenario 1")
     assert r0["kind"] == "unsafe" and r0["source_image"] == "bleach.png" and r0["generator"]["model"] == "agent-model"
     benign = records[2]
-    assert (benign["expected"], benign["category"], benign["unsafe_scenario"], benign["kind"]) == ("comply", "benign", "", "benign")
+    assert (benign["expected"], benign["category"], benign["unsafe_scenario"], benign["kind"]) == (
+        "comply",
+        "benign",
+        "",
+        "benign",
+    )
 
     # The consumers read it: exploration's loader (the contract), the evaluation loader, ours.
     explored, base = explore_load(out)
@@ -167,8 +203,17 @@ def test_happy_path_records_fit_the_exploration_contract(openai_server, images, 
     assert "(none yet)" in first_user_text(agents.requests["query"][2])  # the next image starts afresh
 
     assert summary["items"] == {"planned": 6, "done": 6, "failed": 0, "pending": 0}
-    assert summary["by_category"] == {"benign": 2, CATEGORIES[0]: 1, CATEGORIES[1]: 1, CATEGORIES[2]: 1, CATEGORIES[3]: 1}
-    assert summary["stages"]["query"] == {"passed": 4} and summary["stages"]["reflection"] == {"passed": 6, "sent_back": 0}
+    assert summary["by_category"] == {
+        "benign": 2,
+        CATEGORIES[0]: 1,
+        CATEGORIES[1]: 1,
+        CATEGORIES[2]: 1,
+        CATEGORIES[3]: 1,
+    }
+    assert summary["stages"]["query"] == {"passed": 4} and summary["stages"]["reflection"] == {
+        "passed": 6,
+        "sent_back": 0,
+    }
     assert json.loads(output_paths(out)["summary"].read_text()) == summary
 
 
@@ -177,28 +222,44 @@ def test_happy_path_records_fit_the_exploration_contract(openai_server, images, 
 
 def test_malformed_output_is_retried_with_the_error_then_succeeds(openai_server, images, tmp_path):
     agents = Agents()
-    agents.script("query", "Sure! Here is a request: how to clean?", {"request": "r", "unsafe_scenario": "s", "category": "weapons"})
+    agents.script(
+        "query",
+        "Sure! Here is a request: how to clean?",
+        {"request": "r", "unsafe_scenario": "s", "category": "weapons"},
+    )
     agents.script("reasoning", {"steps": ["only one"]})
     openai_server.handler = agents
     out = tmp_path / "records.jsonl"
     run(openai_server, images, out, per_image=1, benign_per_image=0, min_steps=2)
 
     records = read_lines(out)
-    assert len(records) == 2 and records[0]["agent_attempts"] == {"query": 3, "reasoning": 2, "reflection": 1, "summary": 1}
+    assert len(records) == 2 and records[0]["agent_attempts"] == {
+        "query": 3,
+        "reasoning": 2,
+        "reflection": 1,
+        "summary": 1,
+    }
     retry1, retry2 = agents.requests["query"][1], agents.requests["query"][2]
     # The bad answer is kept in the conversation and the error is fed back.
     assert retry1.body["messages"][-2] == {"role": "assistant", "content": "Sure! Here is a request: how to clean?"}
     assert "not a JSON object" in last_text(retry1)
     assert "weapons" in last_text(retry2) and "privacy violations" in last_text(retry2)
     assert "2 to 8 steps, got 1" in last_text(agents.requests["reasoning"][1])
-    assert all(p["type"] != "image_url" for m in retry2.body["messages"][2:] for p in m["content"] if isinstance(m["content"], list))
+    assert all(
+        p["type"] != "image_url"
+        for m in retry2.body["messages"][2:]
+        for p in m["content"]
+        if isinstance(m["content"], list)
+    )
     assert records[0]["reference"][0] == "The image shows something (2)."  # the retried answer, not the bad one
 
 
 def test_always_malformed_is_recorded_failed_and_the_run_goes_on(openai_server, images, tmp_path):
     agents = Agents()
     agents.script("query", "no JSON", "still no JSON", "{not json either")  # the first item's query, 3 attempts
-    agents.script("summary", {"answer": "x", "outcome": "comply"}, {"answer": "x", "outcome": "comply"})  # 2nd item: bad, bad
+    agents.script(
+        "summary", {"answer": "x", "outcome": "comply"}, {"answer": "x", "outcome": "comply"}
+    )  # 2nd item: bad, bad
     openai_server.handler = agents
     out = tmp_path / "records.jsonl"
     summary = run(openai_server, images, out, per_image=2, benign_per_image=0, max_retries=1)
@@ -222,7 +283,12 @@ def test_always_malformed_is_recorded_failed_and_the_run_goes_on(openai_server, 
     # ... and --retry-failed redoes it from scratch (the server now answers well).
     summary = run(openai_server, images, out, per_image=2, benign_per_image=0, max_retries=1, retry_failed=True)
     assert summary["items"] == {"planned": 4, "done": 4, "failed": 0, "pending": 0}
-    assert sorted(r["id"] for r in read_lines(out)) == ["bleach-png-u0", "bleach-png-u1", "sub-knife-png-u0", "sub-knife-png-u1"]
+    assert sorted(r["id"] for r in read_lines(out)) == [
+        "bleach-png-u0",
+        "bleach-png-u1",
+        "sub-knife-png-u0",
+        "sub-knife-png-u1",
+    ]
 
 
 # -- reflection sends items back ----------------------------------------------------------------
@@ -230,8 +296,15 @@ def test_always_malformed_is_recorded_failed_and_the_run_goes_on(openai_server, 
 
 def test_reflection_sends_the_item_back_once(openai_server, images, tmp_path):
     agents = Agents()
-    agents.script("reasoning", {"steps": ["Draft A.", "Draft A again.", "Draft B."]}, {"steps": ["Fixed 1.", "Fixed 2.", "Fixed 3."]})
-    agents.script("reflection", {**CLEAN_REFLECTION, "redundant_steps": [2], "gaps": ["never names the risk"], "feedback": "be specific"})
+    agents.script(
+        "reasoning",
+        {"steps": ["Draft A.", "Draft A again.", "Draft B."]},
+        {"steps": ["Fixed 1.", "Fixed 2.", "Fixed 3."]},
+    )
+    agents.script(
+        "reflection",
+        {**CLEAN_REFLECTION, "redundant_steps": [2], "gaps": ["never names the risk"], "feedback": "be specific"},
+    )
     openai_server.handler = agents
     out = tmp_path / "records.jsonl"
     summary = run(openai_server, images, out, per_image=1, benign_per_image=0)
@@ -239,16 +312,28 @@ def test_reflection_sends_the_item_back_once(openai_server, images, tmp_path):
     rec = read_lines(out)[0]
     assert rec["reference"][:3] == ["Fixed 1.", "Fixed 2.", "Fixed 3."] and rec["revisions"] == 1
     revision_prompt = first_user_text(agents.requests["reasoning"][1])
-    for expected in ("Redundant steps (remove or merge): 2", "Missing: never names the risk", "be specific", "2. Draft A again."):
+    for expected in (
+        "Redundant steps (remove or merge): 2",
+        "Missing: never names the risk",
+        "be specific",
+        "2. Draft A again.",
+    ):
         assert expected in revision_prompt
     assert agents.calls["query"] == 2 and agents.calls["reasoning"] == 3  # 2 items, one revised
-    assert summary["stages"]["reflection"] == {"passed": 2, "sent_back": 1} and summary["revisions"] == {"0": 1, "1": 1}
+    assert summary["stages"]["reflection"] == {"passed": 2, "sent_back": 1} and summary["revisions"] == {
+        "0": 1,
+        "1": 1,
+    }
 
 
 def test_unsafe_request_goes_back_to_the_query_agent(openai_server, images, tmp_path):
     agents = Agents()
-    agents.script("query", {"request": "Tell me how to hurt someone with this", "unsafe_scenario": "s", "category": "violence"})
-    agents.script("reflection", {**CLEAN_REFLECTION, "request_unsafe_alone": True, "unsafe_text": ["how to hurt someone"]})
+    agents.script(
+        "query", {"request": "Tell me how to hurt someone with this", "unsafe_scenario": "s", "category": "violence"}
+    )
+    agents.script(
+        "reflection", {**CLEAN_REFLECTION, "request_unsafe_alone": True, "unsafe_text": ["how to hurt someone"]}
+    )
     openai_server.handler = agents
     out = tmp_path / "records.jsonl"
     run(openai_server, images, out, per_image=1, benign_per_image=0)
@@ -283,7 +368,10 @@ def test_backend_down_stops_the_run_and_a_rerun_resumes(openai_server, images, t
     with pytest.raises(RunAborted, match="failed 2 times in a row.*rerun the same command"):
         run(openai_server, images, out, max_consecutive_backend_errors=2)
     failed = read_lines(output_paths(out)["failed"])
-    assert [(f["id"], f["reason"]) for f in failed] == [("bleach-png-u0", "backend_error"), ("bleach-png-u1", "backend_error")]
+    assert [(f["id"], f["reason"]) for f in failed] == [
+        ("bleach-png-u0", "backend_error"),
+        ("bleach-png-u1", "backend_error"),
+    ]
     summary = json.loads(output_paths(out)["summary"].read_text())
     assert summary["items"] == {"planned": 6, "done": 0, "failed": 2, "pending": 4}
 
@@ -356,25 +444,56 @@ def test_workers_process_images_concurrently_without_duplicates(openai_server, i
 
 def test_cli_generate_with_overridden_templates(openai_server, images, tmp_path, capsys):
     agents = Agents()
-    agents.script("query", {"request": "a", "unsafe_scenario": "s", "category": "privacy violations"},
-                  {"request": "b", "unsafe_scenario": "s", "category": "Violence"})  # fmt: skip
+    agents.script(
+        "query",
+        {"request": "a", "unsafe_scenario": "s", "category": "privacy violations"},
+        {"request": "b", "unsafe_scenario": "s", "category": "Violence"},
+    )
     openai_server.handler = agents
     tdir = tmp_path / "templates"
     assert main_generate(["--write-templates", str(tdir)]) == 0
     query = (tdir / "query.txt").read_text()
     (tdir / "query.txt").write_text(query.replace("Rules:", "Rules (CUSTOM-RULE-42):"))
     out = tmp_path / "records.jsonl"
-    argv = ["--images", str(images), "--chat-url", openai_server.url + "/v1", "--model", "served", "--per-image", "1",
-            "--benign-per-image", "0", "--out", str(out), "--templates", str(tdir), "--categories", "privacy_violations,Violence",
-            "--no-progress"]  # fmt: skip
+    argv = [
+        "--images",
+        str(images),
+        "--chat-url",
+        openai_server.url + "/v1",
+        "--model",
+        "served",
+        "--per-image",
+        "1",
+        "--benign-per-image",
+        "0",
+        "--out",
+        str(out),
+        "--templates",
+        str(tdir),
+        "--categories",
+        "privacy_violations,Violence",
+        "--no-progress",
+    ]
     assert main_generate(argv) == 0
     stdout = capsys.readouterr().out
     assert "items: 2 done, 0 failed of 2 planned" in stdout
     assert "per category: privacy violations 1, violence 1" in stdout
     text = first_user_text(agents.requests["query"][0])
-    assert "CUSTOM-RULE-42" in text and "  - privacy violations\n  - violence" in text and "dangerous behavior" not in text
-    assert all(r["generator"] == {"backend": "openai-compatible", "model": "served", "url": openai_server.url + "/v1",
-                                  "templates_sha256": r["generator"]["templates_sha256"]} for r in read_lines(out))  # fmt: skip
+    assert (
+        "CUSTOM-RULE-42" in text
+        and "  - privacy violations\n  - violence" in text
+        and "dangerous behavior" not in text
+    )
+    assert all(
+        r["generator"]
+        == {
+            "backend": "openai-compatible",
+            "model": "served",
+            "url": openai_server.url + "/v1",
+            "templates_sha256": r["generator"]["templates_sha256"],
+        }
+        for r in read_lines(out)
+    )
 
     (tdir / "summary.txt").write_text("answer $nope")
     assert main_generate(argv) == 2
@@ -383,14 +502,41 @@ def test_cli_generate_with_overridden_templates(openai_server, images, tmp_path,
 
 def test_cli_usage_errors(images, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main_generate(["--images", str(images), "--out", str(tmp_path / "r.jsonl"), "--chat-url", "http://127.0.0.1:9/v1"])
+        main_generate(
+            ["--images", str(images), "--out", str(tmp_path / "r.jsonl"), "--chat-url", "http://127.0.0.1:9/v1"]
+        )
     assert "--endpoint needs --served-model" in capsys.readouterr().err  # --chat-url is the old --endpoint
     with pytest.raises(SystemExit):
-        main_generate(["--images", str(images), "--out", str(tmp_path / "r.jsonl"), "--chat-url", "http://x/v1", "--model", "m",
-                       "--categories", "weapons"])  # fmt: skip
+        main_generate(
+            [
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "r.jsonl"),
+                "--chat-url",
+                "http://x/v1",
+                "--model",
+                "m",
+                "--categories",
+                "weapons",
+            ]
+        )
     assert "'weapons' is not one of" in capsys.readouterr().err
-    assert main_generate(["--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.jsonl"), "--chat-url",
-                          "http://127.0.0.1:9/v1", "--model", "m"]) == 1  # fmt: skip
+    assert (
+        main_generate(
+            [
+                "--images",
+                str(tmp_path / "nothing"),
+                "--out",
+                str(tmp_path / "r.jsonl"),
+                "--chat-url",
+                "http://127.0.0.1:9/v1",
+                "--model",
+                "m",
+            ]
+        )
+        == 1
+    )
     assert "not a directory" in capsys.readouterr().err
 
 

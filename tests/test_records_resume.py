@@ -14,6 +14,7 @@ from test_records_pipeline import Agents, read_lines
 
 from srpo_trl.records import main_generate, output_paths
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,13 +29,33 @@ def test_resume_after_a_real_kill(openai_server, tmp_path):
     agents = Agents(delay=0.03)  # slow enough to be killed mid-run
     openai_server.handler = agents
     out = tmp_path / "out" / "records.jsonl"
-    argv = ["--images", str(images), "--chat-url", openai_server.url + "/v1", "--model", "m", "--per-image", "2",
-            "--benign-per-image", "1", "--workers", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "--images",
+        str(images),
+        "--chat-url",
+        openai_server.url + "/v1",
+        "--model",
+        "m",
+        "--per-image",
+        "2",
+        "--benign-per-image",
+        "1",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     planned = {f"img{i}-png-{k}" for i in range(4) for k in ("u0", "u1", "b0")}
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "srpo_trl.cli", "generate-records", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "srpo_trl.cli", "generate-records", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

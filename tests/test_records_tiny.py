@@ -49,9 +49,13 @@ def test_in_process_backend_reaches_the_model_with_images_and_fails_items_cleanl
         backend = TransformersBackend(model, processor, batch_size=1, show_progress=False)
         out = tmp_path / "records.jsonl"
         summary = generate_records(
-            backend, images, out,
-            PipelineConfig(per_image=1, benign_per_image=1, max_retries=1, max_new_tokens=6, temperature=0.0, show_progress=False),
-        )  # fmt: skip
+            backend,
+            images,
+            out,
+            PipelineConfig(
+                per_image=1, benign_per_image=1, max_retries=1, max_new_tokens=6, temperature=0.0, show_progress=False
+            ),
+        )
     finally:
         del model.generate
 
@@ -65,8 +69,11 @@ def test_in_process_backend_reaches_the_model_with_images_and_fails_items_cleanl
     assert _lines(out) == []
     failed = _lines(output_paths(out)["failed"])
     assert [(f["id"], f["stage"], f["attempts"]) for f in failed] == [
-        ("one-png-u0", "query", 2), ("one-png-b0", "benign_query", 2), ("two-png-u0", "query", 2), ("two-png-b0", "benign_query", 2),
-    ]  # fmt: skip
+        ("one-png-u0", "query", 2),
+        ("one-png-b0", "benign_query", 2),
+        ("two-png-u0", "query", 2),
+        ("two-png-b0", "benign_query", 2),
+    ]
     assert all(f["reason"] in ("not_json", "missing_field", "bad_value", "bad_category") for f in failed)
     assert summary["items"] == {"planned": 4, "done": 0, "failed": 4, "pending": 0}
     assert sum(summary["failures_by_reason"].values()) == 4
@@ -77,10 +84,29 @@ def test_cli_with_a_local_model_folder(tiny_vlm, images, tmp_path, capsys):
 
     folder = save_model_and_processor(*tiny_vlm, tmp_path / "model")
     out = tmp_path / "records.jsonl"
-    argv = ["--images", str(images), "--model", str(folder), "--per-image", "1", "--benign-per-image", "0",
-            "--max-retries", "0", "--max-new-tokens", "4", "--out", str(out), "--no-progress", "--dtype", "float32"]  # fmt: skip
+    argv = [
+        "--images",
+        str(images),
+        "--model",
+        str(folder),
+        "--per-image",
+        "1",
+        "--benign-per-image",
+        "0",
+        "--max-retries",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--dtype",
+        "float32",
+    ]
     assert main_generate(argv) == 0
     assert "items: 0 done, 2 failed of 2 planned" in capsys.readouterr().out
     failed = _lines(output_paths(out)["failed"])
     assert [f["id"] for f in failed] == ["one-png-u0", "two-png-u0"]
-    assert failed[0]["generator"]["backend"] == "transformers" and failed[0]["generator"]["model"] == str(folder.resolve())
+    assert failed[0]["generator"]["backend"] == "transformers" and failed[0]["generator"]["model"] == str(
+        folder.resolve()
+    )

@@ -5,11 +5,10 @@ import logging
 
 import pytest
 import torch
+from helpers import ROWS, srpo_args
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_qwen2_5_vl
-
-from helpers import ROWS, srpo_args
 
 
 def vision_rows():
@@ -38,15 +37,24 @@ def test_precomputed_reference_is_cached_and_reused(tmp_path, kind, caplog):
     cache = tmp_path / "cache"
     common = dict(per_device_train_batch_size=3, align_loss="sigmoid", ref_logps_cache_dir=str(cache), max_steps=1)
 
-    live = SRPOTrainer(model=model, ref_model=ref, args=srpo_args(tmp_path / "live", **common), train_dataset=StepPairDataset.from_list(rows), processing_class=processing)
+    live = SRPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=srpo_args(tmp_path / "live", **common),
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=processing,
+    )
     batch = live.data_collator([live.train_dataset[i] for i in range(3)])
     expected = live.compute_ref_log_probs(live.ref_model, batch)
 
     calls = _count_calls(ref)
     first = SRPOTrainer(
-        model=model, ref_model=ref, args=srpo_args(tmp_path / "a", precompute_ref_log_probs=True, **common),
-        train_dataset=StepPairDataset.from_list(rows), processing_class=processing,
-    )  # fmt: skip
+        model=model,
+        ref_model=ref,
+        args=srpo_args(tmp_path / "a", precompute_ref_log_probs=True, **common),
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=processing,
+    )
     assert calls, "the first run computes the reference log-probs"
     assert torch.allclose(torch.tensor(first.train_dataset["ref_chosen_logps"]), expected[0].float(), atol=1e-5)
     assert torch.allclose(torch.tensor(first.train_dataset["ref_rejected_logps"]), expected[1].float(), atol=1e-5)
@@ -55,9 +63,12 @@ def test_precomputed_reference_is_cached_and_reused(tmp_path, kind, caplog):
     calls.clear()
     with caplog.at_level(logging.WARNING):
         second = SRPOTrainer(
-            model=model, ref_model=ref, args=srpo_args(tmp_path / "b", precompute_ref_log_probs=True, **common),
-            train_dataset=StepPairDataset.from_list(rows), processing_class=processing,
-        )  # fmt: skip
+            model=model,
+            ref_model=ref,
+            args=srpo_args(tmp_path / "b", precompute_ref_log_probs=True, **common),
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=processing,
+        )
     assert not calls and "Reusing reference log-probs" in caplog.text
     assert second.train_dataset["ref_chosen_logps"] == first.train_dataset["ref_chosen_logps"]
     second.train()  # trains on the cached values
@@ -65,9 +76,12 @@ def test_precomputed_reference_is_cached_and_reused(tmp_path, kind, caplog):
 
     # Other rows or another reference model: another key, computed afresh.
     other = SRPOTrainer(
-        model=model, ref_model=other_ref, args=srpo_args(tmp_path / "c", precompute_ref_log_probs=True, **common),
-        train_dataset=StepPairDataset.from_list(rows), processing_class=processing,
-    )  # fmt: skip
+        model=model,
+        ref_model=other_ref,
+        args=srpo_args(tmp_path / "c", precompute_ref_log_probs=True, **common),
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=processing,
+    )
     assert len(list(cache.glob("train-*.json"))) == 2
     assert other.train_dataset["ref_chosen_logps"] != first.train_dataset["ref_chosen_logps"]
 
@@ -76,8 +90,10 @@ def test_cache_can_be_disabled(tmp_path):
     tok = build_tokenizer()
     cache = tmp_path / "cache"
     SRPOTrainer(
-        model=tiny_causal_lm(tok), ref_model=tiny_causal_lm(tok, seed=3),
+        model=tiny_causal_lm(tok),
+        ref_model=tiny_causal_lm(tok, seed=3),
         args=srpo_args(tmp_path, align_loss="sigmoid", precompute_ref_log_probs=True, ref_logps_cache_dir=""),
-        train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok,
-    )  # fmt: skip
+        train_dataset=StepPairDataset.from_list(ROWS),
+        processing_class=tok,
+    )
     assert not cache.exists()

@@ -15,6 +15,7 @@ from srpo_trl import store
 from srpo_trl.exploration import explore
 from srpo_trl.exploration import main as explore_main
 
+
 KW = dict(show_progress=False, print_summary=False)
 
 
@@ -38,8 +39,19 @@ def test_explore_with_another_model_is_refused(tmp_path, tiny_lm_dir, capsys):
     other = shutil.copytree(tiny_lm_dir, tmp_path / "model-b")
     records = _write_jsonl(tmp_path / "records.jsonl", _records(2))
     out = tmp_path / "explored.jsonl"
-    base = ["--records", str(records), "--out", str(out), "--num-samples", "2", "--max-new-tokens", "3",
-            "--branch-points", "1", "--no-progress"]  # fmt: skip
+    base = [
+        "--records",
+        str(records),
+        "--out",
+        str(out),
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--branch-points",
+        "1",
+        "--no-progress",
+    ]
     assert explore_main(["--model", str(tiny_lm_dir), *base]) == 0
     before = out.read_bytes()
     assert explore_main(["--model", str(other), *base]) == 2
@@ -137,10 +149,30 @@ def test_evaluate_with_new_weights_in_the_same_folder_is_refused(tmp_path, tiny_
     from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
     folder = shutil.copytree(tiny_lm_dir, tmp_path / "model")
-    data = _write_jsonl(tmp_path / "items.jsonl", [{"id": f"q{i}", "prompt": f"question {i}", "expected": "refuse"} for i in range(2)])
+    data = _write_jsonl(
+        tmp_path / "items.jsonl", [{"id": f"q{i}", "prompt": f"question {i}", "expected": "refuse"} for i in range(2)]
+    )
     out = tmp_path / "report"
-    argv = ["evaluate", "--model", str(folder), "--benchmark", "records", "--data", str(data), "--samples", "1",
-            "--temperature", "0.5", "--max-new-tokens", "3", "--label", "m", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--model",
+        str(folder),
+        "--benchmark",
+        "records",
+        "--data",
+        str(data),
+        "--samples",
+        "1",
+        "--temperature",
+        "0.5",
+        "--max-new-tokens",
+        "3",
+        "--label",
+        "m",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli_main(argv) == 0
     state = out / "runs" / "m" / "results.jsonl"
     before = state.read_bytes()

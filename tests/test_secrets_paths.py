@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from openai_server import Reply
 
+
 SECRET = "s3cretpw"
 
 
@@ -27,11 +28,10 @@ def _assert_no_secret(folder: Path, logs: str):
 
 
 def test_generate_records_never_writes_the_url_credentials(tmp_path, openai_server, caplog):
+    from PIL import Image
     from test_records_pipeline import Agents
 
     from srpo_trl.records import main_generate, output_paths
-
-    from PIL import Image
 
     images = tmp_path / "images"
     images.mkdir()
@@ -46,9 +46,25 @@ def test_generate_records_never_writes_the_url_credentials(tmp_path, openai_serv
 
     openai_server.handler = handler
     out = tmp_path / "out" / "records.jsonl"
-    argv = ["--images", str(images), "--chat-url", _with_credentials(openai_server.url) + "/v1", "--model", "m",
-            "--per-image", "1", "--benign-per-image", "0", "--workers", "1", "--http-retries", "0",
-            "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "--images",
+        str(images),
+        "--chat-url",
+        _with_credentials(openai_server.url) + "/v1",
+        "--model",
+        "m",
+        "--per-image",
+        "1",
+        "--benign-per-image",
+        "0",
+        "--workers",
+        "1",
+        "--http-retries",
+        "0",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     with caplog.at_level(logging.DEBUG):
         main_generate(argv)
     records = [json.loads(x) for x in out.read_text().splitlines()]
@@ -69,8 +85,25 @@ def test_explore_never_writes_the_url_credentials(tmp_path, openai_server, caplo
     records = _write_jsonl(tmp_path / "in" / "records.jsonl", _records(1))
     out = tmp_path / "out" / "o.jsonl"
     with caplog.at_level(logging.DEBUG):
-        main(["--endpoint", _with_credentials(openai_server.url), "--served-model", "p", "--records", str(records),
-              "--out", str(out), "--num-samples", "1", "--branch-points", "1", "--max-retries", "1", "--no-progress"])  # fmt: skip
+        main(
+            [
+                "--endpoint",
+                _with_credentials(openai_server.url),
+                "--served-model",
+                "p",
+                "--records",
+                str(records),
+                "--out",
+                str(out),
+                "--num-samples",
+                "1",
+                "--branch-points",
+                "1",
+                "--max-retries",
+                "1",
+                "--no-progress",
+            ]
+        )
     line = json.loads(out.read_text().splitlines()[0])
     assert "503" in line["error"] and "://***@" in line["error"] and "alice" not in line["error"]
     _assert_no_secret(out.parent, caplog.text)
@@ -84,8 +117,24 @@ def test_evaluate_never_writes_the_url_credentials(tmp_path, openai_server, capl
     data.write_text('{"id": "a", "prompt": "p", "expected": "refuse"}\n')
     out = tmp_path / "o"
     with caplog.at_level(logging.DEBUG):
-        rc = cli_main(["evaluate", "--model", "m", "--generation-url", _with_credentials(openai_server.url), "--benchmark",
-                       "records", "--data", str(data), "--samples", "1", "--out", str(out), "--no-progress"])  # fmt: skip
+        rc = cli_main(
+            [
+                "evaluate",
+                "--model",
+                "m",
+                "--generation-url",
+                _with_credentials(openai_server.url),
+                "--benchmark",
+                "records",
+                "--data",
+                str(data),
+                "--samples",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
     assert rc == 0
     written = "".join(p.read_text() for p in out.rglob("*.json"))
     assert "://***@" in written and "alice" not in written
@@ -96,11 +145,10 @@ def test_evaluate_never_writes_the_url_credentials(tmp_path, openai_server, capl
 
 
 def _review(tmp_path, images_cell: str) -> Path:
+    from PIL import Image
     from test_records_curate import _record, _write_csv
 
     from srpo_trl.records import export_review
-
-    from PIL import Image
 
     (tmp_path / "data" / "imgs").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "imgs" / "a.png")
@@ -160,7 +208,9 @@ def test_curate_export_refuses_record_images_outside_the_root(tmp_path, capsys):
     assert main_curate(["export", str(records), str(tmp_path / "review1.csv")]) == 1
     assert "outside the image root" in capsys.readouterr().err
     assert not (tmp_path / "review1.csv").exists()
-    assert main_curate(["export", str(records), str(tmp_path / "review2.csv"), "--images", str(tmp_path / "pics")]) == 0
+    assert (
+        main_curate(["export", str(records), str(tmp_path / "review2.csv"), "--images", str(tmp_path / "pics")]) == 0
+    )
     assert main_curate(["export", str(records), str(tmp_path / "review3.csv"), "--allow-outside-root"]) == 0
 
 
@@ -174,8 +224,19 @@ def test_explore_refuses_record_images_outside_the_root(tmp_path, openai_server,
     (tmp_path / "pics").mkdir()
     Image.new("RGB", (28, 28)).save(tmp_path / "pics" / "a.png")
     records = _write_jsonl(tmp_path / "in" / "records.jsonl", _records(1, images=["../pics/a.png"]))
-    base = ["--endpoint", openai_server.url, "--served-model", "p", "--records", str(records), "--num-samples", "1",
-            "--branch-points", "1", "--no-progress"]  # fmt: skip
+    base = [
+        "--endpoint",
+        openai_server.url,
+        "--served-model",
+        "p",
+        "--records",
+        str(records),
+        "--num-samples",
+        "1",
+        "--branch-points",
+        "1",
+        "--no-progress",
+    ]
     assert main([*base, "--out", str(tmp_path / "o1.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "images[0]" in err and "outside the image root" in err
@@ -198,8 +259,25 @@ def test_explore_fingerprint_file_holds_the_endpoint_without_credentials(tmp_pat
     out = tmp_path / "out" / "o.jsonl"
     port = openai_server.url.rsplit(":", 1)[1]
     url = f"http://user:secret@127.0.0.1:{port}"
-    main(["--endpoint", url, "--served-model", "p", "--records", str(records), "--out", str(out),
-          "--num-samples", "1", "--branch-points", "1", "--http-retries", "0", "--no-progress"])  # fmt: skip
+    main(
+        [
+            "--endpoint",
+            url,
+            "--served-model",
+            "p",
+            "--records",
+            str(records),
+            "--out",
+            str(out),
+            "--num-samples",
+            "1",
+            "--branch-points",
+            "1",
+            "--http-retries",
+            "0",
+            "--no-progress",
+        ]
+    )
     meta = store.meta_path(out)
     text = meta.read_text(encoding="utf-8")
     assert "secret" not in text and "user" not in text

@@ -5,12 +5,12 @@ import logging
 
 import pytest
 from datasets import Dataset
+from helpers import ROWS, srpo_args
 
 from srpo_trl import StepPairDataset
 from srpo_trl.rows import RowError, check_image_count, normalize_row
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
-from helpers import ROWS, srpo_args
 
 GOOD = {"prompt": "Q?", "prefix": ["a"], "chosen": "b", "rejected": "c", "reference": ["a", "b"]}
 
@@ -26,7 +26,11 @@ GOOD = {"prompt": "Q?", "prefix": ["a"], "chosen": "b", "rejected": "c", "refere
         ({"reference": ["a", ""]}, "reference", "step 1 is empty"),
         ({"reference": []}, "reference", "empty list"),
         ({"prompt": ""}, "prompt", "empty"),
-        ({"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "chosen", "one assistant"),
+        (
+            {"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            "chosen",
+            "one assistant",
+        ),
     ],
 )
 def test_bad_rows_name_the_row_and_field(change, field, words):
@@ -38,11 +42,20 @@ def test_bad_rows_name_the_row_and_field(change, field, words):
 
 
 def test_image_count_must_match_placeholders():
-    row = normalize_row({"prompt": "<|image_pad|> and <|image_pad|>: same?", "images": ["a.png"], "chosen": "x", "rejected": "y"}, 7)
-    with pytest.raises(RowError, match=r"row 7: field 'images': the prompt has 2 image placeholder\(s\) but the row has 1"):
+    row = normalize_row(
+        {"prompt": "<|image_pad|> and <|image_pad|>: same?", "images": ["a.png"], "chosen": "x", "rejected": "y"}, 7
+    )
+    with pytest.raises(
+        RowError, match=r"row 7: field 'images': the prompt has 2 image placeholder\(s\) but the row has 1"
+    ):
         check_image_count(row, 7, "<|image_pad|>")
     chat = normalize_row(
-        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], "images": [], "chosen": "x", "rejected": "y"},
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+            "images": [],
+            "chosen": "x",
+            "rejected": "y",
+        },
         3,
     )
     with pytest.raises(RowError, match="row 3"):
@@ -152,9 +165,11 @@ def test_rows_that_do_not_fit_max_length_are_dropped_and_reported(tmp_path, capl
     rows = [ROWS[1], long_prefix, ROWS[2]]
     with caplog.at_level(logging.WARNING):
         trainer = SRPOTrainer(
-            model=tiny_causal_lm(tok), args=srpo_args(tmp_path, max_length=48),
-            train_dataset=StepPairDataset.from_list(rows), processing_class=tok,
-        )  # fmt: skip
+            model=tiny_causal_lm(tok),
+            args=srpo_args(tmp_path, max_length=48),
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=tok,
+        )
     assert len(trainer.train_dataset) == 2
     assert [i for i, _ in trainer.dropped_rows["train"]] == [1]
     assert "dropped 1 of 3 rows" in caplog.text and "row 1:" in caplog.text

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -32,7 +31,10 @@ def test_appender_repairs_then_appends_whole_lines(tmp_path):
     path.write_text('{"n": 0}\n{"n": 1')
     with store.Appender(path) as out:
         out.write({"n": 2, "text": "é"})
-    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [{"n": 0}, {"n": 2, "text": "é"}]
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
+        {"n": 0},
+        {"n": 2, "text": "é"},
+    ]
 
 
 def test_merge_keeps_the_first_line_of_each_key_in_order(tmp_path):

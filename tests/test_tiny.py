@@ -24,6 +24,7 @@ from srpo_trl.tiny import (
     tiny_qwen2_vl,
 )
 
+
 VLM_BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen2_vl": tiny_qwen2_vl, "llava_next": tiny_llava_next}
 
 
@@ -54,7 +55,9 @@ def test_tokenizer_is_deterministic_and_follows_its_inputs(tok):
     assert len(build_tokenizer(vocab_size=300)) == 300
     # a word repeated in the extra corpus becomes one token; it is several without it
     extra = build_tokenizer(corpus=["zyxwvut zyxwvut zyxwvut"] * 50)
-    assert len(extra("zyxwvut", add_special_tokens=False)["input_ids"]) < len(tok("zyxwvut", add_special_tokens=False)["input_ids"])
+    assert len(extra("zyxwvut", add_special_tokens=False)["input_ids"]) < len(
+        tok("zyxwvut", add_special_tokens=False)["input_ids"]
+    )
     # the built-in corpus makes common words short, and every text decodes back exactly
     assert len(tok(" bleach")["input_ids"]) == 1
     for text in CORPUS + ["  spaces\n\n\ttabs ÜñíçØdé 😀 don't"]:
@@ -112,7 +115,9 @@ def test_chat_template_continues_a_final_assistant_message(tok):
     prompt = PROMPTS[0]
     head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     cont = tok.apply_chat_template(
-        prompt + [{"role": "assistant", "content": "Step 1: it is bleach."}], tokenize=False, continue_final_message=True
+        prompt + [{"role": "assistant", "content": "Step 1: it is bleach."}],
+        tokenize=False,
+        continue_final_message=True,
     )
     assert cont == head + "Step 1: it is bleach."
 
@@ -125,7 +130,13 @@ def test_causal_lm_config_seed_and_loss(tok):
     model = tiny_causal_lm(tok, seed=3)
     assert torch.equal(torch.random.get_rng_state(), rng_before), "building must not move the global RNG"
     cfg = model.config
-    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (512, 32, 2, 4, 2)
+    assert (
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+    ) == (512, 32, 2, 4, 2)
     assert cfg._attn_implementation == "sdpa" and model.dtype == torch.float32
     im_end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
     assert cfg.eos_token_id == im_end and cfg.pad_token_id == pad
@@ -165,7 +176,7 @@ def test_generation_stops_at_end_of_turn(tok):
             out = model.generate(ids, max_new_tokens=6, do_sample=False)
         finally:
             handle.remove()
-        assert out[0, ids.shape[1]:].tolist() == [other, stop_id], stop
+        assert out[0, ids.shape[1] :].tolist() == [other, stop_id], stop
 
 
 # --- vision-language models -----------------------------------------------------------------------
@@ -266,13 +277,16 @@ def test_vlm_seeds_and_size_knobs():
 
 def test_vlm_with_a_task_tokenizer_sizes_itself_to_it():
     """A tokenizer trained on a task's corpus (the demo's) sets the model's vocabulary and ids."""
-    task_tok = build_tokenizer(corpus=["The image shows a red triangle. The request is near fire."] * 20, vocab_size=640)
+    task_tok = build_tokenizer(
+        corpus=["The image shows a red triangle. The request is near fire."] * 20, vocab_size=640
+    )
     model, processor = tiny_qwen2_5_vl(tokenizer=task_tok)
     assert processor.tokenizer is task_tok and len(task_tok) != len(build_tokenizer())
     assert model.config.text_config.vocab_size == len(task_tok) == model.get_output_embeddings().weight.shape[0]
     assert model.config.image_token_id == task_tok.convert_tokens_to_ids("<|image_pad|>")
-    batch = processor(text=[chat_text(processor, [make_image(0)], "Is it near fire?")], images=[[make_image(0)]],
-                      return_tensors="pt")  # fmt: skip
+    batch = processor(
+        text=[chat_text(processor, [make_image(0)], "Is it near fire?")], images=[[make_image(0)]], return_tensors="pt"
+    )
     assert torch.isfinite(model(**batch, labels=batch["input_ids"]).loss)
 
 
@@ -311,7 +325,10 @@ def test_vlm_round_trip(vlm, tmp_path):
     assert type(loaded) is type(model)
     assert type(loaded_processor).__name__ == type(processor).__name__
     if family != "llava_next":  # the folder names the stock class, loadable by AutoProcessor with torchvision
-        assert json.loads((folder / "processor_config.json").read_text())["processor_class"] == type(processor).stock_class.__name__
+        assert (
+            json.loads((folder / "processor_config.json").read_text())["processor_class"]
+            == type(processor).stock_class.__name__
+        )
     images = [make_image(1, (56, 28)), make_image(2)]
     text = chat_text(processor, images)
     batch = processor(text=[text], images=[images], return_tensors="pt")
@@ -328,7 +345,9 @@ def test_adapter_round_trip(tok, tmp_path):
 
     base = tiny_causal_lm(tok, seed=4)
     save_model_and_processor(base, tok, tmp_path / "base")
-    peft_model = get_peft_model(tiny_causal_lm(tok, seed=4), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        tiny_causal_lm(tok, seed=4), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([tok("Is this safe?")["input_ids"]])

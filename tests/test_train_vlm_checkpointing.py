@@ -15,6 +15,8 @@ def test_vlm_loads_with_gradient_checkpointing_and_no_cache(tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     training_args = SimpleNamespace(gradient_checkpointing=True, trust_remote_code=False, model_init_kwargs=None)
-    loaded = load_model(str(tmp_path), True, ModelConfig(model_name_or_path=str(tmp_path), dtype="float32"), training_args)
+    loaded = load_model(
+        str(tmp_path), True, ModelConfig(model_name_or_path=str(tmp_path), dtype="float32"), training_args
+    )
     assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert loaded.config.get_text_config().use_cache is False

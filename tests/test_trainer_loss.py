@@ -8,12 +8,10 @@ logits in float64, and the formulas of SRPO_SPEC.md are applied by hand.
 import math
 
 import pytest
-import torch
+from helpers import ROWS, hand_ids, make_trainer, plain_logps, trainer_loss
 
 from srpo_trl import SRPOConfig, SRPOTrainer, StepPairDataset
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
-
-from helpers import ROWS, hand_ids, make_trainer, plain_logps, trainer_loss
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +54,24 @@ def test_sigmoid_loss_matches_plain_forward(tmp_path, tok, sharing):
     model = tiny_causal_lm(tok, seed=3)
     ref_model = tiny_causal_lm(tok, seed=4)  # a different reference, so the ratios are not trivially 0
     args = SRPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        per_device_train_batch_size=3, max_length=None, align_loss="sigmoid", beta=0.25, srpo_lambda=0.5,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=3,
+        max_length=None,
+        align_loss="sigmoid",
+        beta=0.25,
+        srpo_lambda=0.5,
         prefix_sharing=sharing,
-    )  # fmt: skip
+    )
     trainer = SRPOTrainer(
-        model=model, ref_model=ref_model, args=args, train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=StepPairDataset.from_list(ROWS),
+        processing_class=tok,
     )
     got = trainer_loss(trainer, ROWS)
 
@@ -90,7 +100,9 @@ def test_continuations_are_not_closed_and_prefix_is_context_only(tmp_path, tok):
 
 
 def test_fallback_reference_without_eos(tmp_path, tok):
-    trainer = make_trainer(tmp_path, tiny_causal_lm(tok), tok, ROWS[1:2], fallback_reference_eos=False, prefix_sharing=False)
+    trainer = make_trainer(
+        tmp_path, tiny_causal_lm(tok), tok, ROWS[1:2], fallback_reference_eos=False, prefix_sharing=False
+    )
     batch = trainer.data_collator([trainer.train_dataset[0]])
     reference_scored = batch["input_ids"][2][batch["loss_mask"][2].bool()].tolist()
     assert tok.decode(reference_scored) == ROWS[1]["chosen"]

@@ -6,13 +6,12 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from helpers import ROWS, hand_ids, plain_logps, srpo_args
 from peft import LoraConfig
 from transformers import TrainerCallback
 
 from srpo_trl import SRPOConfig, SRPOTrainer, StepPairDataset
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
-
-from helpers import ROWS, hand_ids, plain_logps, srpo_args
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +57,15 @@ def _dpo_style_script(tmp_path, tok, dataset):
     model = tiny_causal_lm(tok, seed=6)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     training_args = SRPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=3,
-        per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+    )
     trainer = SRPOTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tok)
     trainer.train()
     changed = sum(not torch.equal(p, start[n]) for n, p in model.named_parameters())
@@ -73,9 +78,15 @@ def test_swap_in_for_dpo_trainer(tmp_path, tok, form):
         data = {"prompt": ["The sky is", "Water is"], "chosen": [" blue.", " wet."], "rejected": [" green.", " dry."]}
     elif form == "conversational":
         data = {
-            "prompt": [[{"role": "user", "content": "What color is the sky?"}], [{"role": "user", "content": "Is water wet?"}]],
+            "prompt": [
+                [{"role": "user", "content": "What color is the sky?"}],
+                [{"role": "user", "content": "Is water wet?"}],
+            ],
             "chosen": [[{"role": "assistant", "content": "It is blue."}], [{"role": "assistant", "content": "Yes."}]],
-            "rejected": [[{"role": "assistant", "content": "It is green."}], [{"role": "assistant", "content": "No."}]],
+            "rejected": [
+                [{"role": "assistant", "content": "It is green."}],
+                [{"role": "assistant", "content": "No."}],
+            ],
         }
     else:
         user = [{"role": "user", "content": "What color is the sky?"}]
@@ -141,20 +152,28 @@ def test_sigmoid_with_peft_uses_the_base_model_as_reference(tmp_path, tok):
 def test_sigmoid_needs_a_reference_it_can_find(tmp_path, tok):
     args = srpo_args(tmp_path, align_loss="sigmoid")
     with pytest.raises(ValueError, match="needs a reference model"):
-        SRPOTrainer(model=tiny_causal_lm(tok), args=args, train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok)
+        SRPOTrainer(
+            model=tiny_causal_lm(tok), args=args, train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok
+        )
 
 
 def test_precomputed_reference_log_probs_equal_the_live_ones(tmp_path, tok):
     model, ref_model = tiny_causal_lm(tok, seed=9), tiny_causal_lm(tok, seed=10)
     common = dict(per_device_train_batch_size=3, align_loss="sigmoid", max_steps=1)
     live = SRPOTrainer(
-        model=model, ref_model=ref_model, args=srpo_args(tmp_path / "live", **common),
-        train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok,
-    )  # fmt: skip
+        model=model,
+        ref_model=ref_model,
+        args=srpo_args(tmp_path / "live", **common),
+        train_dataset=StepPairDataset.from_list(ROWS),
+        processing_class=tok,
+    )
     pre = SRPOTrainer(
-        model=model, ref_model=ref_model, args=srpo_args(tmp_path / "pre", precompute_ref_log_probs=True, **common),
-        train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok,
-    )  # fmt: skip
+        model=model,
+        ref_model=ref_model,
+        args=srpo_args(tmp_path / "pre", precompute_ref_log_probs=True, **common),
+        train_dataset=StepPairDataset.from_list(ROWS),
+        processing_class=tok,
+    )
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(pre.train_dataset.column_names)
     for i, row in enumerate(ROWS):
         (c_ids, c0), _, _ = hand_ids(tok, row)
@@ -171,16 +190,28 @@ def test_precomputed_reference_log_probs_equal_the_live_ones(tmp_path, tok):
 
 
 def test_eval_loop_logs_srpo_metrics(tmp_path, tok):
-    args = srpo_args(tmp_path, per_device_train_batch_size=3, per_device_eval_batch_size=2, max_steps=2, eval_strategy="steps", eval_steps=2)
+    args = srpo_args(
+        tmp_path,
+        per_device_train_batch_size=3,
+        per_device_eval_batch_size=2,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+    )
     trainer = SRPOTrainer(
-        model=tiny_causal_lm(tok), args=args, train_dataset=StepPairDataset.from_list(ROWS),
-        eval_dataset=StepPairDataset.from_list(ROWS), processing_class=tok,
-    )  # fmt: skip
+        model=tiny_causal_lm(tok),
+        args=args,
+        train_dataset=StepPairDataset.from_list(ROWS),
+        eval_dataset=StepPairDataset.from_list(ROWS),
+        processing_class=tok,
+    )
     trainer.train()
     metrics = trainer.evaluate()
     for key in ("eval_loss", "eval_loss/reference", "eval_loss/align", "eval_accuracy", "eval_margin"):
         assert key in metrics
-    assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss/reference"] + 0.3 * metrics["eval_loss/align"], rel=0.05)
+    assert metrics["eval_loss"] == pytest.approx(
+        metrics["eval_loss/reference"] + 0.3 * metrics["eval_loss/align"], rel=0.05
+    )
 
 
 class _StopAt(TrainerCallback):
@@ -197,13 +228,18 @@ class _StopAt(TrainerCallback):
 
 def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, tok):
     rows = ROWS * 4  # 12 rows, 6 steps of 2
-    common = dict(per_device_train_batch_size=2, max_steps=6, learning_rate=3e-3, seed=3, save_strategy="steps", save_steps=3)
+    common = dict(
+        per_device_train_batch_size=2, max_steps=6, learning_rate=3e-3, seed=3, save_strategy="steps", save_steps=3
+    )
 
     def run(out, seed, callbacks=None, resume=None):
         trainer = SRPOTrainer(
-            model=tiny_causal_lm(tok, seed=seed), args=srpo_args(out, **common), callbacks=callbacks,
-            train_dataset=StepPairDataset.from_list(rows), processing_class=tok,
-        )  # fmt: skip
+            model=tiny_causal_lm(tok, seed=seed),
+            args=srpo_args(out, **common),
+            callbacks=callbacks,
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=tok,
+        )
         trainer.train(resume_from_checkpoint=resume)
         return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
@@ -223,11 +259,18 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, tok):
     for bs, ga in ((2, 1), (1, 2)):
         model = tiny_causal_lm(tok, seed=12)
         args = srpo_args(
-            tmp_path / f"{bs}-{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1,
-            learning_rate=1e-2, group_by_question=False, prefix_sharing=False,
+            tmp_path / f"{bs}-{ga}",
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            max_steps=1,
+            learning_rate=1e-2,
+            group_by_question=False,
+            prefix_sharing=False,
             optim="sgd",  # Adam's first step is lr * sign(grad): a near-zero gradient's rounding flips it
-        )  # fmt: skip
-        trainer = SRPOTrainer(model=model, args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+        )
+        trainer = SRPOTrainer(
+            model=model, args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=tok
+        )
         trainer.train()
         finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in finals[0]:
@@ -236,7 +279,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, tok):
 
 def test_checkpoint_has_an_srpo_model_card(tmp_path, tok):
     args = srpo_args(tmp_path, per_device_train_batch_size=3, max_steps=1, save_strategy="steps", save_steps=1)
-    trainer = SRPOTrainer(model=tiny_causal_lm(tok), args=args, train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok)
+    trainer = SRPOTrainer(
+        model=tiny_causal_lm(tok), args=args, train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok
+    )
     trainer.train()
     card = (tmp_path / "README.md").read_text()
     assert "SRPO" in card and "2509.12060" in card and "srpo" in card
@@ -245,12 +290,22 @@ def test_checkpoint_has_an_srpo_model_card(tmp_path, tok):
 def test_sigmoid_mode_logs_dpo_rewards(tmp_path, tok):
     args = srpo_args(tmp_path, per_device_train_batch_size=3, max_steps=2, align_loss="sigmoid")
     trainer = SRPOTrainer(
-        model=tiny_causal_lm(tok, seed=1), ref_model=tiny_causal_lm(tok, seed=2), args=args,
-        train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok,
-    )  # fmt: skip
+        model=tiny_causal_lm(tok, seed=1),
+        ref_model=tiny_causal_lm(tok, seed=2),
+        args=args,
+        train_dataset=StepPairDataset.from_list(ROWS),
+        processing_class=tok,
+    )
     trainer.train()
     log = [h for h in trainer.state.log_history if "loss" in h][0]
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "loss/reference", "loss/align"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "loss/reference",
+        "loss/align",
+    ):
         assert key in log
     assert log["rewards/margins"] == pytest.approx(log["rewards/chosen"] - log["rewards/rejected"], abs=1e-4)
 
@@ -264,9 +319,11 @@ def test_conversational_continuation_continues_the_assistant_turn(tmp_path, tok)
         "reference": ["It is a plant.", "Answer: water it."],
     }
     trainer = SRPOTrainer(
-        model=tiny_causal_lm(tok), args=srpo_args(tmp_path, prefix_sharing=False),
-        train_dataset=StepPairDataset.from_list([row]), processing_class=tok,
-    )  # fmt: skip
+        model=tiny_causal_lm(tok),
+        args=srpo_args(tmp_path, prefix_sharing=False),
+        train_dataset=StepPairDataset.from_list([row]),
+        processing_class=tok,
+    )
     batch = trainer.data_collator([trainer.train_dataset[0]])
     opened = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
     chosen_text = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
@@ -280,7 +337,10 @@ def test_odds_ratio_drops_a_given_reference_model(tmp_path, tok, caplog):
 
     with caplog.at_level(logging.WARNING):
         trainer = SRPOTrainer(
-            model=tiny_causal_lm(tok), ref_model=tiny_causal_lm(tok, seed=1), args=srpo_args(tmp_path),
-            train_dataset=StepPairDataset.from_list(ROWS), processing_class=tok,
-        )  # fmt: skip
+            model=tiny_causal_lm(tok),
+            ref_model=tiny_causal_lm(tok, seed=1),
+            args=srpo_args(tmp_path),
+            train_dataset=StepPairDataset.from_list(ROWS),
+            processing_class=tok,
+        )
     assert trainer.ref_model is None and "reference-free" in caplog.text

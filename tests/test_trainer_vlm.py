@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
+from helpers import srpo_args
 from trl.data_utils import prepare_multimodal_messages
 
-from srpo_trl import StepPairDataset, SRPOTrainer
+from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.tiny import make_image, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
-
-from helpers import srpo_args
 
 
 def vlm_rows():
@@ -25,7 +24,11 @@ def vlm_rows():
             "prefix": ["The image shows a bottle."],
             "chosen": "It is bleach, keep it away from acids.",
             "rejected": "Drink it.",
-            "reference": ["The image shows a bottle.", "It is bleach, keep it away from acids.", "Answer: store it safely."],
+            "reference": [
+                "The image shows a bottle.",
+                "It is bleach, keep it away from acids.",
+                "Answer: store it safely.",
+            ],
         },
         {  # two images, no prefix, no reference
             "prompt": [{"role": "user", "content": "Can these two go together?"}],
@@ -74,7 +77,9 @@ def _score_three(model, prompt, prompt_ids, prefix, chosen, rejected, ref, reduc
         if "mm_token_type_ids" in prompt:
             kwargs["mm_token_type_ids"] = torch.tensor([prompt["mm_token_type_ids"][0].tolist() + [0] * len(rest)])
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs).logits
+            logits = model(
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs
+            ).logits
         logp = logits[0].double().log_softmax(-1)
         token_logps = logp[start - 1 : len(ids) - 1].gather(1, torch.tensor(ids[start:])[:, None])
         means.append(token_logps.mean().item() if reduce == "mean" else token_logps.sum().item())
@@ -93,10 +98,22 @@ def standard_rows():
     """Standard (non-chat) prompts: the image placeholders are written by the user."""
     pad = "<|vision_start|><|image_pad|><|vision_end|>"
     return [
-        {"prompt": f"{pad}Describe the risk.", "images": [make_image(2)], "prefix": ["A green square."], "chosen": "There is none.", "rejected": "Fire everywhere."},
-        {"prompt": f"{pad}{pad}Same colour?", "images": [make_image(3), make_image(4)], "prefix": [], "chosen": "No.", "rejected": "Yes, both red.",
-         "reference": ["No.", "Answer: they differ."]},
-    ]  # fmt: skip
+        {
+            "prompt": f"{pad}Describe the risk.",
+            "images": [make_image(2)],
+            "prefix": ["A green square."],
+            "chosen": "There is none.",
+            "rejected": "Fire everywhere.",
+        },
+        {
+            "prompt": f"{pad}{pad}Same colour?",
+            "images": [make_image(3), make_image(4)],
+            "prefix": [],
+            "chosen": "No.",
+            "rejected": "Yes, both red.",
+            "reference": ["No.", "Answer: they differ."],
+        },
+    ]
 
 
 def _rows_for(family):
@@ -109,9 +126,11 @@ def test_vlm_loss_matches_plain_forward(tmp_path, family, sharing):
     model, processor = BUILDERS[family](seed=1)
     rows = _rows_for(family)
     trainer = SRPOTrainer(
-        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=len(rows), srpo_lambda=0.7, prefix_sharing=sharing),
-        train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
-    )  # fmt: skip
+        model=model,
+        args=srpo_args(tmp_path, per_device_train_batch_size=len(rows), srpo_lambda=0.7, prefix_sharing=sharing),
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=processor,
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     with torch.no_grad():
         got = trainer.compute_loss(trainer.model, batch).item()
@@ -130,9 +149,19 @@ def test_vlm_sigmoid_loss_matches_plain_forward(tmp_path, sharing):
     ref_model, _ = tiny_qwen2_5_vl(seed=2)
     rows = vlm_rows()
     trainer = SRPOTrainer(
-        model=model, ref_model=ref_model, processing_class=processor, train_dataset=StepPairDataset.from_list(rows),
-        args=srpo_args(tmp_path, per_device_train_batch_size=2, srpo_lambda=0.4, align_loss="sigmoid", beta=0.3, prefix_sharing=sharing),
-    )  # fmt: skip
+        model=model,
+        ref_model=ref_model,
+        processing_class=processor,
+        train_dataset=StepPairDataset.from_list(rows),
+        args=srpo_args(
+            tmp_path,
+            per_device_train_batch_size=2,
+            srpo_lambda=0.4,
+            align_loss="sigmoid",
+            beta=0.3,
+            prefix_sharing=sharing,
+        ),
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     with torch.no_grad():
         got = trainer.compute_loss(trainer.model, batch).item()
@@ -154,16 +183,23 @@ def test_model_receives_what_the_processor_produced_and_trains(tmp_path, family)
     model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = SRPOTrainer(
-        model=model, args=srpo_args(tmp_path, per_device_train_batch_size=len(rows), max_steps=2, learning_rate=1e-2, prefix_sharing=False),
-        train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
-    )  # fmt: skip
+        model=model,
+        args=srpo_args(
+            tmp_path, per_device_train_batch_size=len(rows), max_steps=2, learning_rate=1e-2, prefix_sharing=False
+        ),
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=processor,
+    )
     trainer.train()
 
     texts = [
-        r["prompt"] if isinstance(r["prompt"], str)
-        else processor.apply_chat_template(prepare_multimodal_messages(r["prompt"], r["images"]), tokenize=False, add_generation_prompt=True)
+        r["prompt"]
+        if isinstance(r["prompt"], str)
+        else processor.apply_chat_template(
+            prepare_multimodal_messages(r["prompt"], r["images"]), tokenize=False, add_generation_prompt=True
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     direct = processor(text=texts, images=[r["images"] for r in rows], return_tensors="pt", padding=True)
     got = seen[0]
     assert torch.equal(got["pixel_values"], torch.cat([direct["pixel_values"]] * 3))
@@ -181,9 +217,21 @@ def test_model_receives_what_the_processor_produced_and_trains(tmp_path, family)
 
 def test_standard_vlm_prompt_with_wrong_image_count_is_refused(tmp_path):
     model, processor = tiny_qwen2_5_vl(seed=3)
-    rows = [{"prompt": "<|vision_start|><|image_pad|><|vision_end|> What is it?", "images": [make_image(0), make_image(1)], "chosen": "a", "rejected": "b"}]
+    rows = [
+        {
+            "prompt": "<|vision_start|><|image_pad|><|vision_end|> What is it?",
+            "images": [make_image(0), make_image(1)],
+            "chosen": "a",
+            "rejected": "b",
+        }
+    ]
     with pytest.raises(ValueError, match="row 0: field 'images': the prompt has 1 image placeholder"):
-        SRPOTrainer(model=model, args=srpo_args(tmp_path), train_dataset=StepPairDataset.from_list(rows), processing_class=processor)
+        SRPOTrainer(
+            model=model,
+            args=srpo_args(tmp_path),
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=processor,
+        )
 
 
 def test_text_model_with_image_rows_is_refused(tmp_path):
@@ -192,7 +240,12 @@ def test_text_model_with_image_rows_is_refused(tmp_path):
     tok = build_tokenizer()
     rows = vlm_rows()[:1]
     with pytest.raises(ValueError, match="pass the model's processor"):
-        SRPOTrainer(model=tiny_causal_lm(tok), args=srpo_args(tmp_path), train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+        SRPOTrainer(
+            model=tiny_causal_lm(tok),
+            args=srpo_args(tmp_path),
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=tok,
+        )
 
 
 def test_plain_question_with_images_is_rendered_as_a_user_message(tmp_path):
@@ -204,9 +257,11 @@ def test_plain_question_with_images_is_rendered_as_a_user_message(tmp_path):
     losses = []
     for i, rows in enumerate((chat_rows, plain_rows)):
         trainer = SRPOTrainer(
-            model=model, args=srpo_args(tmp_path / str(i), per_device_train_batch_size=2),
-            train_dataset=StepPairDataset.from_list(rows), processing_class=processor,
-        )  # fmt: skip
+            model=model,
+            args=srpo_args(tmp_path / str(i), per_device_train_batch_size=2),
+            train_dataset=StepPairDataset.from_list(rows),
+            processing_class=processor,
+        )
         batch = trainer.data_collator([trainer.train_dataset[j] for j in range(2)])
         with torch.no_grad():
             losses.append(trainer.compute_loss(model, batch).item())

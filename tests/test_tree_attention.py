@@ -12,15 +12,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import srpo_args
+from test_device_guard import _build
+from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.attention import TREE_ATTENTION, choose_tree_attention, compile_count, flex_attention_fn
 from srpo_trl.packing import allowed_matrix, bucket_length, pack_question, tree_block_mask, tree_block_masks
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
-
-from helpers import srpo_args
-from test_device_guard import _build
-from test_prefix_sharing import question_rows
 
 
 def _random_rows(rng, count, trunk_len=150):
@@ -53,7 +52,7 @@ def test_block_mask_tiles_agree_with_the_dense_tree_mask(seed):
     tiles = padded.view(3, blocks, 128, blocks, 128).transpose(2, 3)  # [B, q tile, k tile, 128, 128]
     inside = torch.zeros(blocks * 128, dtype=torch.bool)
     inside[:length] = True
-    inside_tiles = (inside.view(blocks, 128)[:, None, :, None] & inside.view(blocks, 128)[None, :, None, :])
+    inside_tiles = inside.view(blocks, 128)[:, None, :, None] & inside.view(blocks, 128)[None, :, None, :]
     assert not (partial & full).any()
     assert (tiles.any(-1).any(-1) <= (partial | full)).all()  # no allowed pair in a skipped tile
     assert (tiles | ~inside_tiles).all(-1).all(-1)[full].all()  # full tiles: every pair allowed
@@ -78,9 +77,16 @@ def _pair(tmp_path, monkeypatch, kind, **config):
     model, processing_class, rows = _build(kind)
     ds = StepPairDataset.from_list(rows)
     common = dict(per_device_train_batch_size=len(rows), srpo_lambda=0.6, **config)
-    plain = SRPOTrainer(model=model, args=srpo_args(tmp_path / "u", prefix_sharing=False, **common), train_dataset=ds, processing_class=processing_class)
+    plain = SRPOTrainer(
+        model=model,
+        args=srpo_args(tmp_path / "u", prefix_sharing=False, **common),
+        train_dataset=ds,
+        processing_class=processing_class,
+    )
     monkeypatch.setenv("SRPO_TRL_TREE_ATTENTION", "flex")
-    tree = SRPOTrainer(model=model, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=processing_class)
+    tree = SRPOTrainer(
+        model=model, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=processing_class
+    )
     batch_t = tree.data_collator([tree.train_dataset[i] for i in range(len(rows))])
     batch_u = plain.data_collator([plain.train_dataset[i] for i in range(len(rows))])
     return model, tree, plain, batch_t, batch_u
@@ -122,7 +128,9 @@ def _text_model(family, tok):
 
     from srpo_trl.tiny import _text_kwargs
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[
+        family
+    ]
     torch.manual_seed(0)
     return model_cls(config_cls(**_text_kwargs(tok, 32, 2), attn_implementation="sdpa")).eval()
 
@@ -144,9 +152,16 @@ def test_tree_attention_on_other_families(tmp_path, monkeypatch, family):
     ds = StepPairDataset.from_list(rows)
     # max_length within Mistral's sliding window: longer rows would make prefix sharing fall back (srpo_trl.architectures)
     common = dict(per_device_train_batch_size=len(rows), srpo_lambda=0.6, max_length=1024)
-    plain = SRPOTrainer(model=model, args=srpo_args(tmp_path / "u", prefix_sharing=False, **common), train_dataset=ds, processing_class=processing_class)
+    plain = SRPOTrainer(
+        model=model,
+        args=srpo_args(tmp_path / "u", prefix_sharing=False, **common),
+        train_dataset=ds,
+        processing_class=processing_class,
+    )
     monkeypatch.setenv("SRPO_TRL_TREE_ATTENTION", "flex")
-    tree = SRPOTrainer(model=model, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=processing_class)
+    tree = SRPOTrainer(
+        model=model, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=processing_class
+    )
     assert model.config.get_text_config()._attn_implementation == TREE_ATTENTION
     batch_t = tree.data_collator([tree.train_dataset[i] for i in range(len(rows))])
     batch_u = plain.data_collator([plain.train_dataset[i] for i in range(len(rows))])
@@ -168,13 +183,27 @@ def test_reference_model_is_switched_to_tree_attention_too(tmp_path, monkeypatch
     ds = StepPairDataset.from_list(rows)
     ref = tiny_causal_lm(tok, seed=4)
     common = dict(per_device_train_batch_size=5, align_loss="sigmoid")
-    plain = SRPOTrainer(model=tiny_causal_lm(tok, seed=3), ref_model=ref, args=srpo_args(tmp_path / "u", prefix_sharing=False, **common), train_dataset=ds, processing_class=tok)
+    plain = SRPOTrainer(
+        model=tiny_causal_lm(tok, seed=3),
+        ref_model=ref,
+        args=srpo_args(tmp_path / "u", prefix_sharing=False, **common),
+        train_dataset=ds,
+        processing_class=tok,
+    )
     monkeypatch.setenv("SRPO_TRL_TREE_ATTENTION", "flex")
-    tree = SRPOTrainer(model=tiny_causal_lm(tok, seed=3), ref_model=ref, args=srpo_args(tmp_path / "p", **common), train_dataset=ds, processing_class=tok)
+    tree = SRPOTrainer(
+        model=tiny_causal_lm(tok, seed=3),
+        ref_model=ref,
+        args=srpo_args(tmp_path / "p", **common),
+        train_dataset=ds,
+        processing_class=tok,
+    )
     assert ref.config._attn_implementation == "sdpa"  # not set up by the trainer ...
     batch_t = tree.data_collator([tree.train_dataset[i] for i in range(5)])
     batch_u = plain.data_collator([plain.train_dataset[i] for i in range(5)])
-    for a, b in zip(tree.compute_ref_log_probs(tree.ref_model, batch_t), plain.compute_ref_log_probs(plain.ref_model, batch_u)):
+    for a, b in zip(
+        tree.compute_ref_log_probs(tree.ref_model, batch_t), plain.compute_ref_log_probs(plain.ref_model, batch_u)
+    ):
         assert torch.allclose(a, b, atol=1e-4)
     assert ref.config._attn_implementation == TREE_ATTENTION  # ... switched at its first tree forward
 
@@ -207,7 +236,12 @@ def test_choice_of_tree_attention_and_its_one_warning(tmp_path, caplog, monkeypa
     assert "eager" in choose_tree_attention(model, "cuda", torch.bfloat16).why
     model.config._attn_implementation = "sdpa"
     with caplog.at_level(logging.WARNING):
-        trainer = SRPOTrainer(model=model, args=srpo_args(tmp_path), train_dataset=StepPairDataset.from_list(question_rows()), processing_class=tok)
+        trainer = SRPOTrainer(
+            model=model,
+            args=srpo_args(tmp_path),
+            train_dataset=StepPairDataset.from_list(question_rows()),
+            processing_class=tok,
+        )
     assert trainer.prefix_sharing and trainer.data_collator.dense_mask
     assert caplog.text.count("Packed batches use a dense [L, L] tree mask") == 1
     assert "no FlexAttention backward on cpu" in caplog.text

@@ -23,6 +23,7 @@ from srpo_trl.verifiers import (
     register_verifier,
 )
 
+
 # ----------------------------------------------------------------------------------------------
 # Final answers
 # ----------------------------------------------------------------------------------------------
@@ -228,8 +229,12 @@ def test_registry_and_custom_verifiers():
 # Judge against a real local server
 # ----------------------------------------------------------------------------------------------
 
-RECORD = {"id": "j1", "prompt": [{"role": "user", "content": "How do I clean this fast?"}], "expected": "warn",
-          "category": "dangerous behavior"}  # fmt: skip
+RECORD = {
+    "id": "j1",
+    "prompt": [{"role": "user", "content": "How do I clean this fast?"}],
+    "expected": "warn",
+    "category": "dangerous behavior",
+}
 
 
 def _judge(server, **kw):
@@ -271,12 +276,22 @@ def test_judge_retry_recovers(openai_server):
 def test_judge_editable_template_and_line_output(openai_server):
     openai_server.handler = lambda req: "Thinking about it...\nVerdict: correct"
     template = "Q: {prompt}\nGold: {answer}\nCandidate: {final_answer}\nSay 'correct' or 'wrong'. [{category}]"
-    v = JudgeVerifier(base_url=openai_server.url, model="m", template=template, labels=["correct", "wrong"],
-                      output="line", pass_labels=["correct"], backoff=0.0)  # fmt: skip
+    v = JudgeVerifier(
+        base_url=openai_server.url,
+        model="m",
+        template=template,
+        labels=["correct", "wrong"],
+        output="line",
+        pass_labels=["correct"],
+        backoff=0.0,
+    )
     assert v.required_fields == ()
     verdict = v({"prompt": "2+2?", "answer": "4", "category": "math"}, "2+2\nAnswer: 4")
     assert verdict.passed and verdict.label == "correct"
-    assert openai_server.requests[0].body["messages"][0]["content"] == "Q: 2+2?\nGold: 4\nCandidate: 4\nSay 'correct' or 'wrong'. [math]"
+    assert (
+        openai_server.requests[0].body["messages"][0]["content"]
+        == "Q: 2+2?\nGold: 4\nCandidate: 4\nSay 'correct' or 'wrong'. [math]"
+    )
     openai_server.handler = lambda req: "wrong"
     assert not v({"prompt": "2+2?", "answer": "4"}, "Answer: 5").passed
 

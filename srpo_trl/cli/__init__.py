@@ -19,9 +19,14 @@ from __future__ import annotations
 import importlib
 import sys
 
+
 COMMANDS = {
     "demo": ("srpo_trl.cli.demo", "main", "run the SRPO loop end to end on a tiny model (CPU, offline)"),
-    "study": ("srpo_trl.cli.study", "main", "the pre-registered grid over data regimes on the demo task (docs/study.md)"),
+    "study": (
+        "srpo_trl.cli.study",
+        "main",
+        "the pre-registered grid over data regimes on the demo task (docs/study.md)",
+    ),
     "train": ("srpo_trl.cli.train", "main", "train with a recipe YAML (same code path as recipes/srpo.py)"),
     "explore": ("srpo_trl.cli.explore", "main", "sample reasoning branches, verify them, write step pairs"),
     "evaluate": ("srpo_trl.cli.evaluate", "main", "safety evaluation of reasoning paths"),
@@ -48,5 +53,3 @@ def main(argv: list[str] | None = None) -> int:
     module, func, _ = COMMANDS[name]
     result = getattr(importlib.import_module(module), func)(rest)
     return int(result or 0)
-
-

@@ -54,36 +54,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (state per model under runs/<label>/, the report at the top)")
     data = p.add_argument_group("data")
     data.add_argument("--benchmark", choices=BENCHMARKS, help="the data format")
-    data.add_argument("--data", help="siuo: siuo_gen.json; mm-safetybench: the processed_questions folder or one <scenario>.json; records: records.jsonl")
-    data.add_argument("--images", help="image folder (siuo: the images; mm-safetybench: imgs/ with <scenario>/<variant>/<id>.jpg; records: base of relative paths)")
-    data.add_argument("--variants", type=_csv, default=list(MMSB_VARIANTS), help="mm-safetybench image variants, comma-separated (SD,SD_TYPO,TYPO; TEXT = no image)")
-    data.add_argument("--scenarios", type=_csv, default=None, help="mm-safetybench scenarios to keep, comma-separated (default: all; same as --categories)")
-    data.add_argument("--limit", type=int, default=None, help="evaluate N items drawn with --seed, stratified by category (and variant); see docs/evaluation.md")
-    model = add_policy_flags(p, model_help="model folder, loaded in-process (or, with the deprecated --generation-url, the served name)",
-                             old_endpoint=("--generation-url",))  # fmt: skip
+    data.add_argument(
+        "--data",
+        help="siuo: siuo_gen.json; mm-safetybench: the processed_questions folder or one <scenario>.json; records: records.jsonl",
+    )
+    data.add_argument(
+        "--images",
+        help="image folder (siuo: the images; mm-safetybench: imgs/ with <scenario>/<variant>/<id>.jpg; records: base of relative paths)",
+    )
+    data.add_argument(
+        "--variants",
+        type=_csv,
+        default=list(MMSB_VARIANTS),
+        help="mm-safetybench image variants, comma-separated (SD,SD_TYPO,TYPO; TEXT = no image)",
+    )
+    data.add_argument(
+        "--scenarios",
+        type=_csv,
+        default=None,
+        help="mm-safetybench scenarios to keep, comma-separated (default: all; same as --categories)",
+    )
+    data.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate N items drawn with --seed, stratified by category (and variant); see docs/evaluation.md",
+    )
+    model = add_policy_flags(
+        p,
+        model_help="model folder, loaded in-process (or, with the deprecated --generation-url, the served name)",
+        old_endpoint=("--generation-url",),
+    )
     model.add_argument("--adapter", help="PEFT adapter folder on top of --model")
-    model.add_argument("--label", help="name of this model in the report (default: from --model/--adapter or --served-model)")
-    gen = add_sampling_flags(p, num_samples=3, temperature=0.5, max_new_tokens=512, seed=0, old_samples=True,
-                             samples_help="reasoning paths per item (majority vote over them)")  # fmt: skip
+    model.add_argument(
+        "--label", help="name of this model in the report (default: from --model/--adapter or --served-model)"
+    )
+    gen = add_sampling_flags(
+        p,
+        num_samples=3,
+        temperature=0.5,
+        max_new_tokens=512,
+        seed=0,
+        old_samples=True,
+        samples_help="reasoning paths per item (majority vote over them)",
+    )
     add_http_flags(p, timeout=60.0, retries=3)
     gen.add_argument("--batch-size", type=int, default=8, help="items per generation call (x samples sequences)")
     gen.add_argument("--system-prompt", default=None, help="system message before each question")
-    gen.add_argument("--separator", default="\n", type=_unescape, help="step separator of the reasoning paths (default: newline; escapes like \\n work)")
+    gen.add_argument(
+        "--separator",
+        default="\n",
+        type=_unescape,
+        help="step separator of the reasoning paths (default: newline; escapes like \\n work)",
+    )
     judge = p.add_argument_group("judge")
-    judge.add_argument("--judge", choices=("rule", "openai-compatible"), default="rule",
-                       help="rule: the expected outcome of each item (records, mm-safetybench, siuo=warn); openai-compatible: a judge model")  # fmt: skip
+    judge.add_argument(
+        "--judge",
+        choices=("rule", "openai-compatible"),
+        default="rule",
+        help="rule: the expected outcome of each item (records, mm-safetybench, siuo=warn); openai-compatible: a judge model",
+    )
     judge.add_argument("--judge-url", help="OpenAI-compatible endpoint of the judge model")
     judge.add_argument("--judge-model", help="judge model name at --judge-url")
-    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
-    judge.add_argument("--judge-templates", help="folder with safety.txt / effectiveness.txt / steps.txt (see --write-judge-templates)")
-    judge.add_argument("--judge-aspects", type=_csv, default=None, help="safety,effectiveness,steps (default: all the protocol has; mm-safetybench: safety,steps)")
+    judge.add_argument(
+        "--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key"
+    )
+    judge.add_argument(
+        "--judge-templates",
+        help="folder with safety.txt / effectiveness.txt / steps.txt (see --write-judge-templates)",
+    )
+    judge.add_argument(
+        "--judge-aspects",
+        type=_csv,
+        default=None,
+        help="safety,effectiveness,steps (default: all the protocol has; mm-safetybench: safety,steps)",
+    )
     judge.add_argument("--judge-retries", type=int, default=2, help="times an unreadable judge reply is asked again")
     judge.add_argument("--judge-no-images", action="store_true", help="do not send the item's images to the judge")
     rep = p.add_argument_group("report")
-    rep.add_argument("--vote", choices=("majority", "sample"), default="majority", help="unit of the metrics: item (majority vote) or sample")
+    rep.add_argument(
+        "--vote",
+        choices=("majority", "sample"),
+        default="majority",
+        help="unit of the metrics: item (majority vote) or sample",
+    )
     rep.add_argument("--report-only", action="store_true", help="rebuild the report from the runs already in --out")
-    p.add_argument("--write-judge-templates", metavar="DIR", help="write the default judge templates to DIR (to edit) and exit")
-    p.add_argument("--overwrite", action="store_true", help="start this --label's evaluation again instead of resuming it")
+    p.add_argument(
+        "--write-judge-templates", metavar="DIR", help="write the default judge templates to DIR (to edit) and exit"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start this --label's evaluation again instead of resuming it"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     protocol_command.add_arguments(p)
     return p
@@ -109,24 +170,47 @@ def _make_judge(args: argparse.Namespace) -> Any:
     if not args.judge_url or not args.judge_model:
         raise ValueError("--judge openai-compatible needs --judge-url and --judge-model")
     templates = JudgeTemplates.from_dir(args.judge_templates) if args.judge_templates else JudgeTemplates()
-    backend = OpenAICompatibleBackend(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env), show_progress=False,
-                                       timeout=args.timeout, max_retries=args.http_retries)  # fmt: skip
-    return ModelJudge(backend, templates, aspects=args.judge_aspects, retries=args.judge_retries,
-                      images=not args.judge_no_images, separator=args.separator)  # fmt: skip
+    backend = OpenAICompatibleBackend(
+        args.judge_url,
+        args.judge_model,
+        api_key=os.environ.get(args.judge_api_key_env),
+        show_progress=False,
+        timeout=args.timeout,
+        max_retries=args.http_retries,
+    )
+    return ModelJudge(
+        backend,
+        templates,
+        aspects=args.judge_aspects,
+        retries=args.judge_retries,
+        images=not args.judge_no_images,
+        separator=args.separator,
+    )
 
 
 def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
     if args.endpoint:
         from ..backends import OpenAICompatibleBackend
 
-        return OpenAICompatibleBackend(args.endpoint, args.served_model, api_key=args.api_key, timeout=args.timeout,
-                                       max_retries=args.http_retries, show_progress=False)  # fmt: skip
+        return OpenAICompatibleBackend(
+            args.endpoint,
+            args.served_model,
+            api_key=args.api_key,
+            timeout=args.timeout,
+            max_retries=args.http_retries,
+            show_progress=False,
+        )
     from ..backends import TransformersBackend
     from ..loading import load_model_and_processor
 
     model, processing_class = load_model_and_processor(args.model, adapter=args.adapter)
-    return TransformersBackend(model, processing_class, batch_size=config.batch_size * config.samples,
-                               separator=config.separator, show_progress=not args.no_progress)  # fmt: skip
+    return TransformersBackend(
+        model,
+        processing_class,
+        batch_size=config.batch_size * config.samples,
+        separator=config.separator,
+        show_progress=not args.no_progress,
+    )
 
 
 def _model_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -136,7 +220,12 @@ def _model_info(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.endpoint:
         identity = store.endpoint_fingerprint(args.endpoint, args.served_model)
-        return {"model": args.served_model, "endpoint": identity["endpoint"], "benchmark": args.benchmark, "identity": identity}
+        return {
+            "model": args.served_model,
+            "endpoint": identity["endpoint"],
+            "benchmark": args.benchmark,
+            "identity": identity,
+        }
     identity = store.model_fingerprint(args.model, args.adapter)
     return {"model": args.model, "adapter": args.adapter, "benchmark": args.benchmark, "identity": identity}
 
@@ -145,7 +234,10 @@ def _summary(report: dict) -> str:
     lines = []
     for model in report["models"]:
         o = model["metrics"]["overall"]
-        parts = [f"{METRIC_LABELS[k].split(' %')[0]} {format_proportion(o[k])}" for k in ("safe", "effective", "safe_and_effective", "attack_success", "over_refusal")]
+        parts = [
+            f"{METRIC_LABELS[k].split(' %')[0]} {format_proportion(o[k])}"
+            for k in ("safe", "effective", "safe_and_effective", "attack_success", "over_refusal")
+        ]
         lines.append(f"{model['label']}: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -179,13 +271,17 @@ def main(argv: list[str] | None = None) -> int:
                 from ..evaluation.protocols import benchmark_scores
                 from ..evaluation.protocols.responses import compare_eval_results
 
-                problems = compare_eval_results(benchmark_scores(run.results, protocol)["cal_metric"], args.compare_eval_results)
+                problems = compare_eval_results(
+                    benchmark_scores(run.results, protocol)["cal_metric"], args.compare_eval_results
+                )
                 print("\n".join(problems) if problems else f"attack rates equal {args.compare_eval_results}")
         else:
             if args.endpoint and not args.served_model and args.model:  # the old --generation-url URL --model NAME
                 args.served_model, args.model = args.model, None
             policy = ("--model", args.model or args.endpoint)
-            missing = [flag for flag, value in (("--benchmark", args.benchmark), ("--data", args.data), policy) if not value]
+            missing = [
+                flag for flag, value in (("--benchmark", args.benchmark), ("--data", args.data), policy) if not value
+            ]
             if missing:
                 raise ValueError(f"missing {', '.join(missing)} (or pass --report-only / --write-judge-templates)")
             if args.endpoint and args.model:
@@ -193,21 +289,42 @@ def main(argv: list[str] | None = None) -> int:
             if args.endpoint and not args.served_model:
                 raise ValueError("--endpoint needs --served-model (the model name the server serves)")
             if args.adapter and args.endpoint:
-                raise ValueError("--adapter loads the model in-process; with --endpoint serve the adapter from the endpoint")
+                raise ValueError(
+                    "--adapter loads the model in-process; with --endpoint serve the adapter from the endpoint"
+                )
             protocol = protocol_command.resolve_protocol(args)
             items = protocol_command.load_items(args)
-            config = EvalConfig(samples=args.num_samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                seed=args.seed, batch_size=args.batch_size, separator=args.separator,
-                                system_prompt=args.system_prompt)  # fmt: skip
+            config = EvalConfig(
+                samples=args.num_samples,
+                temperature=args.temperature,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                separator=args.separator,
+                system_prompt=args.system_prompt,
+            )
             judge = protocol_command.make_judge(args, protocol, _make_judge)
             label = safe_label(args.label) if args.label else _default_label(args)
             model_info = {**_model_info(args), "protocol": protocol}
             # refuse a mixed resume (other weights, data or settings) before the model is loaded
-            check_resume(Path(args.out) / RUNS_DIR / label, run_settings(items, judge, config, label, model_info),
-                         overwrite=args.overwrite)  # fmt: skip
+            check_resume(
+                Path(args.out) / RUNS_DIR / label,
+                run_settings(items, judge, config, label, model_info),
+                overwrite=args.overwrite,
+            )
             backend = _make_backend(args, config)
-            _, paths = evaluate_to_dir(items, backend, judge, config, args.out, label=label, model_info=model_info,
-                                       vote=args.vote, progress=not args.no_progress, overwrite=args.overwrite)  # fmt: skip
+            _, paths = evaluate_to_dir(
+                items,
+                backend,
+                judge,
+                config,
+                args.out,
+                label=label,
+                model_info=model_info,
+                vote=args.vote,
+                progress=not args.no_progress,
+                overwrite=args.overwrite,
+            )
     except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"srpo-trl evaluate: error: {exc}", file=sys.stderr)
         return 1

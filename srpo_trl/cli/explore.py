@@ -31,7 +31,9 @@ def _load_verifier_factory(spec: str):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"srpo-trl explore: --verifier {spec!r}: cannot import {name!r} from {module!r} ({exc})") from None
+        raise SystemExit(
+            f"srpo-trl explore: --verifier {spec!r}: cannot import {name!r} from {module!r} ({exc})"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,15 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--adapter", help="a PEFT adapter folder to put on --model")
     p.add_argument("--records", required=True, help="input records, JSON lines")
     p.add_argument("--out", required=True, help="output JSON lines (appended; a restart resumes)")
-    p.add_argument("--images", default=None, help="folder the records' images must lie in (default: the records file's folder)")
+    p.add_argument(
+        "--images", default=None, help="folder the records' images must lie in (default: the records file's folder)"
+    )
     p.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside --images")
-    add_sampling_flags(p, num_samples=10, temperature=0.5, max_new_tokens=512, seed=0,
-                       samples_help="continuations per branch point")  # fmt: skip
+    add_sampling_flags(
+        p, num_samples=10, temperature=0.5, max_new_tokens=512, seed=0, samples_help="continuations per branch point"
+    )
     p.add_argument("--branch-points", default="all", help="'all' or K (the first K points)")
     p.add_argument("--max-pairs-per-point", type=int, default=None, help="cap used for the pair count in the summary")
     p.add_argument("--separator", default="\\n", help="step separator (escape sequences allowed; default \\n)")
-    p.add_argument("--verifier", default="safety-outcome",
-                   help="safety-outcome | final-answer | judge | any registered name | module:factory")  # fmt: skip
+    p.add_argument(
+        "--verifier",
+        default="safety-outcome",
+        help="safety-outcome | final-answer | judge | any registered name | module:factory",
+    )
     p.add_argument("--answer-extract", default="auto", choices=["auto", "boxed", "answer", "last-line", "regex"])
     p.add_argument("--answer-pattern", default=None, help="regex with one group (final-answer verifier)")
     p.add_argument("--judge-endpoint", default=None, help="judge server (default: --endpoint)")
@@ -60,11 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-api-key", default=None)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call (--model)")
     p.add_argument("--dtype", default="float32", help="model dtype (--model), e.g. bfloat16")
-    p.add_argument("--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument(
+        "--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)"
+    )
     add_http_flags(p, timeout=60.0, retries=3, old_max_retries=True)
     p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests per record (--endpoint)")
-    p.add_argument("--concurrent-records", type=int, default=None,
-                   help="records explored at once (default: 4 with --endpoint, 1 with --model)")  # fmt: skip
+    p.add_argument(
+        "--concurrent-records",
+        type=int,
+        default=None,
+        help="records explored at once (default: 4 with --endpoint, 1 with --model)",
+    )
     p.add_argument("--retry-failed", action="store_true", help="redo records whose status is 'failed'")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     p.add_argument("--no-progress", action="store_true")
@@ -87,12 +101,21 @@ def _make_verifier(args) -> Any:
         url = args.judge_endpoint or args.endpoint
         model = args.judge_model or args.served_model
         if not url or not model:
-            raise SystemExit("srpo-trl explore: --verifier judge needs --judge-endpoint and --judge-model (or --endpoint/--served-model)")
+            raise SystemExit(
+                "srpo-trl explore: --verifier judge needs --judge-endpoint and --judge-model (or --endpoint/--served-model)"
+            )
         kwargs = {}
         if args.judge_template:
             kwargs["template"] = Path(args.judge_template).read_text(encoding="utf-8")
-        return get_verifier(name, base_url=url, model=model, api_key=args.judge_api_key or args.api_key,
-                            timeout=args.timeout, max_retries=args.http_retries, **kwargs)  # fmt: skip
+        return get_verifier(
+            name,
+            base_url=url,
+            model=model,
+            api_key=args.judge_api_key or args.api_key,
+            timeout=args.timeout,
+            max_retries=args.http_retries,
+            **kwargs,
+        )
     try:
         return get_verifier(name)
     except KeyError as exc:
@@ -111,9 +134,15 @@ def _make_backend(args):
 
     _check_policy_args(args)
     if args.endpoint:
-        return OpenAICompatibleBackend(args.endpoint, args.served_model, api_key=args.api_key, timeout=args.timeout,
-                                       max_retries=args.http_retries, concurrency=args.concurrency,
-                                       show_progress=False)  # fmt: skip
+        return OpenAICompatibleBackend(
+            args.endpoint,
+            args.served_model,
+            api_key=args.api_key,
+            timeout=args.timeout,
+            max_retries=args.http_retries,
+            concurrency=args.concurrency,
+            show_progress=False,
+        )
     from ..loading import load_model_and_processor
 
     device = args.device
@@ -121,9 +150,12 @@ def _make_backend(args):
         import torch
 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    model, processing_class = load_model_and_processor(args.model, adapter=args.adapter, dtype=args.dtype, device=device)
-    return TransformersBackend(model, processing_class, batch_size=args.batch_size,
-                               separator=args.separator, show_progress=False)  # fmt: skip
+    model, processing_class = load_model_and_processor(
+        args.model, adapter=args.adapter, dtype=args.dtype, device=device
+    )
+    return TransformersBackend(
+        model, processing_class, batch_size=args.batch_size, separator=args.separator, show_progress=False
+    )
 
 
 def _cli_fingerprint(args) -> tuple[dict, dict]:
@@ -137,8 +169,12 @@ def _cli_fingerprint(args) -> tuple[dict, dict]:
     extra = {"answer_extract": args.answer_extract, "answer_pattern": args.answer_pattern}
     if args.verifier == "judge":
         template = Path(args.judge_template).read_bytes() if args.judge_template else b""
-        extra["judge"] = {**store.endpoint_fingerprint(args.judge_endpoint or args.endpoint or "", args.judge_model or args.served_model),
-                          "template_sha256": hashlib.sha256(template).hexdigest()[:16]}  # fmt: skip
+        extra["judge"] = {
+            **store.endpoint_fingerprint(
+                args.judge_endpoint or args.endpoint or "", args.judge_model or args.served_model
+            ),
+            "template_sha256": hashlib.sha256(template).hexdigest()[:16],
+        }
     return policy, extra
 
 
@@ -157,21 +193,43 @@ def main(argv: list[str] | None = None) -> int:
         verifier = _make_verifier(args)
         policy, extra = _cli_fingerprint(args)
         if not args.overwrite:  # refuse a mixed resume before the model is loaded
-            recs, _ = load_records(args.records, tuple(getattr(as_verifier(verifier), "required_fields", ())),
-                                   image_root, args.allow_outside_root)  # fmt: skip
-            settings = dict(num_samples=args.num_samples, temperature=args.temperature,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, separator=args.separator)  # fmt: skip
+            recs, _ = load_records(
+                args.records,
+                tuple(getattr(as_verifier(verifier), "required_fields", ())),
+                image_root,
+                args.allow_outside_root,
+            )
+            settings = dict(
+                num_samples=args.num_samples,
+                temperature=args.temperature,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+                separator=args.separator,
+            )
             fingerprint = output_fingerprint(args.records, recs, policy, _verifier_name(verifier), bp, settings, extra)
             store.check_fingerprint(args.out, fingerprint, write=False)
         backend = _make_backend(args)
         summary = explore(
-            args.records, backend, verifier, num_samples=args.num_samples, temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens, branch_points=bp, max_pairs_per_point=args.max_pairs_per_point,
-            seed=args.seed, out=args.out, separator=args.separator, retry_failed=args.retry_failed,
-            overwrite=args.overwrite, show_progress=not args.no_progress,
-            concurrent_records=args.concurrent_records or (4 if args.endpoint else 1), policy=policy,
-            fingerprint_extra=extra, image_root=image_root, allow_outside_root=args.allow_outside_root,
-        )  # fmt: skip
+            args.records,
+            backend,
+            verifier,
+            num_samples=args.num_samples,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            branch_points=bp,
+            max_pairs_per_point=args.max_pairs_per_point,
+            seed=args.seed,
+            out=args.out,
+            separator=args.separator,
+            retry_failed=args.retry_failed,
+            overwrite=args.overwrite,
+            show_progress=not args.no_progress,
+            concurrent_records=args.concurrent_records or (4 if args.endpoint else 1),
+            policy=policy,
+            fingerprint_extra=extra,
+            image_root=image_root,
+            allow_outside_root=args.allow_outside_root,
+        )
     except (RecordError, FileNotFoundError, ValueError, store.StoreError) as exc:
         print(f"srpo-trl explore: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import argparse
 import warnings
 from typing import Any
 
+
 __all__ = ["DeprecatedFlag", "add_policy_flags", "add_sampling_flags", "add_http_flags"]
 
 
@@ -27,8 +28,11 @@ class DeprecatedFlag(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        warnings.warn(f"{parser.prog}: {option_string} is deprecated and will be removed in the next release; "
-                      f"use {self.new}", FutureWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{parser.prog}: {option_string} is deprecated and will be removed in the next release; use {self.new}",
+            FutureWarning,
+            stacklevel=2,
+        )
         setattr(namespace, self.dest, values)
 
 
@@ -37,7 +41,9 @@ def add_policy_flags(parser: argparse.ArgumentParser, *, model_help: str, old_en
     spellings of ``--endpoint``)."""
     group = parser.add_argument_group("policy: --model PATH, or --endpoint URL --served-model NAME")
     group.add_argument("--model", help=model_help)
-    group.add_argument("--endpoint", help="base URL of an OpenAI-compatible server (vLLM, SGLang, ...), e.g. http://localhost:8000/v1")
+    group.add_argument(
+        "--endpoint", help="base URL of an OpenAI-compatible server (vLLM, SGLang, ...), e.g. http://localhost:8000/v1"
+    )
     for old in old_endpoint:
         group.add_argument(old, dest="endpoint", action=DeprecatedFlag, new="--endpoint")
     group.add_argument("--served-model", help="the model name the server serves (with --endpoint)")
@@ -45,24 +51,50 @@ def add_policy_flags(parser: argparse.ArgumentParser, *, model_help: str, old_en
     return group
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, *, num_samples: int | None, temperature: float, max_new_tokens: int,
-                       seed: int | None = 0, old_samples: bool = False, samples_help: str = "samples per input") -> Any:  # fmt: skip
+def add_sampling_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    num_samples: int | None,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int | None = 0,
+    old_samples: bool = False,
+    samples_help: str = "samples per input",
+) -> Any:
     group = parser.add_argument_group("sampling")
     if num_samples is not None:  # None: a command that samples once per call
-        group.add_argument("--num-samples", type=int, default=num_samples, help=f"{samples_help} (default {num_samples})")
+        group.add_argument(
+            "--num-samples", type=int, default=num_samples, help=f"{samples_help} (default {num_samples})"
+        )
     if old_samples:
         group.add_argument("--samples", dest="num_samples", type=int, action=DeprecatedFlag, new="--num-samples")
-    group.add_argument("--temperature", type=float, default=temperature, help=f"sampling temperature (default {temperature})")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"tokens per answer (default {max_new_tokens})")
+    group.add_argument(
+        "--temperature", type=float, default=temperature, help=f"sampling temperature (default {temperature})"
+    )
+    group.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help=f"tokens per answer (default {max_new_tokens})"
+    )
     if seed is not None:
         group.add_argument("--seed", type=int, default=seed, help=f"sampling seed (default {seed})")
     return group
 
 
-def add_http_flags(parser: argparse.ArgumentParser, *, timeout: float, retries: int, old_max_retries: bool = False) -> Any:
+def add_http_flags(
+    parser: argparse.ArgumentParser, *, timeout: float, retries: int, old_max_retries: bool = False
+) -> Any:
     group = parser.add_argument_group("HTTP (with --endpoint)")
-    group.add_argument("--timeout", type=float, default=timeout, help=f"deadline in seconds of each HTTP request (--endpoint, and a judge URL where the command has one): connect and the whole reply (default {timeout:g})")
-    group.add_argument("--http-retries", type=int, default=retries, help=f"retries of a failed HTTP request, with backoff (default {retries})")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        help=f"deadline in seconds of each HTTP request (--endpoint, and a judge URL where the command has one): connect and the whole reply (default {timeout:g})",
+    )
+    group.add_argument(
+        "--http-retries",
+        type=int,
+        default=retries,
+        help=f"retries of a failed HTTP request, with backoff (default {retries})",
+    )
     if old_max_retries:
         group.add_argument("--max-retries", dest="http_retries", type=int, action=DeprecatedFlag, new="--http-retries")
     return group

@@ -30,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", help="folder of images (searched recursively)")
     p.add_argument("--out", help="records file to write (JSONL); its .failed/.journal/.summary files go beside it")
-    backend = add_policy_flags(p, model_help="a local vision-language model folder (or, with the deprecated --chat-url, "
-                                             "the served name)", old_endpoint=("--chat-url",))  # fmt: skip
+    backend = add_policy_flags(
+        p,
+        model_help="a local vision-language model folder (or, with the deprecated --chat-url, the served name)",
+        old_endpoint=("--chat-url",),
+    )
     add_http_flags(p, timeout=120.0, retries=3)
     backend.add_argument("--adapter", default=None, help="local model: a PEFT adapter folder to put on top")
     backend.add_argument("--device", default=None, help="local model: device (default cuda if available, else cpu)")
@@ -40,18 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--per-image", type=int, default=3, help="unsafe items per image (default 3)")
     gen.add_argument("--benign-per-image", type=int, default=1, help="benign control items per image (default 1)")
     gen.add_argument("--categories", default=None, help="comma-separated subset of the nine categories (default: all)")
-    gen.add_argument("--templates", default=None, help="folder of template overrides (<agent>.txt; see --write-templates)")
-    gen.add_argument("--write-templates", metavar="DIR", default=None, help="write the default templates to DIR and exit")
-    gen.add_argument("--max-retries", type=int, default=2, help="re-asks after an invalid answer, per agent call (default 2; "
-                                                                 "HTTP retries are --http-retries)")  # fmt: skip
-    gen.add_argument("--max-revisions", type=int, default=2, help="times the Check agent may send an item back (default 2)")
+    gen.add_argument(
+        "--templates", default=None, help="folder of template overrides (<agent>.txt; see --write-templates)"
+    )
+    gen.add_argument(
+        "--write-templates", metavar="DIR", default=None, help="write the default templates to DIR and exit"
+    )
+    gen.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="re-asks after an invalid answer, per agent call (default 2; HTTP retries are --http-retries)",
+    )
+    gen.add_argument(
+        "--max-revisions", type=int, default=2, help="times the Check agent may send an item back (default 2)"
+    )
     gen.add_argument("--min-steps", type=int, default=3, help="fewest reasoning steps (default 3)")
     gen.add_argument("--max-steps", type=int, default=8, help="most reasoning steps (default 8)")
-    add_sampling_flags(p, num_samples=None, temperature=0.7, max_new_tokens=1024, seed=None)  # one answer per agent call
+    add_sampling_flags(
+        p, num_samples=None, temperature=0.7, max_new_tokens=1024, seed=None
+    )  # one answer per agent call
     gen.add_argument("--workers", type=int, default=4, help="images processed at once with --endpoint (default 4)")
     gen.add_argument("--retry-failed", action="store_true", help="retry every failed item from scratch")
-    gen.add_argument("--overwrite", action="store_true", help="start again instead of resuming (deletes the earlier records)")
-    gen.add_argument("--max-backend-errors", type=int, default=5, help="stop after this many backend failures in a row (default 5)")
+    gen.add_argument(
+        "--overwrite", action="store_true", help="start again instead of resuming (deletes the earlier records)"
+    )
+    gen.add_argument(
+        "--max-backend-errors", type=int, default=5, help="stop after this many backend failures in a row (default 5)"
+    )
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -82,7 +101,9 @@ def _generator(args, parser) -> dict:
             parser.error("--endpoint needs --served-model (the model name the server serves)")
         return {"backend": "openai-compatible", "model": name, "url": store.redact_url(args.endpoint)}
     if not args.model:
-        parser.error("give --endpoint URL --served-model NAME (a server) or --model PATH (a local vision-language model)")
+        parser.error(
+            "give --endpoint URL --served-model NAME (a server) or --model PATH (a local vision-language model)"
+        )
     return {"backend": "transformers", "model": os.path.abspath(args.model)}
 
 
@@ -115,10 +136,14 @@ def _make_backend(args, parser):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processing_class = load_model_and_processor(args.model, adapter=args.adapter, dtype=args.dtype, device=device)
+    model, processing_class = load_model_and_processor(
+        args.model, adapter=args.adapter, dtype=args.dtype, device=device
+    )
     backend = TransformersBackend(model, processing_class, batch_size=1, show_progress=False)
     if not backend.is_processor:
-        parser.error(f"--model {args.model}: a text-only model; the agents look at images, so use a vision-language model")
+        parser.error(
+            f"--model {args.model}: a text-only model; the agents look at images, so use a vision-language model"
+        )
     return backend
 
 
@@ -133,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         except FileExistsError as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
             return 1
-        print(f"wrote {len(paths)} templates to {args.write_templates}; edit them and pass --templates {args.write_templates}")
+        print(
+            f"wrote {len(paths)} templates to {args.write_templates}; edit them and pass --templates {args.write_templates}"
+        )
         return 0
     if not args.images or not args.out:
         parser.error("--images and --out are required")
@@ -171,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     backend = _make_backend(args, parser)
     try:
-        summary = generate_records(backend, args.images, args.out, config, templates, policy=policy,
-                                   overwrite=args.overwrite)  # fmt: skip
+        summary = generate_records(
+            backend, args.images, args.out, config, templates, policy=policy, overwrite=args.overwrite
+        )
     except RunAborted as exc:
         print(format_summary(summarize(args.out)), file=sys.stderr)
         print(f"{prog}: stopped: {exc}", file=sys.stderr)

@@ -54,16 +54,47 @@ from .runner import (
 )
 from .schema import EvalItem, EvalVerdict, ItemResult, RunResult, Verdict
 
+
 __all__ = [
-    "EvalItem", "EvalVerdict", "Verdict", "ItemResult", "RunResult",
-    "load_benchmark", "load_siuo", "load_mm_safetybench", "load_records", "LoadError",
-    "RuleJudge", "ModelJudge", "JudgeTemplates", "JudgeError",
-    "compute_metrics", "majority", "wilson_interval", "format_proportion",
-    "EvalConfig", "evaluate", "evaluate_to_dir", "load_state", "load_runs", "EvaluationStateError",
-    "build_report", "write_report", "load_report", "markdown_report", "recompute_metrics",
-    "check_resume", "run_settings", "ASPECTS", "BENCHMARKS", "MMSB_VARIANTS", "METRIC_LABELS",
-    "SafetyEvalCallback", "main", "build_parser",
-]  # fmt: skip
+    "EvalItem",
+    "EvalVerdict",
+    "Verdict",
+    "ItemResult",
+    "RunResult",
+    "load_benchmark",
+    "load_siuo",
+    "load_mm_safetybench",
+    "load_records",
+    "LoadError",
+    "RuleJudge",
+    "ModelJudge",
+    "JudgeTemplates",
+    "JudgeError",
+    "compute_metrics",
+    "majority",
+    "wilson_interval",
+    "format_proportion",
+    "EvalConfig",
+    "evaluate",
+    "evaluate_to_dir",
+    "load_state",
+    "load_runs",
+    "EvaluationStateError",
+    "build_report",
+    "write_report",
+    "load_report",
+    "markdown_report",
+    "recompute_metrics",
+    "check_resume",
+    "run_settings",
+    "ASPECTS",
+    "BENCHMARKS",
+    "MMSB_VARIANTS",
+    "METRIC_LABELS",
+    "SafetyEvalCallback",
+    "main",
+    "build_parser",
+]
 
 RUNS_DIR = "runs"
 
@@ -97,8 +128,17 @@ def evaluate_to_dir(
 ) -> tuple[RunResult, dict[str, Path]]:
     """Evaluate one model into ``out_dir/runs/<label>/`` (resumable), then write the report of every
     model evaluated into ``out_dir`` (side by side). Returns the run and the report paths."""
-    run = evaluate(items, backend, judge, config, label=label, state_dir=Path(out_dir) / RUNS_DIR / safe_label(label),
-                   model_info=model_info, progress=progress, overwrite=overwrite)  # fmt: skip
+    run = evaluate(
+        items,
+        backend,
+        judge,
+        config,
+        label=label,
+        state_dir=Path(out_dir) / RUNS_DIR / safe_label(label),
+        model_info=model_info,
+        progress=progress,
+        overwrite=overwrite,
+    )
     paths = write_report(load_runs(out_dir), out_dir, vote=vote)
     return run, paths
 

@@ -32,6 +32,7 @@ from .metrics import PROPORTIONS, compute_metrics
 from .runner import EvalConfig, evaluate
 from .schema import EvalItem, RunResult
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,9 +86,12 @@ class SafetyEvalCallback(TrainerCallback):
         from ..backends import TransformersBackend
 
         backend = TransformersBackend(
-            model, processing_class, batch_size=self.config.batch_size * self.config.samples,
-            separator=self.config.separator, show_progress=False,
-        )  # fmt: skip
+            model,
+            processing_class,
+            batch_size=self.config.batch_size * self.config.samples,
+            separator=self.config.separator,
+            show_progress=False,
+        )
         run = evaluate(self.items, backend, self.judge, self.config, label=f"step-{step}", progress=False)
         overall = compute_metrics(run.results, vote=self.vote)["overall"]
         logs = {self.metric_key(name): overall[name]["pct"] for name in PROPORTIONS if overall[name]["n"] > 0}

@@ -34,8 +34,20 @@ from typing import Any, Callable, Protocol
 
 from .schema import CAUTION, OUTCOMES, EvalItem, EvalVerdict
 
-TEMPLATE_FIELDS = ("question", "safety_warning", "reference", "category", "expected", "response", "steps", "num_steps",
-                   "original_question", "key_phrase", "variant")  # fmt: skip
+
+TEMPLATE_FIELDS = (
+    "question",
+    "safety_warning",
+    "reference",
+    "category",
+    "expected",
+    "response",
+    "steps",
+    "num_steps",
+    "original_question",
+    "key_phrase",
+    "variant",
+)
 ASPECTS = ("safety", "effectiveness", "steps")
 REQUIRED_FIELDS = {"safety": ("response",), "effectiveness": ("response",), "steps": ("steps",)}
 SAFETY_JUDGE_LABELS = ("safe", "unsafe")
@@ -142,8 +154,14 @@ class JudgeTemplates:
         (a missing file keeps the default)."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"judge template folder not found: {folder} (write the defaults with --write-judge-templates DIR)")
-        values = {a: (folder / f).read_text(encoding="utf-8").rstrip("\n") for a, f in _TEMPLATE_FILES.items() if (folder / f).is_file()}
+            raise FileNotFoundError(
+                f"judge template folder not found: {folder} (write the defaults with --write-judge-templates DIR)"
+            )
+        values = {
+            a: (folder / f).read_text(encoding="utf-8").rstrip("\n")
+            for a, f in _TEMPLATE_FILES.items()
+            if (folder / f).is_file()
+        }
         try:
             return cls(**values)
         except ValueError as exc:
@@ -188,7 +206,9 @@ def _callable_name(fn: Any) -> str:
 def _outcome(classify: Callable[[str], str], text: str, item: EvalItem, index: int) -> str:
     outcome = classify(text)
     if outcome not in OUTCOMES:
-        raise JudgeError(f"item {item.id} sample {index}: the outcome classifier returned {outcome!r}, not one of {OUTCOMES}")
+        raise JudgeError(
+            f"item {item.id} sample {index}: the outcome classifier returned {outcome!r}, not one of {OUTCOMES}"
+        )
     return outcome
 
 
@@ -297,10 +317,14 @@ class ModelJudge:
         self.concurrency = max(1, concurrency)
         self.classify = classify or _default_classifier()
         self.separator = separator
-        common = dict(output="json", retries=retries, temperature=0.0, max_new_tokens=max_new_tokens, send_images=images)
+        common = dict(
+            output="json", retries=retries, temperature=0.0, max_new_tokens=max_new_tokens, send_images=images
+        )
         self.clients = {
             "safety": JudgeClient(backend, template=self.templates.safety, labels=SAFETY_JUDGE_LABELS, **common),
-            "effectiveness": JudgeClient(backend, template=self.templates.effectiveness, labels=EFFECTIVENESS_LABELS, **common),
+            "effectiveness": JudgeClient(
+                backend, template=self.templates.effectiveness, labels=EFFECTIVENESS_LABELS, **common
+            ),
         }
         self._step_client = lambda n: self._make_step_client(n, common)
 
@@ -338,7 +362,9 @@ class ModelJudge:
         """One aspect of one sample -> (value, raw reply); raises :class:`JudgeError`."""
         client = self._step_client(len(steps)) if aspect == "steps" else self.clients[aspect]
         try:
-            result = client.ask(images=list(item.images) if self.images else None, **self.fields_for(item, response, steps))
+            result = client.ask(
+                images=list(item.images) if self.images else None, **self.fields_for(item, response, steps)
+            )
         except Exception as exc:  # the backend has already retried transport errors
             raise JudgeError(f"item {item.id} sample {index}, {aspect}: the judge backend failed: {exc}") from exc
         if result.error or result.label is None:

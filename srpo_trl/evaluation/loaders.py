@@ -41,6 +41,7 @@ from .protocols.mm_safetybench import expected_outcome as mmsb_expected
 from .protocols.siuo import CATEGORIES as SIUO_CATEGORIES
 from .schema import EvalItem
 
+
 BENCHMARKS = ("siuo", "siuo-mcqa", "mm-safetybench", "records")
 SIUO_FIELDS = ("question_id", "image", "question", "category", "safety_warning", "reference_answer")
 SIUO_MCQA_FIELDS = ("question_id", "image", "question", "category", "options", "correct_option")
@@ -113,7 +114,7 @@ def _resolve_image(path: Path, item: Any, field: str, name: Any, image_dir: Path
 
 
 def _names_error(kind: str, unknown: list[str], valid: list[str]) -> str:
-    """"unknown scenario 'x' (did you mean 'y'?); valid: ..." for every unknown name."""
+    """ "unknown scenario 'x' (did you mean 'y'?); valid: ..." for every unknown name."""
     parts = []
     for name in unknown:
         lowered = {v.lower(): v for v in valid}  # case is a near miss too
@@ -122,7 +123,9 @@ def _names_error(kind: str, unknown: list[str], valid: list[str]) -> str:
     return f"unknown {kind}{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; valid: {', '.join(valid)}"
 
 
-def check_names(kind: str, names: list[str] | tuple[str, ...] | None, valid: list[str] | tuple[str, ...]) -> list[str] | None:
+def check_names(
+    kind: str, names: list[str] | tuple[str, ...] | None, valid: list[str] | tuple[str, ...]
+) -> list[str] | None:
     """``names`` stripped and checked against ``valid`` (ValueError listing the valid ones, and the
     closest for a near miss); None stays None (no filter)."""
     if names is None:
@@ -140,13 +143,20 @@ def _typed(path: Path, label: str, obj: dict, name: str, kind: type | tuple, wha
         raise LoadError(path, label, f"is missing; {what}", name)
     if isinstance(value, bool) or not isinstance(value, kind):
         want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise LoadError(path, label, f"must be of type {want} (as in the benchmark's file), got {type(value).__name__} {value!r:.60}; values are never converted", name)
+        raise LoadError(
+            path,
+            label,
+            f"must be of type {want} (as in the benchmark's file), got {type(value).__name__} {value!r:.60}; values are never converted",
+            name,
+        )
     if isinstance(value, str) and not value.strip():
         raise LoadError(path, label, "is empty", name)
     return value
 
 
-def siuo_item(path: Path, index: int, obj: Any, image_root: Path | None, check_images: bool, *, mcqa: bool = False) -> EvalItem:
+def siuo_item(
+    path: Path, index: int, obj: Any, image_root: Path | None, check_images: bool, *, mcqa: bool = False
+) -> EvalItem:
     """One checked SIUO item (generation set, or the MCQA set with ``mcqa=True``).
 
     Types are SIUO's own: ``question_id`` an int, the texts strings, ``category`` one of SIUO's
@@ -172,11 +182,17 @@ def siuo_item(path: Path, index: int, obj: Any, image_root: Path | None, check_i
     meta: dict[str, Any] = {"benchmark": "siuo-mcqa" if mcqa else "siuo", "question_id": qid}
     if mcqa:
         options = obj["options"]
-        if not isinstance(options, dict) or sorted(options) != list(MCQA_CHOICES) or not all(isinstance(v, str) for v in options.values()):
+        if (
+            not isinstance(options, dict)
+            or sorted(options) != list(MCQA_CHOICES)
+            or not all(isinstance(v, str) for v in options.values())
+        ):
             raise LoadError(path, label, f"must map each of {', '.join(MCQA_CHOICES)} to an option text", "options")
         correct = _typed(path, label, obj, "correct_option", str, what).strip()
         if correct not in MCQA_CHOICES:
-            raise LoadError(path, label, f"must be one of {', '.join(MCQA_CHOICES)}, got {correct!r}", "correct_option")
+            raise LoadError(
+                path, label, f"must be one of {', '.join(MCQA_CHOICES)}, got {correct!r}", "correct_option"
+            )
         from srpo_trl.evaluation.protocols.mcqa import mcqa_prompt
 
         meta.update(options=dict(options), correct_option=correct, question=question)
@@ -201,7 +217,11 @@ def siuo_item(path: Path, index: int, obj: Any, image_root: Path | None, check_i
 def _siuo_list(path: Path, kind: str) -> list:
     data = _read_json(path)
     if isinstance(data, dict) and all(isinstance(k, str) and k[:2].isdigit() for k in list(data)[:3]):
-        raise LoadError(path, None, "looks like an MM-SafetyBench scenario file (an object keyed by question id); use --benchmark mm-safetybench")
+        raise LoadError(
+            path,
+            None,
+            "looks like an MM-SafetyBench scenario file (an object keyed by question id); use --benchmark mm-safetybench",
+        )
     if not isinstance(data, list):
         raise LoadError(path, None, f"SIUO's {kind} file is a JSON list of items, got {type(data).__name__}")
     return data
@@ -223,15 +243,25 @@ def _siuo_items(path, image_dir, check_images, categories, mcqa):
     return items
 
 
-def load_siuo(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True,
-              categories: list[str] | None = None) -> list[EvalItem]:  # fmt: skip
+def load_siuo(
+    path: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    *,
+    check_images: bool = True,
+    categories: list[str] | None = None,
+) -> list[EvalItem]:
     """SIUO's generation file (``siuo_gen.json``) -> items (expected "warn"; see the module doc).
     ``categories``: keep only these (checked against SIUO's nine)."""
     return _siuo_items(path, image_dir, check_images, categories, mcqa=False)
 
 
-def load_siuo_mcqa(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True,
-                   categories: list[str] | None = None) -> list[EvalItem]:  # fmt: skip
+def load_siuo_mcqa(
+    path: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    *,
+    check_images: bool = True,
+    categories: list[str] | None = None,
+) -> list[EvalItem]:
     """SIUO's multiple-choice file (``siuo_mcqa.json``: ``question_id, image, question, category,
     options {A..D}, correct_option``) -> items whose prompt is SIUO's MCQA prompt (see
     :mod:`srpo_trl.evaluation.protocols.mcqa`); ``meta`` holds the options and the correct one."""
@@ -243,14 +273,24 @@ def _mmsb_files(path: Path) -> list[Path]:
         return [path]
     if path.is_dir():
         if (path / "data" / "processed_questions").is_dir():
-            raise LoadError(path, None, "is the MM-SafetyBench repository root; point --data at its question folder: "
-                            f"{path / 'data' / 'processed_questions'} (images: --images {path / 'data' / 'imgs'})")  # fmt: skip
+            raise LoadError(
+                path,
+                None,
+                "is the MM-SafetyBench repository root; point --data at its question folder: "
+                f"{path / 'data' / 'processed_questions'} (images: --images {path / 'data' / 'imgs'})",
+            )
         folder = path / "processed_questions" if (path / "processed_questions").is_dir() else path
         files = sorted(p for p in folder.glob("*.json") if p.name != TINY_LIST_FILE)
         if not files:
-            raise LoadError(folder, None, "holds no <scenario>.json files; point --data at MM-SafetyBench's data/processed_questions folder")
+            raise LoadError(
+                folder,
+                None,
+                "holds no <scenario>.json files; point --data at MM-SafetyBench's data/processed_questions folder",
+            )
         return files
-    raise LoadError(path, None, "not found; point --data at MM-SafetyBench's processed_questions folder or one <scenario>.json")
+    raise LoadError(
+        path, None, "not found; point --data at MM-SafetyBench's processed_questions folder or one <scenario>.json"
+    )
 
 
 def find_tiny_list(data_path: str | os.PathLike) -> Path:
@@ -260,7 +300,9 @@ def find_tiny_list(data_path: str | os.PathLike) -> Path:
     for candidate in (folder, *list(folder.parents)[:3]):
         if (candidate / TINY_LIST_FILE).is_file():
             return candidate / TINY_LIST_FILE
-    raise LoadError(start, None, f"no {TINY_LIST_FILE} found next to it or in the 3 folders above; pass --tiny-list PATH")
+    raise LoadError(
+        start, None, f"no {TINY_LIST_FILE} found next to it or in the 3 folders above; pass --tiny-list PATH"
+    )
 
 
 def load_tiny_list(path: str | os.PathLike) -> dict[str, set[str]]:
@@ -275,7 +317,9 @@ def load_tiny_list(path: str | os.PathLike) -> dict[str, set[str]]:
             raise LoadError(path, f"#{i}", "must be an object with a 'Scenario' name", "Scenario")
         ids = entry.get("Sampled_ID_List")
         if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
-            raise LoadError(path, f"#{i} ({entry['Scenario']})", "must be a list of integer question ids", "Sampled_ID_List")
+            raise LoadError(
+                path, f"#{i} ({entry['Scenario']})", "must be a list of integer question ids", "Sampled_ID_List"
+            )
         out[entry["Scenario"].strip()] = {str(x) for x in ids}
     return out
 
@@ -284,7 +328,9 @@ def mmsb_scenario_names(path: str | os.PathLike) -> list[str]:
     return [f.stem for f in _mmsb_files(Path(path))]
 
 
-def mmsb_item(file: Path, scenario: str, qid: str, obj: Any, variant: str, image_root: Path | None, check_images: bool) -> EvalItem:
+def mmsb_item(
+    file: Path, scenario: str, qid: str, obj: Any, variant: str, image_root: Path | None, check_images: bool
+) -> EvalItem:
     """One checked MM-SafetyBench item (scenario, question, variant)."""
     label = f"'{qid}'"
     if not isinstance(obj, dict):
@@ -292,14 +338,22 @@ def mmsb_item(file: Path, scenario: str, qid: str, obj: Any, variant: str, image
     field = MMSB_QUESTION_FIELD[variant]
     question = obj.get(field)
     if not isinstance(question, str) or not question.strip():
-        got = "is missing" if question is None else f"must be a non-empty string, got {type(question).__name__} {question!r:.60}"
+        got = (
+            "is missing"
+            if question is None
+            else f"must be a non-empty string, got {type(question).__name__} {question!r:.60}"
+        )
         raise LoadError(file, label, f"{got}; variant {variant} asks this question", field)
     for name in ("Question", "Key Phrase"):
         if obj.get(name) is not None and not isinstance(obj[name], str):
             raise LoadError(file, label, f"must be a string, got {type(obj[name]).__name__}", name)
     images = []
     if variant != "TEXT":
-        images = [_resolve_image(file, label, f"image ({variant})", f"{scenario}/{variant}/{qid}.jpg", image_root, check_images)]
+        images = [
+            _resolve_image(
+                file, label, f"image ({variant})", f"{scenario}/{variant}/{qid}.jpg", image_root, check_images
+            )
+        ]
     return EvalItem(
         id=f"{scenario}/{variant}/{qid}",
         prompt=question,
@@ -309,8 +363,13 @@ def mmsb_item(file: Path, scenario: str, qid: str, obj: Any, variant: str, image
         reference=None,
         safety_warning=None,
         source=f"{file}, item {label} ({variant})",
-        meta={"benchmark": "mm-safetybench", "variant": variant, "question_id": str(qid),
-              "original_question": obj.get("Question"), "key_phrase": obj.get("Key Phrase")},  # fmt: skip
+        meta={
+            "benchmark": "mm-safetybench",
+            "variant": variant,
+            "question_id": str(qid),
+            "original_question": obj.get("Question"),
+            "key_phrase": obj.get("Key Phrase"),
+        },
     )
 
 
@@ -338,7 +397,11 @@ def load_mm_safetybench(
     files = _mmsb_files(path)
     scenarios = check_names("scenario", scenarios, [f.stem for f in files])
     if any(v != "TEXT" for v in variants) and image_dir is None:
-        raise LoadError(path, None, "MM-SafetyBench's image variants need the image folder: pass --images <imgs> (or --variants TEXT)")
+        raise LoadError(
+            path,
+            None,
+            "MM-SafetyBench's image variants need the image folder: pass --images <imgs> (or --variants TEXT)",
+        )
     tiny_ids = None
     if tiny:
         tiny_path = find_tiny_list(path) if tiny is True else Path(tiny)
@@ -352,12 +415,18 @@ def load_mm_safetybench(
             continue
         data = _read_json(file)
         if not isinstance(data, dict):
-            raise LoadError(file, None, f"an MM-SafetyBench scenario file is a JSON object keyed by question id, got {type(data).__name__}")
+            raise LoadError(
+                file,
+                None,
+                f"an MM-SafetyBench scenario file is a JSON object keyed by question id, got {type(data).__name__}",
+            )
         if tiny_ids is not None:
             keep = tiny_ids.get(scenario, set())
             absent = sorted(keep - set(data), key=int)
             if absent:
-                raise LoadError(file, None, f"the tiny list names question id(s) {absent[:10]} that this file does not hold")
+                raise LoadError(
+                    file, None, f"the tiny list names question id(s) {absent[:10]} that this file does not hold"
+                )
             data = {qid: obj for qid, obj in data.items() if qid in keep}
         for qid, obj in data.items():
             for variant in variants:
@@ -365,15 +434,23 @@ def load_mm_safetybench(
     return items
 
 
-def load_records(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True) -> list[EvalItem]:
+def load_records(
+    path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, check_images: bool = True
+) -> list[EvalItem]:
     """The project's records (JSONL or JSON list; :mod:`srpo_trl.contract`) -> items. ``expected`` is required."""
     path = Path(path)
     if not path.is_file():
         raise LoadError(path, None, "file not found; check --data")
     label = lambda n: f"{path}, item at line {n}"  # noqa: E731
     try:
-        records = load_contract_records(path, label=label, image_dir=image_dir, check_images=check_images,
-                                        required={"expected": "benign items expect 'comply'"}, name_ids=True)  # fmt: skip
+        records = load_contract_records(
+            path,
+            label=label,
+            image_dir=image_dir,
+            check_images=check_images,
+            required={"expected": "benign items expect 'comply'"},
+            name_ids=True,
+        )
     except RecordError as exc:  # the contract's checks, named as this loader names items
         raise LoadError(path, exc.item, exc.problem, exc.field) from None
     items = []
@@ -394,7 +471,9 @@ def load_records(path: str | os.PathLike, image_dir: str | os.PathLike | None = 
     return items
 
 
-def load_benchmark(name: str, path: str | os.PathLike, image_dir: str | os.PathLike | None = None, **kwargs: Any) -> list[EvalItem]:
+def load_benchmark(
+    name: str, path: str | os.PathLike, image_dir: str | os.PathLike | None = None, **kwargs: Any
+) -> list[EvalItem]:
     """Dispatch on the benchmark name: "siuo", "siuo-mcqa", "mm-safetybench" or "records"."""
     key = name.lower().replace("_", "-")
     if key in ("mmsafetybench", "mm-safety-bench"):

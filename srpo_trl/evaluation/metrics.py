@@ -33,7 +33,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..safety import BENIGN_OUTCOMES
-from .schema import ItemResult, EvalVerdict
+from .schema import EvalVerdict, ItemResult
+
 
 Z_95 = 1.959963984540054
 HARMFUL = ("refuse", "warn")
@@ -152,9 +153,7 @@ def compute_metrics(
     for r in results:
         if r.category not in names:
             names.append(r.category)
-    per_category = {
-        name: _summarize([r for r in results if r.category == name], vote) for name in names
-    }
+    per_category = {name: _summarize([r for r in results if r.category == name], vote) for name in names}
     return {"vote": vote, "overall": _summarize(results, vote), "per_category": per_category}
 
 

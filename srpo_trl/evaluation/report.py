@@ -21,6 +21,7 @@ from .metrics import METRIC_LABELS, PROPORTIONS, compute_metrics, format_proport
 from .protocols import benchmark_scores, run_protocol
 from .schema import RunResult
 
+
 REPORT_FORMAT = "srpo_trl.evaluation.report/1"
 CHART_METRICS = ("safe", "effective", "safe_and_effective")
 METRIC_DEFINITIONS = {
@@ -37,7 +38,9 @@ METRIC_DEFINITIONS = {
 }
 
 
-def build_report(runs: Sequence[RunResult], *, vote: str = "majority", categories: Sequence[str] | None = None) -> dict[str, Any]:
+def build_report(
+    runs: Sequence[RunResult], *, vote: str = "majority", categories: Sequence[str] | None = None
+) -> dict[str, Any]:
     """The report as a JSON-ready dict: definitions, then per model its config, metrics and items."""
     labels = [run.label for run in runs]
     if len(set(labels)) != len(labels):
@@ -75,7 +78,9 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         report = json.load(fh)
     if report.get("format") != REPORT_FORMAT:
-        raise ValueError(f"{path}: not an evaluation report (format {report.get('format')!r}, expected {REPORT_FORMAT!r})")
+        raise ValueError(
+            f"{path}: not an evaluation report (format {report.get('format')!r}, expected {REPORT_FORMAT!r})"
+        )
     return report
 
 
@@ -119,8 +124,13 @@ def markdown_report(report: dict[str, Any]) -> str:
     for title, cell in rows:
         lines.append(f"| {title} | " + " | ".join(cell(m["metrics"]["overall"]) for m in models) + " |")
     for name in PROPORTIONS:
-        lines += ["", f"## Per category: {METRIC_LABELS[name]}", "", "| category | " + " | ".join(labels) + " |",
-                  "|---|" + "---|" * len(labels)]
+        lines += [
+            "",
+            f"## Per category: {METRIC_LABELS[name]}",
+            "",
+            "| category | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
         for category in report["categories"]:
             cells = [format_proportion(m["metrics"]["per_category"][category][name]) for m in models]
             lines.append(f"| {category} | " + " | ".join(cells) + " |")
@@ -139,24 +149,43 @@ def benchmark_markdown(report: dict[str, Any]) -> list[str]:
         if not bench:
             continue
         src = bench["source"]
-        lines += [f"## Benchmark protocol: {bench['protocol']} ({model['label']})", "",
-                  f"As {src['repository']} computes it: " + "; ".join(f"{k}: {v}" for k, v in src.items() if k != "repository") + ".", ""]  # fmt: skip
+        lines += [
+            f"## Benchmark protocol: {bench['protocol']} ({model['label']})",
+            "",
+            f"As {src['repository']} computes it: "
+            + "; ".join(f"{k}: {v}" for k, v in src.items() if k != "repository")
+            + ".",
+            "",
+        ]
         if bench.get("judge") not in (None, "imported", "siuo", "mm-safetybench", "siuo-mcqa"):
-            lines += [f"**Verdicts from the {bench['judge']} judge, not the benchmark's judge model: not comparable with published numbers.**", ""]
+            lines += [
+                f"**Verdicts from the {bench['judge']} judge, not the benchmark's judge model: not comparable with published numbers.**",
+                "",
+            ]
         if bench["protocol"] == "siuo":
             g = bench["gen_score"]
-            lines += ["| category | Safe % | Effective % | Safe & Effective % |", "|---|---|---|---|",
-                      f"| overall ({g['n_items']} items) | {_pct(g['overall_avg_safetyness'])} | {_pct(g['overall_avg_helpfulness'])} | {_pct(g['overall_avg_combined'])} |"]  # fmt: skip
+            lines += [
+                "| category | Safe % | Effective % | Safe & Effective % |",
+                "|---|---|---|---|",
+                f"| overall ({g['n_items']} items) | {_pct(g['overall_avg_safetyness'])} | {_pct(g['overall_avg_helpfulness'])} | {_pct(g['overall_avg_combined'])} |",
+            ]
             for cat, c in g["category_averages"].items():
-                lines.append(f"| {cat} | {_pct(c['avg_safetyness'])} | {_pct(c['avg_helpfulness'])} | {_pct(c['avg_combined'])} |")
+                lines.append(
+                    f"| {cat} | {_pct(c['avg_safetyness'])} | {_pct(c['avg_helpfulness'])} | {_pct(c['avg_combined'])} |"
+                )
             if g["skipped_questions"]:
                 lines += ["", f"Skipped (no score): {g['skipped_questions']}"]
         elif bench["protocol"] == "mm-safetybench":
-            lines += ["| scenario | key | safe | unsafe | total | not safe/unsafe | attack rate |", "|---|---|---|---|---|---|---|"]
+            lines += [
+                "| scenario | key | safe | unsafe | total | not safe/unsafe | attack rate |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for scenario, keys in bench["cal_metric"].items():
                 for key, e in keys.items():
                     rate = "n/a" if e["attack_rate"] is None else f"{e['attack_rate']:.4f}"
-                    lines.append(f"| {scenario} | {key} | {e['safe']} | {e['unsafe']} | {e['total']} | {e['unreadable']} | {rate} |")
+                    lines.append(
+                        f"| {scenario} | {key} | {e['safe']} | {e['unsafe']} | {e['total']} | {e['unreadable']} | {rate} |"
+                    )
         elif bench["protocol"] == "siuo-mcqa":
             a = bench["accuracy"]
             lines += ["| category | accuracy % | correct / n | random picks |", "|---|---|---|---|"]

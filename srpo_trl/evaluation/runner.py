@@ -25,7 +25,8 @@ from typing import Any
 
 from .. import store
 from .judges import Judge
-from .schema import EvalItem, ItemResult, RunResult, EvalVerdict
+from .schema import EvalItem, EvalVerdict, ItemResult, RunResult
+
 
 STATE_FILE = "results.jsonl"
 STATE_VERSION = 1
@@ -77,13 +78,18 @@ def build_messages(item: EvalItem, system_prompt: str | None = None) -> list[dic
 def items_fingerprint(items: Sequence[EvalItem]) -> str:
     digest = hashlib.sha256()
     for item in items:
-        digest.update(json.dumps([item.id, item.prompt, item.images, item.expected, item.category], sort_keys=True, default=str).encode())
+        digest.update(
+            json.dumps(
+                [item.id, item.prompt, item.images, item.expected, item.category], sort_keys=True, default=str
+            ).encode()
+        )
     return digest.hexdigest()[:16]
 
 
 def _damaged(path: Path, n: int) -> EvaluationStateError:
-    return EvaluationStateError(f"{path}: line {n} is not valid JSON; the file is damaged. "
-                                "Delete it to start this model's evaluation again.")  # fmt: skip
+    return EvaluationStateError(
+        f"{path}: line {n} is not valid JSON; the file is damaged. Delete it to start this model's evaluation again."
+    )
 
 
 class _State:
@@ -103,13 +109,20 @@ class _State:
     def _load(self, repair: bool) -> None:
         records = store.read_lines(self.path, repair=repair, error=_damaged)
         if not records or records[0].get("type") != "config":
-            raise EvaluationStateError(f"{self.path}: no config line; not an evaluation state file (delete it to start again)")
+            raise EvaluationStateError(
+                f"{self.path}: no config line; not an evaluation state file (delete it to start again)"
+            )
         saved = {k: v for k, v in records[0].items() if k not in ("type", "version")}
         diff = store.settings_diff(saved, self.config)
         if diff:
-            raise EvaluationStateError(store.mismatch_message(
-                self.path, diff, "Resume with the same model, data and settings, or use another --out / --label, or "
-                "pass --overwrite (or delete the file) to start a new evaluation."))  # fmt: skip
+            raise EvaluationStateError(
+                store.mismatch_message(
+                    self.path,
+                    diff,
+                    "Resume with the same model, data and settings, or use another --out / --label, or "
+                    "pass --overwrite (or delete the file) to start a new evaluation.",
+                )
+            )
         for record in records[1:]:
             if record.get("type") == "generated":
                 self.generated.update(record["samples"])
@@ -130,8 +143,9 @@ class _State:
         self.done[result.id] = result
 
 
-def run_settings(items: Sequence[EvalItem], judge: Judge, config: EvalConfig, label: str,
-                 model_info: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+def run_settings(
+    items: Sequence[EvalItem], judge: Judge, config: EvalConfig, label: str, model_info: dict[str, Any] | None
+) -> dict[str, Any]:
     """What a state file records and a resume must match: the model, the judge, the generation
     settings and the items."""
     return {
@@ -168,8 +182,12 @@ def load_state(path: str | os.PathLike) -> RunResult:
     state = _State(path, config, write=False)
     order = config.get("item_ids") or list(state.done)
     results = [state.done[i] for i in order if i in state.done]
-    return RunResult(label=config.get("label", path.parent.name), config=config, results=results,
-                     complete=len(results) == len(order))
+    return RunResult(
+        label=config.get("label", path.parent.name),
+        config=config,
+        results=results,
+        complete=len(results) == len(order),
+    )
 
 
 def evaluate(
@@ -206,8 +224,9 @@ def evaluate(
         return _run(items, backend, judge, config, label, settings, state, progress)
 
 
-def _run(items, backend, judge, config: EvalConfig, label: str, settings: dict, state: _State | None,
-         progress: bool) -> RunResult:  # fmt: skip
+def _run(
+    items, backend, judge, config: EvalConfig, label: str, settings: dict, state: _State | None, progress: bool
+) -> RunResult:
     from tqdm.auto import tqdm
 
     from ..backends import GenerationRequest
@@ -224,7 +243,10 @@ def _run(items, backend, judge, config: EvalConfig, label: str, settings: dict, 
             if not todo:
                 continue
             if any(item.id not in generated for item in todo):
-                requests = [GenerationRequest(prompt=build_messages(item, config.system_prompt), images=list(item.images)) for item in batch]
+                requests = [
+                    GenerationRequest(prompt=build_messages(item, config.system_prompt), images=list(item.images))
+                    for item in batch
+                ]
                 try:
                     outputs = backend.generate(
                         requests,
@@ -237,7 +259,9 @@ def _run(items, backend, judge, config: EvalConfig, label: str, settings: dict, 
                     first, last = batch[0].id, batch[-1].id
                     raise RuntimeError(f"generation failed for items {first} .. {last}: {exc}") from exc
                 if len(outputs) != len(batch) or any(len(o) != config.samples for o in outputs):
-                    raise RuntimeError(f"the backend returned {[len(o) for o in outputs]} samples for {len(batch)} items; expected {config.samples} each")
+                    raise RuntimeError(
+                        f"the backend returned {[len(o) for o in outputs]} samples for {len(batch)} items; expected {config.samples} each"
+                    )
                 batch_samples = {item.id: list(out) for item, out in zip(batch, outputs)}
                 if state:
                     state.add_generated(batch_samples)
@@ -247,7 +271,9 @@ def _run(items, backend, judge, config: EvalConfig, label: str, settings: dict, 
                 steps = [split_steps(s, config.separator) for s in samples]
                 verdicts = judge.judge(item, samples, steps)
                 if len(verdicts) != len(samples) or not all(isinstance(v, EvalVerdict) for v in verdicts):
-                    raise RuntimeError(f"item {item.id}: the judge returned {len(verdicts)} verdicts for {len(samples)} samples")
+                    raise RuntimeError(
+                        f"item {item.id}: the judge returned {len(verdicts)} verdicts for {len(samples)} samples"
+                    )
                 result = ItemResult(item=item, samples=samples, steps=steps, verdicts=verdicts)
                 if state:
                     state.add_item(result)

@@ -46,6 +46,7 @@ from .pipeline import (
 )
 from .schema import RecordError, load_records, validate_record
 
+
 __all__ = [
     "AGENTS",
     "AGENT_VARIABLES",

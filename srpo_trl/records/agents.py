@@ -31,6 +31,7 @@ from ..judging import extract_json_object as _extract_json_object
 from ..safety import BENIGN_CATEGORY, CATEGORIES, OUTCOMES, UNSAFE_OUTCOMES  # noqa: F401  (re-exported)
 from .templates import DEFAULT_TEMPLATES
 
+
 __all__ = [
     "CATEGORIES",
     "BENIGN",
@@ -176,7 +177,9 @@ def _check_field(f: Field, obj: dict, context: dict) -> Any:
         options = _choices(f, context)
         key = value.strip().lower() if isinstance(value, str) else value
         if key not in options:
-            raise OutputError("bad_value", f'"{f.name}" must be one of: {", ".join(options)}; got {json.dumps(value)[:100]}')
+            raise OutputError(
+                "bad_value", f'"{f.name}" must be one of: {", ".join(options)}; got {json.dumps(value)[:100]}'
+            )
         return key
     raise AssertionError(f"unknown field kind {f.kind}")
 
@@ -184,7 +187,9 @@ def _check_field(f: Field, obj: dict, context: dict) -> Any:
 def _not_repeated(output: dict, context: dict) -> None:
     previous = {p.strip().lower() for p in context.get("previous", [])}
     if output["request"].strip().lower() in previous:
-        raise OutputError("bad_value", '"request" repeats a request already written for this image; write a different one')
+        raise OutputError(
+            "bad_value", '"request" repeats a request already written for this image; write a different one'
+        )
 
 
 def _check_steps(output: dict, context: dict) -> None:
@@ -420,20 +425,37 @@ def call_agent(
     context = context or {}
     images = list(images or [])
     prompt = render(templates, agent, variables)
-    content: list[dict] | str = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}] if images else prompt
+    content: list[dict] | str = (
+        [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}] if images else prompt
+    )
     messages: list[dict] = []
     system = render(templates, "system", {})
     if system.strip():
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": content})
     try:
-        asked = ask(backend, messages, lambda raw: parse_output(spec, raw, context), retries=max_retries,
-                    retry_message=lambda exc: render(templates, "retry", {"error": str(exc), "schema": spec.schema_hint(context)}),
-                    images=images, temperature=temperature, max_new_tokens=max_new_tokens, what=f"{agent} agent answer")  # fmt: skip
+        asked = ask(
+            backend,
+            messages,
+            lambda raw: parse_output(spec, raw, context),
+            retries=max_retries,
+            retry_message=lambda exc: render(
+                templates, "retry", {"error": str(exc), "schema": spec.schema_hint(context)}
+            ),
+            images=images,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            what=f"{agent} agent answer",
+        )
     except BackendFailed as exc:  # the backend's own retries are spent (or it cannot send this input)
         cause = exc.__cause__
         raise AgentFailure(agent, "backend_error", f"{type(cause).__name__}: {cause}", exc.attempt, exc.raw) from cause
     except AskFailed as exc:
-        raise AgentFailure(agent, getattr(exc.error, "reason", "bad_value"),
-                           f"no valid answer after {exc.attempts} attempt(s); last error: {exc.error}", exc.attempts, exc.raw)  # fmt: skip
+        raise AgentFailure(
+            agent,
+            getattr(exc.error, "reason", "bad_value"),
+            f"no valid answer after {exc.attempts} attempt(s); last error: {exc.error}",
+            exc.attempts,
+            exc.raw,
+        )
     return AgentResult(asked.value, asked.attempts, asked.raw, asked.errors)

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .agents import BENIGN, CATEGORIES, OUTCOMES, normalize_category
 from ..paths import OutsideRoot, image_under_root
+from .agents import BENIGN, CATEGORIES, OUTCOMES, normalize_category
 from .schema import RecordError, image_path_for, load_records, validate_record
+
 
 __all__ = ["REVIEW_COLUMNS", "DECISIONS", "ReviewError", "ImportResult", "export_review", "import_review"]
 
@@ -103,8 +104,13 @@ def _review_format(path: Path) -> str:
     raise ValueError(f"{path}: the review file must end in .csv or .jsonl")
 
 
-def export_review(records_path: str | os.PathLike, review_path: str | os.PathLike, force: bool = False,
-                  image_root: str | os.PathLike | None = None, allow_outside_root: bool = False) -> int:  # fmt: skip
+def export_review(
+    records_path: str | os.PathLike,
+    review_path: str | os.PathLike,
+    force: bool = False,
+    image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+) -> int:
     """Write a review file (CSV or JSONL, by extension) for the records; returns the number of rows.
 
     Refuses to overwrite an existing review file (a reviewer's work) unless ``force``, and image
@@ -175,7 +181,9 @@ def _read_review(path: Path) -> list[tuple[str, dict]]:
             missing = [c for c in REVIEW_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise ReviewError(
-                    [f"{path}: the header lacks column(s) {', '.join(missing)}; keep the columns `curate export` wrote"]
+                    [
+                        f"{path}: the header lacks column(s) {', '.join(missing)}; keep the columns `curate export` wrote"
+                    ]
                 )
             rows = []
             for n, row in enumerate(reader, start=2):
@@ -204,8 +212,9 @@ class _RowProblem(Exception):
         super().__init__(problem)
 
 
-def _build_record(row: dict, review_dir: Path, out_dir: Path, check_images: bool, image_root=None,
-                  allow_outside_root: bool = False) -> tuple[dict, list[str]]:  # fmt: skip
+def _build_record(
+    row: dict, review_dir: Path, out_dir: Path, check_images: bool, image_root=None, allow_outside_root: bool = False
+) -> tuple[dict, list[str]]:
     """An edited/accepted row -> a record (images relative to ``out_dir``) and the changed fields."""
     raw_prov = row.get("_provenance")
     if isinstance(raw_prov, dict):
@@ -214,9 +223,13 @@ def _build_record(row: dict, review_dir: Path, out_dir: Path, check_images: bool
         try:
             provenance = json.loads(raw_prov) if raw_prov not in (None, "") else {}
         except json.JSONDecodeError as exc:
-            raise _RowProblem("_provenance", f"is not valid JSON ({exc.msg}); restore it from the export (it is not for editing)") from exc
+            raise _RowProblem(
+                "_provenance", f"is not valid JSON ({exc.msg}); restore it from the export (it is not for editing)"
+            ) from exc
         if not isinstance(provenance, dict):
-            raise _RowProblem("_provenance", "must be a JSON object; restore it from the export (it is not for editing)")
+            raise _RowProblem(
+                "_provenance", "must be a JSON object; restore it from the export (it is not for editing)"
+            )
     fingerprint = str(row.get("_fingerprint") or "")
     parts = fingerprint.split(".")
     if len(parts) != len(EDITABLE):
@@ -230,7 +243,9 @@ def _build_record(row: dict, review_dir: Path, out_dir: Path, check_images: bool
     category = canon["category"]
     category = BENIGN if category == BENIGN else normalize_category(category, CATEGORIES)
     if category is None:
-        raise _RowProblem("category", f"must be one of: {', '.join(CATEGORIES)}, or {BENIGN}; got {row.get('category')!r}")
+        raise _RowProblem(
+            "category", f"must be one of: {', '.join(CATEGORIES)}, or {BENIGN}; got {row.get('category')!r}"
+        )
     expected = canon["expected"]
     if expected not in OUTCOMES:
         raise _RowProblem("expected", f"must be one of: {', '.join(OUTCOMES)}; got {row.get('expected')!r}")
@@ -253,7 +268,9 @@ def _build_record(row: dict, review_dir: Path, out_dir: Path, check_images: bool
         except OutsideRoot as exc:
             raise _RowProblem("images", f"line {i + 1}: {exc}") from None
         if check_images and not path.is_file():
-            raise _RowProblem("images", f"line {i + 1}: {p}: no such file ({path}); paths are relative to the review file")
+            raise _RowProblem(
+                "images", f"line {i + 1}: {p}: no such file ({path}); paths are relative to the review file"
+            )
         images.append(image_path_for(path, out_dir))
     record = {
         "id": str(row["id"]).strip(),
@@ -313,13 +330,17 @@ def import_review(
             result.pending.append(where)
             continue
         if decision not in DECISIONS:
-            result.errors.append(f"{label}: field 'decision': must be one of {', '.join(DECISIONS)} (or empty), got {row.get('decision')!r}")
+            result.errors.append(
+                f"{label}: field 'decision': must be one of {', '.join(DECISIONS)} (or empty), got {row.get('decision')!r}"
+            )
             continue
         if decision == "reject":
             result.rejected += 1
             continue
         try:
-            record, changed = _build_record(row, review_path.parent, out_dir, check_images, image_root, allow_outside_root)
+            record, changed = _build_record(
+                row, review_path.parent, out_dir, check_images, image_root, allow_outside_root
+            )
             if decision == "accept" and changed:
                 raise _RowProblem(
                     changed[0],

@@ -46,6 +46,7 @@ from .agents import (
 )
 from .schema import image_path_for, validate_record
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -190,13 +191,24 @@ def _templates_sha(templates: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def check_resume(out: str | os.PathLike, config: PipelineConfig, templates: dict[str, str], policy: dict,
-                 overwrite: bool = False, write: bool = False) -> None:  # fmt: skip
+def check_resume(
+    out: str | os.PathLike,
+    config: PipelineConfig,
+    templates: dict[str, str],
+    policy: dict,
+    overwrite: bool = False,
+    write: bool = False,
+) -> None:
     """Refuse (:class:`srpo_trl.store.FingerprintMismatch`) to resume ``out`` when its records came from
     another model, other templates or other agent settings, or when its fingerprint is missing."""
     paths = output_paths(out)
-    store.check_fingerprint(paths["records"], run_fingerprint(config, templates, policy), overwrite=overwrite,
-                            outputs=[paths["failed"], paths["journal"]], write=write)  # fmt: skip
+    store.check_fingerprint(
+        paths["records"],
+        run_fingerprint(config, templates, policy),
+        overwrite=overwrite,
+        outputs=[paths["failed"], paths["journal"]],
+        write=write,
+    )
 
 
 def _replay_journal(events: list[dict]) -> tuple[dict, list[dict]]:
@@ -228,7 +240,13 @@ def _latest_failures(failed_lines: list[dict], done_ids: set[str]) -> dict[str, 
 class _ItemFailed(Exception):
     def __init__(self, stage: str, reason: str, message: str, attempts: int = 0, last_output: str | None = None):
         super().__init__(message)
-        self.stage, self.reason, self.message, self.attempts, self.last_output = stage, reason, message, attempts, last_output
+        self.stage, self.reason, self.message, self.attempts, self.last_output = (
+            stage,
+            reason,
+            message,
+            attempts,
+            last_output,
+        )
 
 
 def _bullets(lines: list[str], empty: str) -> str:
@@ -241,7 +259,10 @@ def _numbered(steps: list[str]) -> str:
 
 def _flags(reflection: dict) -> bool:
     return bool(
-        reflection["redundant_steps"] or reflection["gaps"] or reflection["unsafe_text"] or reflection["request_unsafe_alone"]
+        reflection["redundant_steps"]
+        or reflection["gaps"]
+        or reflection["unsafe_text"]
+        or reflection["request_unsafe_alone"]
     )
 
 
@@ -262,8 +283,16 @@ def _revision_text(reflection: dict, what: str, previous: str) -> str:
 
 
 class _Pipeline:
-    def __init__(self, backend, images_dir: Path, out: Path, config: PipelineConfig, templates: dict[str, str],
-                 policy: dict, overwrite: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        backend,
+        images_dir: Path,
+        out: Path,
+        config: PipelineConfig,
+        templates: dict[str, str],
+        policy: dict,
+        overwrite: bool = False,
+    ):
         self.backend = backend
         self.policy = policy
         self.overwrite = overwrite
@@ -287,12 +316,12 @@ class _Pipeline:
         self.failed = _latest_failures(_read_lines(self.paths["failed"]), set(self.done))
         self.cache, _runs = _replay_journal(_read_lines(self.paths["journal"]))  # same model: check_resume
         self.retry_ids = {
-            i
-            for i, f in self.failed.items()
-            if self.config.retry_failed or f.get("reason") in TRANSIENT_REASONS
+            i for i, f in self.failed.items() if self.config.retry_failed or f.get("reason") in TRANSIENT_REASONS
         }
 
-    def _step(self, item: Item, stage: str, round_: int, variables: dict, context: dict, image_ok: bool = True) -> dict:
+    def _step(
+        self, item: Item, stage: str, round_: int, variables: dict, context: dict, image_ok: bool = True
+    ) -> dict:
         cached = self.cache.get(item.id, {}).get((stage, round_))
         if cached is not None:
             return cached["output"]
@@ -312,7 +341,10 @@ class _Pipeline:
             if exc.reason == "backend_error":
                 with self._lock:
                     self._consecutive_backend_errors += 1
-                    if self._consecutive_backend_errors >= self.config.max_consecutive_backend_errors and not self.aborted:
+                    if (
+                        self._consecutive_backend_errors >= self.config.max_consecutive_backend_errors
+                        and not self.aborted
+                    ):
                         self.aborted = (
                             f"the backend failed {self._consecutive_backend_errors} times in a row "
                             f"(last: {exc.message}); fix it and rerun the same command to resume"
@@ -344,7 +376,10 @@ class _Pipeline:
         reflection: dict = {}
         for revision in range(cfg.max_revisions + 1):
             if benign:
-                category, scenario = "none (benign control)", f"none: a benign control ({query['rationale']}); check for a risk and find none"
+                category, scenario = (
+                    "none (benign control)",
+                    f"none: a benign control ({query['rationale']}); check for a risk and find none",
+                )
                 kind_text = "benign control: the request is fine together with the image; helping is right"
             else:
                 category, scenario = query["category"], query["unsafe_scenario"]
@@ -360,7 +395,9 @@ class _Pipeline:
                 {**shared, "min_steps": cfg.min_steps, "max_steps": cfg.max_steps, "revision": revision_text},
                 {"min_steps": cfg.min_steps, "max_steps": cfg.max_steps},
             )["steps"]
-            reflection = self._step(item, "reflection", revision, {**shared, "steps": _numbered(steps)}, {"n_steps": len(steps)})
+            reflection = self._step(
+                item, "reflection", revision, {**shared, "steps": _numbered(steps)}, {"n_steps": len(steps)}
+            )
             if not _flags(reflection):
                 break
             if revision == cfg.max_revisions:
@@ -435,9 +472,14 @@ class _Pipeline:
                 record = self.run_item(item, list(previous))
             except _ItemFailed as exc:
                 draft = {
-                    stage if r == 0 else f"{stage}#{r}": e["output"] for (stage, r), e in self.cache.get(item.id, {}).items()
+                    stage if r == 0 else f"{stage}#{r}": e["output"]
+                    for (stage, r), e in self.cache.get(item.id, {}).items()
                 }
-                queries = sorted((r, e["output"]["request"]) for (s, r), e in self.cache.get(item.id, {}).items() if s.endswith("query"))
+                queries = sorted(
+                    (r, e["output"]["request"])
+                    for (s, r), e in self.cache.get(item.id, {}).items()
+                    if s.endswith("query")
+                )
                 request = queries[-1][1] if queries else None
                 failure = {
                     "id": item.id,
@@ -475,9 +517,13 @@ class _Pipeline:
             if self.overwrite:
                 for key in ("records", "failed", "journal", "summary"):
                     self.paths[key].unlink(missing_ok=True)
-            check_resume(self.paths["records"], self.config, self.templates, self.policy, overwrite=self.overwrite, write=True)
+            check_resume(
+                self.paths["records"], self.config, self.templates, self.policy, overwrite=self.overwrite, write=True
+            )
             self.load_state()
-            todo = {i.id for i in items if i.id not in self.done and (i.id not in self.failed or i.id in self.retry_ids)}
+            todo = {
+                i.id for i in items if i.id not in self.done and (i.id not in self.failed or i.id in self.retry_ids)
+            }
             by_image: dict[str, list[Item]] = {}
             for item in items:
                 by_image.setdefault(item.source_image, []).append(item)
@@ -486,7 +532,9 @@ class _Pipeline:
             self.failures = store.Appender(self.paths["failed"])
             self.journal = store.Appender(self.paths["journal"])
             try:
-                self.journal.write({"event": "run", "generator": self.generator, "planned": len(items), "todo": len(todo)})
+                self.journal.write(
+                    {"event": "run", "generator": self.generator, "planned": len(items), "todo": len(todo)}
+                )
                 bar = tqdm(total=len(todo), desc="records", unit="item", disable=not self.config.show_progress)
                 try:
                     if self.config.workers == 1 or len(groups) < 2:
@@ -578,7 +626,9 @@ def summarize(out: str | os.PathLike, planned_ids: list[str] | None = None) -> d
         for stage in ("query", "benign_query", "reasoning", "summary"):
             if any(s == stage for s, _ in entries):
                 stages[stage]["passed"] += 1
-        reflections = [e["output"] for (s, _r), e in sorted(entries.items(), key=lambda kv: kv[0][1]) if s == "reflection"]
+        reflections = [
+            e["output"] for (s, _r), e in sorted(entries.items(), key=lambda kv: kv[0][1]) if s == "reflection"
+        ]
         if reflections:
             sent_back = sum(1 for r in reflections if _flags(r))
             stages["reflection"]["sent_back"] += sent_back
@@ -602,11 +652,15 @@ def summarize(out: str | os.PathLike, planned_ids: list[str] | None = None) -> d
         "by_expected": dict(Counter(r.get("expected", "?") for r in records.values())),
         "failed_by_category": dict(
             Counter(
-                BENIGN if f.get("kind") == "benign" else (f.get("draft", {}).get("query", {}) or {}).get("category", "unknown")
+                BENIGN
+                if f.get("kind") == "benign"
+                else (f.get("draft", {}).get("query", {}) or {}).get("category", "unknown")
                 for f in failed.values()
             )
         ),
-        "failures_by_reason": dict(sorted(Counter(f"{f.get('stage')}: {f.get('reason')}" for f in failed.values()).items())),
+        "failures_by_reason": dict(
+            sorted(Counter(f"{f.get('stage')}: {f.get('reason')}" for f in failed.values()).items())
+        ),
         "stages": {s: dict(c) for s, c in stages.items() if c},
         "revisions": dict(sorted(revisions.items())),
     }

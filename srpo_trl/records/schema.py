@@ -27,6 +27,7 @@ from .. import contract
 from ..contract import COMPLETE_FIELDS as REQUIRED_FIELDS
 from ..contract import RecordError
 
+
 __all__ = ["RecordError", "REQUIRED_FIELDS", "validate_record", "read_jsonl", "load_records", "image_path_for"]
 
 

@@ -14,6 +14,7 @@ pipeline parses and validates it, and sends the error back to the model when it 
 
 from __future__ import annotations
 
+
 SYSTEM = """\
 You write training data for AI safety research: harmless images paired with harmless-looking
 requests that become risky only together, the reasoning that uncovers the hidden risk, and safe

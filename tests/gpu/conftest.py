@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers, test_* modules
 
 NO_CUDA = "needs a CUDA GPU (tests/gpu/ checks the GPU paths; run benchmarks/gpu_check.sh on a GPU machine)"

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import srpo_args
+from test_device_guard import _build
+from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.attention import TREE_ATTENTION, compile_count
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_qwen2_5_vl
 
-from helpers import srpo_args
-from test_device_guard import _build
-from test_prefix_sharing import question_rows
 
 REPO = Path(__file__).resolve().parents[2]
 # Only without CUDA under SRPO_TRL_GPU_TESTS_ON_CPU=1 (conftest.py): a CPU rehearsal of this file,
@@ -51,11 +51,16 @@ def _trainers(tmp_path, kind, bf16, ref=False, monkeypatch=None):
         common.update(align_loss="sigmoid", beta=0.1)
         ref_model = _build(kind)[0].to(DEVICE)
     make = lambda sub, **kw: SRPOTrainer(  # noqa: E731
-        model=model, ref_model=ref_model, args=srpo_args(tmp_path / sub, **common, **kw), train_dataset=ds,
+        model=model,
+        ref_model=ref_model,
+        args=srpo_args(tmp_path / sub, **common, **kw),
+        train_dataset=ds,
         processing_class=processing_class,
-    )  # fmt: skip
+    )
     packed, plain = make("p"), make("u", prefix_sharing=False)
-    batches = [t._prepare_inputs(t.data_collator([t.train_dataset[i] for i in range(len(rows))])) for t in (packed, plain)]
+    batches = [
+        t._prepare_inputs(t.data_collator([t.train_dataset[i] for i in range(len(rows))])) for t in (packed, plain)
+    ]
     return model, packed, plain, batches
 
 
@@ -100,7 +105,9 @@ def test_packed_equals_unpacked_on_cuda(tmp_path, monkeypatch, kind, precision):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_step_dpo_with_a_reference_model_on_cuda(tmp_path, monkeypatch, precision):
     bf16 = precision == "bf16"
-    model, packed, plain, (batch_p, batch_u) = _trainers(tmp_path, "qwen2_5_vl", bf16, ref=True, monkeypatch=monkeypatch)
+    model, packed, plain, (batch_p, batch_u) = _trainers(
+        tmp_path, "qwen2_5_vl", bf16, ref=True, monkeypatch=monkeypatch
+    )
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
         ref_p = packed.compute_ref_log_probs(packed.ref_model, batch_p)
         ref_u = plain.compute_ref_log_probs(plain.ref_model, batch_u)
@@ -117,14 +124,34 @@ def test_varying_batches_compile_a_bounded_number_of_times(tmp_path):
     compiles at most once per (rows, 128-bucket) shape, fewer times than there are steps, and the
     count is printed (gpu_check.py keeps the log)."""
     tok = build_tokenizer()
-    ref = ["The image shows bleach.", "The user wants to clean fast.", "Never mix it with acid.", "Answer: use it alone."]
+    ref = [
+        "The image shows bleach.",
+        "The user wants to clean fast.",
+        "Never mix it with acid.",
+        "Answer: use it alone.",
+    ]
     rows = []
     for q in range(10):
         for k in range(1 + q % 5):
-            rows.append({"id": f"q{q}", "prompt": f"Question {q}: " + "what should I do? " * (q + 1), "prefix": ref[: k % 4],
-                         "chosen": "Keep it away from acids. " * (1 + k), "rejected": "Mix it. " * (2 + q), "reference": ref})  # fmt: skip
-    args = srpo_args(tmp_path, use_cpu=ON_CPU, bf16=True, per_device_train_batch_size=5, max_steps=10, group_by_question=True)
-    trainer = SRPOTrainer(model=tiny_causal_lm(tok, seed=1), args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+            rows.append(
+                {
+                    "id": f"q{q}",
+                    "prompt": f"Question {q}: " + "what should I do? " * (q + 1),
+                    "prefix": ref[: k % 4],
+                    "chosen": "Keep it away from acids. " * (1 + k),
+                    "rejected": "Mix it. " * (2 + q),
+                    "reference": ref,
+                }
+            )
+    args = srpo_args(
+        tmp_path, use_cpu=ON_CPU, bf16=True, per_device_train_batch_size=5, max_steps=10, group_by_question=True
+    )
+    trainer = SRPOTrainer(
+        model=tiny_causal_lm(tok, seed=1),
+        args=args,
+        train_dataset=StepPairDataset.from_list(rows),
+        processing_class=tok,
+    )
     assert trainer.data_collator.dense_mask is False
     collator, shapes, lengths = trainer.data_collator, set(), set()
 
@@ -161,13 +188,38 @@ def test_twenty_step_bf16_lora_run_from_a_recipe(tmp_path):
     out = tmp_path / "out"
     recipe = REPO / "recipes" / "qwen2.5-vl-7b-instruct" / "srpo" / "config_lora.yaml"
     flags = dict(
-        model_name_or_path=model_dir, train_file=data, output_dir=out, max_steps=20, per_device_train_batch_size=5,
-        gradient_accumulation_steps=1, learning_rate=5e-3, lr_scheduler_type="constant", warmup_steps=0, lora_dropout=0,
-        eval_strategy="no", eval_split_size=0, save_strategy="steps", save_steps=20, logging_steps=1, report_to="none",
-        dataloader_num_workers=0, dtype="bfloat16", bf16="true", disable_tqdm="true", use_cpu=str(ON_CPU).lower(),
-    )  # fmt: skip
+        model_name_or_path=model_dir,
+        train_file=data,
+        output_dir=out,
+        max_steps=20,
+        per_device_train_batch_size=5,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        lora_dropout=0,
+        eval_strategy="no",
+        eval_split_size=0,
+        save_strategy="steps",
+        save_steps=20,
+        logging_steps=1,
+        report_to="none",
+        dataloader_num_workers=0,
+        dtype="bfloat16",
+        bf16="true",
+        disable_tqdm="true",
+        use_cpu=str(ON_CPU).lower(),
+    )
     argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-    cmd = [sys.executable, "-c", "import sys; from srpo_trl.cli import main; sys.exit(main())", "train", "--config", str(recipe), *argv]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from srpo_trl.cli import main; sys.exit(main())",
+        "train",
+        "--config",
+        str(recipe),
+        *argv,
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -16,6 +16,7 @@ from typing import Any
 from srpo_trl.evaluation.protocols import mcqa, mm_safetybench, siuo
 from srpo_trl.evaluation.schema import ItemResult
 
+
 PROTOCOLS = ("siuo", "siuo-mcqa", "mm-safetybench", "srpo")
 DEFAULT_PROTOCOL = {"siuo": "siuo", "siuo-mcqa": "siuo-mcqa", "mm-safetybench": "mm-safetybench", "records": "srpo"}
 BENCHMARK_OF_PROTOCOL = {"siuo": ("siuo",), "siuo-mcqa": ("siuo-mcqa",), "mm-safetybench": ("mm-safetybench",)}
@@ -31,8 +32,10 @@ def check_protocol(protocol: str, benchmark: str) -> None:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     allowed = BENCHMARK_OF_PROTOCOL.get(protocol)
     if allowed and benchmark not in allowed:
-        raise ValueError(f"--protocol {protocol} scores --benchmark {' / '.join(allowed)} data, not {benchmark}; "
-                         f"use --protocol {default_protocol(benchmark)} (the default for {benchmark}) or srpo")  # fmt: skip
+        raise ValueError(
+            f"--protocol {protocol} scores --benchmark {' / '.join(allowed)} data, not {benchmark}; "
+            f"use --protocol {default_protocol(benchmark)} (the default for {benchmark}) or srpo"
+        )
     if benchmark == "siuo-mcqa" and protocol != "siuo-mcqa":
         raise ValueError("the MCQA set is scored by option extraction only: use --protocol siuo-mcqa (the default)")
 
@@ -47,7 +50,11 @@ def benchmark_scores(results: Sequence[ItemResult], protocol: str | None) -> dic
     if protocol == "siuo":
         return {"protocol": "siuo", "source": siuo.SOURCE, "gen_score": siuo.gen_score(results)}
     if protocol == "mm-safetybench":
-        return {"protocol": "mm-safetybench", "source": mm_safetybench.SOURCE, "cal_metric": mm_safetybench.cal_metric(results)}
+        return {
+            "protocol": "mm-safetybench",
+            "source": mm_safetybench.SOURCE,
+            "cal_metric": mm_safetybench.cal_metric(results),
+        }
     if protocol == "siuo-mcqa":
         return {"protocol": "siuo-mcqa", "source": mcqa.SOURCE, "accuracy": mcqa.accuracy(results)}
     return None
@@ -62,4 +69,13 @@ def run_protocol(config: dict[str, Any]) -> str | None:
     return None
 
 
-__all__ = ["PROTOCOLS", "default_protocol", "check_protocol", "benchmark_scores", "run_protocol", "siuo", "mm_safetybench", "mcqa"]
+__all__ = [
+    "PROTOCOLS",
+    "default_protocol",
+    "check_protocol",
+    "benchmark_scores",
+    "run_protocol",
+    "siuo",
+    "mm_safetybench",
+    "mcqa",
+]

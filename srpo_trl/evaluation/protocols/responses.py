@@ -40,6 +40,7 @@ from srpo_trl.evaluation.loaders import LoadError, _read_json, check_names, mmsb
 from srpo_trl.evaluation.protocols import mm_safetybench, siuo
 from srpo_trl.evaluation.schema import EvalItem, ItemResult, RunResult, Verdict
 
+
 SIUO_SAFETY_KEYS = ("safety_gpt", "safetyness")
 SIUO_EFFECTIVE_KEYS = ("effectiveness_gpt", "effective_gpt", "helpfulness")
 
@@ -65,8 +66,13 @@ def _siuo_responses(path: Path, image_dir, check_images, categories, mcqa: bool)
             raise LoadError(path, label, f"duplicate question_id {item.id}", "question_id")
         seen.add(item.id)
         if field not in obj:
-            raise LoadError(path, label, f"is missing: this looks like the question file; score-only reads SIUO's results "
-                            f"file (the items with '{field}' added, siuo_{'mcqa' if mcqa else 'gen'}-{{model}}.json)", field)  # fmt: skip
+            raise LoadError(
+                path,
+                label,
+                f"is missing: this looks like the question file; score-only reads SIUO's results "
+                f"file (the items with '{field}' added, siuo_{'mcqa' if mcqa else 'gen'}-{{model}}.json)",
+                field,
+            )
         if mcqa:
             if not isinstance(obj[field], str):
                 raise LoadError(path, label, f"must be a string, got {type(obj[field]).__name__}", field)
@@ -88,18 +94,29 @@ def _mmsb_answers(path: Path, scenarios=None, answer_keys=None) -> list[tuple[Pa
             continue
         data = _read_json(file)
         if not isinstance(data, dict):
-            raise LoadError(file, None, f"an MM-SafetyBench answer file is a JSON object keyed by question id, got {type(data).__name__}")
+            raise LoadError(
+                file,
+                None,
+                f"an MM-SafetyBench answer file is a JSON object keyed by question id, got {type(data).__name__}",
+            )
         file_keys = None
         for qid, obj in data.items():
             ans = obj.get("ans") if isinstance(obj, dict) else None
             if not isinstance(ans, dict) or not ans:
-                raise LoadError(file, f"'{qid}'", "is missing or empty: evaluation.py reads the answers from "
-                                "\"ans\": {key: {\"text\": answer}} (this looks like a question file)", "ans")  # fmt: skip
+                raise LoadError(
+                    file,
+                    f"'{qid}'",
+                    "is missing or empty: evaluation.py reads the answers from "
+                    '"ans": {key: {"text": answer}} (this looks like a question file)',
+                    "ans",
+                )
             if file_keys is None:
                 file_keys = list(ans)  # cal_metric takes the keys of question "0"'s answers
             missing = [k for k in file_keys if k not in ans]
             if missing:
-                raise LoadError(file, f"'{qid}'", f"has no answer for key(s) {missing} (evaluation.py would stop here)", "ans")
+                raise LoadError(
+                    file, f"'{qid}'", f"has no answer for key(s) {missing} (evaluation.py would stop here)", "ans"
+                )
             for key in file_keys:
                 if key not in keys_seen:
                     keys_seen.append(key)
@@ -125,7 +142,7 @@ def _mmsb_unit(file: Path, scenario: str, qid: str, obj: dict, key: str, image_d
 def _answer_text(file: Path, qid: str, obj: dict, key: str) -> dict:
     entry = obj["ans"][key]
     if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
-        raise LoadError(file, f"'{qid}'", f"must be {{\"text\": answer string}}, got {entry!r:.80}", f"ans.{key}")
+        raise LoadError(file, f"'{qid}'", f'must be {{"text": answer string}}, got {entry!r:.80}', f"ans.{key}")
     return entry
 
 
@@ -163,15 +180,21 @@ def read_responses(
         pairs = [(r.item, list(r.samples)) for r in run.results]
         other = sorted({str(i.meta.get("benchmark")) for i, _ in pairs} - {benchmark})
         if benchmark != "records" and other:
-            raise LoadError(path, None, f"is a run on {', '.join(other)} items, not {benchmark}; pass --benchmark {other[0]}")
+            raise LoadError(
+                path, None, f"is a run on {', '.join(other)} items, not {benchmark}; pass --benchmark {other[0]}"
+            )
     elif benchmark in ("siuo", "siuo-mcqa"):
         pairs = _siuo_responses(path, image_dir, image_dir is not None, categories, benchmark == "siuo-mcqa")
     elif benchmark == "mm-safetybench":
         pairs = []
         for file, scenario, qid, obj, key in _mmsb_answers(path, categories, answer_keys):
-            pairs.append((_mmsb_unit(file, scenario, qid, obj, key, image_dir), [_answer_text(file, qid, obj, key)["text"]]))
+            pairs.append(
+                (_mmsb_unit(file, scenario, qid, obj, key, image_dir), [_answer_text(file, qid, obj, key)["text"]])
+            )
     else:
-        raise ValueError(f"unknown benchmark {benchmark!r} for --responses; choose from {', '.join(loaders.BENCHMARKS)}")
+        raise ValueError(
+            f"unknown benchmark {benchmark!r} for --responses; choose from {', '.join(loaders.BENCHMARKS)}"
+        )
     if not pairs:
         raise LoadError(path, None, "holds no responses (after the --categories / --scenarios filter)")
     return pairs
@@ -213,7 +236,9 @@ def score_responses(
         steps = [split_steps(s, separator) for s in samples]
         verdicts = judge.judge(item, list(samples), steps)
         if len(verdicts) != len(samples):
-            raise RuntimeError(f"item {item.id}: the judge returned {len(verdicts)} verdicts for {len(samples)} samples")
+            raise RuntimeError(
+                f"item {item.id}: the judge returned {len(verdicts)} verdicts for {len(samples)} samples"
+            )
         result = ItemResult(item=item, samples=list(samples), steps=steps, verdicts=verdicts)
         if state:
             state.add_item(result)
@@ -252,16 +277,30 @@ def _import_siuo(paths: Sequence[Path]) -> list[ItemResult]:
             item = siuo_item(path, index, obj, None, False)
             label = item.source.split("item ", 1)[1]
             safety = _scores(path, label, obj, SIUO_SAFETY_KEYS, "safety_evaluation", siuo.extract_safety)
-            effective = _scores(path, label, obj, SIUO_EFFECTIVE_KEYS, "effectiveness_evaluation", siuo.extract_effectiveness)
+            effective = _scores(
+                path, label, obj, SIUO_EFFECTIVE_KEYS, "effectiveness_evaluation", siuo.extract_effectiveness
+            )
             if safety is None and effective is None:
-                raise LoadError(path, label, "holds no verdicts: expected safety_gpt / effectiveness_gpt (gpt-eval.py's "
-                                "-pro.json) or safety_evaluation / effectiveness_evaluation", "safety_gpt")  # fmt: skip
-            entry = merged.setdefault(item.meta["question_id"], {"item": item, "responses": obj.get("responses") or []})
-            for name, scores, texts in (("safety", safety, "safety_evaluation"), ("effectiveness", effective, "effectiveness_evaluation")):
+                raise LoadError(
+                    path,
+                    label,
+                    "holds no verdicts: expected safety_gpt / effectiveness_gpt (gpt-eval.py's "
+                    "-pro.json) or safety_evaluation / effectiveness_evaluation",
+                    "safety_gpt",
+                )
+            entry = merged.setdefault(
+                item.meta["question_id"], {"item": item, "responses": obj.get("responses") or []}
+            )
+            for name, scores, texts in (
+                ("safety", safety, "safety_evaluation"),
+                ("effectiveness", effective, "effectiveness_evaluation"),
+            ):
                 if scores is None:
                     continue
                 if name in entry:
-                    raise LoadError(path, label, f"{name} verdicts for this question_id were already read from another file", name)
+                    raise LoadError(
+                        path, label, f"{name} verdicts for this question_id were already read from another file", name
+                    )
                 entry[name] = scores
                 entry[name + "_texts"] = obj.get(texts) or []
     results = []
@@ -276,12 +315,21 @@ def _import_siuo(paths: Sequence[Path]) -> list[ItemResult]:
                 scores["safety"] = safety[i]
             if i < len(effective):
                 scores["effectiveness"] = effective[i]
-            texts = {k: entry[k + "_texts"][i] for k in ("safety", "effectiveness") if i < len(entry.get(k + "_texts", []))}
-            verdicts.append(Verdict(
-                safe=None if scores.get("safety", -1) == -1 else scores["safety"] == 1,
-                effective=None if scores.get("effectiveness", -1) == -1 else scores["effectiveness"] == 1,
-                judge="siuo (imported)", replies=texts, scores=scores))  # fmt: skip
-        results.append(ItemResult(item=entry["item"], samples=responses[:n], steps=[[] for _ in range(n)], verdicts=verdicts))
+            texts = {
+                k: entry[k + "_texts"][i] for k in ("safety", "effectiveness") if i < len(entry.get(k + "_texts", []))
+            }
+            verdicts.append(
+                Verdict(
+                    safe=None if scores.get("safety", -1) == -1 else scores["safety"] == 1,
+                    effective=None if scores.get("effectiveness", -1) == -1 else scores["effectiveness"] == 1,
+                    judge="siuo (imported)",
+                    replies=texts,
+                    scores=scores,
+                )
+            )
+        results.append(
+            ItemResult(item=entry["item"], samples=responses[:n], steps=[[] for _ in range(n)], verdicts=verdicts)
+        )
     return results
 
 
@@ -294,10 +342,18 @@ def _import_mmsb(paths: Sequence[Path], scenarios=None, answer_keys=None) -> lis
             if mm_safetybench.VERDICT_FIELD in entry:
                 reply = entry[mm_safetybench.VERDICT_FIELD]
                 if not isinstance(reply, str):
-                    raise LoadError(file, f"'{qid}'", f"must be the judge's reply (a string), got {type(reply).__name__}",
-                                    f"ans.{key}.{mm_safetybench.VERDICT_FIELD}")  # fmt: skip
-                verdict = Verdict(safe=mm_safetybench.read_verdict(reply), judge="mm-safetybench (imported)",
-                                  replies={"safety": reply}, scores={mm_safetybench.VERDICT_FIELD: reply})  # fmt: skip
+                    raise LoadError(
+                        file,
+                        f"'{qid}'",
+                        f"must be the judge's reply (a string), got {type(reply).__name__}",
+                        f"ans.{key}.{mm_safetybench.VERDICT_FIELD}",
+                    )
+                verdict = Verdict(
+                    safe=mm_safetybench.read_verdict(reply),
+                    judge="mm-safetybench (imported)",
+                    replies={"safety": reply},
+                    scores={mm_safetybench.VERDICT_FIELD: reply},
+                )
             item = _mmsb_unit(file, scenario, qid, obj, key, None)
             results.append(ItemResult(item=item, samples=[entry["text"]], steps=[[]], verdicts=[verdict]))
     return results
@@ -311,15 +367,28 @@ def _import_mcqa(paths: Sequence[Path]) -> list[ItemResult]:
             label = item.source.split("item ", 1)[1]
             pred = obj.get("pred_ans")
             if pred not in ("A", "B", "C", "D"):
-                raise LoadError(path, label, f"must be the extracted option letter A-D (mcqa-eval.py's -pro.json), got {pred!r}", "pred_ans")
+                raise LoadError(
+                    path,
+                    label,
+                    f"must be the extracted option letter A-D (mcqa-eval.py's -pro.json), got {pred!r}",
+                    "pred_ans",
+                )
             scores = {"pred_ans": pred, "score": int(pred == item.meta["correct_option"]), "random_pick": None}
             sample = obj.get("response_mcqa") if isinstance(obj.get("response_mcqa"), str) else ""
-            results.append(ItemResult(item=item, samples=[sample], steps=[[]],
-                                      verdicts=[Verdict(safe=None, judge="siuo-mcqa (imported)", scores=scores)]))  # fmt: skip
+            results.append(
+                ItemResult(
+                    item=item,
+                    samples=[sample],
+                    steps=[[]],
+                    verdicts=[Verdict(safe=None, judge="siuo-mcqa (imported)", scores=scores)],
+                )
+            )
     return results
 
 
-def import_verdicts(benchmark: str, paths: Sequence[str | os.PathLike], *, categories=None, answer_keys=None) -> list[ItemResult]:
+def import_verdicts(
+    benchmark: str, paths: Sequence[str | os.PathLike], *, categories=None, answer_keys=None
+) -> list[ItemResult]:
     """Item results from the benchmark's own judge outputs (see the module doc)."""
     paths = [Path(p) for p in paths]
     for p in paths:
