@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint format demo clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check srpo_trl tests recipes benchmarks
 	$(PY) -m ruff format --check srpo_trl tests recipes benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix srpo_trl tests recipes benchmarks
+	$(PY) -m ruff format srpo_trl tests recipes benchmarks
 
 demo: $(STAMP)
 	$(PY) -m srpo_trl.cli demo $(DEMO_ARGS)
