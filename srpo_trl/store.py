@@ -252,10 +252,13 @@ def check_fingerprint(
     overwrite: bool = False,
     write: bool = True,
     meta: str | os.PathLike | None = None,
+    may_grow: Iterable[str] = (),
 ) -> None:
     """Refuse to resume ``out`` when its recorded fingerprint differs from ``fingerprint``, or when
     output exists (``out`` or any of ``outputs`` holding data) without a recorded one; then record
     ``fingerprint`` (``write``). With ``overwrite`` nothing is compared (the caller starts again).
+    ``may_grow``: top-level keys holding counts that a resume may raise but not lower (the run then
+    extends its earlier work; the new, larger value is recorded).
 
     Raises :class:`FingerprintMismatch` naming each difference and what to do.
     """
@@ -273,7 +276,15 @@ def check_fingerprint(
                     f"{path} is damaged, so what produced {out} is unknown; pass --overwrite "
                     "to start again or choose another --out"
                 )
-            diff = settings_diff(saved, fingerprint)
+            grown = {
+                k
+                for k in may_grow
+                if isinstance(saved.get(k), int) and isinstance(fingerprint.get(k), int) and fingerprint[k] >= saved[k]
+            }
+            diff = settings_diff(
+                {k: v for k, v in saved.items() if k not in grown},
+                {k: v for k, v in fingerprint.items() if k not in grown},
+            )
             if diff:
                 raise FingerprintMismatch(mismatch_message(out, diff))
         else:

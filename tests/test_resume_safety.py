@@ -4,6 +4,7 @@ silently (rc 0); now the rerun is refused before any work, names what changed an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -212,6 +213,101 @@ def test_generate_records_with_changed_max_steps_is_refused(openai_server, image
     assert out.read_bytes() == before and sum(agents.calls.values()) == calls  # no agent was asked
     run(openai_server, images, out, per_image=2, benign_per_image=0)  # more items per image: a plain resume
     assert len(_lines(out)) == 2
+
+
+@pytest.mark.parametrize("change", ["changed", "added", "removed"])
+def test_generate_records_with_other_images_is_refused(openai_server, images, tmp_path, change):
+    from PIL import Image
+    from test_records_pipeline import Agents, run
+
+    Image.new("RGB", (28, 28), (10, 200, 10)).save(images / "garden.png")
+    agents = Agents()
+    openai_server.handler = agents
+    out = tmp_path / "records.jsonl"
+    run(openai_server, images, out, per_image=1, benign_per_image=0)
+    before, calls = out.read_bytes(), sum(agents.calls.values())
+    if change == "changed":  # same name and size, other pixels: only a content hash sees it
+        Image.new("RGB", (28, 28), (10, 10, 200)).save(images / "garden.png")
+    elif change == "added":
+        (images / "sub").mkdir()
+        Image.new("RGB", (28, 28), (90, 90, 90)).save(images / "sub" / "new.png")
+    else:
+        (images / "garden.png").unlink()
+    name = "sub/new.png" if change == "added" else "garden.png"
+    with pytest.raises(store.FingerprintMismatch, match=rf"images: saved .*{name}.*--overwrite"):
+        run(openai_server, images, out, per_image=1, benign_per_image=0)
+    assert out.read_bytes() == before and sum(agents.calls.values()) == calls  # no agent was asked
+    s = _run_overwrite(openai_server, images, out)
+    assert s["items"]["done"] == {"changed": 2, "added": 3, "removed": 1}[change]
+
+
+def test_generate_records_cli_with_a_changed_image_is_refused_before_any_call(openai_server, images, tmp_path, capsys):
+    from PIL import Image
+    from test_records_pipeline import Agents
+
+    from srpo_trl.records import main_generate
+
+    agents = Agents()
+    openai_server.handler = agents
+    out = tmp_path / "records.jsonl"
+    argv = ["--images", str(images), "--endpoint", openai_server.url + "/v1", "--served-model", "m"]
+    argv += ["--per-image", "1", "--benign-per-image", "0", "--out", str(out), "--no-progress"]
+    assert main_generate(argv) == 0
+    calls = sum(agents.calls.values())
+    Image.new("RGB", (28, 28), (0, 0, 0)).save(images / "bleach.png")
+    capsys.readouterr()
+    assert main_generate(argv) == 1
+    err = capsys.readouterr().err
+    assert "images: saved" in err and "bleach.png" in err and "--overwrite" in err
+    assert sum(agents.calls.values()) == calls
+    assert main_generate([*argv, "--overwrite"]) == 0 and sum(agents.calls.values()) > calls
+
+
+def _run_overwrite(server, images, out):
+    from srpo_trl.backends import OpenAICompatibleBackend
+    from srpo_trl.records.pipeline import PipelineConfig, generate_records
+
+    backend = OpenAICompatibleBackend(
+        server.url + "/v1", "agent-model", max_retries=0, backoff=0.0, show_progress=False
+    )
+    cfg = PipelineConfig(per_image=1, benign_per_image=0, show_progress=False, generator={"model": "agent-model"})
+    return generate_records(backend, images, out, cfg, overwrite=True)
+
+
+def test_generate_records_images_touched_or_copied_still_resume(openai_server, images, tmp_path):
+    from test_records_pipeline import Agents, run
+
+    agents = Agents()
+    openai_server.handler = agents
+    out = tmp_path / "records.jsonl"
+    run(openai_server, images, out, per_image=1, benign_per_image=0)
+    calls = sum(agents.calls.values())
+    os.utime(images / "bleach.png", (1, 1))  # same contents, another mtime (a copied folder)
+    s = run(openai_server, images, out, per_image=1, benign_per_image=0)
+    assert s["items"]["done"] == 1 and sum(agents.calls.values()) == calls  # a plain resume, nothing redone
+
+
+def test_generate_records_with_fewer_items_per_image_is_refused(openai_server, images, tmp_path):
+    from test_records_pipeline import Agents, run
+
+    agents = Agents()
+    openai_server.handler = agents
+    out = tmp_path / "records.jsonl"
+    run(openai_server, images, out, per_image=2, benign_per_image=1)
+    before, calls = out.read_bytes(), sum(agents.calls.values())
+    for kw, msg in (
+        (dict(per_image=1, benign_per_image=1), r"per_image: saved 2, now 1"),
+        (dict(per_image=2, benign_per_image=0), r"benign_per_image: saved 1, now 0"),
+    ):
+        with pytest.raises(store.FingerprintMismatch, match=msg + ".*--overwrite"):
+            run(openai_server, images, out, **kw)
+        assert out.read_bytes() == before and sum(agents.calls.values()) == calls
+    s = run(openai_server, images, out, per_image=3, benign_per_image=2)  # more: the earlier items are kept
+    assert s["items"] == {"planned": 5, "done": 5, "failed": 0, "pending": 0}
+    assert out.read_bytes().startswith(before)
+    assert json.loads(store.meta_path(out).read_text())["per_image"] == 3  # the larger plan is recorded
+    with pytest.raises(store.FingerprintMismatch, match=r"per_image: saved 3, now 2"):
+        run(openai_server, images, out, per_image=2, benign_per_image=2)
 
 
 # -- the store's pieces ----------------------------------------------------------------------------
