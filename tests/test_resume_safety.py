@@ -343,3 +343,96 @@ def test_from_exploration_leaves_out_a_line_cut_by_a_kill(tmp_path, caplog):
     out.write_text(out.read_text().replace('{"id": "r9"', '{"id": "r9"}\n{"id": "r9"', 1) + "\n{}\n")
     with pytest.raises(ValueError, match=r"o\.jsonl:4: not valid JSON"):
         StepPairDataset.from_exploration(out)
+
+
+# -- curate ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def curation(tmp_path):
+    """A records file, its review file (exported, every row accepted) and where the import writes."""
+    from PIL import Image
+    from test_records_curate import _read_csv, _record, _write_csv
+
+    from srpo_trl.records import export_review
+
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "imgs" / "a.png")
+    recs = tmp_path / "data" / "records.jsonl"
+    recs.write_text("".join(json.dumps(_record(f"r{i}")) + "\n" for i in range(3)))
+    review = tmp_path / "data" / "review.csv"
+    export_review(recs, review)
+    rows = _read_csv(review)
+    _write_csv(review, [dict(r, decision="accept") for r in rows])
+    return recs, review, tmp_path / "data" / "curated.jsonl"
+
+
+def test_curate_export_from_other_records_is_refused_and_a_review_is_never_replaced(curation, capsys):
+    from test_records_curate import _record
+
+    from srpo_trl.records import export_review, main_curate
+
+    recs, review, _ = curation
+    reviewed = review.read_bytes()  # holds the reviewer's decisions
+    with pytest.raises(FileExistsError, match=r"exported from the same records.*nothing written.*--overwrite"):
+        export_review(recs, review)
+    with recs.open("a") as fh:
+        fh.write(json.dumps(_record("r9")) + "\n")
+    with pytest.raises(store.FingerprintMismatch, match=r"records_sha256: saved .*--overwrite.*another review file"):
+        export_review(recs, review)
+    assert main_curate(["export", str(recs), str(review)]) == 1
+    assert "records_sha256: saved" in capsys.readouterr().err
+    with pytest.raises(store.FingerprintMismatch, match=r"image_root: saved .*, now .*other"):
+        export_review(recs, review, image_root=recs.parent.parent / "other")
+    assert review.read_bytes() == reviewed
+    store.meta_path(review).unlink()  # nothing says what the review was exported from
+    with pytest.raises(store.FingerprintMismatch, match=r"review\.csv\.meta\.json .* is missing.*--overwrite"):
+        export_review(recs, review)
+    assert review.read_bytes() == reviewed
+    assert main_curate(["export", str(recs), str(review), "--overwrite"]) == 0
+    assert review.read_bytes() != reviewed and "r9" in review.read_text()
+    assert json.loads(store.meta_path(review).read_text())["records_sha256"] == store.file_sha256(recs)
+
+
+def test_curate_import_again_is_idempotent_and_another_review_is_refused_before_any_row(curation, capsys):
+    from test_records_curate import _read_csv, _write_csv
+
+    from srpo_trl.records import import_review, main_curate
+
+    _, review, out = curation
+    assert len(import_review(review, out).records) == 3
+    first = out.read_bytes()
+    assert len(import_review(review, out).records) == 3 and out.read_bytes() == first  # same review: same file
+    rows = _read_csv(review)
+    _write_csv(review, [dict(rows[0], decision="maybe"), *rows[1:]])  # changed, and a bad row in it
+    with pytest.raises(store.FingerprintMismatch, match=r"review_sha256: saved .*--overwrite.*another --out"):
+        import_review(review, out)  # refused before the rows are read (else: ReviewError for 'maybe')
+    assert main_curate(["import", str(review), "--out", str(out)]) == 1
+    assert "review_sha256: saved" in capsys.readouterr().err
+    _write_csv(review, [dict(rows[0], decision="reject"), *rows[1:]])
+    with pytest.raises(store.FingerprintMismatch, match=r"review_sha256: saved"):
+        import_review(review, out)
+    assert out.read_bytes() == first
+    assert main_curate(["import", str(review), "--out", str(out), "--overwrite"]) == 0
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["r1", "r2"]
+    with pytest.raises(store.FingerprintMismatch, match=r"skip_invalid: saved false, now true"):
+        import_review(review, out, skip_invalid=True)
+    store.meta_path(out).unlink()
+    with pytest.raises(store.FingerprintMismatch, match=r"curated\.jsonl\.meta\.json .* is missing.*--overwrite"):
+        import_review(review, out)
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["r1", "r2"]
+
+
+def test_curate_refuses_while_another_curate_writes_the_same_output(curation):
+    from srpo_trl.records import export_review, import_review
+
+    recs, review, out = curation
+    with store.output_lock(out.with_name(out.name + ".lock"), "curate import", out):
+        with pytest.raises(store.OutputLocked, match=r"another curate import run is writing .*curated\.jsonl"):
+            import_review(review, out)
+    other = review.with_name("second.csv")
+    with store.output_lock(other.with_name(other.name + ".lock"), "curate export", other):
+        with pytest.raises(store.OutputLocked, match=r"another curate export run is writing .*second\.csv"):
+            export_review(recs, other)
+    assert not out.exists() and not other.exists()
+    assert len(import_review(review, out).records) == 3 and export_review(recs, other) == 3
