@@ -135,8 +135,10 @@ def export_review(
     records_path, review_path = Path(records_path), Path(review_path)
     overwrite = overwrite or force
     fmt = _review_format(review_path)
+    if not records_path.is_file():
+        load_records(records_path)  # its error: no such records file, and what one holds
     fingerprint = {
-        "records_sha256": store.file_sha256(records_path) if records_path.is_file() else None,
+        "records_sha256": store.file_sha256(records_path),
         "image_root": _root(image_root),
         "allow_outside_root": allow_outside_root,
     }
