@@ -1,6 +1,7 @@
 """Append-only JSON-lines outputs that survive a kill, refuse a mixed resume and refuse a second writer.
 
-Every resumable stage (``explore``, ``evaluate``, ``generate-records``) writes through this module:
+Every resumable stage (``explore``, ``evaluate``, ``generate-records``) writes through this module,
+and ``curate`` fingerprints and locks its outputs with it:
 
 * :func:`read_lines`: the complete lines of a file. A last line cut by a kill (no newline, or not
   JSON) is dropped (and cut from the file with ``repair=True``); a broken line elsewhere is an error
@@ -252,10 +253,17 @@ def check_fingerprint(
     overwrite: bool = False,
     write: bool = True,
     meta: str | os.PathLike | None = None,
+    may_grow: Iterable[str] = (),
+    another: str = "another --out",
+    advice: str | None = None,
 ) -> None:
     """Refuse to resume ``out`` when its recorded fingerprint differs from ``fingerprint``, or when
     output exists (``out`` or any of ``outputs`` holding data) without a recorded one; then record
     ``fingerprint`` (``write``). With ``overwrite`` nothing is compared (the caller starts again).
+    ``may_grow``: top-level keys holding counts that a resume may raise but not lower (the run then
+    extends its earlier work; the new, larger value is recorded). ``another``: how the messages name
+    the other way out (a command whose output is not ``--out`` says what it is); ``advice``: the
+    sentence after a difference (default: a resume would mix results, and the ways out).
 
     Raises :class:`FingerprintMismatch` naming each difference and what to do.
     """
@@ -271,17 +279,29 @@ def check_fingerprint(
             if not isinstance(saved, dict):
                 raise FingerprintMismatch(
                     f"{path} is damaged, so what produced {out} is unknown; pass --overwrite "
-                    "to start again or choose another --out"
+                    f"to start again or choose {another}"
                 )
-            diff = settings_diff(saved, fingerprint)
+            grown = {
+                k
+                for k in may_grow
+                if isinstance(saved.get(k), int) and isinstance(fingerprint.get(k), int) and fingerprint[k] >= saved[k]
+            }
+            diff = settings_diff(
+                {k: v for k, v in saved.items() if k not in grown},
+                {k: v for k, v in fingerprint.items() if k not in grown},
+            )
             if diff:
-                raise FingerprintMismatch(mismatch_message(out, diff))
+                advice = advice or (
+                    "Resuming would mix results: rerun with the same model, input and arguments, choose "
+                    f"{another}, or pass --overwrite to start again"
+                )
+                raise FingerprintMismatch(mismatch_message(out, diff, advice))
         else:
             existing = [p for p in [out, *map(Path, outputs)] if p.exists() and p.stat().st_size > 0]
             if existing:
                 raise FingerprintMismatch(
                     f"{existing[0]} exists but {path} (what produced it: model, input, arguments) is missing, so a "
-                    "resume could mix results. Pass --overwrite to start again, or choose another --out"
+                    f"resume could mix results. Pass --overwrite to start again, or choose {another}"
                 )
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -190,8 +190,11 @@ def test_curate_import_root_is_declared_with_images_or_lifted(tmp_path, capsys):
     assert main_curate(["import", str(review), "--out", str(out)]) == 1  # outside data/, the default root
     assert main_curate(["import", str(review), "--out", str(out), "--images", str(tmp_path)]) == 0
     assert json.loads(out.read_text())["images"] == ["shared/x.png"]
-    assert main_curate(["import", str(review), "--out", str(out), "--allow-outside-root"]) == 0
-    assert main_curate(["import", str(review), "--out", str(out), "--images", str(shared / "sub")]) == 1
+    # other arguments than the import that wrote `out`: --overwrite (tests/test_resume_safety.py covers the refusal)
+    assert main_curate(["import", str(review), "--out", str(out), "--allow-outside-root", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main_curate(["import", str(review), "--out", str(out), "--images", str(shared / "sub"), "--overwrite"]) == 1
+    assert "is outside the image root" in capsys.readouterr().err
 
 
 def test_curate_export_refuses_record_images_outside_the_root(tmp_path, capsys):

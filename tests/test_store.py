@@ -66,6 +66,22 @@ def test_fingerprint_check(tmp_path):
         store.check_fingerprint(tmp_path / "other.jsonl", changed, outputs=[out])
 
 
+def test_fingerprint_counts_that_may_grow(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": 1}\n')
+    store.check_fingerprint(out, {"per_image": 2, "max_steps": 8}, overwrite=True)
+    store.check_fingerprint(out, {"per_image": 3, "max_steps": 8}, may_grow=["per_image"])  # more: extends
+    assert json.loads(store.meta_path(out).read_text())["per_image"] == 3  # the larger value is recorded
+    with pytest.raises(store.FingerprintMismatch, match=r"per_image: saved 3, now 2"):
+        store.check_fingerprint(out, {"per_image": 2, "max_steps": 8}, may_grow=["per_image"])
+    with pytest.raises(store.FingerprintMismatch, match=r"per_image: saved 3, now 4"):  # only the keys named
+        store.check_fingerprint(out, {"per_image": 4, "max_steps": 8})
+    with pytest.raises(store.FingerprintMismatch, match=r"max_steps: saved 8, now 9.*choose another review file"):
+        store.check_fingerprint(
+            out, {"per_image": 4, "max_steps": 9}, may_grow=["per_image"], another="another review file"
+        )
+
+
 def test_lock_is_exclusive_across_processes_and_removed_after(tmp_path):
     lock = tmp_path / "o.jsonl.lock"
     code = (

@@ -24,7 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a review file for a records file")
     ex.add_argument("records", help="records file (JSONL)")
     ex.add_argument("review", help="review file to write: .csv (spreadsheets) or .jsonl")
-    ex.add_argument("--force", action="store_true", help="overwrite an existing review file")
+    ex.add_argument(
+        "--overwrite",
+        "--force",
+        dest="overwrite",
+        action="store_true",
+        help="replace an existing review file (and the reviewer's work in it)",
+    )
     ex.add_argument(
         "--images", default=None, help="folder the records' images must lie in (default: the records file's folder)"
     )
@@ -33,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("review", help="the review file (.csv or .jsonl)")
     im.add_argument("--out", required=True, help="curated records file to write (JSONL)")
     im.add_argument("--skip-invalid", action="store_true", help="write the good rows even if some rows are bad")
+    im.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if it was written from another review or with other arguments",
+    )
     im.add_argument("--no-check-images", action="store_true", help="do not check that image files exist")
     im.add_argument(
         "--images", default=None, help="folder the review's images must lie in (default: the review file's folder)"
@@ -49,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             n = export_review(
                 args.records,
                 args.review,
-                force=args.force,
+                overwrite=args.overwrite,
                 image_root=args.images or Path(args.records).parent,
                 allow_outside_root=args.allow_outside_root,
             )
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             check_images=not args.no_check_images,
             image_root=args.images or Path(args.review).parent,
             allow_outside_root=args.allow_outside_root,
+            overwrite=args.overwrite,
         )
     except ReviewError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -17,7 +17,15 @@ import sys
 
 from .. import store
 from ..records.agents import CATEGORIES, TemplateError, load_templates, write_templates
-from ..records.pipeline import PipelineConfig, RunAborted, check_resume, format_summary, generate_records, summarize
+from ..records.pipeline import (
+    PipelineConfig,
+    RunAborted,
+    check_resume,
+    format_summary,
+    generate_records,
+    images_fingerprint,
+    summarize,
+)
 from .flags import add_http_flags, add_policy_flags, add_sampling_flags
 
 
@@ -192,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     policy = _policy(args)
     try:  # a mixed resume is refused before the model is loaded
-        check_resume(args.out, config, templates, policy, overwrite=args.overwrite)
-    except ValueError as exc:
+        images = images_fingerprint(args.images)
+        check_resume(args.out, config, templates, policy, overwrite=args.overwrite, images=images)
+    except (FileNotFoundError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     backend = _make_backend(args, parser)

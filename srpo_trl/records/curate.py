@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import store
 from ..paths import OutsideRoot, image_under_root
 from .agents import BENIGN, CATEGORIES, OUTCOMES, normalize_category
 from .schema import RecordError, image_path_for, load_records, validate_record
@@ -104,22 +105,65 @@ def _review_format(path: Path) -> str:
     raise ValueError(f"{path}: the review file must end in .csv or .jsonl")
 
 
+def _root(image_root: str | os.PathLike | None) -> str | None:
+    return str(Path(image_root).resolve()) if image_root is not None else None
+
+
+def _lock(out: Path) -> Path:
+    return out.with_name(out.name + ".lock")
+
+
 def export_review(
     records_path: str | os.PathLike,
     review_path: str | os.PathLike,
     force: bool = False,
     image_root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
+    *,
+    overwrite: bool = False,
 ) -> int:
     """Write a review file (CSV or JSONL, by extension) for the records; returns the number of rows.
 
-    Refuses to overwrite an existing review file (a reviewer's work) unless ``force``, and image
-    paths outside ``image_root`` (when given; the command line always sets one) unless ``allow_outside_root``.
+    What produced the review (the records file's content hash, the image root) is stored beside it
+    (``<review>.meta.json``, :mod:`srpo_trl.store`). An existing review file (a reviewer's work) is
+    never replaced unless ``overwrite`` (or its old name ``force``): exported from other records or
+    with other arguments (or with no meta file) the refusal names what changed; exported from the same
+    ones, it says the review is up to date. Image paths outside ``image_root`` (when given; the command
+    line always sets one) are refused unless ``allow_outside_root``. A second export to the same
+    review file is refused while one runs.
     """
     records_path, review_path = Path(records_path), Path(review_path)
+    overwrite = overwrite or force
     fmt = _review_format(review_path)
-    if review_path.exists() and not force:
-        raise FileExistsError(f"{review_path} exists (it may hold a reviewer's work); pass --force to overwrite it")
+    if not records_path.is_file():
+        load_records(records_path)  # its error: no such records file, and what one holds
+    fingerprint = {
+        "records_sha256": store.file_sha256(records_path),
+        "image_root": _root(image_root),
+        "allow_outside_root": allow_outside_root,
+    }
+    with store.output_lock(_lock(review_path), "curate export", review_path):
+        if review_path.exists() and not overwrite:
+            store.check_fingerprint(
+                review_path,
+                fingerprint,
+                write=False,
+                another="another review file",
+                advice="Exporting again would replace a reviewer's work with rows from other records: pass "
+                "--overwrite to replace it anyway, or choose another review file",
+            )
+            raise FileExistsError(
+                f"{review_path} exists and was exported from the same records with the same arguments (it may "
+                "hold a reviewer's work); nothing written. Pass --overwrite (or --force) to export it again"
+            )
+        n = _export(records_path, review_path, fmt, image_root, allow_outside_root)
+        store.check_fingerprint(review_path, fingerprint, overwrite=True)  # record what produced it
+    return n
+
+
+def _export(
+    records_path: Path, review_path: Path, fmt: str, image_root: str | os.PathLike | None, allow_outside_root: bool
+) -> int:
     records = load_records(records_path)
     rows = []
     for n, rec in enumerate(records, start=1):
@@ -294,6 +338,7 @@ def import_review(
     check_images: bool = True,
     image_root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
+    overwrite: bool = False,
 ) -> ImportResult:
     """Read a review file and return (and write to ``out_path``, JSONL) the curated records.
 
@@ -302,9 +347,50 @@ def import_review(
 
     Raises :class:`ReviewError` listing every bad row unless ``skip_invalid`` (then the bad rows
     are left out and listed in ``result.errors``).
+
+    What produced ``out_path`` (the review file's content hash and the arguments) is stored beside it
+    (``<out>.meta.json``, :mod:`srpo_trl.store`). When ``out_path`` exists, an import from another
+    review (or the same one changed since), with other arguments, or with no meta file is refused
+    before any row is read, naming what changed, unless ``overwrite``; the same import again rewrites
+    the same records (idempotent). A second import to the same ``out_path`` is refused while one runs.
     """
     review_path = Path(review_path)
-    out_dir = Path(out_path).parent if out_path is not None else review_path.parent
+    if out_path is None:
+        return _import(review_path, None, skip_invalid, check_images, image_root, allow_outside_root)
+    out_path = Path(out_path)
+    if not review_path.is_file():
+        raise FileNotFoundError(f"{review_path}: no such review file (write one with `srpo-trl curate export`)")
+    fingerprint = {
+        "review_sha256": store.file_sha256(review_path),
+        "skip_invalid": skip_invalid,
+        "check_images": check_images,
+        "image_root": _root(image_root),
+        "allow_outside_root": allow_outside_root,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with store.output_lock(_lock(out_path), "curate import", out_path):
+        if out_path.exists() and not overwrite:
+            store.check_fingerprint(
+                out_path,
+                fingerprint,
+                write=False,
+                advice=f"Importing would replace {out_path} with records made from another review or with other "
+                "arguments: pass --overwrite to replace it, or choose another --out",
+            )
+        result = _import(review_path, out_path, skip_invalid, check_images, image_root, allow_outside_root)
+        store.check_fingerprint(out_path, fingerprint, overwrite=True)  # record what produced it
+    return result
+
+
+def _import(
+    review_path: Path,
+    out_path: Path | None,
+    skip_invalid: bool,
+    check_images: bool,
+    image_root: str | os.PathLike | None,
+    allow_outside_root: bool,
+) -> ImportResult:
+    out_dir = out_path.parent if out_path is not None else review_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)  # image paths are checked as the output will hold them
     result = ImportResult(records=[])
     seen: dict[str, str] = {}
@@ -364,11 +450,5 @@ def import_review(
     if result.errors and not skip_invalid:
         raise ReviewError(result.errors)
     if out_path is not None:
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for rec in result.records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
+        store.rewrite(out_path, result.records)  # atomic: the old file or the new one, never half
     return result

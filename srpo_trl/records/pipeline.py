@@ -12,8 +12,9 @@ Files next to ``--out records.jsonl``:
 * ``records.journal.jsonl``: every validated agent answer, so a killed run resumes where it was
   (each line is flushed and fsynced before the next step; a torn last line is cut off);
 * ``records.summary.json``: items per stage and per category, failures by reason;
-* ``records.jsonl.meta.json``: what produced the records (model, templates, agent settings); a
-  rerun with others is refused before any agent call (``--overwrite`` starts again);
+* ``records.jsonl.meta.json``: what produced the records (model, images, templates, agent settings,
+  items per image); a rerun with others is refused before any agent call (``--overwrite`` starts
+  again); only ``per_image`` / ``benign_per_image`` may grow (a resume then adds items);
 * ``records.lock``: held while a run writes (a second run on the same files is refused).
 
 Rerunning the same command skips finished and failed items and reuses journalled answers, so
@@ -56,6 +57,8 @@ __all__ = [
     "RunAborted",
     "discover_images",
     "plan_items",
+    "images_fingerprint",
+    "run_fingerprint",
     "output_paths",
     "generate_records",
     "summarize",
@@ -125,6 +128,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "image"
 
 
+def _relative(image: str | os.PathLike, images_dir: Path) -> str:
+    try:  # as found under the folder (a symlink may point elsewhere: keep its name here)
+        return Path(image).relative_to(images_dir).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(Path(image).absolute(), images_dir.absolute())).as_posix()
+
+
 def plan_items(images: list[Path], images_dir: str | os.PathLike, per_image: int, benign_per_image: int) -> list[Item]:
     """The items of a run, in order: for each image, ``per_image`` unsafe then the benign ones.
 
@@ -133,10 +143,7 @@ def plan_items(images: list[Path], images_dir: str | os.PathLike, per_image: int
     images_dir = Path(images_dir)
     items, slugs = [], {}
     for image in images:
-        try:  # as found under the folder (a symlink may point elsewhere: keep its name here)
-            rel = Path(image).relative_to(images_dir).as_posix()
-        except ValueError:
-            rel = Path(os.path.relpath(Path(image).absolute(), images_dir.absolute())).as_posix()
+        rel = _relative(image, images_dir)
         slug = _slug(rel)
         if slug in slugs:
             raise ValueError(f"images {slugs[slug]} and {rel} get the same record id prefix '{slug}'; rename one")
@@ -169,11 +176,18 @@ def _read_lines(path: Path) -> list[dict]:
     return store.read_lines(path)
 
 
-def run_fingerprint(config: PipelineConfig, templates: dict[str, str], policy: dict) -> dict:
-    """What changes the records of an item: the model (``policy``), the templates and the agent settings.
-    ``per_image`` / ``benign_per_image`` only change how many items are planned, so they may differ."""
+def run_fingerprint(
+    config: PipelineConfig, templates: dict[str, str], policy: dict, images: dict | None = None
+) -> dict:
+    """What changes the records of a run: the model (``policy``), the images (``images``:
+    :func:`images_fingerprint`), the templates, the agent settings and the items planned per image.
+
+    ``per_image`` / ``benign_per_image`` may grow on a resume (``GROWABLE``): item ids are indexed
+    per image (``-u3`` comes after ``-u2``), so a larger value only adds items and keeps the written
+    ones; raising them in place is the only way to get more items per image without id clashes. A
+    smaller value is refused: records outside the plan would stay in the file."""
     generator = {k: (store.redact_url(v) if k == "url" else v) for k, v in config.generator.items()}
-    return {
+    fp = {
         "policy": policy,
         "generator": generator,
         "templates_sha256": _templates_sha(templates),
@@ -184,7 +198,33 @@ def run_fingerprint(config: PipelineConfig, templates: dict[str, str], policy: d
         "max_steps": config.max_steps,
         "temperature": config.temperature,
         "max_new_tokens": config.max_new_tokens,
+        "per_image": config.per_image,
+        "benign_per_image": config.benign_per_image,
     }
+    if images is not None:
+        fp["images"] = images
+    return fp
+
+
+#: Fingerprint keys a resume may raise (it then adds items), never lower.
+GROWABLE = ("per_image", "benign_per_image")
+
+_image_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hashed once per process
+
+
+def images_fingerprint(images_dir: str | os.PathLike, images: list[Path] | None = None) -> dict:
+    """The images a run reads: each file's path under ``images_dir``, size and content hash, so a
+    changed, added or removed image is seen (content, not mtime: a copied folder still resumes)."""
+    images_dir = Path(images_dir)
+    images = discover_images(images_dir) if images is None else images
+    files = {}
+    for image in images:
+        st = image.stat()
+        key = (str(image.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _image_hashes:
+            _image_hashes[key] = store.file_sha256(image)
+        files[_relative(image, images_dir)] = f"{st.st_size}:{_image_hashes[key][:16]}"
+    return {"count": len(files), "files": files}
 
 
 def _templates_sha(templates: dict[str, str]) -> str:
@@ -198,16 +238,19 @@ def check_resume(
     policy: dict,
     overwrite: bool = False,
     write: bool = False,
+    images: dict | None = None,
 ) -> None:
     """Refuse (:class:`srpo_trl.store.FingerprintMismatch`) to resume ``out`` when its records came from
-    another model, other templates or other agent settings, or when its fingerprint is missing."""
+    another model, other images (``images``: :func:`images_fingerprint`), other templates, other agent
+    settings or fewer items per image, or when its fingerprint is missing."""
     paths = output_paths(out)
     store.check_fingerprint(
         paths["records"],
-        run_fingerprint(config, templates, policy),
+        run_fingerprint(config, templates, policy, images),
         overwrite=overwrite,
         outputs=[paths["failed"], paths["journal"]],
         write=write,
+        may_grow=GROWABLE,
     )
 
 
@@ -292,9 +335,11 @@ class _Pipeline:
         templates: dict[str, str],
         policy: dict,
         overwrite: bool = False,
+        images: dict | None = None,
     ):
         self.backend = backend
         self.policy = policy
+        self.images = images
         self.overwrite = overwrite
         self.images_dir = images_dir
         self.paths = output_paths(out)
@@ -518,7 +563,13 @@ class _Pipeline:
                 for key in ("records", "failed", "journal", "summary"):
                     self.paths[key].unlink(missing_ok=True)
             check_resume(
-                self.paths["records"], self.config, self.templates, self.policy, overwrite=self.overwrite, write=True
+                self.paths["records"],
+                self.config,
+                self.templates,
+                self.policy,
+                overwrite=self.overwrite,
+                write=True,
+                images=self.images,
             )
             self.load_state()
             todo = {
@@ -587,8 +638,8 @@ def generate_records(
     """Write records for every image under ``images_dir`` to ``out`` (resuming earlier work there).
 
     A resume must use the same model (``policy``: default :func:`srpo_trl.store.backend_identity`),
-    templates and agent settings (:func:`run_fingerprint`), else it is refused before any call;
-    ``overwrite`` starts again. A second run on the same ``out`` is refused while one runs.
+    the same images (contents), templates and agent settings, and no fewer items per image
+    (:func:`run_fingerprint`), else it is refused before any call; ``overwrite`` starts again. A second run on the same ``out`` is refused while one runs.
 
     ``backend``: anything with ``chat(messages, *, images, temperature, max_new_tokens) -> str``
     (:class:`srpo_trl.backends.OpenAICompatibleBackend` or ``TransformersBackend``).
@@ -603,7 +654,9 @@ def generate_records(
         raise FileNotFoundError(f"--images {images_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     items = plan_items(images, images_dir, config.per_image, config.benign_per_image)
     policy = policy if policy is not None else store.backend_identity(backend)
-    pipeline = _Pipeline(backend, images_dir, Path(out), config, templates, policy, overwrite)
+    pipeline = _Pipeline(
+        backend, images_dir, Path(out), config, templates, policy, overwrite, images_fingerprint(images_dir, images)
+    )
     pipeline.run(items)
     summary = summarize(out, [i.id for i in items])
     output_paths(out)["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
