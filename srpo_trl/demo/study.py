@@ -444,7 +444,7 @@ def plot_metric(summary: dict, key: str, title: str, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     cells = [c for c in summary["cells"]]
-    fig = Figure(figsize=(8, 4.5))
+    fig = Figure(figsize=(10, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     names = [n for n in (["warm"] + summary["methods"]) if cells and n in cells[0]["metrics"][key]["stats"]]
@@ -466,7 +466,7 @@ def plot_metric(summary: dict, key: str, title: str, path: Path) -> Path:
     ax.set_ylabel("% (line: mean; bars: 95% interval over seeds; dots: seeds)")
     ax.set_ylim(-3, 103)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     return path
@@ -487,7 +487,7 @@ def write_summary(out: Path, lines: list[dict], methods: list[str], expected_cel
         for noise, samples in combos:  # one chart per metric (and per noise / samples, when the grid varies them)
             sub = dict(summary, cells=[c for c in summary["cells"] if (c["noise"], c["samples"]) == (noise, samples)])
             name = f"chart_{key}" + (f"_noise{noise:g}_samples{samples}" if len(combos) > 1 else "")
-            label = f"{title}; noise {noise:g}, {samples} samples per branch point"
+            label = f"{title}\nnoise {noise:g}, {samples} samples per branch point"
             paths[name] = plot_metric(sub, key, label + (f" ({status})" if status != "complete" else ""), out / f"{name}.png")
     return paths
 
