@@ -10,6 +10,7 @@ import pytest
 from srpo_trl.demo import task as S
 from srpo_trl.verifiers import classify_safety_outcome, get_verifier
 
+
 ALL = [(o, r) for o in range(len(S.OBJECTS)) for r in range(len(S.REQUESTS))]
 
 
@@ -63,7 +64,9 @@ def test_test_split_is_unseen_combinations_of_seen_objects_and_requests():
 def test_warm_start_habit_depends_on_the_request_not_on_safety():
     rng = random.Random(0)
     for o, r in ALL:
-        styles = Counter(style for _, style in S.warm_start_paths(o, r, 10, rng, skip_rate=0.6, attentive_skip_rate=0.1))
+        styles = Counter(
+            style for _, style in S.warm_start_paths(o, r, 10, rng, skip_rate=0.6, attentive_skip_rate=0.1)
+        )
         assert styles["skip"] == (6 if S.is_skip_prone(r) else 1)
         if S.has_false_belief(o, r):
             assert styles["overcautious"] == 10 - styles["skip"]
@@ -116,8 +119,11 @@ def test_judge_outcome_effectiveness_and_steps():
 
     judge = S.SyntheticJudge()
     unsafe, benign = S.to_eval_items(S.make_records([(0, 0), (0, 3)], image_dir=None))
-    samples = ["\n".join(S.reference_path(0, 0)), "\n".join(S.skip_path(0, 0)),
-               "\n".join(S.reference_path(0, 0)[:2] + [S.combination_step(0, 3), S.helpful_answer(0)])]  # fmt: skip
+    samples = [
+        "\n".join(S.reference_path(0, 0)),
+        "\n".join(S.skip_path(0, 0)),
+        "\n".join(S.reference_path(0, 0)[:2] + [S.combination_step(0, 3), S.helpful_answer(0)]),
+    ]
     v = judge.judge(unsafe, samples, [split_steps(s) for s in samples])
     assert [x.safe for x in v] == [True, False, False]
     assert [x.effective for x in v] == [True, False, False]
@@ -151,11 +157,31 @@ def test_clone_model_evaluates_its_own_weights(tmp_path):
     from srpo_trl.demo import build_model, clone_model
 
     model, processor = build_model(seed=0, hidden_size=32)
-    rows = [{"prompt": S.REQUESTS[0].text, "images": [S.render_image(0)], "prefix": S.reference_path(0, 0)[:2],
-             "chosen": S.reference_path(0, 0)[2], "rejected": S.skip_path(0, 0)[2], "reference": S.reference_path(0, 0)}]  # fmt: skip
-    args = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no", max_steps=1,
-                per_device_train_batch_size=1, max_length=None, gradient_checkpointing=False, disable_tqdm=True)  # fmt: skip
-    SRPOTrainer(model=model, args=SRPOConfig(**args), train_dataset=StepPairDataset.from_list(rows), processing_class=processor).train()
+    rows = [
+        {
+            "prompt": S.REQUESTS[0].text,
+            "images": [S.render_image(0)],
+            "prefix": S.reference_path(0, 0)[:2],
+            "chosen": S.reference_path(0, 0)[2],
+            "rejected": S.skip_path(0, 0)[2],
+            "reference": S.reference_path(0, 0),
+        }
+    ]
+    args = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        max_steps=1,
+        per_device_train_batch_size=1,
+        max_length=None,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    SRPOTrainer(
+        model=model, args=SRPOConfig(**args), train_dataset=StepPairDataset.from_list(rows), processing_class=processor
+    ).train()
     assert "forward" in model.__dict__  # what the trainer leaves behind
     clone = clone_model(model)
     with torch.no_grad():
@@ -184,7 +210,9 @@ def test_quick_demo_every_stage(tmp_path, capsys):
     # 1. data: records on disk, images readable, the eval split holds unseen combinations only
     train_recs = [json.loads(x) for x in (out / "data" / "train_records.jsonl").read_text().splitlines()]
     test_recs = [json.loads(x) for x in (out / "data" / "test_records.jsonl").read_text().splitlines()]
-    assert {(r["object"], r["request"]) for r in train_recs}.isdisjoint({(r["object"], r["request"]) for r in test_recs})
+    assert {(r["object"], r["request"]) for r in train_recs}.isdisjoint(
+        {(r["object"], r["request"]) for r in test_recs}
+    )
     assert Image.open(out / "data" / test_recs[0]["images"][0]).size == (28, 28)
     assert results["data"]["eval_items"] == len(test_recs) == 48
     styles = results["data"]["warm_start_styles"]
@@ -201,7 +229,12 @@ def test_quick_demo_every_stage(tmp_path, capsys):
     pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == results["pairs"]["rows"] == results["exploration"]["pairs"] > 0
     assert results["pairs"]["from_unsafe_records"] > 0
-    verdict = {(e["id"], p["branch_point"], c["text"]): c["verified"] for e in explored for p in e["points"] for c in p["continuations"]}
+    verdict = {
+        (e["id"], p["branch_point"], c["text"]): c["verified"]
+        for e in explored
+        for p in e["points"]
+        for c in p["continuations"]
+    }
     for row in pairs:
         assert verdict[(row["id"], row["branch_point"], row["chosen"])] is True
         assert verdict[(row["id"], row["branch_point"], row["rejected"])] is False
@@ -223,21 +256,35 @@ def test_quick_demo_every_stage(tmp_path, capsys):
         assert metrics["safe_and_effective"]["n"] == len(test_recs)
         assert metrics["path_safe_unsafe"]["n"] == n_unsafe * results["budget"]["eval_samples"]
         for key in ("attack_success", "over_refusal", "path_safe_unsafe", "safe_and_effective"):
-            assert 0 <= metrics[key]["pct"] <= 100 and metrics[key]["ci_low"] <= metrics[key]["pct"] <= metrics[key]["ci_high"]
+            assert (
+                0 <= metrics[key]["pct"] <= 100
+                and metrics[key]["ci_low"] <= metrics[key]["pct"] <= metrics[key]["ci_high"]
+            )
     samples = {m["label"]: [s for it in m["items"] for s in it["samples"]] for m in report["models"]}
     assert any(samples[name] != samples["warm"] for name in ("srpo", "nll", "dpo", "step_dpo"))
     assert results["models"]["warm"]["metrics"]["attack_success"]["pct"] >= 30  # implicit reasoning risk
 
     # 6. outputs: claims checked, charts are PNGs, paths printed
-    assert set(results["claims"]) == {"srpo_asr_at_most_half_of_base", "srpo_asr_below_other_methods",
-                                      "srpo_over_refusal_within_5_points_of_base"}  # fmt: skip
+    assert set(results["claims"]) == {
+        "srpo_asr_at_most_half_of_base",
+        "srpo_asr_below_other_methods",
+        "srpo_over_refusal_within_5_points_of_base",
+    }
     assert set(results["ablation"]) == {"0", "0.3", "0.9"}
     for name in ("demo_chart.png", "lambda_ablation.png", "eval/report.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name
         assert Image.open(out / name).size[0] > 300
-    assert "Attack success" in printed and str(out / "results.json") in printed and str(out / "demo_chart.png") in printed
-    assert set(results["timing_s"]) >= {"2. warm start (SFT)", "3. exploration", "4. training", "5. evaluation", "total"}
+    assert (
+        "Attack success" in printed and str(out / "results.json") in printed and str(out / "demo_chart.png") in printed
+    )
+    assert set(results["timing_s"]) >= {
+        "2. warm start (SFT)",
+        "3. exploration",
+        "4. training",
+        "5. evaluation",
+        "total",
+    }
 
     # --summarize: mean and spread over runs (here one)
     assert main(["--summarize", str(out)]) == 0

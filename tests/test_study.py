@@ -13,8 +13,18 @@ from srpo_trl.rows import reference_text
 
 def _records(n=40):
     train, _ = T.split_combinations()
-    return [{"id": f"r{i}", "prompt": "p", "images": [], "reference": T.reference_path(o, r), "expected": T.expected_outcome(o, r),
-             "object": o, "request": r} for i, (o, r) in enumerate(train[:n])]  # fmt: skip
+    return [
+        {
+            "id": f"r{i}",
+            "prompt": "p",
+            "images": [],
+            "reference": T.reference_path(o, r),
+            "expected": T.expected_outcome(o, r),
+            "object": o,
+            "request": r,
+        }
+        for i, (o, r) in enumerate(train[:n])
+    ]
 
 
 # --- reference coverage -----------------------------------------------------------------------
@@ -27,7 +37,9 @@ def test_coverage_leaves_exactly_that_share_of_records_with_a_reference(coverage
     kept = [r for r in covered if "reference" in r]
     assert len(kept) == round(coverage * 40)
     for before, after in zip(records, covered):  # nothing else changes; the inputs are not touched
-        assert {k: v for k, v in before.items() if k != "reference"} == {k: v for k, v in after.items() if k != "reference"}
+        assert {k: v for k, v in before.items() if k != "reference"} == {
+            k: v for k, v in after.items() if k != "reference"
+        }
         assert "reference" in before
         if "reference" in after:
             assert after["reference"] == before["reference"]
@@ -82,17 +94,47 @@ def test_noise_changes_with_the_seed_and_is_named():
 def _explored():
     ref = T.reference_path(0, 0)  # unsafe: refuse
     own = list(ref)  # a path the model sampled itself and the verifier passed
-    given = {"id": "g", "prompt": "p", "images": [], "reference": ref, "reference_source": "given", "status": "ok",
-             "object": 0, "request": 0, "points": [
-                 {"branch_point": 2, "prefix": ref[:2], "continuations": [
-                     {"text": ref[2] + "\n" + ref[3], "verified": True},
-                     {"text": T.helpful_answer(0), "verified": False},
-                     {"text": ref[2] + "\n" + ref[3], "verified": True}]}]}  # fmt: skip
-    sampled = {"id": "s", "prompt": "p", "images": [], "reference": own, "reference_source": "sampled", "status": "ok",
-               "object": 0, "request": 0, "points": [
-                   {"branch_point": 1, "prefix": own[:1], "continuations": [
-                       {"text": "\n".join(own[1:]), "verified": True},
-                       {"text": own[1] + "\n" + T.helpful_answer(0), "verified": False}]}]}  # fmt: skip
+    given = {
+        "id": "g",
+        "prompt": "p",
+        "images": [],
+        "reference": ref,
+        "reference_source": "given",
+        "status": "ok",
+        "object": 0,
+        "request": 0,
+        "points": [
+            {
+                "branch_point": 2,
+                "prefix": ref[:2],
+                "continuations": [
+                    {"text": ref[2] + "\n" + ref[3], "verified": True},
+                    {"text": T.helpful_answer(0), "verified": False},
+                    {"text": ref[2] + "\n" + ref[3], "verified": True},
+                ],
+            }
+        ],
+    }
+    sampled = {
+        "id": "s",
+        "prompt": "p",
+        "images": [],
+        "reference": own,
+        "reference_source": "sampled",
+        "status": "ok",
+        "object": 0,
+        "request": 0,
+        "points": [
+            {
+                "branch_point": 1,
+                "prefix": own[:1],
+                "continuations": [
+                    {"text": "\n".join(own[1:]), "verified": True},
+                    {"text": own[1] + "\n" + T.helpful_answer(0), "verified": False},
+                ],
+            }
+        ],
+    }
     return [given, sampled]
 
 
@@ -157,7 +199,11 @@ def test_grid_parsing_and_order():
     from srpo_trl.demo.study import PREREGISTERED, grid_cells, parse_grid
 
     grid = parse_grid(["coverage=1,0.25", "seeds=101-103"], quick=False)
-    assert grid["coverage"] == [1.0, 0.25] and grid["seeds"] == [101, 102, 103] and grid["noise"] == PREREGISTERED["noise"]
+    assert (
+        grid["coverage"] == [1.0, 0.25]
+        and grid["seeds"] == [101, 102, 103]
+        and grid["noise"] == PREREGISTERED["noise"]
+    )
     cells = grid_cells(grid)
     assert [(c.coverage, c.seed) for c in cells[:3]] == [(1.0, 101), (1.0, 102), (1.0, 103)]  # seeds differ first
     assert len(cells) == 6 and len({c.key for c in cells}) == 6
@@ -173,8 +219,15 @@ def _fake_line(cell, settings, asr):
     from srpo_trl.demo.study import _jsonable
 
     metric = lambda pct: {"k": 0, "n": 10, "pct": pct, "ci_low": 0.0, "ci_high": 100.0}  # noqa: E731
-    models = {m: {"attack_success": metric(asr + i), "over_refusal": metric(1.0), "safe_and_effective": metric(90.0 - i),
-                  "path_safe_unsafe": metric(50.0)} for i, m in enumerate(["warm", "srpo", "nll", "dpo", "step_dpo", "rft"])}  # fmt: skip
+    models = {
+        m: {
+            "attack_success": metric(asr + i),
+            "over_refusal": metric(1.0),
+            "safe_and_effective": metric(90.0 - i),
+            "path_safe_unsafe": metric(50.0),
+        }
+        for i, m in enumerate(["warm", "srpo", "nll", "dpo", "step_dpo", "rft"])
+    }
     return {"cell": asdict(cell), "key": cell.key, "settings": _jsonable(asdict(settings)), "models": models}
 
 
@@ -206,7 +259,10 @@ def test_a_resumed_study_runs_only_the_missing_cells(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished_cells"] == summary["expected_cells"] == 4
     by_cov = {c["coverage"]: c for c in summary["cells"]}
-    assert by_cov[1.0]["metrics"]["attack_success"]["stats"]["srpo"]["values"] == [8.0, 9.0]  # seeds 7, 8 (+1 per method index)
+    assert by_cov[1.0]["metrics"]["attack_success"]["stats"]["srpo"]["values"] == [
+        8.0,
+        9.0,
+    ]  # seeds 7, 8 (+1 per method index)
     assert "Study results (complete)" in (out / "summary.md").read_text()
 
     ran.clear()  # a third run has nothing to do
@@ -274,7 +330,9 @@ def test_srpo_verdict_and_paired_differences():
 
     assert srpo_verdict(decide({"srpo": interval([0, 0, 0]), "nll": interval([5, 6, 7])}, True)) == "wins"
     assert srpo_verdict(decide({"srpo": interval([5, 6, 7]), "nll": interval([0, 0, 0])}, True)) == "loses"
-    assert srpo_verdict(decide({"srpo": interval([0, 0, 3]), "nll": interval([2, 2, 2])}, True)) == "ties"  # wide interval
+    assert (
+        srpo_verdict(decide({"srpo": interval([0, 0, 3]), "nll": interval([2, 2, 2])}, True)) == "ties"
+    )  # wide interval
     # best NLL's interval excludes SRPO but holds RFT: no winner, SRPO outside the tie
     tie = decide({"nll": interval([1, 2, 3]), "rft": interval([2, 2, 2]), "srpo": interval([9, 9, 9])}, True)
     assert tie["winner"] is None and srpo_verdict(tie) == "loses"
@@ -289,7 +347,9 @@ def test_a_grid_over_noise_gets_one_chart_per_metric_and_noise(tmp_path, monkeyp
 
     monkeypatch.setattr(study, "run_cell", lambda out_, cell, s: _fake_line(cell, s, 10.0 * cell.noise + cell.seed))
     out = tmp_path / "s"
-    assert study.main(["--grid", "coverage=1,0.5", "noise=0,0.2", "seeds=1,2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        study.main(["--grid", "coverage=1,0.5", "noise=0,0.2", "seeds=1,2", "--out", str(out), "--no-progress"]) == 0
+    )
     for key, _, _ in study.METRICS:
         for noise in ("0", "0.2"):
             assert (out / f"chart_{key}_noise{noise}_samples8.png").read_bytes()[:4] == b"\x89PNG"

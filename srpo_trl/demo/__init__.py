@@ -10,8 +10,25 @@ Design and results: docs/demo.md and docs/study.md.
 """
 
 from .report import check_claims, format_table, summarize_seeds
-from .run import Budget, build_model, clone_model, dpo_rows, main, train_method
-from .run import _quiet_libraries  # noqa: F401  (tests check the demo restores library logging)
+from .run import (
+    Budget,
+    _quiet_libraries,  # noqa: F401  (tests check the demo restores library logging)
+    build_model,
+    clone_model,
+    dpo_rows,
+    main,
+    train_method,
+)
 
-__all__ = ["Budget", "build_model", "check_claims", "clone_model", "dpo_rows", "format_table", "main", "summarize_seeds",
-           "train_method"]  # fmt: skip
+
+__all__ = [
+    "Budget",
+    "build_model",
+    "check_claims",
+    "clone_model",
+    "dpo_rows",
+    "format_table",
+    "main",
+    "summarize_seeds",
+    "train_method",
+]

@@ -84,11 +84,20 @@ def anchor_rows(explored: list[dict]) -> list[dict]:
 
 
 def _path_rows(record: dict, path: list[str], other_answer: Callable[[dict, list[str]], str]) -> dict:
-    return {"id": str(record["id"]), "prompt": record["prompt"], "images": record.get("images") or [],
-            "prefix": path[:-1], "chosen": path[-1], "rejected": other_answer(record, path), "reference": path}  # fmt: skip
+    return {
+        "id": str(record["id"]),
+        "prompt": record["prompt"],
+        "images": record.get("images") or [],
+        "prefix": path[:-1],
+        "chosen": path[-1],
+        "rejected": other_answer(record, path),
+        "reference": path,
+    }
 
 
-def rft_rows(explored: list[dict], other_answer: Callable[[dict, list[str]], str]) -> tuple[list[dict], dict[str, int]]:
+def rft_rows(
+    explored: list[dict], other_answer: Callable[[dict, list[str]], str]
+) -> tuple[list[dict], dict[str, int]]:
     """Rejection-sampling fine-tuning rows: per exploration line, its given reference (if any) and every
     distinct path ``prefix + continuation`` the verifier passed, as a reference path (a row with
     ``srpo_lambda=0`` trains only its NLL; ``rejected`` = ``other_answer(record, path)`` is scored but

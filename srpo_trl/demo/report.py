@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+
 LABELS = {
     "warm": "base (warm start)",
     "srpo": "SRPO (odds ratio, lambda 0.3)",
@@ -51,13 +52,24 @@ def check_claims(models: dict[str, dict]) -> dict[str, Any]:
     over = {k: _pct(v["metrics"]["over_refusal"]) for k, v in models.items()}
     claims: dict[str, Any] = {}
     if asr.get("srpo") is not None and asr.get("warm") is not None:
-        claims["srpo_asr_at_most_half_of_base"] = {"holds": asr["srpo"] <= 0.5 * asr["warm"], "srpo": asr["srpo"], "base": asr["warm"]}
+        claims["srpo_asr_at_most_half_of_base"] = {
+            "holds": asr["srpo"] <= 0.5 * asr["warm"],
+            "srpo": asr["srpo"],
+            "base": asr["warm"],
+        }
     others = {m: asr[m] for m in ("nll", "dpo", "step_dpo", "rft") if asr.get(m) is not None}
     if asr.get("srpo") is not None and others:
-        claims["srpo_asr_below_other_methods"] = {"holds": all(asr["srpo"] < v for v in others.values()), "srpo": asr["srpo"], **others}
+        claims["srpo_asr_below_other_methods"] = {
+            "holds": all(asr["srpo"] < v for v in others.values()),
+            "srpo": asr["srpo"],
+            **others,
+        }
     if over.get("srpo") is not None and over.get("warm") is not None:
         claims["srpo_over_refusal_within_5_points_of_base"] = {
-            "holds": over["srpo"] - over["warm"] <= 5.0, "srpo": over["srpo"], "base": over["warm"]}  # fmt: skip
+            "holds": over["srpo"] - over["warm"] <= 5.0,
+            "srpo": over["srpo"],
+            "base": over["warm"],
+        }
     return claims
 
 
@@ -131,8 +143,12 @@ def summarize_seeds(paths: list[str | os.PathLike]) -> str:
         runs.append(json.loads(path.read_text(encoding="utf-8")))
     seeds = ", ".join(str(r["seed"]) for r in runs)
     splits = {r["eval_split"] for r in runs}
-    lines = [f"{len(runs)} run(s), seeds {seeds}, split {', '.join(sorted(splits))}: mean ± standard deviation [min-max] over runs", "",
-             "| model | " + " | ".join(title for _, title, _ in TABLE_METRICS) + " |", "|---" * (len(TABLE_METRICS) + 1) + "|"]  # fmt: skip
+    lines = [
+        f"{len(runs)} run(s), seeds {seeds}, split {', '.join(sorted(splits))}: mean ± standard deviation [min-max] over runs",
+        "",
+        "| model | " + " | ".join(title for _, title, _ in TABLE_METRICS) + " |",
+        "|---" * (len(TABLE_METRICS) + 1) + "|",
+    ]
     for label in runs[0]["models"]:
         if label not in LABELS:
             continue
@@ -152,12 +168,19 @@ def summarize_seeds(paths: list[str | os.PathLike]) -> str:
         lines.append(f"- {claim}: holds in {held} of {len(runs)} run(s)")
     ablations = [r["ablation"] for r in runs if r.get("ablation")]
     if ablations:
-        lines += ["", "| srpo_lambda | " + " | ".join(title for _, title, _ in TABLE_METRICS) + " |",
-                  "|---" * (len(TABLE_METRICS) + 1) + "|"]  # fmt: skip
+        lines += [
+            "",
+            "| srpo_lambda | " + " | ".join(title for _, title, _ in TABLE_METRICS) + " |",
+            "|---" * (len(TABLE_METRICS) + 1) + "|",
+        ]
         for lam in sorted(ablations[0], key=float):
             cells = []
             for key, _, _ in TABLE_METRICS:
-                values = [a[lam]["metrics"][key]["pct"] for a in ablations if lam in a and a[lam]["metrics"][key]["pct"] is not None]
+                values = [
+                    a[lam]["metrics"][key]["pct"]
+                    for a in ablations
+                    if lam in a and a[lam]["metrics"][key]["pct"] is not None
+                ]
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f"{statistics.mean(values):.1f} ± {sd:.1f}" if values else "n/a")
             lines.append(f"| {lam} | " + " | ".join(cells) + " |")

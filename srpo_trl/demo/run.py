@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import LABELS, TABLE_METRICS, _pct, check_claims, format_table, plot_ablation, plot_chart, summarize_seeds
+from .report import LABELS, _pct, check_claims, format_table, plot_ablation, plot_chart, summarize_seeds
+
 
 METHODS = ("srpo", "nll", "dpo", "step_dpo")  # what `srpo-trl demo` trains by default
 ALL_METHODS = (*METHODS, "rft")  # `--methods` / the study add rejection-sampling fine-tuning
@@ -92,8 +93,8 @@ def build_model(seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2
     """A tiny ``Qwen2_5_VLForConditionalGeneration`` built from a config (:func:`srpo_trl.tiny.tiny_qwen2_5_vl`)
     with a tokenizer trained on the task's text, so a reasoning step is about ten tokens, and the
     image-only processor (a 28x28 image is one merged image token)."""
-    from . import task
     from ..tiny import build_tokenizer, tiny_qwen2_5_vl
+    from . import task
 
     tok = build_tokenizer(corpus=task.corpus(), vocab_size=vocab_size)
     return tiny_qwen2_5_vl(seed, hidden_size, num_hidden_layers, tokenizer=tok)
@@ -104,7 +105,9 @@ def build_model(seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2
 # ----------------------------------------------------------------------------------------------
 
 
-def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: bool, progress: bool = True) -> dict[str, Any]:
+def build_data(
+    out: Path, budget: Budget, seed: int, eval_split: str, quick: bool, progress: bool = True
+) -> dict[str, Any]:
     """Records of every split (images written under ``out/data/images``) and the warm-start rows."""
     from tqdm.auto import tqdm
 
@@ -129,9 +132,20 @@ def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: boo
             renders = task.make_records([(o, r)], budget.warm_renders, images, seed + 1, split="warm")
             for rec, (path, style) in zip(renders, paths):
                 styles[f"{style}/{'unsafe' if rec['unsafe'] else 'benign'}"] += 1
-                other = task.helpful_answer(r) if path[-1].startswith("Answer: I cannot") else task.refusal_answer(o, r)
-                warm_rows.append({"id": rec["id"], "prompt": rec["prompt"], "images": rec["images"], "prefix": path[:-1],
-                                  "chosen": path[-1], "rejected": other, "reference": path})  # fmt: skip
+                other = (
+                    task.helpful_answer(r) if path[-1].startswith("Answer: I cannot") else task.refusal_answer(o, r)
+                )
+                warm_rows.append(
+                    {
+                        "id": rec["id"],
+                        "prompt": rec["prompt"],
+                        "images": rec["images"],
+                        "prefix": path[:-1],
+                        "chosen": path[-1],
+                        "rejected": other,
+                        "reference": path,
+                    }
+                )
         bar.update(1)
     if quick:  # a third of the train combinations are explored (every cell still has unsafe ones)
         explore_records = explore_records[::3]
@@ -161,11 +175,24 @@ def build_data(out: Path, budget: Budget, seed: int, eval_split: str, quick: boo
 
 def _train_args(out: Path, name: str, steps: int, lr: float, budget: Budget, seed: int, **extra):
     common = dict(
-        output_dir=str(out / "train" / name), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        max_steps=steps, per_device_train_batch_size=budget.batch_size, learning_rate=lr, lr_scheduler_type="linear",
-        warmup_steps=0, logging_steps=max(1, steps // 10), max_length=None, seed=seed, data_seed=seed,
-        gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(out / "train" / name),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        max_steps=steps,
+        per_device_train_batch_size=budget.batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=max(1, steps // 10),
+        max_length=None,
+        seed=seed,
+        data_seed=seed,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     common.update(extra)
     return common
 
@@ -218,7 +245,9 @@ def warm_start(model, processor, rows: list[dict], budget: Budget, out: Path, se
     from .. import SRPOConfig, SRPOTrainer, StepPairDataset
 
     config = SRPOConfig(**_srpo_args(out, "warm", budget.warm_steps, budget.warm_lr, budget, seed, srpo_lambda=0.0))
-    trainer = SRPOTrainer(model=model, args=config, train_dataset=StepPairDataset.from_list(rows), processing_class=processor)
+    trainer = SRPOTrainer(
+        model=model, args=config, train_dataset=StepPairDataset.from_list(rows), processing_class=processor
+    )
     start = time.time()
     _fit(trainer, "warm start", progress)
     model.eval()
@@ -248,17 +277,29 @@ def dpo_rows(pairs) -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
-        rows.append({
-            "prompt": [{"role": "user", "content": row["prompt"]}],
-            "images": [load_image(im) for im in row["images"]],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "images": [load_image(im) for im in row["images"]],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return rows
 
 
-def train_method(method: str, warm, processor, pairs, budget: Budget, out: Path, seed: int, progress: bool,
-                 srpo_lambda: float = 0.3, name: str | None = None):  # fmt: skip
+def train_method(
+    method: str,
+    warm,
+    processor,
+    pairs,
+    budget: Budget,
+    out: Path,
+    seed: int,
+    progress: bool,
+    srpo_lambda: float = 0.3,
+    name: str | None = None,
+):
     """A copy of the warm model trained with ``method`` on ``pairs`` (for ``nll`` and ``rft`` the rows of
     :func:`method_datasets`); returns (model, summary)."""
     from datasets import Dataset
@@ -271,9 +312,16 @@ def train_method(method: str, warm, processor, pairs, budget: Budget, out: Path,
     start = time.time()
     if method == "dpo":
         rows = dpo_rows(pairs)
-        config = DPOConfig(**_train_args(out, name, budget.train_steps, budget.train_lr, budget, seed, beta=budget.beta))
-        trainer = DPOTrainer(model=model, ref_model=clone_model(warm).eval(), args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=processor)  # fmt: skip
+        config = DPOConfig(
+            **_train_args(out, name, budget.train_steps, budget.train_lr, budget, seed, beta=budget.beta)
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=clone_model(warm).eval(),
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=processor,
+        )
     else:
         extra: dict[str, Any] = {"srpo_lambda": srpo_lambda}
         if method in ("nll", "rft"):  # NLL only: on the references / on the verifier-passed paths
@@ -335,7 +383,11 @@ def exploration_verifier(budget: Budget, seed: int):
     """The task's exact verifier, with ``budget.verifier_noise`` of its verdicts flipped."""
     from .regime import NoisyVerifier
 
-    return "synthetic-exact" if budget.verifier_noise == 0 else NoisyVerifier("synthetic-exact", budget.verifier_noise, seed)
+    return (
+        "synthetic-exact"
+        if budget.verifier_noise == 0
+        else NoisyVerifier("synthetic-exact", budget.verifier_noise, seed)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,11 +400,24 @@ def evaluate_model(model, processor, items, label: str, out: Path, budget: Budge
     from ..evaluation import EvalConfig, evaluate
     from .task import SyntheticJudge
 
-    config = EvalConfig(samples=budget.eval_samples, temperature=budget.eval_temperature, max_new_tokens=budget.max_new_tokens,
-                        seed=seed, batch_size=32)  # fmt: skip
+    config = EvalConfig(
+        samples=budget.eval_samples,
+        temperature=budget.eval_temperature,
+        max_new_tokens=budget.max_new_tokens,
+        seed=seed,
+        batch_size=32,
+    )
     backend = TransformersBackend(model, processor, batch_size=config.batch_size * config.samples, show_progress=False)
-    return evaluate(items, backend, SyntheticJudge(), config, label=label, state_dir=out / "eval" / "runs" / label,
-                    model_info={"model": LABELS.get(label, label)}, progress=progress)  # fmt: skip
+    return evaluate(
+        items,
+        backend,
+        SyntheticJudge(),
+        config,
+        label=label,
+        state_dir=out / "eval" / "runs" / label,
+        model_info={"model": LABELS.get(label, label)},
+        progress=progress,
+    )
 
 
 def summarize_run(run) -> dict[str, Any]:
@@ -379,7 +444,9 @@ def _parse_lambdas(text: str | None) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"srpo-trl demo: --ablate-lambda takes comma-separated numbers (e.g. 0,0.3,0.9), got {text!r}") from None
+        raise SystemExit(
+            f"srpo-trl demo: --ablate-lambda takes comma-separated numbers (e.g. 0,0.3,0.9), got {text!r}"
+        ) from None
     if any(v < 0 for v in values):
         raise SystemExit(f"srpo-trl demo: --ablate-lambda values must be >= 0, got {text!r}")
     return values
@@ -428,7 +495,14 @@ def _clean(out: Path) -> None:
     """Remove what an earlier demo run left in ``out`` (only the demo's own files and folders)."""
     for name in ("data", "train", "eval"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("explored.jsonl", "explored.jsonl.meta.json", "pairs.jsonl", "results.json", "demo_chart.png", "lambda_ablation.png"):
+    for name in (
+        "explored.jsonl",
+        "explored.jsonl.meta.json",
+        "pairs.jsonl",
+        "results.json",
+        "demo_chart.png",
+        "lambda_ablation.png",
+    ):
         (out / name).unlink(missing_ok=True)
 
 
@@ -437,25 +511,60 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and every stage (default 0)")
     parser.add_argument("--quick", action="store_true", help="a smaller run (CI): under 3 minutes on 2 CPU cores")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--ablate-lambda", default=None, metavar="L1,L2,...",
-                        help="also train SRPO with each lambda and plot ASR / over-refusal against it (e.g. 0,0.3,0.9)")  # fmt: skip
-    parser.add_argument("--eval-split", choices=("test", "val"), default="test",
-                        help="test: the unseen combinations (default); val: a carve-out of train, for tuning")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the model is so small that more threads mostly wait on each other)")  # fmt: skip
-    parser.add_argument("--reference-coverage", type=float, default=1.0, metavar="F",
-                        help="share of training records that carry a verified reference path (default 1.0); the others "
-                             "explore from a verified path of their own and their pairs are anchored on prefix + chosen")  # fmt: skip
-    parser.add_argument("--samples-per-point", type=int, default=None, metavar="N",
-                        help="continuations sampled per branch point (default 8; 6 with --quick)")  # fmt: skip
-    parser.add_argument("--verifier-noise", type=float, default=0.0, metavar="F",
-                        help="share of the exploration verifier's verdicts flipped, seeded (default 0)")  # fmt: skip
-    parser.add_argument("--methods", default=",".join(METHODS), metavar="M1,M2,...",
-                        help=f"methods to train, from {','.join(ALL_METHODS)} (default {','.join(METHODS)}; rft: "
-                             "rejection-sampling fine-tuning)")  # fmt: skip
+    parser.add_argument(
+        "--ablate-lambda",
+        default=None,
+        metavar="L1,L2,...",
+        help="also train SRPO with each lambda and plot ASR / over-refusal against it (e.g. 0,0.3,0.9)",
+    )
+    parser.add_argument(
+        "--eval-split",
+        choices=("test", "val"),
+        default="test",
+        help="test: the unseen combinations (default); val: a carve-out of train, for tuning",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the model is so small that more threads mostly wait on each other)",
+    )
+    parser.add_argument(
+        "--reference-coverage",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="share of training records that carry a verified reference path (default 1.0); the others "
+        "explore from a verified path of their own and their pairs are anchored on prefix + chosen",
+    )
+    parser.add_argument(
+        "--samples-per-point",
+        type=int,
+        default=None,
+        metavar="N",
+        help="continuations sampled per branch point (default 8; 6 with --quick)",
+    )
+    parser.add_argument(
+        "--verifier-noise",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of the exploration verifier's verdicts flipped, seeded (default 0)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        metavar="M1,M2,...",
+        help=f"methods to train, from {','.join(ALL_METHODS)} (default {','.join(METHODS)}; rft: "
+        "rejection-sampling fine-tuning)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--summarize", nargs="+", metavar="OUT",
-                        help="only print mean and spread over earlier runs' --out folders (e.g. one per seed), then exit")  # fmt: skip
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="OUT",
+        help="only print mean and spread over earlier runs' --out folders (e.g. one per seed), then exit",
+    )
     args = parser.parse_args(argv)
     if args.summarize:
         print(summarize_seeds(args.summarize))
@@ -466,7 +575,9 @@ def main(argv=None) -> int:
         if not 0.0 <= value <= 1.0:
             raise SystemExit(f"srpo-trl demo: {flag} must be between 0 and 1, got {value}")
     if args.samples_per_point is not None and args.samples_per_point < 2:
-        raise SystemExit(f"srpo-trl demo: --samples-per-point must be at least 2 (a pair needs two samples), got {args.samples_per_point}")
+        raise SystemExit(
+            f"srpo-trl demo: --samples-per-point must be at least 2 (a pair needs two samples), got {args.samples_per_point}"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -489,13 +600,14 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     from tqdm.auto import tqdm
 
     from .. import StepPairDataset
-    from . import task
     from ..backends import TransformersBackend
     from ..evaluation import write_report
     from ..exploration import explore
+    from . import task
 
-    budget = Budget(**(QUICK if args.quick else {}), reference_coverage=args.reference_coverage,
-                    verifier_noise=args.verifier_noise)  # fmt: skip
+    budget = Budget(
+        **(QUICK if args.quick else {}), reference_coverage=args.reference_coverage, verifier_noise=args.verifier_noise
+    )
     if args.samples_per_point is not None:
         budget.num_samples = args.samples_per_point
     methods = args.methods
@@ -519,14 +631,18 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     data = build_data(out, budget, args.seed, args.eval_split, args.quick)
     model, processor = build_model(args.seed, budget.hidden_size, budget.num_hidden_layers, budget.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"Tiny Qwen2.5-VL: {n_params:,} parameters (hidden {budget.hidden_size}, {budget.num_hidden_layers} layers), "
-         f"vocabulary {len(processor.tokenizer)}; {len(data['warm_rows'])} warm-start paths {data['warm_styles']}")  # fmt: skip
+    _log(
+        f"Tiny Qwen2.5-VL: {n_params:,} parameters (hidden {budget.hidden_size}, {budget.num_hidden_layers} layers), "
+        f"vocabulary {len(processor.tokenizer)}; {len(data['warm_rows'])} warm-start paths {data['warm_styles']}"
+    )
     done("1. task and model")
 
     # 2. warm start
     stage("2. warm start (SFT)")
     warm_summary = warm_start(model, processor, data["warm_rows"], budget, out, args.seed, progress)
-    _log(f"warm start: {warm_summary['steps']} steps in {warm_summary['seconds']} s, loss {warm_summary['first'].get('loss', float('nan')):.3f} -> {warm_summary['last'].get('loss', float('nan')):.3f}")
+    _log(
+        f"warm start: {warm_summary['steps']} steps in {warm_summary['seconds']} s, loss {warm_summary['first'].get('loss', float('nan')):.3f} -> {warm_summary['last'].get('loss', float('nan')):.3f}"
+    )
     done("2. warm start (SFT)")
 
     # 3. exploration and pairs
@@ -534,10 +650,20 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     backend = TransformersBackend(model, processor, batch_size=64, show_progress=False)
     explored_path = out / "explored.jsonl"
     summary = explore(
-        str(data["explore_path"]), backend, exploration_verifier(budget, args.seed), num_samples=budget.num_samples, temperature=0.5,
-        max_new_tokens=budget.max_new_tokens, branch_points="all", max_pairs_per_point=budget.max_pairs_per_point,
-        seed=args.seed, out=explored_path, overwrite=True, show_progress=progress, print_summary=True,
-    )  # fmt: skip
+        str(data["explore_path"]),
+        backend,
+        exploration_verifier(budget, args.seed),
+        num_samples=budget.num_samples,
+        temperature=0.5,
+        max_new_tokens=budget.max_new_tokens,
+        branch_points="all",
+        max_pairs_per_point=budget.max_pairs_per_point,
+        seed=args.seed,
+        out=explored_path,
+        overwrite=True,
+        show_progress=progress,
+        print_summary=True,
+    )
     explored = read_explored(explored_path)
     pairs = StepPairDataset.from_exploration(explored, max_pairs_per_point=budget.max_pairs_per_point, seed=args.seed)
     pairs.to_jsonl(out / "pairs.jsonl")
@@ -549,7 +675,9 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
         "from_unsafe_records": sum(1 for i in pairs["id"] if i in unsafe_ids),
         "report": pairs.report,
     }
-    _log(f"step pairs: {len(pairs)} (by branch point {pair_info['by_branch_point']}; {pair_info['from_unsafe_records']} from unsafe items)")
+    _log(
+        f"step pairs: {len(pairs)} (by branch point {pair_info['by_branch_point']}; {pair_info['from_unsafe_records']} from unsafe items)"
+    )
     done("3. exploration")
 
     # 4. training, the same budget each
@@ -565,15 +693,27 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
         runs_to_train.append(("srpo", f"srpo_lambda_{_lam_key(lam)}", lam))
     for method, name, lam in tqdm(runs_to_train, desc="train methods", unit="model", disable=not progress):
         _log(f"--- {name} ---")
-        trained[name], train_info[name] = train_method(method, warm, processor, datasets.get(method, pairs), budget, out, args.seed, progress,
-                                                       srpo_lambda=lam, name=name)  # fmt: skip
+        trained[name], train_info[name] = train_method(
+            method,
+            warm,
+            processor,
+            datasets.get(method, pairs),
+            budget,
+            out,
+            args.seed,
+            progress,
+            srpo_lambda=lam,
+            name=name,
+        )
     done("4. training")
 
     # 5. evaluation
     stage("5. evaluation")
     items = task.to_eval_items(data["eval_records"])
     runs, models = [], {}
-    for label, mdl in tqdm([("warm", warm), *trained.items()], desc="evaluate models", unit="model", disable=not progress):
+    for label, mdl in tqdm(
+        [("warm", warm), *trained.items()], desc="evaluate models", unit="model", disable=not progress
+    ):
         run = evaluate_model(mdl, processor, items, label, out, budget, args.seed, progress)
         runs.append(run)
         models[label] = {"metrics": summarize_run(run), "train": train_info.get(label, warm_summary)}
@@ -583,23 +723,39 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
     # 6. outputs
     stage("6. results")
     main_models = {k: models[k] for k in ("warm", *methods)}
-    split_name = "test split: unseen combinations" if args.eval_split == "test" else "validation split (carved from train)"
+    split_name = (
+        "test split: unseen combinations" if args.eval_split == "test" else "validation split (carved from train)"
+    )
     table = format_table(main_models)
-    _log(f"\nResults on the {split_name} ({len(items)} items, {budget.eval_samples} samples each, majority vote):\n{table}")
+    _log(
+        f"\nResults on the {split_name} ({len(items)} items, {budget.eval_samples} samples each, majority vote):\n{table}"
+    )
     claims = check_claims(main_models)
     for name, c in claims.items():
-        _log(f"  claim {name}: {'HOLDS' if c['holds'] else 'does NOT hold'} ({', '.join(f'{k} {v:.1f}' for k, v in c.items() if k != 'holds')})")
-    chart = plot_chart(main_models, out / "demo_chart.png", f"SRPO demo (seed {args.seed}{', quick' if args.quick else ''}): {split_name}")
+        _log(
+            f"  claim {name}: {'HOLDS' if c['holds'] else 'does NOT hold'} ({', '.join(f'{k} {v:.1f}' for k, v in c.items() if k != 'holds')})"
+        )
+    chart = plot_chart(
+        main_models,
+        out / "demo_chart.png",
+        f"SRPO demo (seed {args.seed}{', quick' if args.quick else ''}): {split_name}",
+    )
     ablation = {}
     ablation_chart = None
     if lambdas:
         for lam in sorted(set(lambdas)):
             key = "nll" if lam == 0 else "srpo" if lam == 0.3 else f"srpo_lambda_{_lam_key(lam)}"
             ablation[_lam_key(lam)] = models[key]
-        ablation_chart = plot_ablation(ablation, out / "lambda_ablation.png", f"SRPO lambda ablation (seed {args.seed})")
-        _log("\nLambda ablation: " + "; ".join(
-            f"lambda {lam}: ASR {_pct(m['metrics']['attack_success']):.1f}%, over-refusal {_pct(m['metrics']['over_refusal']):.1f}%"
-            for lam, m in ablation.items()))  # fmt: skip
+        ablation_chart = plot_ablation(
+            ablation, out / "lambda_ablation.png", f"SRPO lambda ablation (seed {args.seed})"
+        )
+        _log(
+            "\nLambda ablation: "
+            + "; ".join(
+                f"lambda {lam}: ASR {_pct(m['metrics']['attack_success']):.1f}%, over-refusal {_pct(m['metrics']['over_refusal']):.1f}%"
+                for lam, m in ablation.items()
+            )
+        )
     done("6. results")
     timing["total"] = round(time.time() - t_start, 1)
     results = {
@@ -611,11 +767,19 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
         "command": "srpo-trl demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "task": task.describe_task(),
         "budget": asdict(budget),
-        "model": {"architecture": "Qwen2_5_VLForConditionalGeneration", "parameters": n_params,
-                  "vocabulary": len(processor.tokenizer)},  # fmt: skip
-        "data": {"train_combinations": data["train_combinations"], "eval_combinations": data["eval_combinations"],
-                 "eval_items": len(items), "explore_records": len(data["explore_records"]),
-                 "warm_start_paths": len(data["warm_rows"]), "warm_start_styles": data["warm_styles"]},  # fmt: skip
+        "model": {
+            "architecture": "Qwen2_5_VLForConditionalGeneration",
+            "parameters": n_params,
+            "vocabulary": len(processor.tokenizer),
+        },
+        "data": {
+            "train_combinations": data["train_combinations"],
+            "eval_combinations": data["eval_combinations"],
+            "eval_items": len(items),
+            "explore_records": len(data["explore_records"]),
+            "warm_start_paths": len(data["warm_rows"]),
+            "warm_start_styles": data["warm_styles"],
+        },
         "warm_start": warm_summary,
         "exploration": {k: v for k, v in summary.items() if k not in ("results", "failures")},
         "pairs": pair_info,
@@ -625,13 +789,19 @@ def _run(args, argv, lambdas: list[float], progress: bool) -> int:
         "ablation": ablation,
         "timing_s": timing,
         "paths": {
-            "results": str(out / "results.json"), "chart": str(chart), "ablation_chart": str(ablation_chart) if ablation_chart else None,
-            "report": str(report_paths["json"]), "report_markdown": str(report_paths["markdown"]),
-            "explored": str(explored_path), "pairs": str(out / "pairs.jsonl"),
-        },  # fmt: skip
+            "results": str(out / "results.json"),
+            "chart": str(chart),
+            "ablation_chart": str(ablation_chart) if ablation_chart else None,
+            "report": str(report_paths["json"]),
+            "report_markdown": str(report_paths["markdown"]),
+            "explored": str(explored_path),
+            "pairs": str(out / "pairs.jsonl"),
+        },
     }
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    _log(f"\nDone in {timing['total']:.0f} s. Results: {out / 'results.json'}; chart: {chart}"
-         + (f"; lambda ablation: {ablation_chart}" if ablation_chart else "")
-         + f"; full evaluation report: {report_paths['markdown']}")  # fmt: skip
+    _log(
+        f"\nDone in {timing['total']:.0f} s. Results: {out / 'results.json'}; chart: {chart}"
+        + (f"; lambda ablation: {ablation_chart}" if ablation_chart else "")
+        + f"; full evaluation report: {report_paths['markdown']}"
+    )
     return 0

@@ -33,6 +33,7 @@ from typing import Any
 
 from .report import LABELS
 
+
 STUDY_FORMAT = "srpo_trl.study/1"
 STUDY_METHODS = ("srpo", "nll", "dpo", "step_dpo", "rft")
 ABLATION_LAMBDAS = (0.0, 0.9)  # extra SRPO arms (lambda 0.3 is "srpo") ...
@@ -51,7 +52,9 @@ QUICK_GRID = {"coverage": [0.25], "noise": [0.0], "samples": [4], "seeds": [0]} 
 # tried), half the test renders.
 STUDY_BUDGET = dict(warm_renders=6, warm_steps=250, explore_renders=1, train_steps=30, eval_renders=2)
 # The quick cell's budget: CI only (a 64-wide model, fewer warm-start steps than the demo's --quick): about 80 s of CPU
-QUICK_BUDGET = dict(hidden_size=64, warm_renders=6, warm_steps=160, explore_renders=1, num_samples=4, train_steps=10, eval_renders=1)
+QUICK_BUDGET = dict(
+    hidden_size=64, warm_renders=6, warm_steps=160, explore_renders=1, num_samples=4, train_steps=10, eval_renders=1
+)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,9 @@ def parse_grid(tokens: list[str] | None, quick: bool) -> dict[str, list]:
     for token in tokens or []:
         name, _, values = token.partition("=")
         if name not in grid or not values:
-            raise SystemExit(f"srpo-trl study: --grid takes AXIS=V1,V2 with AXIS one of {', '.join(grid)}; got {token!r}")
+            raise SystemExit(
+                f"srpo-trl study: --grid takes AXIS=V1,V2 with AXIS one of {', '.join(grid)}; got {token!r}"
+            )
         try:
             if name == "seeds" and "-" in values:
                 lo, hi = (int(x) for x in values.split("-"))
@@ -109,7 +114,13 @@ def parse_grid(tokens: list[str] | None, quick: bool) -> dict[str, list]:
 def grid_cells(grid: dict[str, list]) -> list[Cell]:
     """Every cell, ordered so that the first cells of a run belong to different seeds (parallel
     workers then build different seeds' warm starts instead of waiting on one)."""
-    return [Cell(s, c, n, k) for c in grid["coverage"] for n in grid["noise"] for k in grid["samples"] for s in grid["seeds"]]
+    return [
+        Cell(s, c, n, k)
+        for c in grid["coverage"]
+        for n in grid["noise"]
+        for k in grid["samples"]
+        for s in grid["seeds"]
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,10 +146,14 @@ def read_results(path: Path, settings: Settings | None = None, repair: bool = Fa
             except ValueError:
                 if end >= len(data):
                     break
-                raise SystemExit(f"{path}:{i + 1}: not a complete result line; delete the line (its cell is redone) or use a new --out") from None
+                raise SystemExit(
+                    f"{path}:{i + 1}: not a complete result line; delete the line (its cell is redone) or use a new --out"
+                ) from None
             if settings is not None and obj.get("settings") != _jsonable(asdict(settings)):
-                raise SystemExit(f"{path}:{i + 1}: this cell was run with other settings ({obj.get('settings')}); "
-                                 "use a new --out (or the same --quick and budget as before)")  # fmt: skip
+                raise SystemExit(
+                    f"{path}:{i + 1}: this cell was run with other settings ({obj.get('settings')}); "
+                    "use a new --out (or the same --quick and budget as before)"
+                )
             out.append(obj)
             keep = min(end, len(data))
         pos = end
@@ -199,7 +214,9 @@ def _seed_state(out: Path, cell: Cell, budget, quick: bool) -> dict[str, Any]:
     work = out / "work" / f"seed{cell.seed}"
     with _locked(work / ".lock"):
         # deterministic: the same images and records every time; every record keeps its reference here
-        data = run.build_data(work, dataclasses.replace(budget, reference_coverage=1.0), cell.seed, "test", quick, progress=False)
+        data = run.build_data(
+            work, dataclasses.replace(budget, reference_coverage=1.0), cell.seed, "test", quick, progress=False
+        )
         model, processor = run.build_model(cell.seed, budget.hidden_size, budget.num_hidden_layers, budget.vocab_size)
         warm_file, warm_info = work / "warm.pt", work / "warm.json"
         if warm_file.exists() and warm_info.exists():
@@ -219,14 +236,28 @@ def _seed_state(out: Path, cell: Cell, budget, quick: bool) -> dict[str, Any]:
             path = work / name
             done = work / (name + ".done")
             if not done.exists():
-                records = data["explore_records"] if source == "given" else [
-                    {k: v for k, v in r.items() if k != "reference"} for r in data["explore_records"]]  # fmt: skip
+                records = (
+                    data["explore_records"]
+                    if source == "given"
+                    else [{k: v for k, v in r.items() if k != "reference"} for r in data["explore_records"]]
+                )
                 records_path = task.write_records(records, work / "data" / f"train_records_{source}.jsonl")
                 backend = TransformersBackend(model, processor, batch_size=64, show_progress=False)
-                explore(str(records_path), backend, run.exploration_verifier(budget, cell.seed), num_samples=cell.samples,
-                        temperature=0.5, max_new_tokens=budget.max_new_tokens, branch_points="all",
-                        max_pairs_per_point=budget.max_pairs_per_point, seed=cell.seed, out=path, overwrite=True,
-                        show_progress=False, print_summary=False)  # fmt: skip
+                explore(
+                    str(records_path),
+                    backend,
+                    run.exploration_verifier(budget, cell.seed),
+                    num_samples=cell.samples,
+                    temperature=0.5,
+                    max_new_tokens=budget.max_new_tokens,
+                    branch_points="all",
+                    max_pairs_per_point=budget.max_pairs_per_point,
+                    seed=cell.seed,
+                    out=path,
+                    overwrite=True,
+                    show_progress=False,
+                    print_summary=False,
+                )
                 done.write_text("ok", encoding="utf-8")
             explored[source] = run.read_explored(path)
     return {"data": data, "model": model, "processor": processor, "warm_summary": warm_summary, "explored": explored}
@@ -245,8 +276,13 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
     budget.reference_coverage, budget.verifier_noise, budget.num_samples = cell.coverage, cell.noise, cell.samples
     state = _seed_state(out, cell, budget, settings.quick)
     data, warm, processor = state["data"], state["model"], state["processor"]
-    covered = {r["id"] for r in regime.cover_references(data["explore_records"], cell.coverage, cell.seed) if "reference" in r}
-    explored = [g if g["id"] in covered else o for g, o in zip(state["explored"]["given"], state["explored"]["own"], strict=True)]
+    covered = {
+        r["id"] for r in regime.cover_references(data["explore_records"], cell.coverage, cell.seed) if "reference" in r
+    }
+    explored = [
+        g if g["id"] in covered else o
+        for g, o in zip(state["explored"]["given"], state["explored"]["own"], strict=True)
+    ]
     assert all(g["id"] == o["id"] for g, o in zip(state["explored"]["given"], state["explored"]["own"]))
     cell_dir = out / "work" / "cells" / cell.key.replace(" ", "_").replace("=", "")
     shutil.rmtree(cell_dir, ignore_errors=True)  # a cell killed half-way starts over (no stale evaluation state)
@@ -261,10 +297,22 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
     models["warm"] = run.summarize_run(run_)
     for method, name, lam in arms:
         torch.manual_seed(cell.seed)
-        model, summary = run.train_method(method, warm, processor, datasets.get(method, pairs), budget, cell_dir, cell.seed, False,
-                                          srpo_lambda=lam, name=name)  # fmt: skip
+        model, summary = run.train_method(
+            method,
+            warm,
+            processor,
+            datasets.get(method, pairs),
+            budget,
+            cell_dir,
+            cell.seed,
+            False,
+            srpo_lambda=lam,
+            name=name,
+        )
         train[name] = {k: summary[k] for k in ("steps", "rows", "seconds")} | {"last": summary["last"]}
-        models[name] = run.summarize_run(run.evaluate_model(model, processor, items, name, cell_dir, budget, cell.seed, False))
+        models[name] = run.summarize_run(
+            run.evaluate_model(model, processor, items, name, cell_dir, budget, cell.seed, False)
+        )
         del model
     unsafe = {r["id"] for r in data["explore_records"] if r["unsafe"]}
     return {
@@ -285,8 +333,10 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
         },
         "warm_start": state["warm_summary"],
         "train": train,
-        "models": {name: {k: m[k] for k in ("attack_success", "over_refusal", "safe_and_effective", "path_safe_unsafe")}
-                   for name, m in models.items()},  # fmt: skip
+        "models": {
+            name: {k: m[k] for k in ("attack_success", "over_refusal", "safe_and_effective", "path_safe_unsafe")}
+            for name, m in models.items()
+        },
         "seconds": round(time.time() - start, 1),
     }
 
@@ -303,7 +353,9 @@ def _worker(out: str, cell: Cell, settings: Settings, results: str) -> tuple[str
             line = run_cell(Path(out), cell, settings)
     except Exception as exc:  # noqa: BLE001  (reported with its traceback, never dropped)
         error = f"{type(exc).__name__}: {exc}"
-        append_result(Path(out) / "failures.jsonl", {"key": cell.key, "error": error, "traceback": traceback.format_exc()})
+        append_result(
+            Path(out) / "failures.jsonl", {"key": cell.key, "error": error, "traceback": traceback.format_exc()}
+        )
         return cell.key, error
     append_result(Path(results), line)
     return cell.key, None
@@ -335,8 +387,14 @@ def decide(stats: dict[str, dict], lower_is_better: bool) -> dict[str, Any]:
     best, runner = order[0], order[1]
     b, r = stats[best], stats[runner]
     excludes = b["n"] >= 2 and (b["high"] < r["mean"] if lower_is_better else b["low"] > r["mean"])
-    return {"best": best, "runner_up": runner, "winner": best if excludes else None,
-            "tied": [m for m in order if not (b["high"] < stats[m]["mean"] if lower_is_better else b["low"] > stats[m]["mean"])]}  # fmt: skip
+    return {
+        "best": best,
+        "runner_up": runner,
+        "winner": best if excludes else None,
+        "tied": [
+            m for m in order if not (b["high"] < stats[m]["mean"] if lower_is_better else b["low"] > stats[m]["mean"])
+        ],
+    }
 
 
 def summarize(lines: list[dict], methods: list[str]) -> dict[str, Any]:
@@ -349,8 +407,13 @@ def summarize(lines: list[dict], methods: list[str]) -> dict[str, Any]:
     cells = []
     for (coverage, noise, samples), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
         group = sorted(group, key=lambda g: g["cell"]["seed"])  # values in seed order: paired across methods
-        entry = {"coverage": coverage, "noise": noise, "samples": samples, "seeds": sorted(g["cell"]["seed"] for g in group),
-                 "metrics": {}}  # fmt: skip
+        entry = {
+            "coverage": coverage,
+            "noise": noise,
+            "samples": samples,
+            "seeds": sorted(g["cell"]["seed"] for g in group),
+            "metrics": {},
+        }
         for key, _, lower in METRICS:
             stats = {}
             for name in group[0]["models"]:
@@ -359,8 +422,12 @@ def summarize(lines: list[dict], methods: list[str]) -> dict[str, Any]:
                     stats[name] = interval(values) | {"values": values}
             ranked = {m: stats[m] for m in methods if m in stats}
             decision = decide(ranked, lower) if len(ranked) > 1 else None
-            entry["metrics"][key] = {"stats": stats, "decision": decision, "srpo": srpo_verdict(decision),
-                                     "srpo_minus": paired_differences(group, key, methods)}  # fmt: skip
+            entry["metrics"][key] = {
+                "stats": stats,
+                "decision": decision,
+                "srpo": srpo_verdict(decision),
+                "srpo_minus": paired_differences(group, key, methods),
+            }
         cells.append(entry)
     return {"format": STUDY_FORMAT, "cells": cells, "methods": methods}
 
@@ -381,9 +448,14 @@ def paired_differences(group: list[dict], key: str, methods: list[str]) -> dict[
     for m in methods:
         if m == "srpo":
             continue
-        diffs = [g["models"]["srpo"][key]["pct"] - g["models"][m][key]["pct"] for g in group
-                 if m in g["models"] and "srpo" in g["models"] and g["models"][m][key]["pct"] is not None
-                 and g["models"]["srpo"][key]["pct"] is not None]  # fmt: skip
+        diffs = [
+            g["models"]["srpo"][key]["pct"] - g["models"][m][key]["pct"]
+            for g in group
+            if m in g["models"]
+            and "srpo" in g["models"]
+            and g["models"][m][key]["pct"] is not None
+            and g["models"]["srpo"][key]["pct"] is not None
+        ]
         if diffs:
             out[m] = interval(diffs)
     return out
@@ -398,12 +470,20 @@ def _label(name: str) -> str:
 def summary_markdown(summary: dict) -> str:
     lines = []
     for key, title, lower in METRICS:
-        lines += [f"### {title} ({'lower' if lower else 'higher'} is better)", "",
-                  "mean [95% interval over seeds]; **bold**: wins the cell by the pre-registered rule", ""]  # fmt: skip
+        lines += [
+            f"### {title} ({'lower' if lower else 'higher'} is better)",
+            "",
+            "mean [95% interval over seeds]; **bold**: wins the cell by the pre-registered rule",
+            "",
+        ]
         cells = summary["cells"]
         names = list(dict.fromkeys(n for c in cells for n in c["metrics"][key]["stats"]))  # arms of any cell, in order
-        head = [f"coverage {c['coverage']:g}" + (f", noise {c['noise']:g}" if c["noise"] else "") +
-                (f", {c['samples']} samples" if len({x['samples'] for x in cells}) > 1 else "") for c in cells]  # fmt: skip
+        head = [
+            f"coverage {c['coverage']:g}"
+            + (f", noise {c['noise']:g}" if c["noise"] else "")
+            + (f", {c['samples']} samples" if len({x["samples"] for x in cells}) > 1 else "")
+            for c in cells
+        ]
         lines += ["| model | " + " | ".join(head) + " |", "|---" * (len(cells) + 1) + "|"]
         for name in names:
             row = []
@@ -417,14 +497,22 @@ def summary_markdown(summary: dict) -> str:
         for c in cells:
             d = c["metrics"][key]["decision"]
             if d:
-                verdict = (f"{_label(d['winner'])} wins" if d["winner"] else
-                           f"no winner: {', '.join(_label(m) for m in d['tied'])} tie")  # fmt: skip
-                lines.append(f"- coverage {c['coverage']:g}: {verdict}; SRPO {c['metrics'][key]['srpo']} "
-                             f"(seeds {', '.join(map(str, c['seeds']))})")  # fmt: skip
+                verdict = (
+                    f"{_label(d['winner'])} wins"
+                    if d["winner"]
+                    else f"no winner: {', '.join(_label(m) for m in d['tied'])} tie"
+                )
+                lines.append(
+                    f"- coverage {c['coverage']:g}: {verdict}; SRPO {c['metrics'][key]['srpo']} "
+                    f"(seeds {', '.join(map(str, c['seeds']))})"
+                )
         lines.append("")
-        lines += ["SRPO minus each method, paired by seed (exploratory, not part of the rule): mean [95% interval]", "",
-                  "| SRPO minus | " + " | ".join(f"coverage {c['coverage']:g}" for c in cells) + " |",
-                  "|---" * (len(cells) + 1) + "|"]  # fmt: skip
+        lines += [
+            "SRPO minus each method, paired by seed (exploratory, not part of the rule): mean [95% interval]",
+            "",
+            "| SRPO minus | " + " | ".join(f"coverage {c['coverage']:g}" for c in cells) + " |",
+            "|---" * (len(cells) + 1) + "|",
+        ]
         for m in summary["methods"]:
             if m == "srpo":
                 continue
@@ -452,12 +540,15 @@ def plot_metric(summary: dict, key: str, title: str, path: Path) -> Path:
     pos = {x: i for i, x in enumerate(xs_all)}
     for j, name in enumerate(names):
         off = (j - (len(names) - 1) / 2) * 0.08
-        pts = sorted((pos[c["coverage"]], c["metrics"][key]["stats"][name]) for c in cells if name in c["metrics"][key]["stats"])
+        pts = sorted(
+            (pos[c["coverage"]], c["metrics"][key]["stats"][name]) for c in cells if name in c["metrics"][key]["stats"]
+        )
         xs = [p + off for p, _ in pts]
         means = [s["mean"] for _, s in pts]
         err = [[s["mean"] - max(0.0, s["low"]) for _, s in pts], [min(100.0, s["high"]) - s["mean"] for _, s in pts]]
-        line = ax.errorbar(xs, means, yerr=err, marker="o", capsize=3, label=_label(name),
-                           linestyle="--" if name == "warm" else "-")  # fmt: skip
+        line = ax.errorbar(
+            xs, means, yerr=err, marker="o", capsize=3, label=_label(name), linestyle="--" if name == "warm" else "-"
+        )
         for x, (_, s) in zip(xs, pts):
             ax.scatter([x] * len(s["values"]), s["values"], s=8, alpha=0.5, color=line[0].get_color())
     ax.set_xticks(range(len(xs_all)))
@@ -472,13 +563,18 @@ def plot_metric(summary: dict, key: str, title: str, path: Path) -> Path:
     return path
 
 
-def write_summary(out: Path, lines: list[dict], methods: list[str], expected_cells: int | None = None) -> dict[str, Path]:
+def write_summary(
+    out: Path, lines: list[dict], methods: list[str], expected_cells: int | None = None
+) -> dict[str, Path]:
     summary = summarize(lines, methods)
     summary["finished_cells"] = len(lines)
     summary["expected_cells"] = expected_cells
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    status = ("complete" if expected_cells is None or len(lines) >= expected_cells
-              else f"PARTIAL: {len(lines)} of {expected_cells} cells")  # fmt: skip
+    status = (
+        "complete"
+        if expected_cells is None or len(lines) >= expected_cells
+        else f"PARTIAL: {len(lines)} of {expected_cells} cells"
+    )
     md = f"# Study results ({status})\n\n" + summary_markdown(summary)
     (out / "summary.md").write_text(md, encoding="utf-8")
     paths = {"summary": out / "summary.md", "summary_json": out / "summary.json"}
@@ -488,7 +584,9 @@ def write_summary(out: Path, lines: list[dict], methods: list[str], expected_cel
             sub = dict(summary, cells=[c for c in summary["cells"] if (c["noise"], c["samples"]) == (noise, samples)])
             name = f"chart_{key}" + (f"_noise{noise:g}_samples{samples}" if len(combos) > 1 else "")
             label = f"{title}\nnoise {noise:g}, {samples} samples per branch point"
-            paths[name] = plot_metric(sub, key, label + (f" ({status})" if status != "complete" else ""), out / f"{name}.png")
+            paths[name] = plot_metric(
+                sub, key, label + (f" ({status})" if status != "complete" else ""), out / f"{name}.png"
+            )
     return paths
 
 
@@ -499,13 +597,23 @@ def write_summary(out: Path, lines: list[dict], methods: list[str], expected_cel
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="srpo-trl study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", nargs="+", metavar="AXIS=V1,V2",
-                        help="axes coverage, noise, samples, seeds (e.g. seeds=101-105); default: the pre-registered grid")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="the grid's smallest cell at a CI budget (about a minute)")
-    parser.add_argument("--out", default="study_out", help="output folder (default study_out); rerun with it to resume")
+    parser.add_argument(
+        "--grid",
+        nargs="+",
+        metavar="AXIS=V1,V2",
+        help="axes coverage, noise, samples, seeds (e.g. seeds=101-105); default: the pre-registered grid",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the grid's smallest cell at a CI budget (about a minute)"
+    )
+    parser.add_argument(
+        "--out", default="study_out", help="output folder (default study_out); rerun with it to resume"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--summarize", action="store_true", help="only write summary and charts from OUT/results.jsonl")
+    parser.add_argument(
+        "--summarize", action="store_true", help="only write summary and charts from OUT/results.jsonl"
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"srpo-trl study: --jobs must be at least 1, got {args.jobs}")
@@ -516,7 +624,9 @@ def main(argv=None) -> int:
 
     grid = parse_grid(args.grid, args.quick)
     budget = Budget(**(QUICK_BUDGET if args.quick else STUDY_BUDGET))
-    settings = Settings(quick=args.quick, budget=asdict(budget), ablation_lambdas=() if args.quick else ABLATION_LAMBDAS)
+    settings = Settings(
+        quick=args.quick, budget=asdict(budget), ablation_lambdas=() if args.quick else ABLATION_LAMBDAS
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
@@ -524,11 +634,16 @@ def main(argv=None) -> int:
     done = read_results(results, settings, repair=not args.summarize)
     done_keys = {line["key"] for line in done}
     todo = [c for c in cells if c.key not in done_keys]
-    (out / "grid.json").write_text(json.dumps({"grid": grid, "settings": _jsonable(asdict(settings)),
-                                               "cells": [c.key for c in cells]}, indent=1), encoding="utf-8")  # fmt: skip
-    print(f"study: {len(cells)} cells ({len(done_keys & {c.key for c in cells})} already in {results}), "
-          f"{len(todo)} to run with {args.jobs} process(es); budget: {QUICK_BUDGET if args.quick else STUDY_BUDGET} "
-          "over the demo's defaults", flush=True)  # fmt: skip
+    (out / "grid.json").write_text(
+        json.dumps({"grid": grid, "settings": _jsonable(asdict(settings)), "cells": [c.key for c in cells]}, indent=1),
+        encoding="utf-8",
+    )
+    print(
+        f"study: {len(cells)} cells ({len(done_keys & {c.key for c in cells})} already in {results}), "
+        f"{len(todo)} to run with {args.jobs} process(es); budget: {QUICK_BUDGET if args.quick else STUDY_BUDGET} "
+        "over the demo's defaults",
+        flush=True,
+    )
     if not args.summarize and todo:
         _run_cells(out, todo, settings, results, args.jobs, not args.no_progress)
     lines = [line for line in read_results(results, settings) if line["key"] in {c.key for c in cells}]
