@@ -33,7 +33,7 @@ from ..evaluation.loaders import BENCHMARKS, MMSB_VARIANTS
 from ..evaluation.metrics import METRIC_LABELS, format_proportion
 from ..evaluation.protocols import command as protocol_command
 from ..evaluation.runner import check_resume, run_settings
-from .flags import add_http_flags, add_policy_flags, add_sampling_flags
+from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
 
 def _unescape(value: str) -> str:
@@ -190,16 +190,7 @@ def _make_judge(args: argparse.Namespace) -> Any:
 
 def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
     if args.endpoint:
-        from ..backends import OpenAICompatibleBackend
-
-        return OpenAICompatibleBackend(
-            args.endpoint,
-            args.served_model,
-            api_key=args.api_key,
-            timeout=args.timeout,
-            max_retries=args.http_retries,
-            show_progress=False,
-        )
+        return endpoint_backend(args)
     from ..backends import TransformersBackend
     from ..loading import load_model_and_processor
 

@@ -20,7 +20,7 @@ from .. import store
 from ..contract import RecordError
 from ..exploration import _verifier_name, explore, load_records, output_fingerprint
 from ..verifiers import as_verifier
-from .flags import add_http_flags, add_policy_flags, add_sampling_flags
+from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
 
 def _load_verifier_factory(spec: str):
@@ -130,19 +130,11 @@ def _check_policy_args(args) -> None:
 
 
 def _make_backend(args):
-    from ..backends import OpenAICompatibleBackend, TransformersBackend
+    from ..backends import TransformersBackend
 
     _check_policy_args(args)
     if args.endpoint:
-        return OpenAICompatibleBackend(
-            args.endpoint,
-            args.served_model,
-            api_key=args.api_key,
-            timeout=args.timeout,
-            max_retries=args.http_retries,
-            concurrency=args.concurrency,
-            show_progress=False,
-        )
+        return endpoint_backend(args, concurrency=args.concurrency)
     from ..loading import load_model_and_processor
 
     device = args.device

@@ -98,3 +98,19 @@ def add_http_flags(
     if old_max_retries:
         group.add_argument("--max-retries", dest="http_retries", type=int, action=DeprecatedFlag, new="--http-retries")
     return group
+
+
+def endpoint_backend(args: argparse.Namespace, model: str | None = None, **kwargs: Any) -> Any:
+    """The OpenAI-compatible backend that the shared policy and HTTP flags describe
+    (`--endpoint`, `--served-model`, `--api-key`, `--timeout`, `--http-retries`)."""
+    from ..backends import OpenAICompatibleBackend
+
+    return OpenAICompatibleBackend(
+        args.endpoint,
+        model or args.served_model,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        max_retries=args.http_retries,
+        show_progress=False,
+        **kwargs,
+    )

@@ -26,7 +26,7 @@ from ..records.pipeline import (
     images_fingerprint,
     summarize,
 )
-from .flags import add_http_flags, add_policy_flags, add_sampling_flags
+from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,17 +125,7 @@ def _policy(args) -> dict:
 
 def _make_backend(args, parser):
     if args.endpoint:
-        from ..backends import OpenAICompatibleBackend
-
-        return OpenAICompatibleBackend(
-            args.endpoint,
-            args.served_model or args.model,
-            api_key=args.api_key,
-            timeout=args.timeout,
-            max_retries=args.http_retries,
-            concurrency=1,
-            show_progress=False,
-        )
+        return endpoint_backend(args, model=args.served_model or args.model, concurrency=1)
     from ..backends import TransformersBackend
     from ..loading import load_model_and_processor
 
