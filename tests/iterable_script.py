@@ -7,11 +7,12 @@ import json
 import os
 import sys
 
-from srpo_trl import SRPOConfig, SRPOTrainer
+from srpo_trl import SRPOTrainer
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
 
 sys.path.insert(0, os.path.dirname(__file__))
+from helpers import srpo_args  # noqa: E402
 from iterable_rows import rows_dataset  # noqa: E402
 
 
@@ -19,16 +20,8 @@ def main():
     mode = sys.argv[1]
     out = os.environ["SRPO_PROBE_DIR"]
     tok = build_tokenizer()
-    args = SRPOConfig(
-        output_dir=os.path.join(out, "run"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        max_length=None,
-        dataloader_num_workers=0,
-        logging_steps=1,
-        disable_tqdm=True,
+    args = srpo_args(
+        os.path.join(out, "run"),
         max_steps=2,
         per_device_train_batch_size=2,
         per_device_eval_batch_size=2,

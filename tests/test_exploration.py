@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import srpo_args
 from openai_server import Reply
 
 from srpo_trl.backends import GenerationRequest, OpenAICompatibleBackend
@@ -878,7 +879,7 @@ def test_cli_judge_verifier(tmp_path, openai_server):
 def test_explore_then_step_pairs_then_srpo_trainer(tmp_path, tiny_lm):
     import torch
 
-    from srpo_trl import SRPOConfig, SRPOTrainer, StepPairDataset
+    from srpo_trl import SRPOTrainer, StepPairDataset
     from srpo_trl.backends import TransformersBackend
     from srpo_trl.tiny import tiny_causal_lm
 
@@ -906,20 +907,7 @@ def test_explore_then_step_pairs_then_srpo_trainer(tmp_path, tiny_lm):
 
     policy = tiny_causal_lm(tok, seed=0)
     before = [p.detach().clone() for p in policy.parameters()]
-    args = SRPOConfig(
-        output_dir=str(tmp_path / "run"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        max_length=None,
-        dataloader_num_workers=0,
-        logging_steps=1,
-        disable_tqdm=True,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-    )
+    args = srpo_args(tmp_path / "run", max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2)
     trainer = SRPOTrainer(model=policy, args=args, train_dataset=pairs, processing_class=tok)
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -929,7 +917,7 @@ def test_explore_then_step_pairs_then_srpo_trainer(tmp_path, tiny_lm):
 def test_vlm_explore_with_image_files_then_trainer(tmp_path):
     import torch
 
-    from srpo_trl import SRPOConfig, SRPOTrainer, StepPairDataset
+    from srpo_trl import SRPOTrainer, StepPairDataset
     from srpo_trl.backends import TransformersBackend
     from srpo_trl.tiny import make_image, tiny_qwen2_5_vl
 
@@ -959,18 +947,6 @@ def test_vlm_explore_with_image_files_then_trainer(tmp_path):
     assert Path(image).resolve() == (tmp_path / "data" / "img" / "bleach.png").resolve()
 
     policy, _ = tiny_qwen2_5_vl(seed=0)
-    args = SRPOConfig(
-        output_dir=str(tmp_path / "run"),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        max_length=None,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        max_steps=1,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-    )
+    args = srpo_args(tmp_path / "run", max_steps=1, per_device_train_batch_size=2, learning_rate=1e-2)
     trainer = SRPOTrainer(model=policy, args=args, train_dataset=pairs.select(range(2)), processing_class=processor)
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
