@@ -60,11 +60,15 @@ class GenerationRequest:
     ``images``: PIL images or file paths (a path that cannot be read raises an error naming the file).
     ``assistant_prefix``: partial assistant reasoning to continue (the same assistant turn, NOT a new
     turn); typically :func:`srpo_trl.rows.continuation_prefix_text` of the prefix steps.
+    ``template_kwargs``: what the chat template gets besides the messages, as the trainer passes it
+    (:func:`srpo_trl.rows.template_kwargs` of a row: its ``tools`` and ``chat_template_kwargs``), so
+    that a continuation is sampled from the prompt it is later trained on.
     """
 
     prompt: str | list[dict]
     images: list = field(default_factory=list)
     assistant_prefix: str = ""
+    template_kwargs: dict = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -199,7 +203,8 @@ class TransformersBackend:
         if not isinstance(request.prompt, str):
             # The end-of-turn token (e.g. <|im_end|>): the first special token of what closes an
             # assistant turn; never a plain-text token such as a newline, which would cut every sample.
-            for tid in self._text_ids(end_of_answer_text(self.processing_class, request.prompt, images)):
+            closing = end_of_answer_text(self.processing_class, request.prompt, images, **request.template_kwargs)
+            for tid in self._text_ids(closing):
                 if tid in self._special_ids:
                     stop.add(tid)
                     break
@@ -209,7 +214,7 @@ class TransformersBackend:
 
     def _encode(self, request: GenerationRequest, images: list) -> dict:
         """One request as unpadded tensors: ``input_ids`` plus any vision inputs of the processor."""
-        text = render_prompt(self.processing_class, request.prompt, images)
+        text = render_prompt(self.processing_class, request.prompt, images, **request.template_kwargs)
         raw_prompt = isinstance(request.prompt, str)
         if self.is_processor:
             kwargs = {"text": [text], "return_tensors": "pt"}
@@ -537,6 +542,12 @@ class OpenAICompatibleBackend:
                 body["add_generation_prompt"] = False
             body["messages"] = messages
             path, key = "/v1/chat/completions", "message"
+            # The OpenAI field `tools`; the rest is vLLM's / SGLang's `chat_template_kwargs`.
+            kwargs = dict(request.template_kwargs)
+            if kwargs.get("tools") is not None:
+                body["tools"] = kwargs.pop("tools")
+            if kwargs:
+                body["chat_template_kwargs"] = kwargs
         body.update(self.extra_body)
         return path, key, body
 

@@ -186,6 +186,24 @@ def validate_record(
                 raise fail("reference", "is empty; it needs at least the final answer")
             rec["reference"] = None
 
+    tools = rec.get("tools")
+    if isinstance(tools, str):  # TRL's datasets store tools as a JSON string too
+        try:
+            tools = json.loads(tools)
+        except ValueError as exc:
+            raise fail("tools", f"is a string but not JSON ({exc}); give a list of tool schemas") from None
+    if tools is not None and not isinstance(tools, list):
+        raise fail(
+            "tools", f"must be a list of tool schemas (or that list as a JSON string), got {type(tools).__name__}"
+        )
+    template_args = rec.get("chat_template_kwargs")
+    if template_args is not None and not isinstance(template_args, dict):
+        raise fail(
+            "chat_template_kwargs",
+            f'must be an object of chat-template arguments (e.g. {{"enable_thinking": false}}), '
+            f"got {type(template_args).__name__}",
+        )
+
     expected = rec.get("expected")
     if expected is not None and expected not in OUTCOMES:  # files carry the canonical names (no aliases)
         raise fail("expected", f"must be one of {', '.join(OUTCOMES)} (benign items: 'comply'), got {expected!r}")

@@ -290,6 +290,9 @@ class StepPairDataset:
                     }
                     if record.get("images"):
                         row["images"] = record["images"]
+                    for key in ("tools", "chat_template_kwargs"):  # what exploration rendered the prompt with
+                        if record.get(key) is not None:
+                            row[key] = record[key]
                     rows.append(row)
         report["pairs"] = len(rows)
         report = dict(report)

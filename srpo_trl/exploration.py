@@ -39,7 +39,7 @@ from . import store
 from .backends import BackendError, GenerationRequest, load_image
 from .contract import RecordError
 from .pairs import count_pairs
-from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text
+from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text, template_kwargs
 from .verifiers import Verdict, VerifierError, as_verifier
 
 
@@ -238,11 +238,12 @@ def explore_record(
         images = [load_image(im) for im in record["_images"]]
         vrecord = {k: v for k, v in record.items() if not k.startswith("_")}
         vrecord["images"] = images
+        kwargs = template_kwargs(record)  # the row's tools / chat_template_kwargs, as the trainer renders it
         reference = record.get("reference")
         point0 = None
         if not reference:
             samples = backend.generate(
-                [GenerationRequest(record["prompt"], images, "")],
+                [GenerationRequest(record["prompt"], images, "", kwargs)],
                 num_samples=num_samples,
                 temperature=temperature,
                 max_new_tokens=max_new_tokens,
@@ -268,7 +269,9 @@ def explore_record(
         texts = (
             backend.generate(
                 [
-                    GenerationRequest(record["prompt"], images, continuation_prefix_text(reference[:k], separator))
+                    GenerationRequest(
+                        record["prompt"], images, continuation_prefix_text(reference[:k], separator), kwargs
+                    )
                     for k in todo
                 ],
                 num_samples=num_samples,
