@@ -5,7 +5,7 @@ scores the first `num_pairs` evaluation rows with the current policy and logs a 
 `eval/sample_pairs` with the prompt, the reasoning prefix, the favorable (chosen) and unfavorable
 (rejected) continuation, their mean token log-probs (the quantities of `mean_logps/chosen` /
 `mean_logps/rejected`), summed log-probs (those of `logps/*`), the margin and whether the favorable
-one is preferred.
+one is preferred. Chat-message continuations are shown as ``role: content`` lines.
 
 Scoring is independent of the trainer's batching (one plain forward per sequence, built with the
 same row helpers as training), so the table also cross-checks the trained metrics. Every process
@@ -15,13 +15,14 @@ process logs.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
 from transformers import TrainerCallback
 
 from .contract import conversation_text
-from .rows import encode_prompt_text, encode_text_segments, normalize_row, render_prompt, tokenizer_of
+from .rows import encode_prompt_text, encode_text_segments, normalize_row, render_row, tokenizer_of
 
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,20 @@ def _continuation_logps(model, prompt_inputs: dict, context_ids: list[int], cont
     return picked.sum().item(), len(continuation)
 
 
+def _completion_text(completion) -> str:
+    """A continuation as a table cell: text as it is; assistant / tool messages as `role: content`
+    lines, with any tool calls (content is often empty then) as JSON."""
+    if isinstance(completion, str):
+        return completion
+    lines = []
+    for message in completion:
+        line = conversation_text([message])
+        if message.get("tool_calls"):
+            line += " " + json.dumps(message["tool_calls"], ensure_ascii=False)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def score_pairs(model, processing_class, rows: list[dict], step_separator: str = "\n") -> list[dict]:
     """Mean and summed log-probs of each row's chosen and rejected continuation given prompt + prefix."""
@@ -81,7 +96,7 @@ def score_pairs(model, processing_class, rows: list[dict], step_separator: str =
             seg = encode_text_segments(row, processing_class, step_separator)
             if hasattr(processing_class, "tokenizer"):  # a processor: expanded image tokens + vision tensors
                 images = load_images(row["images"], i)
-                text = render_prompt(processing_class, row["prompt"], images)
+                text = render_row(processing_class, row, images)["prompt"]  # as training renders it
                 kwargs = {"images": [images]} if images else {}
                 prompt_inputs = dict(
                     processing_class(text=[text], add_special_tokens=False, return_tensors="pt", **kwargs)
@@ -99,8 +114,8 @@ def score_pairs(model, processing_class, rows: list[dict], step_separator: str =
                     "branch_point": raw.get("branch_point", len(row["prefix"])),
                     "prompt": conversation_text(row["prompt"]),
                     "prefix": step_separator.join(row["prefix"]),
-                    "chosen": row["chosen"],
-                    "rejected": row["rejected"],
+                    "chosen": _completion_text(row["chosen"]),
+                    "rejected": _completion_text(row["rejected"]),
                     **scores,
                     "margin": scores["logp_chosen"] - scores["logp_rejected"],
                     "chosen_preferred": scores["logp_chosen"] > scores["logp_rejected"],
