@@ -26,8 +26,9 @@ import torch
 TEXT_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "qwen3_moe", "mixtral", "gpt_oss"}
 )
-# Vision-language wrappers verified with their text backbone (mRoPE positions for the Qwen VL family).
-VLM_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "llava_next"})
+# Vision-language wrappers verified with their text backbone (mRoPE positions for the Qwen VL family;
+# `llava` is LLaVA-1.5). Tests: tests/test_prefix_sharing.py, tests/test_tree_attention.py.
+VLM_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "llava_next", "llava"})
 # Text backbones inside the VLM types above (their configs name them after the wrapper).
 _VLM_TEXT_TYPES = frozenset({"qwen2_vl_text", "qwen2_5_vl_text"})
 

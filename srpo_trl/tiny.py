@@ -325,6 +325,47 @@ def tiny_llava_next(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int
     return _set_generation(model.float().eval(), tok), processor
 
 
+def tiny_llava(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+    """A tiny ``LlavaForConditionalGeneration`` (LLaVA-1.5: CLIP vision tower, Qwen2 text) and its
+    processor. Every image is resized and centre-cropped to 28x28: 2x2 patches of 14, so 4 image
+    tokens per image whatever its shape (unlike LLaVA-NeXT's crops)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = build_tokenizer(image_style="llava")
+    text = dict(_text_kwargs(tok, hidden_size, num_hidden_layers), model_type="qwen2")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=(28 // 14) ** 2,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
+    model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    return _set_generation(model.float().eval(), tok), processor
+
+
 # --- images ---------------------------------------------------------------------------------------
 
 
@@ -347,6 +388,7 @@ __all__ = [
     "tiny_causal_lm",
     "tiny_qwen2_5_vl",
     "tiny_qwen2_vl",
+    "tiny_llava",
     "tiny_llava_next",
     "Qwen2_5_VLImageOnlyProcessor",
     "Qwen2VLImageOnlyProcessor",

@@ -74,8 +74,8 @@ def test_allowed_text_type_packed_equals_independent(tmp_path, model_type):
 
 
 def test_qwen2_vl_packed_equals_unpacked(tmp_path):
-    """Qwen2-VL (Qwen2.5-VL and LLaVA-NeXT: tests/test_prefix_sharing.py)."""
-    assert {"qwen2_vl", "qwen2_5_vl", "llava_next"} == VLM_TYPES
+    """Qwen2-VL (Qwen2.5-VL, LLaVA-NeXT and LLaVA-1.5: tests/test_prefix_sharing.py)."""
+    assert {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava"} == VLM_TYPES
     model, processor = tiny_qwen2_vl(seed=5)
     rows = question_rows()
     for r in rows:

@@ -14,7 +14,7 @@ from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset, packing
 from srpo_trl.logging_callbacks import score_pairs
-from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava_next, tiny_qwen2_5_vl
+from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
 
 
 # The additive_mask that crashed every GPU user on step one (issue 11), compiled as if it still
@@ -45,7 +45,7 @@ def _build(kind):
     if kind == "text":
         tok = build_tokenizer()
         return tiny_causal_lm(tok, seed=3), tok, question_rows()
-    builder = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next}[kind]
+    builder = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava": tiny_llava}[kind]
     model, processor = builder(seed=5)
     return model, processor, _vision_rows()
 
@@ -84,7 +84,7 @@ def test_guard_catches_a_factory_without_device_only_where_it_meets_data():
             _old_additive_mask()(allowed, torch.float32) + torch.ones(1, 1, 2, 2)
 
 
-@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next"])
+@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next", "llava"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 def test_compute_loss_creates_tensors_on_the_data_device(tmp_path, kind, packed):
     model, processing_class, rows = _build(kind)

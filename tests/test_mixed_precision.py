@@ -30,7 +30,7 @@ def _run(trainer, batch, autocast):
     return loss.item(), (sums / counts).float(), grads
 
 
-@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next"])
+@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next", "llava"])
 @pytest.mark.parametrize("precision", ["autocast", "weights"])
 @pytest.mark.parametrize("attention", ["dense", "flex"])
 def test_bf16_packed_agrees_with_unpacked(tmp_path, monkeypatch, kind, precision, attention):

@@ -10,7 +10,7 @@ from helpers import srpo_args
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.packing import allowed_matrix, pack_question
-from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava_next, tiny_qwen2_5_vl
+from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
 from srpo_trl.trainer import QuestionGroupedSampler, prefix_sharing_problem
 
 
@@ -153,7 +153,9 @@ def test_text_packed_equals_unpacked(tmp_path, align_loss):
     assert packed_tokens * 2.5 < plain_tokens, (packed_tokens, plain_tokens)
 
 
-@pytest.mark.parametrize("builder", [tiny_qwen2_5_vl, tiny_llava_next], ids=["qwen2_5_vl", "llava_next"])
+@pytest.mark.parametrize(
+    "builder", [tiny_qwen2_5_vl, tiny_llava_next, tiny_llava], ids=["qwen2_5_vl", "llava_next", "llava"]
+)
 def test_vlm_packed_equals_unpacked_and_encodes_each_image_once(tmp_path, builder):
     model, processor = builder(seed=5)
     image_a, image_b = make_image(0), make_image(3, size=(56, 28))
@@ -162,7 +164,7 @@ def test_vlm_packed_equals_unpacked_and_encodes_each_image_once(tmp_path, builde
         r["prompt"] = [{"role": "user", "content": r["prompt"]}]
         r["images"] = [image_a] if r["id"] == "q1" else [image_b]
     batch_p, batch_u = _compare(tmp_path, model, processor, rows)
-    key = "image_grid_thw" if "image_grid_thw" in batch_p else "image_sizes"
+    key = next(k for k in ("image_grid_thw", "image_sizes", "pixel_values") if k in batch_p)
     assert batch_p[key].shape[0] == 2  # one image per question ...
     assert batch_u[key].shape[0] == 3 * len(rows)  # ... instead of one per sequence
 

@@ -19,13 +19,19 @@ from srpo_trl.tiny import (
     build_tokenizer,
     make_image,
     tiny_causal_lm,
+    tiny_llava,
     tiny_llava_next,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
 )
 
 
-VLM_BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen2_vl": tiny_qwen2_vl, "llava_next": tiny_llava_next}
+VLM_BUILDERS = {
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen2_vl": tiny_qwen2_vl,
+    "llava_next": tiny_llava_next,
+    "llava": tiny_llava,
+}
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +189,8 @@ def test_generation_stops_at_end_of_turn(tok):
 
 
 def vision_inputs(family, batch):
+    if family == "llava":  # LLaVA-1.5: fixed-size images, no size tensor
+        return {"pixel_values": batch["pixel_values"]}
     key = "image_sizes" if family == "llava_next" else "image_grid_thw"
     return {"pixel_values": batch["pixel_values"], key: batch[key]}
 
@@ -204,7 +212,7 @@ def test_vlm_processor_output_reaches_the_model(vlm, sizes):
     images = [make_image(i, size) for i, size in enumerate(sizes)]
     text = chat_text(processor, images)
     batch = processor(text=[text + "It is bleach.<|im_end|>\n"], images=[images], return_tensors="pt")
-    key = "image_sizes" if family == "llava_next" else "image_grid_thw"
+    key = {"llava_next": "image_sizes", "llava": "pixel_values"}.get(family, "image_grid_thw")
     assert batch[key].shape[0] == len(images)
     if family == "llava_next":
         assert batch["image_sizes"].tolist() == [[h, w] for w, h in sizes]  # (height, width) per image
@@ -216,8 +224,8 @@ def test_vlm_processor_output_reaches_the_model(vlm, sizes):
     runs = placeholder_runs(ids, processor.image_token_id)
     assert runs == [f.shape[0] for f in features]
     assert len(runs) == len(images)
-    if len(images) == 2:  # different aspect ratios give different token counts
-        assert runs[0] != runs[1]
+    if len(images) == 2:  # different aspect ratios give different token counts (LLaVA-1.5 crops to one size)
+        assert (runs[0] == runs[1] == 4) if family == "llava" else (runs[0] != runs[1])
 
     # The model's forward gets the processor's tensors unchanged.
     seen = {}
@@ -245,10 +253,16 @@ def test_vlm_config_matches_tokenizer(vlm):
     cfg = model.config
     text = cfg.text_config
     assert text.vocab_size == len(tok) and model.get_input_embeddings().weight.shape[0] == len(tok)
-    if family == "llava_next":
+    if family in ("llava_next", "llava"):
         assert cfg.image_token_index == tok.convert_tokens_to_ids("<image>") == processor.image_token_id
         assert cfg.vision_feature_select_strategy == "default"
-        assert processor.image_processor.image_grid_pinpoints == cfg.image_grid_pinpoints
+        if family == "llava_next":
+            assert processor.image_processor.image_grid_pinpoints == cfg.image_grid_pinpoints
+        else:  # 28x28 crops of 14x14 patches: 4 image tokens per image
+            batch = processor(
+                text=[chat_text(processor, [make_image(0)])], images=[[make_image(0)]], return_tensors="pt"
+            )
+            assert (batch["input_ids"] == processor.image_token_id).sum().item() == 4
     else:
         assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>") == processor.image_token_id
         assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
@@ -324,7 +338,10 @@ def test_vlm_round_trip(vlm, tmp_path):
     loaded, loaded_processor = load_model_and_processor(folder)
     assert type(loaded) is type(model)
     assert type(loaded_processor).__name__ == type(processor).__name__
-    if family != "llava_next":  # the folder names the stock class, loadable by AutoProcessor with torchvision
+    if family not in (
+        "llava_next",
+        "llava",
+    ):  # the folder names the stock class, loadable by AutoProcessor with torchvision
         assert (
             json.loads((folder / "processor_config.json").read_text())["processor_class"]
             == type(processor).stock_class.__name__

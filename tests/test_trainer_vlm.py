@@ -12,7 +12,7 @@ from helpers import srpo_args
 from trl.data_utils import prepare_multimodal_messages
 
 from srpo_trl import SRPOTrainer, StepPairDataset
-from srpo_trl.tiny import make_image, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
+from srpo_trl.tiny import make_image, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 
 def vlm_rows():
@@ -91,6 +91,7 @@ BUILDERS = {
     "qwen2_5_vl_standard": tiny_qwen2_5_vl,
     "qwen2_vl": tiny_qwen2_vl,
     "llava_next": tiny_llava_next,
+    "llava": tiny_llava,
 }
 
 
@@ -121,7 +122,7 @@ def _rows_for(family):
 
 
 @pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_vl_standard", "qwen2_vl", "llava_next"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_vl_standard", "qwen2_vl", "llava_next", "llava"])
 def test_vlm_loss_matches_plain_forward(tmp_path, family, sharing):
     model, processor = BUILDERS[family](seed=1)
     rows = _rows_for(family)

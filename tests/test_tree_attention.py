@@ -101,7 +101,7 @@ def _loss_logps_grads(trainer, batch):
     return loss.item(), (sums / counts).detach(), grads
 
 
-@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next"])
+@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next", "llava"])
 def test_tree_attention_packed_equals_unpacked(tmp_path, monkeypatch, kind):
     model, tree, plain, batch_t, batch_u = _pair(tmp_path, monkeypatch, kind)
     text_config = model.config.get_text_config()

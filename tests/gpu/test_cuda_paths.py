@@ -75,7 +75,7 @@ def _run(trainer, batch, bf16):
     return loss.item(), (sums / counts).float(), grads
 
 
-@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next"])
+@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next", "llava"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_packed_equals_unpacked_on_cuda(tmp_path, monkeypatch, kind, precision):
     bf16 = precision == "bf16"
