@@ -2,8 +2,9 @@
 GPU check for issue 11: the tests/gpu/ suite plus the benchmark's Qwen2.5-VL-7B-shaped preset, one
 JSON summary, in under 8 minutes on one GPU.
 
-Made for a lent GPU machine with torch (CUDA), transformers and trl preinstalled and this checkout
-on PYTHONPATH (nothing is installed or downloaded). From the repository root:
+Made for a lent GPU machine with torch (CUDA) preinstalled and this checkout on PYTHONPATH; what
+the machine lacks (trl, datasets, ...) comes as wheels that benchmarks/gpu_check.sh installs from
+.whl/ (see benchmarks/gpu_wheels.sh). From the repository root:
 
     PYTHONPATH=$PWD python benchmarks/gpu_check.py --out "$OUT"
 
@@ -187,7 +188,20 @@ def environment() -> dict:
     import torch
 
     versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
+    for name in (
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "dill",
+        "multiprocess",
+        "pyarrow",
+        "fsspec",
+        "huggingface_hub",
+        "tokenizers",
+    ):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:

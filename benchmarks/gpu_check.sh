@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # GPU check (issue 11): tests/gpu/ + the Qwen2.5-VL-7B-shaped benchmark preset (bf16; full and
-# LoRA), one JSON summary, in under 8 minutes on one GPU. Nothing is installed or downloaded: the
-# machine's torch (CUDA), transformers and trl are used, with this checkout on PYTHONPATH.
+# LoRA), one JSON summary, in under 8 minutes on one GPU. Nothing is downloaded there: the machine's
+# torch (CUDA) is used, with this checkout on PYTHONPATH, and the wheels it lacks (trl, datasets,
+# dill, multiprocess, the pinned transformers and peft) come from .whl/ when it is there: made here
+# by `bash benchmarks/gpu_wheels.sh`, carried along, installed into /tmp/site (first on PYTHONPATH).
 #
-# Exact command, from the repository root of the checkout, on the GPU machine:
+# Exact command, from the repository root of the checkout, on the GPU machine (device tool: this
+# command with carry [".whl"] and timeout_s 540):
 #
 #     bash benchmarks/gpu_check.sh                 # writes $OUT/gpu_check.json (+ raw JSON, logs)
 #
@@ -16,7 +19,12 @@
 # docs/speed.md from $OUT/gpu_check.json. Details: benchmarks/gpu_check.py --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -d .whl ] && [[ " $* " != *" --cpu "* ]] && [[ " $* " != *" --dry-run "* ]]; then
+  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
 OUT="${OUT:-/tmp/srpo_gpu_check}"
-exec "${PYTHON:-python}" benchmarks/gpu_check.py --out "$OUT" "$@"
+exec "${PYTHON:-python3}" benchmarks/gpu_check.py --out "$OUT" "$@"
