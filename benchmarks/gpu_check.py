@@ -17,6 +17,10 @@ bench_<name>.json per benchmark run (absolute numbers, benchmarks/step_pairs.py'
      SRPO packed, SRPO Step-DPO (+ref), DPOTrainer (+ref) + NLL              budget 150 s
   3. the same with LoRA: SRPO packed, DPOTrainer + NLL                       what is left
 
+Each benchmark configuration profiles one extra (untimed) step with torch.profiler: the summary gives
+the share of attention, matmuls, optimizer, copies, ... of its device time and its top ops, the
+profile of what is left once the targets are compared.
+
 Without a GPU, `--cpu` runs what can run: the suite (skipped, with its reason) and the benchmark's
 small preset (`--quick --cpu`, VLM, SRPO packed and DPOTrainer + NLL), so the script itself is
 exercised; its summary says "cpu rehearsal" and claims no GPU number. `--dry-run` prints the plan.
@@ -61,7 +65,17 @@ def plan(cpu: bool, out: Path, peak_tflops: float) -> list[dict]:
         "budget": 240,
     }
     if cpu:
-        bench = [py, str(BENCH), "--quick", "--cpu", "--models", "vlm", "--configs", "srpo_packed,dpo_nll"]
+        bench = [
+            py,
+            str(BENCH),
+            "--quick",
+            "--cpu",
+            "--profile",
+            "--models",
+            "vlm",
+            "--configs",
+            "srpo_packed,dpo_nll",
+        ]
         return [
             tests,
             {"name": "bench_small_cpu", "cmd": bench + ["--json", str(out / "bench_small_cpu.json")], "budget": None},
@@ -85,6 +99,7 @@ def plan(cpu: bool, out: Path, peak_tflops: float) -> list[dict]:
         "4",
         "--peak-tflops",
         str(peak_tflops),
+        "--profile",  # one more step under torch.profiler: where the packed step's time goes
     ]
     return [
         tests,
@@ -146,6 +161,8 @@ def summarize_bench(path: Path, cuda: bool) -> dict:
             "flex_compiles": r["flex_compiles"],
             "attention": r["attention"],
             "step_times_s": r["step_times_s"],
+            "profile_group_share": (r.get("profile") or {}).get("group_share"),
+            "profile_top_ops": [op["name"] for op in (r.get("profile") or {}).get("top_ops", [])[:10]],
         }
     packed = rows.get("srpo_packed")
 

@@ -629,10 +629,11 @@ def run_child(args) -> dict:
     processing_class = build_processing_class(args.model, args.image_side)
     tokenizer = tokenizer_of(processing_class)
     steps = args.warmup + args.steps
+    total = steps + (1 if args.profile else 0)  # --profile: one more step, profiled and not timed
     rows = build_rows(
-        args.model, processing_class, num_questions=2 * steps, seed=args.seed, image_side=args.image_side
+        args.model, processing_class, num_questions=2 * total, seed=args.seed, image_side=args.image_side
     )
-    assert len(rows) == steps * args.batch_size, (len(rows), steps, args.batch_size)
+    assert len(rows) == total * args.batch_size, (len(rows), total, args.batch_size)
 
     def new_model():
         m = build_model(args.model, args.seed, args.hidden_size, args.layers, preset=args.preset, device=device)
@@ -652,7 +653,7 @@ def run_child(args) -> dict:
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="step-pairs-"),
         per_device_train_batch_size=args.batch_size,
-        max_steps=steps,
+        max_steps=total,
         learning_rate=1e-4,
         max_length=None,
         use_cpu=not cuda,
@@ -724,16 +725,28 @@ def run_child(args) -> dict:
 
     step_ends: list[float] = []
     marks: list[dict] = []
+    profiling: dict = {}
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
             step_ends.append(time.perf_counter())
+
+        def on_step_begin(self, *a, **k):
+            if args.profile and len(step_ends) == steps + 1:  # every timed step is done
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                profiling["profiler"] = torch.profiler.profile(activities=activities)
+                profiling["profiler"].__enter__()
 
         def on_step_end(self, *a, **k):
             if cuda:
                 torch.cuda.synchronize()
             step_ends.append(time.perf_counter())
             marks.append(dict(counters))
+            if "profiler" in profiling and "summary" not in profiling:
+                profiling["profiler"].__exit__(None, None, None)
+                profiling["summary"] = profile_summary(profiling["profiler"], cuda)
 
     trainer.add_callback(Clock())
     gc.collect()
@@ -751,10 +764,11 @@ def run_child(args) -> dict:
     else:
         peak_memory = peak_rss - rss_before
 
-    assert len(step_ends) == steps + 1, len(step_ends)
-    step_times = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    assert len(step_ends) == total + 1, len(step_ends)
+    step_times = [b - a for a, b in zip(step_ends, step_ends[1:])][:steps]  # the profiled step is not timed
     timed = slice(args.warmup, steps)
     per_step = [dict(zip(marks[0], (b[k] - (a[k] if a else 0) for k in b))) for a, b in zip([None] + marks, marks)]
+    per_step = per_step[:steps]
     flops_timed = sum(s["flops"] for s in per_step[timed])
     tflops = flops_timed / sum(step_times[timed]) / 1e12
     from srpo_trl.attention import compile_count
@@ -798,6 +812,50 @@ def run_child(args) -> dict:
         "median_training_step_s": timed_sum("training_step"),
         "median_nll_pass_s": timed_sum("nll_pass"),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "profile": profiling.get("summary"),
+    }
+
+
+# Where a step's time goes, by self time of torch ops (self times do not overlap, so they add up).
+PROFILE_GROUPS = [
+    ("attention", ("flex_attention", "scaled_dot_product", "_efficient_attention", "_flash_attention", "attention")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "gemm", "cutlass", "sm90")),
+    ("optimizer", ("adam", "_foreach", "optimizer")),
+    ("copies_and_indexing", ("copy", "aten::to", "aten::cat", "index", "gather", "scatter", "aten::slice", "memcpy")),
+    ("loss_and_softmax", ("log_softmax", "softmax", "cross_entropy", "nll_loss", "logsumexp")),
+    ("norm_and_activations", ("rms_norm", "layer_norm", "silu", "gelu", "aten::mul", "aten::add", "aten::pow")),
+]
+
+
+def profile_summary(profiler, cuda: bool, top: int = 25) -> dict:
+    """Top ops of one profiled training step by self time (device time on CUDA, CPU time otherwise),
+    and the share of each group in PROFILE_GROUPS."""
+    key = "self_device_ms" if cuda else "self_cpu_ms"
+    ops = []
+    for event in profiler.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:  # older torch
+            device_us = getattr(event, "self_cuda_time_total", 0)
+        ops.append(
+            {
+                "name": event.key,
+                "calls": event.count,
+                "self_cpu_ms": event.self_cpu_time_total / 1e3,
+                "self_device_ms": device_us / 1e3,
+            }
+        )
+    ops.sort(key=lambda op: -op[key])
+    total = sum(op[key] for op in ops)
+    groups: dict[str, float] = {}
+    for op in ops:
+        name = op["name"].lower()
+        group = next((g for g, needles in PROFILE_GROUPS if any(n.lower() in name for n in needles)), "other")
+        groups[group] = groups.get(group, 0.0) + op[key]
+    return {
+        "sorted_by": key,
+        "total_ms": total,
+        "group_share": {g: (v / total if total else None) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_ops": ops[:top],
     }
 
 
@@ -928,6 +986,12 @@ def main(argv=None):
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed steps, one more step under torch.profiler (not timed): top ops by self time and the "
+        "share of attention, matmuls, optimizer, copies, ... in each configuration's JSON (`profile`)",
+    )
     parser.add_argument("--json", default="benchmarks/results/step_pairs.json", help="where absolute numbers go")
     # internal: run one configuration in this process and write its result
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -977,6 +1041,7 @@ def main(argv=None):
         ]
         + (["--cpu"] if args.cpu else [])
         + (["--lora"] if args.lora else [])
+        + (["--profile"] if args.profile else [])
     )
     common += ["--preset", args.preset] if args.preset else []
     results, stats, proportions = [], {}, {}
@@ -1010,6 +1075,13 @@ def main(argv=None):
                 f"peak +{result['peak_memory_bytes'] / 2**20:.0f} MiB ({time.time() - t0:.0f} s)",
                 flush=True,
             )
+            if result["profile"]:
+                shares = result["profile"]["group_share"]
+                print(
+                    f"[{kind}] {config:14s} profiled step ({result['profile']['sorted_by']}): "
+                    + ", ".join(f"{g} {v:.0%}" for g, v in shares.items() if v),
+                    flush=True,
+                )
 
     width = PRESETS[args.preset]["hidden_size"] if args.preset else args.hidden_size
     shape = f"text hidden {width}, {args.layers} layers" + (f", preset {args.preset}" if args.preset else "")

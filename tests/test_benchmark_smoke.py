@@ -128,3 +128,25 @@ def test_model_flops_match_torch_flop_counter():
         input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True
     ).log_probs.sum().backward()
     assert counters["flops"] - forward == 3 * forward
+
+
+def test_profile_summary_groups_self_times_that_add_up():
+    """`--profile`'s summary: ops sorted by self time, groups that partition the total."""
+    import torch
+
+    q = k = v = torch.randn(1, 2, 64, 16)
+    a = torch.randn(128, 128)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            (a @ a).sum()
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    summary = bench.profile_summary(prof, cuda=False, top=5)
+    assert summary["sorted_by"] == "self_cpu_ms" and len(summary["top_ops"]) == 5
+    times = [op["self_cpu_ms"] for op in summary["top_ops"]]
+    assert times == sorted(times, reverse=True)
+    expected_total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
+    assert summary["total_ms"] == pytest.approx(expected_total)
+    assert sum(summary["group_share"].values()) == pytest.approx(1.0)
+    assert summary["group_share"]["matmul"] > 0 and summary["group_share"]["attention"] > 0
+    names = {op["name"] for op in summary["top_ops"]}
+    assert "aten::mm" in names or "aten::matmul" in names

@@ -24,6 +24,7 @@ def test_gpu_plan_runs_the_suite_and_the_7b_preset_full_and_lora(tmp_path):
         cmd = " ".join(step["cmd"])
         assert "--preset qwen2_5_vl_7b" in cmd and "--dtype bf16" in cmd and "--models vlm" in cmd
         assert f"--json {tmp_path / (step['name'] + '.json')}" in cmd and "dpo_nll" in cmd
+        assert "--profile" in step["cmd"]  # where the time goes, one untimed step per configuration
     assert "--lora" in steps[2]["cmd"] and "--lora" not in steps[1]["cmd"]
     assert sum(s["budget"] or 0 for s in steps) < 8 * 60
 
@@ -48,4 +49,6 @@ def test_cpu_rehearsal_writes_a_summary_without_gpu_numbers(tmp_path):
     assert bench["configs"]["dpo_nll"]["tokens_ratio"] == 1.0
     assert 0 < bench["configs"]["srpo_packed"]["tokens_ratio"] < 0.3
     assert set(bench["targets"].values()) == {"not measured"}
+    for config in bench["configs"].values():  # the profiled extra step: shares of one total
+        assert sum(config["profile_group_share"].values()) == pytest.approx(1.0) and config["profile_top_ops"]
     assert (tmp_path / "bench_small_cpu.json").is_file() and (tmp_path / "gpu_tests.log").is_file()
