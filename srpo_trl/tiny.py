@@ -271,6 +271,57 @@ def tiny_qwen2_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int =
 LLAVA_GRID_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
 
 
+def _tiny_llava_family(next_: bool, seed: int, hidden_size: int, num_hidden_layers: int):
+    """LLaVA-NeXT (``next_``) or LLaVA-1.5: the same CLIP tower (28x28 inputs, 2x2 patches of 14),
+    Qwen2 text and tokenizer; they differ in the image processor (NeXT: crops on a grid of
+    pinpoints, so token counts follow the aspect ratio) and the classes."""
+    import transformers
+    from transformers import CLIPVisionConfig
+
+    tok = build_tokenizer(image_style="llava")
+    text = dict(_text_kwargs(tok, hidden_size, num_hidden_layers), model_type="qwen2")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    name = "LlavaNext" if next_ else "Llava"
+    extra = {"image_grid_pinpoints": LLAVA_GRID_PINPOINTS} if next_ else {}
+    config = getattr(transformers, f"{name}Config")(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=(28 // 14) ** 2,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+        **extra,
+    )
+    model_class = getattr(transformers, f"{name}ForConditionalGeneration")
+    model = _seeded(seed, lambda: model_class(config))
+    if next_:
+        from transformers.models.llava_next.image_processing_pil_llava_next import (
+            LlavaNextImageProcessorPil as image_cls,
+        )
+    else:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as image_cls
+    image_processor = image_cls(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, **extra)
+    processor = getattr(transformers, f"{name}Processor")(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    return _set_generation(model.float().eval(), tok), processor
+
+
 def tiny_llava_next(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
     """A tiny ``LlavaNextForConditionalGeneration`` (CLIP vision tower, Qwen2 text) and its processor.
 
@@ -278,92 +329,14 @@ def tiny_llava_next(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int
     ``LLAVA_GRID_PINPOINTS`` for its aspect ratio and cut into crops, so images of different shapes
     give different token counts, and ``image_sizes`` tells the model how to unpad them.
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextProcessor,
-    )
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    tok = build_tokenizer(image_style="llava")
-    text = dict(_text_kwargs(tok, hidden_size, num_hidden_layers), model_type="qwen2")
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=28,
-        patch_size=14,
-        projection_dim=32,
-    )
-    config = LlavaNextConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
-        image_seq_length=(28 // 14) ** 2,
-        attn_implementation="sdpa",
-        tie_word_embeddings=False,
-    )
-    model = _seeded(seed, lambda: LlavaNextForConditionalGeneration(config))
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 28},
-        crop_size={"height": 28, "width": 28},
-        image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tok.chat_template,
-    )
-    return _set_generation(model.float().eval(), tok), processor
+    return _tiny_llava_family(True, seed, hidden_size, num_hidden_layers)
 
 
 def tiny_llava(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
     """A tiny ``LlavaForConditionalGeneration`` (LLaVA-1.5: CLIP vision tower, Qwen2 text) and its
     processor. Every image is resized and centre-cropped to 28x28: 2x2 patches of 14, so 4 image
     tokens per image whatever its shape (unlike LLaVA-NeXT's crops)."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tok = build_tokenizer(image_style="llava")
-    text = dict(_text_kwargs(tok, hidden_size, num_hidden_layers), model_type="qwen2")
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=28,
-        patch_size=14,
-        projection_dim=32,
-    )
-    config = LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        image_seq_length=(28 // 14) ** 2,
-        attn_implementation="sdpa",
-        tie_word_embeddings=False,
-    )
-    model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tok.chat_template,
-    )
-    return _set_generation(model.float().eval(), tok), processor
+    return _tiny_llava_family(False, seed, hidden_size, num_hidden_layers)
 
 
 # --- images ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trl
 from helpers import srpo_args
+from test_backends import _spy  # records every model.generate call
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.backends import GenerationRequest, OpenAICompatibleBackend, TransformersBackend
@@ -45,18 +46,6 @@ def qwen3_tok():
 @pytest.fixture(scope="module")
 def lm(qwen3_tok):
     return tiny_causal_lm(qwen3_tok, seed=0)
-
-
-def _spy(monkeypatch, model):
-    calls = []
-    original = model.generate
-
-    def spy(**kwargs):
-        calls.append(kwargs)
-        return original(**kwargs)
-
-    monkeypatch.setattr(model, "generate", spy)
-    return calls
 
 
 def _unpadded(call, row):
