@@ -62,14 +62,32 @@ logger = logging.getLogger(__name__)
 MAX_BRANCH_BUCKET = 8  # metrics by branch point: k = 0..7 and "8+"
 
 
+LOG_HALF = -0.6931471805599453
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler, 2012)."""
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler, 2012).
+
+    Both branches of `torch.where` are evaluated and differentiated, so each gets an input that is
+    safe for it: fed x close to 0, the unused `log1p(-exp(x))` would be log1p(-1) = -inf (exp(x)
+    rounds to 1 in float32 for |x| < 3e-8) and its gradient 0 * inf = NaN would poison the sum.
+    Half-precision inputs are computed in float32 (the clamp's -1e-12 underflows in float16).
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     x = x.clamp(max=-1e-12)  # a mean log-prob of exactly 0 would make the odds infinite
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near_zero = x > LOG_HALF
+    from_expm1 = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, LOG_HALF))))
+    from_log1p = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, 2 * LOG_HALF), x)))
+    return torch.where(near_zero, from_expm1, from_log1p)
 
 
 def odds_ratio_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row -log sigmoid(log odds(y+) - log odds(y-)) on mean token log-probs, and the log odds ratio."""
+    """Per-row -log sigmoid(log odds(y+) - log odds(y-)) on mean token log-probs, and the log odds ratio.
+
+    Half-precision means are computed in float32 (a bf16 difference of two means loses ~1e-2)."""
+    if chosen_mean.dtype in (torch.float16, torch.bfloat16):
+        chosen_mean, rejected_mean = chosen_mean.float(), rejected_mean.float()
     log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
     return -F.logsigmoid(log_odds), log_odds
 
@@ -725,7 +743,10 @@ class SRPOTrainer(DPOTrainer):
         nll = -reference_mean.mean()
         metrics: dict[str, torch.Tensor] = {}
         if self.align_loss == "odds_ratio":
-            align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
+            # With srpo_lambda == 0 the term is a metric only: kept out of the graph, so nothing in it
+            # (an infinite odds for a memorized continuation, say) can reach the gradient as 0 x inf.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.srpo_lambda != 0):
+                align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
             preferred = chosen_mean > rejected_mean
             metrics["log_odds_ratio"] = log_odds.detach()
             # No reference model: DPO's rewards as reference-free DPO defines them (log pi_ref = 0).
@@ -741,7 +762,7 @@ class SRPOTrainer(DPOTrainer):
         if self.align_loss == "sigmoid":
             align = -F.logsigmoid(self.beta * ((chosen_sum - ref_chosen) - (rejected_sum - ref_rejected)))
             preferred = chosen_rewards > rejected_rewards
-        loss = nll + self.srpo_lambda * align.mean()
+        loss = nll + self.srpo_lambda * align.mean() if self.srpo_lambda != 0 else nll
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             metrics["aux_loss"] = outputs.aux_loss.detach()
