@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-logger = logging.getLogger("srpo_trl.train")
+logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 # report_to name -> (module to import, what to install)

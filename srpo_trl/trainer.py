@@ -55,6 +55,7 @@ from .rows import (
     render_row,
     tokenizer_of,
 )
+from .store import table_digest
 
 
 logger = logging.getLogger(__name__)
@@ -106,24 +107,6 @@ def _as_srpo_config(args: DPOConfig) -> SRPOConfig:
     logger.warning("SRPOTrainer got a %s; converting it to SRPOConfig with the SRPO defaults.", type(args).__name__)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return SRPOConfig(**values)
-
-
-def _table_digest(table) -> str:
-    """Content hash of an Arrow table, batch by batch: not its file path nor its schema metadata
-    (a memory-mapped cache of the same rows has another path and fingerprint in every run)."""
-    import hashlib
-
-    import pyarrow as pa
-
-    digest = hashlib.blake2b(digest_size=16)
-    for batch in table.replace_schema_metadata(None).to_batches(
-        max_chunksize=1024
-    ):  # metadata holds a random fingerprint
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        digest.update(sink.getvalue().to_pybytes())
-    return digest.hexdigest()
 
 
 def _attn_implementation(model) -> str | None:
@@ -654,7 +637,7 @@ class SRPOTrainer(DPOTrainer):
         indices = dataset._indices.column(0).to_pylist() if dataset._indices is not None else None
         key = Hasher.hash(
             (
-                _table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
+                table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
                 indices,
                 self._ref_model_hash,
                 self.args.step_separator,

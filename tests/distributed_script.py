@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from srpo_trl.train import build_trainer, finish, parse_args, train_and_save
+from srpo_trl.recipe_runner import build_trainer, finish, parse_args, train_and_save
 
 
 def _gathered(params):
