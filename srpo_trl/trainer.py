@@ -212,11 +212,18 @@ class SRPOTrainer(DPOTrainer):
         "Multimodal Large Language Models",
         "id": "2509.12060",
         "citation": textwrap.dedent("""\
-            @inproceedings{srpo2026,
+            @inproceedings{cai2026srpo,
                 title        = {{When Safe Unimodal Inputs Collide: Optimizing Reasoning Chains for Cross-Modal Safety in Multimodal Large Language Models}},
+                author       = {Cai, Wei and Liu, Shujuan and Zhao, Jian and Shi, Ziyan and Zhao, Yusheng and Yuan, Yuchen and Zhang, Tianle and Zhang, Chi and Li, Xuelong},
                 booktitle    = {Proceedings of the AAAI Conference on Artificial Intelligence},
+                volume       = 40,
+                number       = 42,
+                pages        = {35322--35330},
                 year         = 2026,
-                eprint       = {arXiv:2509.12060},
+                doi          = {10.48550/arXiv.2509.12060},
+                eprint       = {2509.12060},
+                archivePrefix = {arXiv},
+                url          = {https://doi.org/10.1609/aaai.v40i42.40840},
             }"""),
     }
 
