@@ -198,16 +198,24 @@ def stepwise_supervision_rows(
         key = json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
         parsed.append((key, prompt, steps, labels, row.get("id")))
 
-    # Where each question's correct steps are: (question, the steps before, the step) in dataset order.
-    donors: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    # Each question's solutions as a trie of steps (one id per distinct prefix, so memory grows with the
+    # number of steps, not their square); donors[prefix id] = the rows whose steps up to and including
+    # the next one are all labelled true, in dataset order.
+    nodes: dict[tuple[Any, str], int] = {}
+    prefix_ids: list[list[int]] = []  # per row: the id of steps[:k] for k = 0 .. len(steps)
+    donors: dict[int, list[int]] = {}
     verified: dict[str, int] = {}  # question -> its first fully correct row
     for r, (key, _, steps, labels, _) in enumerate(parsed):
+        ids = [nodes.setdefault(("question", key), len(nodes))]
+        for step in steps:
+            ids.append(nodes.setdefault((ids[-1], step), len(nodes)))
+        prefix_ids.append(ids)
         if all(labels):
             verified.setdefault(key, r)
         for k in range(len(steps)):
             if not labels[k]:
                 break
-            donors.setdefault((key, tuple(steps[:k])), []).append(r)
+            donors.setdefault(ids[k], []).append(r)
 
     report: Counter = Counter(rows=len(parsed))
     out, seen = [], set()
@@ -217,17 +225,17 @@ def stepwise_supervision_rows(
             continue
         k = labels.index(False)
         prefix, rejected = steps[:k], steps[k]
-        candidates = [d for d in donors.get((key, tuple(prefix)), []) if parsed[d][2][k] != rejected]
+        candidates = [d for d in donors.get(prefix_ids[r][k], []) if parsed[d][2][k] != rejected]
         if not candidates:
             report["rows_without_favourable"] += 1
             continue
         full = [d for d in candidates if all(parsed[d][3])]
         donor = (full or candidates)[0]
         chosen = parsed[donor][2][k]
-        if (key, tuple(prefix), chosen, rejected) in seen:
+        if (prefix_ids[r][k], chosen, rejected) in seen:
             report["pairs_duplicate"] += 1
             continue
-        seen.add((key, tuple(prefix), chosen, rejected))
+        seen.add((prefix_ids[r][k], chosen, rejected))
         reference_row = donor if full else verified.get(key)
         pair = {"prompt": prompt, "prefix": prefix, "chosen": chosen, "rejected": rejected, "branch_point": k}
         if reference_row is not None:
