@@ -20,9 +20,8 @@ training settings; recipes/<model>/srpo/config_*.yaml are examples (docs/recipes
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not (
-        sys.argv[1:] if argv is None else argv
-    ):  # nothing to train: say how, as argparse does for a usage error (exit 2)
+    given = sys.argv[1:] if argv is None else argv
+    if not given:  # nothing to train: say how, and exit 2 as argparse does for a usage error
         print(USAGE, file=sys.stderr)
         return 2
     from ..recipe_runner import main as run
