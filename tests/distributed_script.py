@@ -1,5 +1,5 @@
 """Launched by tests/test_distributed.py with `accelerate launch`: the code of recipes/srpo.py
-(srpo_trl.train: parse the recipe, build the trainer, train and save) plus a probe that writes what
+(srpo_trl.recipe_runner: parse the recipe, build the trainer, train and save) plus a probe that writes what
 each rank saw to $SRPO_PROBE_DIR/rank<N>.json:
 
 - the distributed type, number of processes and this process's index;
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from srpo_trl.train import build_trainer, finish, parse_args, train_and_save
+from srpo_trl.recipe_runner import build_trainer, finish, parse_args, train_and_save
 
 
 def _gathered(params):

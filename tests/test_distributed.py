@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from srpo_trl import train as train_mod
+from srpo_trl import recipe_runner as train_mod
 from srpo_trl.loading import load_model_and_processor
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
