@@ -153,6 +153,47 @@ def check_world(training_args) -> None:
         )
 
 
+def check_fsdp(accelerator) -> None:
+    """An FSDP launch must give an FSDP run. accelerate applies its FSDP plugin only to GPU-type process
+    groups (MULTI_GPU and the like): on CPU (MULTI_CPU) it silently trains plain DDP instead."""
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if accelerator.distributed_type != DistributedType.FSDP:
+        raise RecipeError(
+            f"The launch config asks for FSDP but accelerate set up {accelerator.distributed_type} "
+            f"(device {accelerator.device}): accelerate applies FSDP only to GPU process groups, so this would train "
+            "as plain data parallelism with a full model copy per process. Launch FSDP on GPUs, or use a DDP / "
+            "DeepSpeed config on this machine (see recipes/accelerate_configs/cpu_*.yaml)."
+        )
+
+
+def describe_world() -> str | None:
+    """Which processes joined, by node: "4 processes on 2 nodes: node 0 (host-a) ranks 0-1, node 1
+    (host-b) ranks 2-3". Every rank must call it (it gathers); None for a single process."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    # torchrun's node rank (GROUP_RANK) tells nodes apart even when they share a host name.
+    me = (int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0))), socket.gethostname(), dist.get_rank())
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    nodes: dict[int, tuple[str, list[int]]] = {}
+    for node, host, rank in everyone:
+        nodes.setdefault(node, (host, []))[1].append(rank)
+    parts = []
+    for node, (host, ranks) in sorted(nodes.items()):
+        ranks.sort()
+        contiguous = ranks == list(range(ranks[0], ranks[-1] + 1))
+        listed = f"{ranks[0]}-{ranks[-1]}" if contiguous and len(ranks) > 1 else ",".join(map(str, ranks))
+        parts.append(f"node {node} ({host}) rank{'s' if len(ranks) > 1 else ''} {listed}")
+    return f"{len(everyone)} processes on {len(nodes)} node{'s' if len(nodes) > 1 else ''}: " + ", ".join(parts)
+
+
 def resolve_model(name_or_path: str | None, revision: str = "main") -> tuple[str, bool]:
     """`(source, is_local)` for `model_name_or_path`, or a RecipeError that names what was looked for.
 
@@ -382,6 +423,10 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
         peft_config=get_peft_config(model_args),
         callbacks=list(callbacks or []),
     )
+    check_fsdp(trainer.accelerator)
+    world = describe_world()
+    if world:  # how a user sees that every node joined
+        trainer.accelerator.print(f"srpo-trl train: {world} ({trainer.accelerator.distributed_type})")
     if hasattr(trainer.train_dataset, "__len__") and len(trainer.train_dataset) == 0:
         raise RecipeError(
             f"Every training row was dropped: none fits max_length={training_args.max_length} "
@@ -419,7 +464,8 @@ def hub_dataset_id(script_args) -> str | None:
 def train_and_save(trainer, script_args, training_args):
     """Train (resuming if asked), save the adapter or full model with the processor and a model card."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)  # adapter (PEFT) or full weights; gathers ZeRO-3 shards
+    trainer.save_model(training_args.output_dir)  # adapter (PEFT) or full weights; gathers ZeRO-3 / FSDP shards
+    trainer.save_state()  # trainer_state.json: the logged losses of every step (rank 0 writes it)
     dataset_name = hub_dataset_id(script_args)
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)

@@ -30,6 +30,16 @@ from transformers import TrainerCallback
 from srpo_trl.recipe_runner import build_trainer, finish, parse_args, train_and_save
 
 
+def _local(p) -> torch.Tensor:
+    """What this rank stores of a parameter: its shard under FSDP2 (a DTensor), else the tensor."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _full(p) -> torch.Tensor:
+    """A parameter's whole value (an FSDP2 DTensor is all-gathered; every rank must call this)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 def _gathered(params):
     """Context in which ZeRO-3 parameters hold their full values (a no-op otherwise)."""
     if any(hasattr(p, "ds_id") for p in params):
@@ -102,8 +112,8 @@ class Probe(TrainerCallback):
         for name, p in trainer.model.named_parameters():
             params[name] = {
                 "full": int(getattr(p, "ds_numel", p.numel())),
-                "held": int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel()),
-                "local_tensor": int(p.numel()),
+                "held": int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(_local(p).numel()),
+                "local_tensor": int(_local(p).numel()),
                 "trainable": bool(p.requires_grad),
             }
         self.record.update(
@@ -126,7 +136,7 @@ class Probe(TrainerCallback):
         trainer = self.trainer
         named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
         with _gathered([p for _, p in named]):
-            weights = {n: p.detach().clone().cpu() for n, p in named}
+            weights = {n: _full(p.detach()).clone().cpu() for n, p in named}
         if trainer.accelerator.is_main_process:
             torch.save(weights, self.out / "final_weights.pt")
         self.record["final_step"] = state.global_step
@@ -136,7 +146,35 @@ class Probe(TrainerCallback):
         (self.out / f"rank{rank}.json").write_text(json.dumps(self.record, indent=1))
 
 
+def allow_fsdp_on_cpu():
+    """SRPO_CPU_FSDP=1: let accelerate's FSDP plugin take a CPU (gloo) process group.
+
+    accelerate 1.15 turns a launch into FSDP only when the process group is a GPU-type one
+    (AcceleratorState.__init__: `elif self.distributed_type in [MULTI_GPU, MULTI_NPU, ...]`); on CPU it
+    stays MULTI_CPU and trains plain DDP. This runs the lines of that branch for MULTI_CPU too, and
+    nothing else: the plugin, `accelerator.prepare` (fully_shard per decoder layer over a CPU
+    DeviceMesh), the optimizer, gradient clipping and the full state dict on save are accelerate's and
+    torch's own code paths."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = self.distributed_type
+
+    AcceleratorState.__init__ = __init__
+
+
 def main(argv=None) -> int:
+    if os.environ.get("SRPO_CPU_FSDP") == "1":
+        allow_fsdp_on_cpu()
     out = Path(os.environ["SRPO_PROBE_DIR"])
     out.mkdir(parents=True, exist_ok=True)
     script_args, training_args, model_args = parse_args(argv)

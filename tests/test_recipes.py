@@ -101,6 +101,9 @@ def test_layout_has_every_launch_config_and_model_recipe():
         "cpu_ddp.yaml",
         "cpu_zero2.yaml",
         "cpu_zero3.yaml",
+        "multi_node_ddp.yaml",
+        "multi_node_zero3.yaml",
+        "multi_node_fsdp2.yaml",
     } <= names
     folders = {p.parents[1].name for p in MODEL_RECIPES}
     assert folders == {
@@ -129,6 +132,9 @@ def test_accelerate_configs_load_and_state_their_hardware(path):
         "cpu_ddp.yaml": ("MULTI_GPU", 2),
         "cpu_zero2.yaml": ("DEEPSPEED", 2),
         "cpu_zero3.yaml": ("DEEPSPEED", 2),
+        "multi_node_ddp.yaml": ("MULTI_GPU", 16),
+        "multi_node_zero3.yaml": ("DEEPSPEED", 16),
+        "multi_node_fsdp2.yaml": ("FSDP", 16),
     }[path.name]
     assert (str(config.distributed_type).split(".")[-1], config.num_processes) == expected
     raw = yaml.safe_load(path.read_text())
@@ -136,7 +142,14 @@ def test_accelerate_configs_load_and_state_their_hardware(path):
         assert raw["mixed_precision"] == "no"  # fp32 only on CPU
     else:
         assert raw["mixed_precision"] == "bf16"
-    stage = {"zero2.yaml": 2, "cpu_zero2.yaml": 2, "zero3.yaml": 3, "cpu_zero3.yaml": 3, "zero3_offload.yaml": 3}
+    stage = {
+        "zero2.yaml": 2,
+        "cpu_zero2.yaml": 2,
+        "zero3.yaml": 3,
+        "cpu_zero3.yaml": 3,
+        "zero3_offload.yaml": 3,
+        "multi_node_zero3.yaml": 3,
+    }
     if path.name in stage:
         assert raw["deepspeed_config"]["zero_stage"] == stage[path.name]
     if "zero3" in path.name:
@@ -147,8 +160,13 @@ def test_accelerate_configs_load_and_state_their_hardware(path):
             == "cpu"
             == raw["deepspeed_config"]["offload_optimizer_device"]
         )
-    if path.name == "fsdp2.yaml":
+    if "fsdp2" in path.name:
         assert raw["fsdp_config"]["fsdp_version"] == 2
+    if path.name.startswith("multi_node_"):  # 2 machines x 8 GPUs; the main host comes from the command line
+        assert (raw["num_machines"], raw["machine_rank"], raw["main_process_port"]) == (2, 0, 29500)
+        assert raw["same_network"] is True and raw["rdzv_backend"] == "static" and "main_process_ip" not in raw
+    else:
+        assert config.num_machines == 1
 
 
 @pytest.mark.parametrize("path", MODEL_RECIPES, ids=lambda p: f"{p.parents[1].name}/{p.name}")

@@ -3,6 +3,8 @@
     srpo-trl demo [--quick] [--seed N] [--out DIR]
     srpo-trl study [--quick] [--grid ...] [--jobs N] --out DIR
     srpo-trl train --config recipes/<model>/srpo/config_*.yaml [--field value ...]
+    srpo-trl train --accelerate-config zero3 [--num_processes N] --config RECIPE.yaml [--field value ...]
+    srpo-trl recipes list|path|copy [DEST]
     srpo-trl explore --model PATH --records records.jsonl --out explored.jsonl ...
     srpo-trl evaluate --model PATH --benchmark siuo --data ... --out report/
     srpo-trl generate-records --images DIR --endpoint URL --served-model NAME --out records.jsonl
@@ -29,6 +31,7 @@ COMMANDS = {
         "the pre-registered grid over data regimes on the demo task (docs/study.md)",
     ),
     "train": ("srpo_trl.cli.train", "main", "train with a recipe YAML (same code path as recipes/srpo.py)"),
+    "recipes": ("srpo_trl.cli.recipes", "main", "list or copy the packaged accelerate configs and model recipes"),
     "explore": ("srpo_trl.cli.explore", "main", "sample reasoning branches, verify them, write step pairs"),
     "evaluate": ("srpo_trl.cli.evaluate", "main", "safety evaluation of reasoning paths"),
     "generate-records": ("srpo_trl.cli.generate_records", "main", "agents that write reasoning-path records"),
