@@ -4,7 +4,8 @@ each rank saw to $SRPO_PROBE_DIR/rank<N>.json:
 
 - the distributed type, number of processes and this process's index;
 - the class of the wrapped model (DistributedDataParallel / DeepSpeedEngine) and the ZeRO stage;
-- per parameter: full size and the size this rank holds (ZeRO-3 shards), and the local tensor size;
+- the machine (torchrun's GROUP_RANK) and local rank of the process;
+- per parameter: full size and the size this rank holds (ZeRO-3 and FSDP2 shards), and the local tensor size;
 - the loss and gradient norm of every logged step (all-reduced by the Trainer) and this rank's own
   micro-batch loss;
 - at the end, rank 0 writes the trainable parameters gathered from the shards to final_weights.pt.
@@ -12,6 +13,8 @@ each rank saw to $SRPO_PROBE_DIR/rank<N>.json:
 SRPO_FAULT=<name> injects one of the faults the test's comparison must catch (tests/test_distributed.py
 shows that it does): `no_allreduce` (each rank keeps its own gradient), `double_grad` (the averaged
 gradient counted twice) or `same_data` (every rank trains on the same rows).
+
+SRPO_CPU_FSDP=1 lets accelerate's FSDP plugin run on a CPU process group (see allow_fsdp_on_cpu).
 
 Run by hand (2 processes, CPU):
     SRPO_PROBE_DIR=/tmp/probe accelerate launch --config_file recipes/accelerate_configs/cpu_zero3.yaml \
@@ -28,6 +31,12 @@ import torch
 from transformers import TrainerCallback
 
 from srpo_trl.recipe_runner import build_trainer, finish, parse_args, train_and_save
+
+
+def _is_fsdp2(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def _local(p) -> torch.Tensor:
@@ -122,6 +131,9 @@ class Probe(TrainerCallback):
             process_index=trainer.accelerator.process_index,
             wrapper=f"{type(wrapped).__module__}.{type(wrapped).__name__}",
             zero_stage=wrapped.zero_optimization_stage() if hasattr(wrapped, "zero_optimization_stage") else None,
+            fsdp2=_is_fsdp2(wrapped),
+            node_rank=int(os.environ.get("GROUP_RANK", -1)),  # torchrun's machine rank
+            local_rank=int(os.environ.get("LOCAL_RANK", -1)),
             params=params,
             start_step=state.global_step,
             activation_checkpointing=bool(getattr(base, "is_gradient_checkpointing", False)),

@@ -25,12 +25,16 @@ into a real launch and checks that the comparison fails.
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from srpo_trl import recipe_runner as train_mod
 from srpo_trl.loading import load_model_and_processor
@@ -111,10 +115,7 @@ def recipe_args(workspace: Path, out: Path, **fields) -> list[str]:
     return ["--config", str(RECIPE), *flags({**base, **COMMON, **fields})]
 
 
-def launch(workspace: Path, config: str, name: str, fault: str = "", **fields) -> tuple[list[dict], Path]:
-    """`accelerate launch` 2 processes; returns each rank's probe record and the run folder. `fault`:
-    one of the faults tests/distributed_script.py can inject."""
-    run = workspace / name
+def launch_env(run: Path, fault: str = "", **extra) -> dict:
     env = {
         **os.environ,
         "SRPO_PROBE_DIR": str(run),
@@ -122,18 +123,32 @@ def launch(workspace: Path, config: str, name: str, fault: str = "", **fields) -
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
+        **extra,
     }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))  # compile DeepSpeed's extension once
+    return env
+
+
+def launch(
+    workspace: Path, config: str, name: str, fault: str = "", launch_args=(), env=None, **fields
+) -> tuple[list[dict], Path]:
+    """`accelerate launch` 2 processes; returns each rank's probe record and the run folder. `fault`:
+    one of the faults tests/distributed_script.py can inject; `launch_args`: more accelerate launch
+    options; `env`: more environment variables."""
+    run = workspace / name
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
         str(CONFIGS / config),
+        *launch_args,
         str(SCRIPT),
         *recipe_args(workspace, run / "out", per_device_train_batch_size=PER_DEVICE, **fields),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=launch_env(run, fault, **(env or {})), cwd=REPO, timeout=600
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "terminate called" not in log, log[-6000:]  # a rank aborted at exit (process group left behind)
@@ -265,8 +280,13 @@ def check_zero3_shards(ranks, single_numel):
         assert sum(p["held"] for p in params.values()) < 0.51 * single_numel
 
 
-def test_ddp_two_processes(workspace, single_full):
-    ranks, run = launch(workspace, "cpu_ddp.yaml", "ddp", **FULL, **CPU_DDP)
+@pytest.fixture(scope="module")
+def ddp_full(workspace):
+    return launch(workspace, "cpu_ddp.yaml", "ddp", **FULL, **CPU_DDP)
+
+
+def test_ddp_two_processes(ddp_full, single_full):
+    ranks, run = ddp_full
     check_ranks(ranks, single_full, "MULTI_CPU", "torch.nn.parallel.distributed.DistributedDataParallel", None)
     assert not any(rec["activation_checkpointing"] for rec in ranks)  # turned off on the command line
     for rec in ranks:  # every rank holds the whole model
@@ -375,3 +395,295 @@ def test_cpu_ddp_launch_without_use_cpu_is_refused_instead_of_training_twice_alo
     assert (proc.stdout + proc.stderr).count(message) == 2  # both ranks refuse, before loading anything
     assert "--use_cpu true" in proc.stderr
     assert not out.exists()
+
+
+# ---- several machines: 2 "machines" on 127.0.0.1, one process each ----------------------------------------------
+#
+# Two launches with machine ranks 0 and 1 form one process group over TCP, as two hosts would. They
+# compute exactly what 1 machine x 2 processes computes: each rank gets the same rows and runs the same
+# kernels on one thread, and a sum over 2 ranks is a + b whichever arrives first; only where the ranks
+# meet differs. So the comparison with the 1-machine run is exact.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine_options(rank: int, port: int, rendezvous_timeout: int = 120) -> list[str]:
+    """accelerate launch options of machine `rank` of 2 (one process each) meeting at 127.0.0.1:port."""
+    return [
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--rdzv_conf",
+        f"timeout={rendezvous_timeout}",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+
+
+def run_machines(cmds: list[list[str]], env: dict, logs: list[Path], timeout: float = 600) -> list[tuple[int, str]]:
+    """Start one command per machine at once and wait for all: [(exit code, output)]. A launch still
+    running after `timeout` seconds is killed and the test fails (no hang)."""
+    procs = []
+    for cmd, log in zip(cmds, logs):
+        handle = open(log, "w")
+        proc = subprocess.Popen(
+            cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
+        procs.append((proc, handle))
+    deadline = time.monotonic() + timeout
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc, handle in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            handle.close()
+    return [(proc.returncode, log.read_text()) for (proc, _), log in zip(procs, logs)]
+
+
+def launch_machines(workspace: Path, config: str, name: str, **fields) -> tuple[list[dict], Path]:
+    """tests/distributed_script.py on 2 machines x 1 process: (each rank's probe record, run folder)."""
+    run = workspace / name
+    run.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = recipe_args(workspace, run / "out", per_device_train_batch_size=PER_DEVICE, **fields)
+    base = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+    cmds = [[*base, *machine_options(rank, port), str(SCRIPT), *args] for rank in range(2)]
+    for code, log in run_machines(cmds, launch_env(run), [run / f"machine{r}.log" for r in range(2)]):
+        assert code == 0 and "terminate called" not in log, log[-6000:]
+    return [json.loads((run / f"rank{r}.json").read_text()) for r in range(WORLD)], run
+
+
+def saved_state(run: Path) -> dict:
+    """Losses and gradient norms of every step, from the trainer_state.json `srpo-trl train` saves."""
+    history = json.loads((run / "out" / "trainer_state.json").read_text())["log_history"]
+    return {
+        "losses": {str(h["step"]): h["loss"] for h in history if "loss" in h},
+        "grad_norms": {str(h["step"]): h["grad_norm"] for h in history if "loss" in h},
+    }
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun on one host: the command once per node, each with its SLURM_NODEID, all at once.
+nodes=$SLURM_NNODES
+while [[ $1 == --* ]]; do [[ $1 == --nodes=* ]] && nodes=${1#--nodes=}; shift; done
+pids=()
+for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# scontrol show hostnames LIST: one host per line
+[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
+"""
+
+
+def test_two_machines_ddp_through_the_slurm_script_equal_one_machine(workspace, ddp_full, tmp_path):
+    """recipes/launch.slurm as sbatch runs it, with srun and scontrol standing in for SLURM on one host:
+    one `srpo-trl train --accelerate-config multi_node_ddp` per node, machine rank $SLURM_NODEID."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run = workspace / "machines_ddp"
+    recipe, *fields = recipe_args(workspace, run / "out", per_device_train_batch_size=PER_DEVICE, **FULL, **CPU_DDP)[
+        1:
+    ]
+    env = launch_env(
+        run,
+        PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="localhost,localhost",
+        ACCELERATE_CONFIG="multi_node_ddp",
+        GPUS_PER_NODE="1",
+        MAIN_PROCESS_PORT=str(free_port()),
+        RDZV_TIMEOUT="120",
+        LAUNCH_ARGS="--mixed_precision no --dynamo_backend no",
+    )
+    proc = subprocess.run(
+        ["bash", str(REPO / "recipes" / "launch.slurm"), recipe, *fields],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "terminate called" not in log, log[-6000:]
+    assert "srpo: 2 node(s) x 1 process(es), config multi_node_ddp, main process on localhost:" in log
+    # each machine's first process says who joined
+    assert log.count("2 processes on 2 nodes: node 0 (") == 2 and ", node 1 (" in log, log[-3000:]
+    ranks, one_machine = ddp_full
+    assert saved_state(run) == saved_state(one_machine)
+    assert saved_state(run)["losses"] == ranks[0]["logged_losses"]
+    two, one = load_file(run / "out" / "model.safetensors"), load_file(one_machine / "out" / "model.safetensors")
+    assert sorted(two) == sorted(one) and all(torch.equal(two[n], one[n]) for n in one)
+
+
+@pytest.fixture(scope="module")
+def zero3_machines(workspace):
+    # save_steps=2: a checkpoint written by both machines, to resume from
+    return launch_machines(
+        workspace,
+        "multi_node_zero3.yaml",
+        "zero3_machines",
+        **FULL,
+        **CPU_DEEPSPEED,
+        save_strategy="steps",
+        save_steps=2,
+    )
+
+
+def test_two_machines_zero3_equal_one_machine(zero3_machines, zero3_full, single_full):
+    ranks, run = zero3_machines
+    check_ranks(ranks, single_full, "DEEPSPEED", "deepspeed.runtime.engine.DeepSpeedEngine", 3)
+    assert [(rec["node_rank"], rec["local_rank"]) for rec in ranks] == [(0, 0), (1, 0)]  # one per machine
+    check_zero3_shards(ranks, single_full["numel"])
+    one_machine, one_run = zero3_full
+    for two, one in zip(ranks, one_machine):
+        for key in ("logged_losses", "logged_grad_norms", "local_losses", "local_batches"):
+            assert two[key] == one[key], key
+    check_weights(torch.load(run / "final_weights.pt"), torch.load(one_run / "final_weights.pt"), atol=0)
+
+
+def test_two_machines_zero3_checkpoint_resumes(workspace, zero3_machines):
+    ranks, run = zero3_machines
+    checkpoint = run / "out" / "checkpoint-2"
+    shards = sorted(p.name for p in (checkpoint / "global_step2").iterdir())
+    assert sum("optim_states" in name for name in shards) == 2  # one optimizer shard from each machine
+    resumed, rerun = launch_machines(
+        workspace,
+        "multi_node_zero3.yaml",
+        "zero3_machines_resumed",
+        **FULL,
+        **CPU_DEEPSPEED,
+        resume_from_checkpoint=checkpoint,
+    )
+    for rec in resumed:
+        assert rec["start_step"] == 2 and rec["final_step"] == 3 and sorted(rec["local_losses"]) == ["3"]
+        assert rec["logged_losses"]["3"] == pytest.approx(ranks[0]["logged_losses"]["3"], abs=1e-6)
+    check_weights(torch.load(rerun / "final_weights.pt"), torch.load(run / "final_weights.pt"), atol=1e-6)
+
+
+def test_a_machine_started_alone_stops_with_a_clear_message(workspace):
+    """The main machine waits for the other one for the rendezvous timeout (here 10 s; torch's default
+    is 600 s), a second machine for the main one as long, then each stops and says why. Both are run
+    under a 180 s limit: a launch that hangs fails the test."""
+    run = workspace / "alone"
+    run.mkdir()
+    ports = [free_port(), free_port()]  # nobody else listens: each machine is alone
+    args = recipe_args(workspace, run / "out", per_device_train_batch_size=PER_DEVICE, **FULL, **CPU_DDP)
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "srpo_trl.cli",
+            "train",
+            "--accelerate-config",
+            "multi_node_ddp",
+            *machine_options(rank, ports[rank], rendezvous_timeout=10),
+            *args,
+        ]
+        for rank in range(2)
+    ]
+    (main_code, main_log), (other_code, other_log) = run_machines(
+        cmds, launch_env(run), [run / f"machine{r}.log" for r in range(2)], timeout=180
+    )
+    assert main_code != 0 and "Timed out after" in main_log and "1/2 clients joined" in main_log, main_log[-3000:]
+    assert other_code != 0, other_log[-3000:]
+    assert f"timed out after 10000ms while trying to connect to (127.0.0.1, {ports[1]})" in other_log, other_log[
+        -3000:
+    ]
+    assert not (run / "out").exists()  # nothing was loaded or trained
+
+
+# ---- FSDP2 ---------------------------------------------------------------------------------------------------
+#
+# accelerate applies its FSDP plugin only to GPU-type process groups: on CPU a launch with an FSDP
+# config trains as plain DDP (MULTI_CPU) and says nothing; srpo-trl refuses that run (the first test).
+# The other tests run the shipped fsdp2.yaml (2 processes, fp32 on the command line) with
+# tests/distributed_script.py's allow_fsdp_on_cpu, which runs accelerate's own FSDP branch for a CPU
+# group: fully_shard per decoder layer over a gloo DeviceMesh, FSDP2's reduce-scatter, DTensor gradient
+# clipping and the full state dict on save are accelerate's and torch's code. The tolerances are the
+# ones derived for DeepSpeed in the module docstring: FSDP2 also sums squared gradients per shard.
+
+FSDP2_LAUNCH = ["--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_fsdp_on_cpu_is_refused_instead_of_training_as_ddp(workspace):
+    run = workspace / "fsdp_refused"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "fsdp2.yaml"),
+        *FSDP2_LAUNCH,
+        str(REPO / "recipes" / "srpo.py"),
+        *recipe_args(workspace, run / "out", per_device_train_batch_size=PER_DEVICE, **FULL, **CPU_DDP),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(run), cwd=REPO, timeout=600)
+    assert proc.returncode != 0
+    message = "asks for FSDP but accelerate set up DistributedType.MULTI_CPU (device cpu"
+    # every rank refuses; the launcher may stop one before it prints, once another has exited
+    assert (proc.stdout + proc.stderr).count(message) >= 1, (proc.stdout + proc.stderr)[-3000:]
+    assert not (run / "out" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def single_full_unpacked(workspace):
+    return single_process(workspace, "single_full_unpacked", **FULL, prefix_sharing="false")
+
+
+@pytest.fixture(scope="module")
+def single_lora_unpacked(workspace):
+    return single_process(workspace, "single_lora_unpacked", **LORA_CKPT, prefix_sharing="false")
+
+
+@pytest.mark.parametrize("packing", ["packed", "unpacked"])
+@pytest.mark.parametrize("peft", ["full", "lora"])
+def test_fsdp2_two_processes(request, workspace, peft, packing):
+    """2 ranks under FSDP2: each holds its shard of every parameter (LoRA: the frozen base too), the
+    losses, gradient norms and final weights are the single process's, and the full state dict saved
+    at the end loads back to the gathered weights."""
+    fields = dict(FULL if peft == "full" else LORA_CKPT, prefix_sharing="true" if packing == "packed" else "false")
+    single = request.getfixturevalue(f"single_{peft}" + ("_unpacked" if packing == "unpacked" else ""))
+    ranks, run = launch(
+        workspace,
+        "fsdp2.yaml",
+        f"fsdp2_{peft}_{packing}",
+        launch_args=FSDP2_LAUNCH,
+        env={"SRPO_CPU_FSDP": "1"},
+        **fields,
+        **CPU_DDP,
+    )
+    for r, rec in enumerate(ranks):
+        assert (rec["process_index"], rec["num_processes"], rec["distributed_type"]) == (r, 2, "DistributedType.FSDP")
+        assert rec["fsdp2"] and rec["final_step"] == STEPS
+    for name, p in ranks[0]["params"].items():  # sharded on dim 0: the two halves make the whole
+        other = ranks[1]["params"][name]["held"]
+        assert p["held"] + other == p["full"] and (p["held"] < p["full"] or p["full"] == 1), name
+    assert sum(p["held"] for p in ranks[0]["params"].values()) < 0.51 * single["numel"]
+    gathered = torch.load(run / "final_weights.pt")
+    assert compare_with_single(ranks, single, gathered) == []
+    model, _ = load_model_and_processor(run / "out")  # the full state dict (FULL_STATE_DICT) or the adapter
+    saved = dict(model.named_parameters())
+    assert sum(p.numel() for p in saved.values()) == single["numel"]
+    check_weights({n: saved[n].detach() for n in gathered}, gathered, atol=0)
