@@ -25,7 +25,6 @@ into a real launch and checks that the comparison fails.
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -433,6 +432,23 @@ def machine_options(rank: int, port: int, rendezvous_timeout: int = 120) -> list
     ]
 
 
+def kill_machine(proc: subprocess.Popen) -> None:
+    """SIGKILL a launch and every process under it, as when its machine dies (torchrun starts each
+    worker in a session of its own, so killing the launcher's process group would leave them running)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def run_machines(cmds: list[list[str]], env: dict, logs: list[Path], timeout: float = 600) -> list[tuple[int, str]]:
     """Start one command per machine at once and wait for all: [(exit code, output)]. A launch still
     running after `timeout` seconds is killed and the test fails (no hang)."""
@@ -450,8 +466,7 @@ def run_machines(cmds: list[list[str]], env: dict, logs: list[Path], timeout: fl
     finally:
         for proc, handle in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_machine(proc)
             handle.close()
     return [(proc.returncode, log.read_text()) for (proc, _), log in zip(procs, logs)]
 

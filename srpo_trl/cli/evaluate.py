@@ -9,6 +9,7 @@ The policy, sampling and HTTP flags are shared by every command (:mod:`srpo_trl.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -191,10 +192,14 @@ def _make_judge(args: argparse.Namespace) -> Any:
 def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
     if args.endpoint:
         return endpoint_backend(args)
+    import torch
+
     from ..backends import TransformersBackend
     from ..loading import load_model_and_processor
 
-    model, processing_class = load_model_and_processor(args.model, adapter=args.adapter)
+    # under a launcher each process generates on its own GPU
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else None
+    model, processing_class = load_model_and_processor(args.model, adapter=args.adapter, device=device)
     return TransformersBackend(
         model,
         processing_class,
@@ -319,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LoadError, JudgeError, EvaluationStateError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"srpo-trl evaluate: error: {exc}", file=sys.stderr)
         return 1
+    if not paths:  # a process of a launch other than rank 0: its share is merged into rank 0's report
+        return 0
     report = load_report(paths["json"])
     print("\n".join(protocol_command.summary_lines(report) + [_summary(report)]))
     for kind, path in paths.items():

@@ -49,6 +49,7 @@ from .runner import (
     EvaluationStateError,
     check_resume,
     evaluate,
+    launch_rank,
     load_state,
     run_settings,
 )
@@ -125,7 +126,9 @@ def evaluate_to_dir(
     overwrite: bool = False,
 ) -> tuple[RunResult, dict[str, Path]]:
     """Evaluate one model into ``out_dir/runs/<label>/`` (resumable), then write the report of every
-    model evaluated into ``out_dir`` (side by side). Returns the run and the report paths."""
+    model evaluated into ``out_dir`` (side by side). Returns the run and the report paths. Under a
+    launcher the items are shared out over the processes (:func:`evaluate`) and only rank 0 writes the
+    report (the other ranks get no paths)."""
     run = evaluate(
         items,
         backend,
@@ -137,6 +140,8 @@ def evaluate_to_dir(
         progress=progress,
         overwrite=overwrite,
     )
+    if launch_rank()[0] != 0:  # one of several processes: rank 0 merged the shards and writes the report
+        return run, {}
     paths = write_report(load_runs(out_dir), out_dir, vote=vote)
     return run, paths
 

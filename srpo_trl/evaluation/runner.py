@@ -11,10 +11,19 @@ items, settings and backend. The state file (``results.jsonl``) is append-only:
 A killed evaluation restarts from that file: judged items are neither generated nor judged again,
 a batch that was generated but not fully judged is judged from its recorded paths (not sampled
 again), and a line cut short by the kill is dropped. The result equals an uninterrupted run's.
+
+Under a launcher (``accelerate launch`` / ``torchrun``: ``RANK`` and ``WORLD_SIZE`` set; one machine or
+several) the batches are shared out: rank ``r`` of ``W`` takes batches ``b`` with ``b % W == r``
+and keeps its own state file ``results.rank<r>-of<W>.jsonl`` beside ``results.jsonl``; when every
+rank is done, rank 0 merges them into ``results.jsonl`` (item order) and removes them. Each batch
+keeps its seed, so the items' paths and verdicts are those of one process. A rerun after a kill
+resumes from the shards (with any number of processes). The state folder must be on a filesystem
+every machine sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,6 +152,44 @@ class _State:
         self.done[result.id] = result
 
 
+def shard_path(state_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """The state file of rank ``rank`` of ``world_size``: ``results.rank1-of2.jsonl``."""
+    return Path(state_dir) / f"{Path(STATE_FILE).stem}.rank{rank}-of{world_size}{Path(STATE_FILE).suffix}"
+
+
+def _shards(state_dir: Path) -> list[Path]:
+    return sorted(state_dir.glob(f"{Path(STATE_FILE).stem}.rank*-of*{Path(STATE_FILE).suffix}"))
+
+
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) as a launcher sets them; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _process_group():
+    """A gloo group for the two barriers of a sharded evaluation (beside NCCL, if any), or None when
+    no launcher set MASTER_ADDR / MASTER_PORT (ranks given by hand, run one after the other)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return None
+    if not dist.is_initialized():
+        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+            return None
+        from datetime import timedelta
+
+        # the other ranks wait at the barrier while the slowest one generates: hours, not the 30 min default
+        dist.init_process_group(backend="gloo", timeout=timedelta(hours=12))
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _barrier(group) -> None:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=group)
+
+
 def run_settings(
     items: Sequence[EvalItem], judge: Judge, config: EvalConfig, label: str, model_info: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -201,6 +248,8 @@ def evaluate(
     model_info: dict[str, Any] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> RunResult:
     """Generate ``config.samples`` paths per item with ``backend``, judge them, return the results.
 
@@ -208,6 +257,10 @@ def evaluate(
     items and settings resumes from it (see the module doc); other settings (``model_info``, the
     judge, ``config``, the items) are refused, and a second run on the same ``state_dir`` is refused
     while one runs. ``overwrite`` starts again. Errors name the item.
+
+    Under a launcher (or with ``rank`` / ``world_size`` given) each rank evaluates its share of the
+    batches and rank 0 returns the merged result; the other ranks return their own items
+    (``complete`` False).
     """
     config = config or EvalConfig()
     ids = [item.id for item in items]
@@ -215,6 +268,31 @@ def evaluate(
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"item ids must be unique; repeated: {dupes[:10]}")
     settings = run_settings(items, judge, config, label, model_info)
+    given = rank is not None or world_size is not None
+    if not given:
+        rank, world_size = launch_rank()
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    if world_size > 1 and state_dir is None:
+        raise ValueError("several processes need a state folder (state_dir / --out) to share the items")
+    # several processes, or one that finishes what several left in their shards
+    if world_size > 1 or (state_dir is not None and _shards(Path(state_dir))):
+        group = None if given or world_size == 1 else _process_group()
+        return _run_sharded(
+            items,
+            backend,
+            judge,
+            config,
+            label,
+            settings,
+            Path(state_dir),
+            progress,
+            overwrite,
+            rank,
+            world_size,
+            group,
+        )
     if state_dir is None:
         return _run(items, backend, judge, config, label, settings, None, progress)
     with store.output_lock(lock_path(state_dir), "evaluate", Path(state_dir) / STATE_FILE):
@@ -224,9 +302,66 @@ def evaluate(
         return _run(items, backend, judge, config, label, settings, state, progress)
 
 
-def _run(
-    items, backend, judge, config: EvalConfig, label: str, settings: dict, state: _State | None, progress: bool
+def _run_sharded(
+    items, backend, judge, config, label, settings, state_dir: Path, progress, overwrite, rank, world_size, group
 ) -> RunResult:
+    """This rank's batches into its own state file; rank 0 merges every shard once all are done."""
+    merged = state_dir / STATE_FILE
+    mine = shard_path(state_dir, rank, world_size)
+    if rank == 0 and overwrite:
+        for path in [merged, *_shards(state_dir)]:
+            path.unlink(missing_ok=True)
+    _barrier(group)  # nobody reads before rank 0 has cleared an --overwrite
+    with contextlib.ExitStack() as locks:
+        if rank == 0:
+            locks.enter_context(store.output_lock(lock_path(state_dir), "evaluate", merged))
+        locks.enter_context(store.output_lock(mine.with_name(mine.name + ".lock"), "evaluate", mine))
+        state = _State(mine, settings)
+        # what earlier runs finished, with this or another number of processes
+        for path in [merged, *_shards(state_dir)]:
+            if path != mine and path.exists() and path.stat().st_size:
+                other = _State(path, settings, write=False)
+                state.generated = {**other.generated, **state.generated}
+                state.done = {**other.done, **state.done}
+        run = _run(
+            items, backend, judge, config, label, settings, state, progress, owned=lambda b: b % world_size == rank
+        )
+        _barrier(group)  # every shard is complete
+        if rank == 0:
+            run = _merge(state_dir, items, settings, label)
+        _barrier(group)  # the merged file is written: every rank may return
+    return run
+
+
+def _merge(state_dir: Path, items, settings: dict, label: str) -> RunResult:
+    """Write every judged item of the shards (and of an earlier merge) into results.jsonl, in item
+    order, then remove the shards. Items no shard holds yet stay out (``complete`` False)."""
+    merged = state_dir / STATE_FILE
+    shards = _shards(state_dir)
+    done: dict[str, ItemResult] = {}
+    for path in [merged, *shards]:
+        if path.exists() and path.stat().st_size:
+            done.update(_State(path, settings, write=False).done)
+    results = [done[item.id] for item in items if item.id in done]
+    config = {"type": "config", "version": STATE_VERSION, **json.loads(json.dumps(settings, default=str))}
+    store.rewrite(merged, [config, *({"type": "item", "result": r.to_dict()} for r in results)])
+    for path in shards:
+        path.unlink(missing_ok=True)
+    return RunResult(label=label, config=settings, results=results, complete=len(results) == len(items))
+
+
+def _run(
+    items,
+    backend,
+    judge,
+    config: EvalConfig,
+    label: str,
+    settings: dict,
+    state: _State | None,
+    progress: bool,
+    owned=lambda b: True,
+) -> RunResult:
+    """Generate and judge the items of every batch ``owned(batch number)`` accepts."""
     from tqdm.auto import tqdm
 
     from ..backends import GenerationRequest
@@ -234,10 +369,13 @@ def _run(
     ids = [item.id for item in items]
     done: dict[str, ItemResult] = dict(state.done) if state else {}
     generated: dict[str, list[str]] = dict(state.generated) if state else {}
+    batches = [b for b in range(0, len(items), config.batch_size) if owned(b // config.batch_size)]
+    total = sum(len(items[b : b + config.batch_size]) for b in batches)
+    initial = sum(1 for b in batches for item in items[b : b + config.batch_size] if item.id in done)
 
-    bar = tqdm(total=len(items), initial=len(done), desc=f"evaluate {label}", unit="item", disable=not progress)
+    bar = tqdm(total=total, initial=initial, desc=f"evaluate {label}", unit="item", disable=not progress)
     try:
-        for b in range(0, len(items), config.batch_size):
+        for b in batches:
             batch = list(items[b : b + config.batch_size])
             todo = [item for item in batch if item.id not in done]
             if not todo:
@@ -281,4 +419,5 @@ def _run(
                 bar.update(1)
     finally:
         bar.close()
-    return RunResult(label=label, config=settings, results=[done[i] for i in ids], complete=True)
+    results = [done[i] for i in ids if i in done]
+    return RunResult(label=label, config=settings, results=results, complete=len(results) == len(ids))
