@@ -12,7 +12,7 @@ writes to $OUT: gpu_check.json (the summary), gpu_tests.xml (pytest's JUnit repo
 bench_<name>.json per benchmark run (absolute numbers, benchmarks/step_pairs.py's format) and a
 .log per step. Steps, in order, each with a time budget (the whole run stops at --budget seconds):
 
-  1. tests/gpu/ (pytest)                                                     budget 240 s
+  1. tests/gpu/ (pytest; with FSDP2 through accelerate, test_fsdp2_cuda.py)  budget 240 s
   2. benchmark, VLM preset qwen2_5_vl_7b (4 decoder layers), bf16, full fine-tuning:
      SRPO packed, SRPO Step-DPO (+ref), DPOTrainer (+ref) + NLL              budget 150 s
   3. the same with LoRA: SRPO packed, DPOTrainer + NLL                       what is left

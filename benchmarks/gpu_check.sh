@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (issue 11): tests/gpu/ + the Qwen2.5-VL-7B-shaped benchmark preset (bf16; full and
-# LoRA), one JSON summary, in under 8 minutes on one GPU. Nothing is downloaded there: the machine's
+# GPU check (issue 11): tests/gpu/ (with FSDP2 through accelerate's CUDA path, issue 23) + the
+# Qwen2.5-VL-7B-shaped benchmark preset (bf16; full and LoRA), one JSON summary, in under 8 minutes
+# on one GPU. Nothing is downloaded there: the machine's
 # torch (CUDA) is used, with this checkout on PYTHONPATH, and the wheels it lacks (trl, datasets,
 # dill, multiprocess, the pinned transformers and peft) come from .whl/ when it is there: made here
 # by `bash benchmarks/gpu_wheels.sh`, carried along, installed into /tmp/site (first on PYTHONPATH).
