@@ -16,8 +16,9 @@ process group. Each failure says what was looked for and where. Then: step pairs
 (`train_file` / `eval_file` JSON-lines or JSON via `StepPairDataset`, or `dataset_name`, a Hub
 dataset or a local folder, via `datasets`), the model is loaded with the auto class its config
 calls for (`AutoModelForImageTextToText` for a vision-language model, else `AutoModelForCausalLM`),
-`SRPOTrainer` trains it, and the adapter or the full model is saved with the processor and a model
-card.
+`SRPOTrainer` trains it, and the adapter or the full model is saved with the processor, a model
+card and `trainer_state.json`. A launch of several processes prints which processes joined on which
+node, and an FSDP launch that accelerate set up as something else (on CPU it trains plain DDP) stops.
 """
 
 from __future__ import annotations
