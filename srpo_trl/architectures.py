@@ -48,9 +48,9 @@ TEXT_TYPES = frozenset(
 )
 # Vision-language wrappers verified with their text backbone (mRoPE positions for the Qwen VL family,
 # DeepStack for Qwen3-VL, bidirectional image attention for Gemma3; `llava` is LLaVA-1.5).
-VLM_TYPES = frozenset({"gemma3", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"})
+VLM_TYPES = frozenset({"gemma3", "llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"})
 # Text backbones inside the VLM types above that are named after the wrapper.
-_VLM_TEXT_TYPES = frozenset({"qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text"})
+_VLM_TEXT_TYPES = frozenset({"qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text"})
 # Wrappers whose image tokens attend to every token of their image, both ways (`token_type_ids` == 1).
 BIDIRECTIONAL_IMAGE_TYPES = frozenset({"gemma3"})
 

@@ -403,16 +403,21 @@ def tiny_gemma3(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2
     return _set_generation(model.float().eval(), tok), processor
 
 
-def tiny_qwen3_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
-    """A tiny ``Qwen3VLForConditionalGeneration`` and its image-only processor.
+def tiny_qwen3_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2, moe: bool = False):
+    """A tiny ``Qwen3VLForConditionalGeneration`` (``moe``: ``Qwen3VLMoeForConditionalGeneration``,
+    4 experts, 2 per token) and its image-only processor.
 
     Qwen3-VL: interleaved M-RoPE (``mrope_interleaved``; the sections split head_dim/2 frequencies
     over time, height and width), patches of 16 pixels (32x32 pixels is one merged image token,
     images are scaled to at most 64x64 = 4 tokens), and DeepStack: features of the vision blocks in
     ``deepstack_visual_indexes`` are added to the image tokens' hidden states after the first decoder
     layers (one decoder layer per index)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    Qwen3VLConfig = getattr(transformers, f"{name}Config")
+    Qwen3VLForConditionalGeneration = getattr(transformers, f"{name}ForConditionalGeneration")
 
     tok = build_tokenizer()
     head_dim = hidden_size // 4
@@ -427,6 +432,8 @@ def tiny_qwen3_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int =
             "mrope_interleaved": True,
         },
     )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size // 2)
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -454,10 +461,15 @@ def tiny_qwen3_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int =
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2, temporal_patch_size=2
     )
-    processor = IMAGE_ONLY_PROCESSORS["qwen3_vl"](
+    processor = IMAGE_ONLY_PROCESSORS["qwen3_vl"](  # Qwen3-VL-MoE uses Qwen3-VL's processor
         image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
     )
     return _set_generation(model.float().eval(), tok), processor
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+    """A tiny ``Qwen3VLMoeForConditionalGeneration`` and its processor (see :func:`tiny_qwen3_vl`)."""
+    return tiny_qwen3_vl(seed, hidden_size, num_hidden_layers, moe=True)
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -486,6 +498,7 @@ __all__ = [
     "tiny_llava_next",
     "tiny_gemma3",
     "tiny_qwen3_vl",
+    "tiny_qwen3_vl_moe",
     "Qwen2_5_VLImageOnlyProcessor",
     "Qwen2VLImageOnlyProcessor",
     "Qwen3VLImageOnlyProcessor",

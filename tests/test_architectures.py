@@ -31,6 +31,7 @@ VLM_BUILDERS = {
     "qwen2_5_vl": tiny.tiny_qwen2_5_vl,
     "qwen2_vl": tiny.tiny_qwen2_vl,
     "qwen3_vl": tiny.tiny_qwen3_vl,
+    "qwen3_vl_moe": tiny.tiny_qwen3_vl_moe,
 }
 
 
