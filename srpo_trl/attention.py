@@ -5,7 +5,10 @@ from the tree's pre-order subtree ends by `packing.tree_block_mask`, never an [L
 FlexAttention, block-sparse; with anything else (a padding mask, no mask) it is transformers' sdpa,
 and the registered mask function is sdpa's, so unpacked forwards, evaluation and generation behave
 exactly as under `attn_implementation="sdpa"`. A 4D mask (a BlockMask is one) is passed through by
-transformers' mask creation untouched, so the model never replaces the tree mask.
+transformers' mask creation untouched, so the model never replaces the tree mask. Models with
+sliding-window layers get one BlockMask per layer type (a dict, as transformers' decoders take
+their per-layer masks), each with the window counted along every token's own path. FlexAttention
+here has no attention-logit softcapping or attention sinks: Gemma2 and GPT-OSS keep the dense mask.
 
 Only the text decoder is switched (`set_attn_implementation({"text_config": "srpo_tree"})` for
 vision-language models): the vision tower keeps its own attention. This works for every model whose
