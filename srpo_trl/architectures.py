@@ -54,8 +54,15 @@ _VLM_TEXT_TYPES = frozenset({"qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text"
 # Wrappers whose image tokens attend to every token of their image, both ways (`token_type_ids` == 1).
 BIDIRECTIONAL_IMAGE_TYPES = frozenset({"gemma3"})
 
-# Config classes allowed in this process by `srpo_trl.allow_prefix_sharing` (after their check passed).
-_ALLOWED_CLASSES: set[type] = set()
+# (config class, text config class) pairs allowed in this process by `srpo_trl.allow_prefix_sharing`
+# (after their check passed): a LLaVA allowed with one text backbone is not allowed with another.
+_ALLOWED_CLASSES: set[tuple[type, type]] = set()
+
+
+def config_key(config) -> tuple[type, type]:
+    """The (config class, text config class) pair the runtime allow-list is keyed by."""
+    return type(config), type(config.get_text_config())
+
 
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
@@ -126,7 +133,7 @@ def architecture_problem(config) -> str | None:
     mixer = token_mixer_problem(text_config)
     if mixer:
         return f"model type {model_type!r}: {mixer}"
-    if type(config) in _ALLOWED_CLASSES:
+    if config_key(config) in _ALLOWED_CLASSES:
         return None
     if not type(config).__module__.startswith("transformers."):
         return (

@@ -193,17 +193,18 @@ def check_rows(images: bool = False) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _allowed(config_class: type):
-    """Let the check's trainer pack `config_class` while it runs (the allow-list is what it verifies)."""
+def _allowed(config):
+    """Let the check's trainer pack `config`'s classes while it runs (the allow-list is what it verifies)."""
     from . import architectures
 
-    added = config_class not in architectures._ALLOWED_CLASSES
-    architectures._ALLOWED_CLASSES.add(config_class)
+    key = architectures.config_key(config)
+    added = key not in architectures._ALLOWED_CLASSES
+    architectures._ALLOWED_CLASSES.add(key)
     try:
         yield
     finally:
         if added:
-            architectures._ALLOWED_CLASSES.discard(config_class)
+            architectures._ALLOWED_CLASSES.discard(key)
 
 
 @contextlib.contextmanager
@@ -293,7 +294,7 @@ def check_prefix_sharing(
     model.to(device)
     rows = check_rows(images=is_vlm)
     dataset = StepPairDataset.from_list(rows)
-    with tempfile.TemporaryDirectory() as tmp, _allowed(config_class), _quiet():
+    with tempfile.TemporaryDirectory() as tmp, _allowed(config), _quiet():
         common = dict(
             use_cpu=device == "cpu",
             bf16=False,
@@ -354,14 +355,15 @@ def check_prefix_sharing(
 
 def allow_prefix_sharing(config, processing_class=None, **kwargs) -> PrefixSharingCheck:
     """Run `check_prefix_sharing` on `config` and, if it passes, let `SRPOTrainer` pack models of this
-    config class in this process (trainers built afterwards). Raises ValueError with the report if
-    it fails. Hybrid models (Mamba, convolution, linear attention) cannot be allowed."""
+    config class (with this text config class: a vision-language wrapper is allowed with the backbone
+    it was checked with) in this process, for trainers built afterwards. Raises ValueError with the
+    report if it fails. Hybrid models (Mamba, convolution, linear attention) cannot be allowed."""
     from . import architectures
 
     report = check_prefix_sharing(config, processing_class, **kwargs)
     if not report.passed:
         raise ValueError(f"Prefix sharing stays off: {report}")
-    architectures._ALLOWED_CLASSES.add(config if isinstance(config, type) else type(config))
+    architectures._ALLOWED_CLASSES.add(architectures.config_key(config() if isinstance(config, type) else config))
     return report
 
 
