@@ -14,8 +14,9 @@ scores the same step-pair rows (several branch points per question, plus a secon
 `SRPOTrainer` twice: packed (one token tree per question) and unpacked (every sequence on its own,
 the model's own masks). It compares every sequence's mean token log-prob, and the gradient with
 respect to every parameter of a random combination of them (the SRPO loss's gradient is one such
-combination; distinct weights make an error in any one sequence show). The test suite runs it for every model type on the
-allow-list (`srpo_trl.architectures`), so a type cannot be added without passing it.
+combination; distinct weights make an error in any one sequence show). The test suite runs it for
+every model type on the allow-list (`srpo_trl.architectures`), so a type cannot be added without
+passing it.
 
 Tolerances (fp32): log-probs 1e-5 absolute; gradients 1e-5 absolute + 1e-4 relative. Packed and
 unpacked run the same weights on the same token contexts; what differs is the shape of every
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-CHECK_WINDOW = 8  # sliding window of the checked model: the check's sequences are 25-60 tokens
+CHECK_WINDOW = 8  # sliding window of the checked model: the check's text sequences are up to 90 tokens
 SMALL_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 LOGP_ATOL = 1e-5
