@@ -11,8 +11,8 @@ each layer type: sliding-window and full attention where the model has both), a 
 8 tokens (the check's sequences are several times longer), and for a text config a small width
 (hidden 32, 4 heads of 8, 2 KV heads, at most 4 experts) with a tokenizer built in code. It then
 scores the same step-pair rows (several branch points per question, plus a second question) with
-`SRPOTrainer` twice: packed (one token tree per question) and unpacked (every sequence on its own,
-the model's own masks). It compares every sequence's mean token log-prob, and the gradient with
+`SRPOTrainer`'s collator and forward twice: packed (one token tree per question) and unpacked (every
+sequence on its own, the model's own masks). It compares every sequence's mean token log-prob, and the gradient with
 respect to every parameter of a random combination of them (the SRPO loss's gradient is one such
 combination; distinct weights make an error in any one sequence show). The test suite runs it for
 every model type on the allow-list (`srpo_trl.architectures`), so a type cannot be added without
@@ -31,6 +31,7 @@ which packing changes by design (each shared token counted once).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -307,26 +308,29 @@ def check_prefix_sharing(
             per_device_train_batch_size=len(rows),
             router_aux_loss_coef=0.0,
         )
-        trainers = {
-            shared: SRPOTrainer(
-                model=model,
-                args=SRPOConfig(f"{tmp}/{shared}", prefix_sharing=shared, **common),
-                train_dataset=dataset,
-                processing_class=processing_class,
-            )
-            for shared in (True, False)
-        }
-        if not trainers[True].prefix_sharing:
+        trainer = SRPOTrainer(
+            model=model,
+            args=SRPOConfig(tmp, **common),
+            train_dataset=dataset,
+            processing_class=processing_class,
+        )
+        if not trainer.prefix_sharing:
             from .trainer import prefix_sharing_problem
 
             report.reason = f"the trainer did not pack: {prefix_sharing_problem(model)}"
             return report
-        batches = {s: t.data_collator([t.train_dataset[i] for i in range(len(rows))]) for s, t in trainers.items()}
+        # The same rows through the trainer's collator, packed and as 3B separate sequences (what
+        # prefix_sharing=False scores): `_sequence_logps` takes either.
+        examples = [trainer.train_dataset[i] for i in range(len(rows))]
+        unpacking = dataclasses.replace(
+            trainer.data_collator, prefix_sharing=False, dense_mask=True, bucket_multiple=None
+        )
+        batches = {True: trainer.data_collator(examples), False: unpacking(examples)}
         report.packed_tokens = int(batches[True]["packed_length"].sum())
         report.unpacked_tokens = int(batches[False]["attention_mask"].sum())
         report.longest_sequence = int(batches[False]["attention_mask"].sum(1).max())
         weights = torch.rand(3 * len(rows), generator=torch.Generator().manual_seed(seed)) - 0.5
-        results = {s: _logps_and_grads(trainers[s], batches[s], weights) for s in (True, False)}
+        results = {s: _logps_and_grads(trainer, batches[s], weights) for s in (True, False)}
     (logps_p, grads_p), (logps_u, grads_u) = results[True], results[False]
     report.max_logp_diff = float((logps_p - logps_u).abs().max())
     excess = {
