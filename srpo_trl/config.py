@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
 
+logger = logging.getLogger(__name__)
+
 ALIGN_LOSSES = ("odds_ratio", "sigmoid")
+_ANNOUNCED: set[bool] = set()  # the automatic precision choice is logged once per process
+
+
+def _forced_cpu(use_cpu: bool) -> bool:
+    from transformers.utils import strtobool
+
+    return bool(use_cpu) or bool(strtobool(os.environ.get("ACCELERATE_USE_CPU", "false")))
+
+
+def bf16_supported(use_cpu: bool = False) -> bool:
+    """Whether training here can use bf16 mixed precision: the run is not forced onto the CPU
+    (``use_cpu``, ``ACCELERATE_USE_CPU``) and the accelerator supports bf16 (the test
+    transformers' `TrainingArguments` makes before it refuses ``bf16=True``)."""
+    if _forced_cpu(use_cpu):
+        return False
+    from transformers import training_args
+
+    return training_args.is_torch_bf16_gpu_available() or training_args.is_torch_xla_available()
+
+
+def default_ref_logps_cache_dir() -> str:
+    """``$SRPO_TRL_CACHE/ref_logps``, or ``~/.cache/srpo_trl/ref_logps`` when the variable is unset."""
+    root = os.environ.get("SRPO_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "srpo_trl")
+    return os.path.join(root, "ref_logps")
 
 
 @dataclass
@@ -33,12 +61,18 @@ class SRPOConfig(DPOConfig):
         prefix_sharing (`bool`, defaults to `True`): score each question's sequences as one tree, every
             shared token once (see docs/speed.md).
         group_by_question (`bool`, defaults to `True`): batch the rows of a question together.
-        ref_logps_cache_dir (`str`, *optional*): where precomputed reference log-probs are cached on
-            disk and found again by later runs (text and vision datasets).
+        ref_logps_cache_dir (`str`, defaults to `$SRPO_TRL_CACHE/ref_logps` or `~/.cache/srpo_trl/ref_logps`):
+            where precomputed reference log-probs are cached on disk and found again by later runs (text and
+            vision datasets); `""` disables the cache.
         nonfinite (`str`, defaults to `"stop"`): what a NaN / inf loss or gradient norm does: `"stop"`
             raises `TrainingDiverged` naming the step, `"skip"` skips that optimizer step.
         resume_mismatch (`str`, defaults to `"warn"`): resuming a checkpoint trained on other data or
             loss settings warns (`"warn"`) or raises `ResumeMismatch` (`"error"`).
+        bf16 (`bool`, *optional*): bf16 mixed precision. Unset (the default), it is chosen from the
+            hardware: on where the accelerator supports bf16 (and `use_cpu` is off), fp32 otherwise (a CPU-only
+            machine), said once in the log. `True` where the accelerator has no bf16 raises, unless
+            `use_cpu=True` asks for bf16 autocast on the CPU. (TRL's `DPOConfig` defaults to `True` everywhere
+            and fails on a CPU-only machine.)
     """
 
     srpo_lambda: float = field(
@@ -93,7 +127,16 @@ class SRPOConfig(DPOConfig):
         metadata={
             "help": "With precompute_ref_log_probs (align_loss='sigmoid'), reference log-probs are saved here, keyed by "
             "the dataset's content, the reference model's weights and the encoding settings, and reused by later runs. "
-            "Default: $SRPO_TRL_CACHE or ~/.cache/srpo_trl/ref_logps. Set to '' to disable the disk cache."
+            "Default (unset): $SRPO_TRL_CACHE/ref_logps, or ~/.cache/srpo_trl/ref_logps without the variable. "
+            "Set to '' to disable the disk cache."
+        },
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. Unset: on where the accelerator supports bf16, fp32 otherwise (e.g. a "
+            "CPU-only machine), said once in the log. True without such an accelerator is refused unless use_cpu "
+            "is set (bf16 autocast on the CPU)."
         },
     )
 
@@ -117,6 +160,9 @@ class SRPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        self.bf16 = self._resolve_bf16()
+        if self.ref_logps_cache_dir is None:
+            self.ref_logps_cache_dir = default_ref_logps_cache_dir()
         super().__post_init__()
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"`nonfinite` must be 'stop' or 'skip', got {self.nonfinite!r}.")
@@ -150,3 +196,29 @@ class SRPOConfig(DPOConfig):
                     "`sync_ref_model=True` needs a reference model, which `align_loss='odds_ratio'` does not use. "
                     "Set `align_loss='sigmoid'` or drop `sync_ref_model`."
                 )
+
+    def _resolve_bf16(self) -> bool:
+        """`bf16` as a bool: the hardware's choice when unset (DPOConfig's `True` would fail without a GPU)."""
+        if self.bf16 is None:
+            if self.fp16:
+                return False
+            chosen = bf16_supported(self.use_cpu)
+            if chosen not in _ANNOUNCED:
+                _ANNOUNCED.add(chosen)
+                if chosen:
+                    logger.warning("SRPOConfig: bf16 was not set; the accelerator supports it, so training uses bf16.")
+                else:
+                    where = "use_cpu is set" if _forced_cpu(self.use_cpu) else "this machine has no GPU with bf16"
+                    logger.warning(
+                        "SRPOConfig: bf16 was not set and %s, so training uses fp32 (set bf16=False to say so, or "
+                        "use_cpu=True with bf16=True for bf16 autocast on the CPU).",
+                        where,
+                    )
+            return chosen
+        if self.bf16 and not bf16_supported(self.use_cpu) and not _forced_cpu(self.use_cpu):
+            raise ValueError(
+                "bf16=True, but this machine has no GPU with bf16 support. Leave bf16 unset (SRPOConfig then trains "
+                "in bf16 where the GPU supports it and in fp32 here), set bf16=False, or set use_cpu=True for bf16 "
+                "autocast on the CPU."
+            )
+        return bool(self.bf16)

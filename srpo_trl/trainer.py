@@ -43,7 +43,7 @@ from . import guards
 from .architectures import architecture_problem, packed_router_mask
 from .attention import TREE_ATTENTION, choose_tree_attention, ensure_tree_attention, use_tree_attention
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
-from .config import SRPOConfig
+from .config import SRPOConfig, default_ref_logps_cache_dir
 from .dataset import StepPairDataset
 from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
 from .rows import (
@@ -646,9 +646,8 @@ class SRPOTrainer(DPOTrainer):
         directory = self.args.ref_logps_cache_dir
         if directory == "":
             return None
-        if directory is None:
-            directory = os.environ.get("SRPO_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "srpo_trl")
-            directory = os.path.join(directory, "ref_logps")
+        if directory is None:  # SRPOConfig fills the default in; a config changed after construction may not
+            directory = default_ref_logps_cache_dir()
         if getattr(self, "_ref_model_hash", None) is None:
             self._ref_model_hash = self._precompute_model_hash or hash_module(self.ref_model or self.model)
         indices = dataset._indices.column(0).to_pylist() if dataset._indices is not None else None
