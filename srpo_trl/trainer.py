@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import textwrap
 from pathlib import Path
 from typing import Any

@@ -8,7 +8,7 @@ rank holds half of every parameter), the same logged loss on both ranks, that th
 different rows (whose mean loss is the logged one), and the same loss trajectory and final weights
 as a single process with the same global batch. ZeRO-3 also saves, reloads and resumes.
 
-An exit code proves nothing here (see shared/notes/distributed-on-cpu.md): `--multi_gpu` on CPU
+An exit code proves nothing here (docs/recipes.md, "On a CPU machine"): `--multi_gpu` on CPU
 without `use_cpu` exits 0 after two independent single-process runs.
 """
 
@@ -265,7 +265,7 @@ def test_zero3_with_lora(workspace, single_lora):
 
 
 def test_cpu_ddp_launch_without_use_cpu_is_refused_instead_of_training_twice_alone(workspace):
-    """The trap of shared/notes/distributed-on-cpu.md, through recipes/srpo.py itself: `--multi_gpu`
+    """The trap of docs/recipes.md ("On a CPU machine"), through recipes/srpo.py itself: `--multi_gpu`
     on CPU without `use_cpu` would exit 0 after two independent single-process runs."""
     out = workspace / "trap"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
