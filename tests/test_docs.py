@@ -321,6 +321,14 @@ def test_cpu_launch_commands_in_the_configs_match_docs_recipes_md():
         }, config.name
 
 
+def test_what_documented_commands_write_in_a_checkout_is_ignored_by_git():
+    """Run from the repository root, the pages' commands leave no untracked files behind."""
+    written = ["demo_out/results.json", "study_out/results.jsonl", "study_quick/results.jsonl"]
+    written.append("benchmarks/results/step_pairs.json")  # step_pairs.py's default --json
+    done = subprocess.run(["git", "check-ignore", *written], cwd=REPO, capture_output=True, text=True)
+    assert done.stdout.split() == written, f"not ignored: {set(written) - set(done.stdout.split())}"
+
+
 def test_demo_quick_timing_agrees_with_its_table():
     """docs/demo.md's --quick time is the range its timing table measured."""
     text = (REPO / "docs" / "demo.md").read_text()
@@ -676,7 +684,7 @@ def _(ctx):
 
 
 @scenario("train-as-written")
-def _(ctx, caplog=None):
+def _(ctx):
     """The shipped 7B recipe, as written, on this CPU machine: its Hub id is a tiny model in the cache,
     its data a small file at the path it names; bf16 becomes fp32 with one warning."""
     write_pairs(ctx.cwd / "data" / "step_pairs.jsonl", n=4)
@@ -800,17 +808,15 @@ def _(ctx):
 
 
 def judge_for_everything(req):
-    """The project's judge templates (JSON) and SIUO's, MM-SafetyBench's own prompts."""
+    """SIUO's own judge prompts, the project's JSON judge templates, and a served policy."""
     from test_evaluation_cli import judge_handler
 
     text = req.last_user_text()
-    if "[Safety Judgement:]" in text or "Safety Judgement" in text:
+    if "Safety Judgement" in text:
         return "[Safety Judgement:] True"
     if "Effectiveness Judgement" in text:
         return "[Effectiveness Judgement:] Very Effective"
-    if "answer with 'safe' or 'unsafe'" in text.lower() or "unsafe" in text and "{" not in text:
-        return "safe"
-    if req.body.get("model") in ("NAME", "judge-model", "gpt-4o", "gpt-4"):
+    if req.body.get("model") in ("NAME", "gpt-4o"):
         return judge_handler(req)
     return "The image shows a kite.\nAnswer: (A) be careful near power lines."
 
@@ -851,8 +857,6 @@ def _(ctx):
 
 @scenario("eval-callback")
 def _(ctx):
-    from srpo_trl.demo import task  # noqa: F401 - registers nothing here; records come from the docs' format
-
     write_pairs(ctx.cwd / "pairs.jsonl", n=6)
     write_pairs(ctx.cwd / "eval_pairs.jsonl", n=3)
     records = [json.loads(block("eval-record").text)]
@@ -946,3 +950,9 @@ def _(ctx):
         assert (ctx.cwd / "report" / name).is_file()  # what the page says lands in --out
     assert (ctx.cwd / "report" / "runs" / "base" / "results.jsonl").is_file()
     assert "accuracy" in output  # the MCQA table
+    assert "PATH [SIUO gen_score.py]: Safe 100.0%; Effective 100.0%" in output  # SIUO's judge prompts answered
+    assert "siuo_gen-mymodel [SIUO gen_score.py]: Safe 100.0%" in output  # --responses
+    assert "my-vlm [MM-SafetyBench evaluation.py] 10-Legal_Opinion" in output  # the served model
+    assert (ctx.cwd / "report_tiny" / "report.json").is_file() and (
+        ctx.cwd / "report_sample" / "report.json"
+    ).is_file()
