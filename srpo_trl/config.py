@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .dpo_fields import refuse_unsupported
+
 
 logger = logging.getLogger(__name__)
 
@@ -174,17 +176,9 @@ class SRPOConfig(DPOConfig):
             raise ValueError(f"`srpo_lambda` must be >= 0 (it weights a loss term), got {self.srpo_lambda}.")
         if not self.step_separator:
             raise ValueError("`step_separator` must be a non-empty string (e.g. '\\n'); steps cannot be joined by ''.")
-        # DPO knobs that SRPO does not compute: refuse them rather than silently ignoring them.
-        if list(self.loss_type) != ["sigmoid"]:
-            raise ValueError(
-                f"`loss_type={self.loss_type}` is a DPOTrainer option; SRPOTrainer computes the SRPO objective. "
-                "Choose the alignment term with `align_loss` ('odds_ratio' or 'sigmoid') instead."
-            )
-        if self.ld_alpha is not None or self.use_weighting or self.f_divergence_type != "reverse_kl":
-            raise ValueError(
-                "`ld_alpha`, `use_weighting` and `f_divergence_type` are DPO variants that SRPOTrainer does not "
-                "implement; leave them at their defaults."
-            )
+        # DPO settings SRPO does not compute are refused rather than silently ignored; every DPOConfig field is
+        # classified (honoured / refused / not applicable) in srpo_trl/dpo_fields.py.
+        refuse_unsupported(self)
         if self.align_loss == "odds_ratio":
             if self.precompute_ref_log_probs:
                 raise ValueError(

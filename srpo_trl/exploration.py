@@ -23,7 +23,6 @@ under ``accelerate launch`` records are split by rank and rank 0 merges the shar
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
 import itertools
@@ -57,7 +56,6 @@ __all__ = [
     "format_summary",
     "shard_path",
     "merge_shards",
-    "main",
 ]
 
 META_SUFFIX = store.META_SUFFIX
@@ -525,7 +523,7 @@ def explore(
             backend_sep,
             separator,
         )
-    verifier_name = _verifier_name(verifier)
+    verifier_name = verifier_label(verifier)
     verifier = as_verifier(verifier)
     required = tuple(getattr(verifier, "required_fields", ()))
     recs, base_dir = load_records(records, required, image_root, allow_outside_root)
@@ -770,23 +768,6 @@ def _run_records(recs: list[dict], explore_one, out_dir: Path | None, concurrent
         bar.close()
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: srpo_trl/cli/explore.py (these names stay for importers)
-# ----------------------------------------------------------------------------------------------
-
-
-def _verifier_name(verifier) -> str:
+def verifier_label(verifier) -> str:
+    """The name a verifier is recorded under (in the output's fingerprint)."""
     return verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .cli.explore import build_parser as build
-
-    return build()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``srpo-trl explore`` (:mod:`srpo_trl.cli.explore`)."""
-    from .cli.explore import main as run
-
-    return run(argv)

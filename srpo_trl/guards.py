@@ -32,6 +32,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .store import table_digest
+
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +169,6 @@ class NonFiniteGuard(TrainerCallback):
 
 def run_settings(trainer) -> dict:
     """What a checkpoint must agree on with the run that resumes it."""
-    from .trainer import _table_digest
-
     dataset = trainer.train_dataset
     digest = None
     if hasattr(dataset, "data") and hasattr(dataset.data, "table"):
@@ -176,7 +176,7 @@ def run_settings(trainer) -> dict:
             rows = hashlib.blake2b(digest_size=8)
             if dataset._indices is not None:  # a selection (dropped rows) of the table
                 rows.update(dataset._indices.column(0).to_numpy().tobytes())
-            trainer._srpo_dataset_digest = f"{_table_digest(dataset.data.table)}-{rows.hexdigest()}"
+            trainer._srpo_dataset_digest = f"{table_digest(dataset.data.table)}-{rows.hexdigest()}"
         digest = trainer._srpo_dataset_digest
     return {"dataset": digest, "loss": {k: getattr(trainer.args, k, None) for k in LOSS_SETTINGS}}
 

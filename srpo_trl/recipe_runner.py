@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-logger = logging.getLogger("srpo_trl.train")
+logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 # report_to name -> (module to import, what to install)
@@ -465,17 +465,36 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
     return trainer
 
 
+def hub_dataset_id(script_args) -> str | None:
+    """The Hub dataset a run trained on, for the model card (its `datasets` metadata and link), or None.
+
+    Only a `dataset_name` that is a Hub id counts: a run on `train_file` (which takes precedence) or on
+    a local file or folder has no Hub page, and a card naming one links to a page that does not exist
+    and carries metadata the Hub refuses.
+    """
+    name = script_args.dataset_name
+    if script_args.train_file or not name or _looks_like_path(name) or Path(name).expanduser().exists():
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def train_and_save(trainer, script_args, training_args):
     """Train (resuming if asked), save the adapter or full model with the processor and a model card."""
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # adapter (PEFT) or full weights; gathers ZeRO-3 shards
+    dataset_name = hub_dataset_id(script_args)
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
-        dataset_name = script_args.dataset_name or script_args.train_file
         trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=dataset_name)
     trainer.accelerator.wait_for_everyone()
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=dataset_name)
     trainer.accelerator.print(f"Saved to {training_args.output_dir}")
     return trainer
 

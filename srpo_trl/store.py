@@ -14,8 +14,10 @@ and ``curate`` fingerprints and locks its outputs with it:
   existing output without the side file, is refused before any work, naming what changed.
 * :func:`output_lock`: an exclusive lock (``filelock``) held while a run writes; a second run on the
   same output is refused at once.
+* :func:`table_digest`: a content hash of an Arrow table (a dataset's rows, whatever its cache path),
+  for the trainer's reference log-prob cache and the resume check.
 
-Standard library plus ``filelock``; no torch.
+Standard library plus ``filelock`` (and ``pyarrow`` inside :func:`table_digest`); no torch.
 """
 
 from __future__ import annotations
@@ -407,3 +409,19 @@ def _same_file(lock: Any, path: Path) -> bool:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
     except OSError:
         return False
+
+
+def table_digest(table) -> str:
+    """Content hash of an Arrow table, batch by batch: not its file path nor its schema metadata
+    (a memory-mapped cache of the same rows has another path and fingerprint in every run)."""
+    import pyarrow as pa  # lazy: this module stays free of heavy imports
+
+    digest = hashlib.blake2b(digest_size=16)
+    for batch in table.replace_schema_metadata(None).to_batches(
+        max_chunksize=1024
+    ):  # metadata holds a random fingerprint
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        digest.update(sink.getvalue().to_pybytes())
+    return digest.hexdigest()

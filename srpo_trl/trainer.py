@@ -54,6 +54,7 @@ from .rows import (
     render_row,
     tokenizer_of,
 )
+from .store import table_digest
 
 
 logger = logging.getLogger(__name__)
@@ -61,14 +62,32 @@ logger = logging.getLogger(__name__)
 MAX_BRANCH_BUCKET = 8  # metrics by branch point: k = 0..7 and "8+"
 
 
+LOG_HALF = -0.6931471805599453
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler, 2012)."""
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler, 2012).
+
+    Both branches of `torch.where` are evaluated and differentiated, so each gets an input that is
+    safe for it: fed x close to 0, the unused `log1p(-exp(x))` would be log1p(-1) = -inf (exp(x)
+    rounds to 1 in float32 for |x| < 3e-8) and its gradient 0 * inf = NaN would poison the sum.
+    Half-precision inputs are computed in float32 (the clamp's -1e-12 underflows in float16).
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     x = x.clamp(max=-1e-12)  # a mean log-prob of exactly 0 would make the odds infinite
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near_zero = x > LOG_HALF
+    from_expm1 = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, LOG_HALF))))
+    from_log1p = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, 2 * LOG_HALF), x)))
+    return torch.where(near_zero, from_expm1, from_log1p)
 
 
 def odds_ratio_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row -log sigmoid(log odds(y+) - log odds(y-)) on mean token log-probs, and the log odds ratio."""
+    """Per-row -log sigmoid(log odds(y+) - log odds(y-)) on mean token log-probs, and the log odds ratio.
+
+    Half-precision means are computed in float32 (a bf16 difference of two means loses ~1e-2)."""
+    if chosen_mean.dtype in (torch.float16, torch.bfloat16):
+        chosen_mean, rejected_mean = chosen_mean.float(), rejected_mean.float()
     log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
     return -F.logsigmoid(log_odds), log_odds
 
@@ -105,24 +124,6 @@ def _as_srpo_config(args: DPOConfig) -> SRPOConfig:
     logger.warning("SRPOTrainer got a %s; converting it to SRPOConfig with the SRPO defaults.", type(args).__name__)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return SRPOConfig(**values)
-
-
-def _table_digest(table) -> str:
-    """Content hash of an Arrow table, batch by batch: not its file path nor its schema metadata
-    (a memory-mapped cache of the same rows has another path and fingerprint in every run)."""
-    import hashlib
-
-    import pyarrow as pa
-
-    digest = hashlib.blake2b(digest_size=16)
-    for batch in table.replace_schema_metadata(None).to_batches(
-        max_chunksize=1024
-    ):  # metadata holds a random fingerprint
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        digest.update(sink.getvalue().to_pybytes())
-    return digest.hexdigest()
 
 
 def _attn_implementation(model) -> str | None:
@@ -195,6 +196,19 @@ class QuestionGroupedSampler(torch.utils.data.Sampler):
             yield from (rows[i] for i in torch.randperm(len(rows), generator=g).tolist())
 
 
+# DPOTrainer's own words for the refusals SRPOTrainer shares with it (TRL 1.16, trl/trainer/dpo_trainer.py):
+# SRPO's messages start with them, so code and tests written against DPOTrainer's errors keep matching.
+DPO_KEEP_END_VLM = "truncation_mode='keep_end' is not supported for vision-language models."
+DPO_VISION_WITH_TEXT_MODEL = (
+    "The dataset appears to be vision-related (contains 'image' or 'images' keys), but the provided "
+    "model does not seem to be a vision-language model. Please check your model and dataset."
+)
+DPO_PRECOMPUTE_ITERABLE = (
+    "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+    "Dataset or set `precompute_ref_log_probs=False`."
+)
+
+
 class SRPOTrainer(DPOTrainer):
     """Trainer for SRPO (Safety-aware Reasoning Path Optimization, arXiv 2509.12060).
 
@@ -215,11 +229,18 @@ class SRPOTrainer(DPOTrainer):
         "Multimodal Large Language Models",
         "id": "2509.12060",
         "citation": textwrap.dedent("""\
-            @inproceedings{srpo2026,
+            @inproceedings{cai2026srpo,
                 title        = {{When Safe Unimodal Inputs Collide: Optimizing Reasoning Chains for Cross-Modal Safety in Multimodal Large Language Models}},
+                author       = {Cai, Wei and Liu, Shujuan and Zhao, Jian and Shi, Ziyan and Zhao, Yusheng and Yuan, Yuchen and Zhang, Tianle and Zhang, Chi and Li, Xuelong},
                 booktitle    = {Proceedings of the AAAI Conference on Artificial Intelligence},
+                volume       = 40,
+                number       = 42,
+                pages        = {35322--35330},
                 year         = 2026,
-                eprint       = {arXiv:2509.12060},
+                doi          = {10.48550/arXiv.2509.12060},
+                eprint       = {2509.12060},
+                archivePrefix = {arXiv},
+                url          = {https://doi.org/10.1609/aaai.v40i42.40840},
             }"""),
     }
 
@@ -248,12 +269,6 @@ class SRPOTrainer(DPOTrainer):
         else:
             eval_dataset = self._unwrap(eval_dataset)
 
-        if args.max_length is not None and args.truncation_mode != "keep_start":
-            raise ValueError(
-                f"truncation_mode={args.truncation_mode!r} is not supported: SRPO keeps the start of every sequence "
-                "(the prompt and reasoning prefix are the context a question's sequences share) and cuts the ends of "
-                "continuations. Use truncation_mode='keep_start' (the default) or max_length=None."
-            )
         odds_ratio = args.align_loss == "odds_ratio"
         if odds_ratio and ref_model is not None:
             logger.warning(
@@ -284,15 +299,35 @@ class SRPOTrainer(DPOTrainer):
                 )
             processing_class = AutoProcessor.from_pretrained(source, trust_remote_code=args.trust_remote_code)
         self._is_processor = isinstance(processing_class, ProcessorMixin)
+        if args.pad_token is not None:  # DPOTrainer applies it in its own collators only; SRPO's reads the tokenizer's
+            tokenizer = tokenizer_of(processing_class)
+            if args.pad_token not in tokenizer.get_vocab():
+                raise ValueError(
+                    f"The specified `pad_token` ('{args.pad_token}') is not found in the vocabulary of the given "
+                    f"`processing_class` ({processing_class.__class__.__name__}). Ensure that the `pad_token` exists "
+                    "in the vocabulary before using it as a padding token."
+                )
+            tokenizer.pad_token = args.pad_token
 
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         first = next(iter(train_dataset))
+        if args.max_length is not None and args.truncation_mode != "keep_start":
+            # DPOTrainer refuses keep_end for vision data only; its sentence comes first there, so that code
+            # written for DPOTrainer recognises the error.
+            dpo = f"{DPO_KEEP_END_VLM} " if self._is_vision_rows(first) and args.truncation_mode == "keep_end" else ""
+            raise ValueError(
+                f"{dpo}truncation_mode={args.truncation_mode!r} is not supported: SRPO keeps the start of every "
+                "sequence (the prompt, its image tokens and the reasoning prefix are the context a question's "
+                "sequences share) and cuts the ends of continuations. Use truncation_mode='keep_start' (the default) "
+                "or max_length=None."
+            )
         self.dropped_rows: dict[str, list] = {}
         if self._is_vision_rows(first):
             if not self._is_processor:
                 raise ValueError(
-                    "The dataset has images but `processing_class` is a tokenizer; pass the model's processor."
+                    f"{DPO_VISION_WITH_TEXT_MODEL} SRPO: the rows have images but `processing_class` is a tokenizer; "
+                    "pass the model's processor (e.g. AutoProcessor.from_pretrained(...))."
                 )
             train_dataset = self._prepare_vision_dataset(train_dataset, processing_class, args, "train")
             if isinstance(eval_dataset, dict):
@@ -652,7 +687,7 @@ class SRPOTrainer(DPOTrainer):
         indices = dataset._indices.column(0).to_pylist() if dataset._indices is not None else None
         key = Hasher.hash(
             (
-                _table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
+                table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
                 indices,
                 self._ref_model_hash,
                 self.args.step_separator,
@@ -670,7 +705,8 @@ class SRPOTrainer(DPOTrainer):
         same packed forward as training), cached on disk, and added to the dataset as columns."""
         if isinstance(dataset, IterableDataset):
             raise ValueError(
-                "precompute_ref_log_probs needs a map-style Dataset (its length and order), not an IterableDataset."
+                f"{DPO_PRECOMPUTE_ITERABLE} SRPO precomputes them once for a dataset's rows in order and caches them "
+                "by content, which a stream has neither of (no length, no fixed order)."
             )
         if "ref_chosen_logps" in dataset.column_names:
             return dataset
@@ -723,7 +759,10 @@ class SRPOTrainer(DPOTrainer):
         nll = -reference_mean.mean()
         metrics: dict[str, torch.Tensor] = {}
         if self.align_loss == "odds_ratio":
-            align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
+            # With srpo_lambda == 0 the term is a metric only: kept out of the graph, so nothing in it
+            # (an infinite odds for a memorized continuation, say) can reach the gradient as 0 x inf.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.srpo_lambda != 0):
+                align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
             preferred = chosen_mean > rejected_mean
             metrics["log_odds_ratio"] = log_odds.detach()
             # No reference model: DPO's rewards as reference-free DPO defines them (log pi_ref = 0).
@@ -739,7 +778,7 @@ class SRPOTrainer(DPOTrainer):
         if self.align_loss == "sigmoid":
             align = -F.logsigmoid(self.beta * ((chosen_sum - ref_chosen) - (rejected_sum - ref_rejected)))
             preferred = chosen_rewards > rejected_rewards
-        loss = nll + self.srpo_lambda * align.mean()
+        loss = nll + self.srpo_lambda * align.mean() if self.srpo_lambda != 0 else nll
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             metrics["aux_loss"] = outputs.aux_loss.detach()

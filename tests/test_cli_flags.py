@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from srpo_trl.evaluation import build_parser as evaluate_parser
-from srpo_trl.exploration import build_parser as explore_parser
+from srpo_trl.cli.evaluate import build_parser as evaluate_parser
+from srpo_trl.cli.explore import build_parser as explore_parser
 from srpo_trl.records import build_generate_parser
 
 

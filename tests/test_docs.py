@@ -323,6 +323,8 @@ def test_cpu_launch_commands_in_the_configs_match_docs_recipes_md():
 
 def test_what_documented_commands_write_in_a_checkout_is_ignored_by_git():
     """Run from the repository root, the pages' commands leave no untracked files behind."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout (an unpacked sdist): git ignores nothing here")
     written = ["demo_out/results.json", "study_out/results.jsonl", "study_quick/results.jsonl"]
     written.append("benchmarks/results/step_pairs.json")  # step_pairs.py's default --json
     done = subprocess.run(["git", "check-ignore", *written], cwd=REPO, capture_output=True, text=True)
@@ -380,6 +382,7 @@ class DocRun:
     tiny_models: dict
     hub_cache: Path
     capsys: object
+    monkeypatch: object
     tiny: dict = field(default_factory=dict)  # command prefix -> extra args, or Python text -> replacement
     before: dict = field(default_factory=dict)  # command prefix -> fn(argv) run before it
     after: dict = field(default_factory=dict)  # command prefix -> fn(argv, output) run after it
@@ -469,7 +472,7 @@ def test_block_runs(doc, tmp_path, monkeypatch, openai_server, tiny_models, hub_
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ctx = DocRun(doc, tmp_path, openai_server, tiny_models, hub_cache, capsys)
+    ctx = DocRun(doc, tmp_path, openai_server, tiny_models, hub_cache, capsys, monkeypatch)
     SCENARIOS.get(doc.arg, lambda ctx: ctx.run())(ctx)
 
 
@@ -802,6 +805,23 @@ def _(ctx):
     ns = ctx.namespace
     assert len(read_jsonl(ctx.cwd / "records.jsonl")) == 4 and (ctx.cwd / "review.csv").is_file()
     assert ns["result"].records == []  # nobody has reviewed yet: nothing is curated, and it says so
+
+
+# -- step_formats.md ---------------------------------------------------------------------------------------
+
+
+@scenario("step-formats")
+def _(ctx):
+    """The Hub datasets are rows of each format written in tests/test_step_formats.py."""
+    import datasets
+    from test_step_formats import STEP_DPO, STEPWISE
+
+    hub = {"xinlai/Math-Step-DPO-10K": STEP_DPO, "trl-lib/math_shepherd": STEPWISE}
+    ctx.monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(hub[name]))
+    (ctx.cwd / "my_step_dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in STEP_DPO))
+    printed = ctx.run()
+    pairs = ctx.namespace["pairs"]
+    assert len(pairs) > 0 and str(pairs.report) in printed  # the file gives the pairs the Hub rows gave
 
 
 # -- evaluation.md ------------------------------------------------------------------------------------------

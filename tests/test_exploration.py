@@ -18,12 +18,12 @@ from helpers import srpo_args
 from openai_server import Reply
 
 from srpo_trl.backends import GenerationRequest, OpenAICompatibleBackend
+from srpo_trl.cli.explore import main
 from srpo_trl.exploration import (
     RecordError,
     count_pairs,
     explore,
     load_records,
-    main,
     merge_shards,
     select_branch_points,
     shard_path,

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import store
 from ..contract import RecordError
-from ..exploration import _verifier_name, explore, load_records, output_fingerprint
+from ..exploration import explore, load_records, output_fingerprint, verifier_label
 from ..verifiers import as_verifier
 from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 separator=args.separator,
             )
-            fingerprint = output_fingerprint(args.records, recs, policy, _verifier_name(verifier), bp, settings, extra)
+            fingerprint = output_fingerprint(args.records, recs, policy, verifier_label(verifier), bp, settings, extra)
             store.check_fingerprint(args.out, fingerprint, write=False)
         backend = _make_backend(args)
         summary = explore(
