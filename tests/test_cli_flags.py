@@ -33,13 +33,16 @@ def test_shared_flags_have_the_same_names(parser):
             "5",
             "--http-retries",
             "4",
+            "--seed",
+            "3",
         ],
     )
     assert (args.endpoint, args.served_model, args.temperature, args.max_new_tokens) == ("http://h/v1", "m", 0.25, 7)
-    assert (args.timeout, args.http_retries) == (5.0, 4)
+    assert (args.timeout, args.http_retries, args.seed) == (5.0, 4, 3)
+    assert _parse(p, base).seed == 0  # the same default everywhere
     if parser is not build_generate_parser:  # the agents sample one answer per call
-        args = _parse(p, [*base, "--model", "folder", "--num-samples", "5", "--seed", "3"])
-        assert (args.model, args.num_samples, args.seed) == ("folder", 5, 3)
+        args = _parse(p, [*base, "--model", "folder", "--num-samples", "5"])
+        assert (args.model, args.num_samples) == ("folder", 5)
 
 
 @pytest.mark.parametrize(

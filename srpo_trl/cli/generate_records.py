@@ -70,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--min-steps", type=int, default=3, help="fewest reasoning steps (default 3)")
     gen.add_argument("--max-steps", type=int, default=8, help="most reasoning steps (default 8)")
-    add_sampling_flags(
-        p, num_samples=None, temperature=0.7, max_new_tokens=1024, seed=None
-    )  # one answer per agent call
+    add_sampling_flags(p, num_samples=None, temperature=0.7, max_new_tokens=1024, seed=0)  # one answer per agent call
     gen.add_argument("--workers", type=int, default=4, help="images processed at once with --endpoint (default 4)")
     gen.add_argument("--retry-failed", action="store_true", help="retry every failed item from scratch")
     gen.add_argument(
@@ -182,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=args.max_steps,
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
             workers=args.workers if args.endpoint else 1,
             retry_failed=args.retry_failed,
             max_consecutive_backend_errors=args.max_backend_errors,
