@@ -69,7 +69,8 @@ class SRPOConfig(DPOConfig):
         nonfinite (`str`, defaults to `"stop"`): what a NaN / inf loss or gradient norm does: `"stop"`
             raises `TrainingDiverged` naming the step, `"skip"` skips that optimizer step.
         resume_mismatch (`str`, defaults to `"warn"`): resuming a checkpoint trained on other data or
-            loss settings warns (`"warn"`) or raises `ResumeMismatch` (`"error"`).
+            loss settings warns (`"warn"`) or raises `ResumeMismatch` (`"error"`); so does a checkpoint
+            whose `srpo_run.json` is missing or unreadable (its settings are unknown).
         bf16 (`bool`, *optional*): bf16 mixed precision. Unset (the default), it is chosen from the
             hardware: on where the accelerator supports bf16 (and `use_cpu` is off), fp32 otherwise (a CPU-only
             machine), said once in the log. `True` where the accelerator has no bf16 raises, unless
@@ -156,7 +157,7 @@ class SRPOConfig(DPOConfig):
         metadata={
             "help": "Resuming a checkpoint that was trained on other data or other loss settings (srpo_lambda, "
             "align_loss, beta, step_separator, fallback_reference_eos, max_length): 'warn' says what changed and "
-            "goes on, 'error' refuses.",
+            "goes on, 'error' refuses; 'error' also refuses a checkpoint without srpo_run.json (settings unknown).",
             "choices": ["warn", "error"],
         },
     )

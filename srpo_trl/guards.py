@@ -7,9 +7,10 @@
   losses were all NaN logs ``loss`` NaN, never 0). Weights are checked before every checkpoint and at the
   end of training: non-finite weights are never saved as the final model.
 * :class:`RunSettingsCallback` -- writes :data:`RUN_SETTINGS_FILE` (a content hash of the training
-  data and the loss settings) into every checkpoint; :func:`check_resume` compares them with the
-  current run before resuming and warns (``resume_mismatch="warn"``) or refuses with
-  :class:`ResumeMismatch` (``"error"``).
+  data and the loss settings) into every checkpoint, atomically; :func:`check_resume` compares them
+  with the current run before resuming and warns (``resume_mismatch="warn"``) or refuses with
+  :class:`ResumeMismatch` (``"error"``). A checkpoint without a readable file (a kill between the
+  checkpoint and the file) cannot be checked: warned about, or refused under ``"error"``.
 * :func:`check_before_train` -- also refuses a training set with no rows (every row dropped by
   ``max_length``), in the Python API as on the command line.
 * :func:`read_row` / :func:`open_images` -- used when a vision dataset is prepared: every image is
@@ -190,8 +191,18 @@ class RunSettingsCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            with open(os.path.join(folder, RUN_SETTINGS_FILE), "w", encoding="utf-8") as f:
-                json.dump(run_settings(self.trainer), f, indent=2)
+            # A temporary file renamed into place: a kill leaves no file or the whole file, never half.
+            path = os.path.join(folder, RUN_SETTINGS_FILE)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(run_settings(self.trainer), f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
 
 
 def check_resume(trainer, resume_from_checkpoint) -> None:
@@ -204,15 +215,30 @@ def check_resume(trainer, resume_from_checkpoint) -> None:
         if folder is None:
             return  # the Trainer reports the missing checkpoint
     path = os.path.join(str(folder), RUN_SETTINGS_FILE)
+    saved, unknown = None, None
     if not os.path.isfile(path):
-        logger.warning(
-            "%s has no %s: cannot check that it was trained on the same data and loss settings.",
-            folder,
-            RUN_SETTINGS_FILE,
+        unknown = (
+            f"{folder} has no {RUN_SETTINGS_FILE} (a run stopped between saving the checkpoint and writing it, "
+            "or a checkpoint from another trainer)"
         )
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as exc:
+            saved = None
+            unknown = f"{path} cannot be read ({type(exc).__name__}: {exc})"
+        if unknown is None and not isinstance(saved, dict):
+            unknown = f"{path} is not a JSON object"
+    if unknown is not None:
+        message = f"{unknown}, so nothing shows that it was trained on the same data and loss settings."
+        if trainer.args.resume_mismatch == "error":
+            raise ResumeMismatch(
+                f"{message} Resume from an earlier checkpoint that has the file, start a new output_dir, or set "
+                "resume_mismatch='warn' to resume it unchecked."
+            )
+        logger.warning("%s Resuming unchecked (resume_mismatch='warn').", message)
         return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
     now = run_settings(trainer)
     changes = [
         f"{k}: {saved.get('loss', {}).get(k)!r} in the checkpoint, {v!r} now"

@@ -484,9 +484,21 @@ def hub_dataset_id(script_args) -> str | None:
     return name
 
 
+def resume_target(value):
+    """``resume_from_checkpoint`` as ``Trainer.train`` takes it. The command line and YAML give a
+    string: ``true`` (any case) means the latest checkpoint in ``output_dir`` (``True``, as the Trainer
+    reads it), ``false`` or empty means none; anything else is a checkpoint folder (``./true`` for a
+    folder of that name)."""
+    if isinstance(value, bool):
+        return value or None
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        return value.strip().lower() == "true" or None
+    return value
+
+
 def train_and_save(trainer, script_args, training_args):
     """Train (resuming if asked), save the adapter or full model with the processor and a model card."""
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)  # adapter (PEFT) or full weights; gathers ZeRO-3 shards
     dataset_name = hub_dataset_id(script_args)
     if trainer.accelerator.is_main_process:

@@ -220,7 +220,7 @@ def _seed_state(out: Path, cell: Cell, budget, quick: bool) -> dict[str, Any]:
         model, processor = run.build_model(cell.seed, budget.hidden_size, budget.num_hidden_layers, budget.vocab_size)
         warm_file, warm_info = work / "warm.pt", work / "warm.json"
         if warm_file.exists() and warm_info.exists():
-            model.load_state_dict(torch.load(warm_file, map_location="cpu"))
+            model.load_state_dict(torch.load(warm_file, map_location="cpu", weights_only=True))
             model.eval()
             warm_summary = json.loads(warm_info.read_text(encoding="utf-8"))
         else:
