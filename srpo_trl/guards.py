@@ -37,7 +37,17 @@ logger = logging.getLogger(__name__)
 
 RUN_SETTINGS_FILE = "srpo_run.json"
 #: SRPOConfig fields that change what the loss is; a resume with other values mixes two objectives.
-LOSS_SETTINGS = ("srpo_lambda", "align_loss", "beta", "step_separator", "fallback_reference_eos", "max_length")
+LOSS_SETTINGS = (
+    "srpo_lambda",
+    "align_loss",
+    "beta",
+    "step_separator",
+    "fallback_reference_eos",
+    "max_length",
+    "nll_weight",
+    "align_tokens",
+    "align_eos",
+)
 
 
 class TrainingStopped(RuntimeError):
