@@ -1,7 +1,9 @@
 """Guards around SRPOTrainer.train(): divergence, resume consistency, an empty dataset.
 
 * :class:`NonFiniteGuard` -- a non-finite loss (any process, any micro-batch) or gradient norm stops
-  training with :class:`TrainingDiverged` naming the step (``nonfinite="stop"``, the default) before
+  training with :class:`TrainingDiverged` naming the step and its likely cause (found by
+  :mod:`srpo_trl.diagnosis`: weights already broken, float16 overflow, a loss term overflowing, too
+  large updates, ...) (``nonfinite="stop"``, the default) before
   the optimizer applies it, or drops that step's gradients so the optimizer skips it
   (``nonfinite="skip"``; counted in the logs as ``nonfinite_skipped``, and a logging window whose
   losses were all NaN logs ``loss`` NaN, never 0). Weights are checked before every checkpoint and at the
@@ -31,6 +33,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from . import diagnosis
 
 
 logger = logging.getLogger(__name__)
@@ -88,6 +92,12 @@ class NonFiniteGuard(TrainerCallback):
         self._bad_loss: str | None = None
         self._window_finite = 0  # micro-batch losses since the last log
         self._window_nonfinite = 0
+        self._micro_batches: list[diagnosis.MicroBatch] = []  # since the last optimizer step
+
+    def remember(self, terms: dict, counts: tuple, inputs: dict) -> None:
+        """Called by SRPOTrainer._compute_loss with each training micro-batch's per-row log-prob terms and
+        token counts, so that a non-finite loss or gradient can be explained (srpo_trl/diagnosis.py)."""
+        self._micro_batches.append(diagnosis.remember(terms, counts, inputs))
 
     # -- hooks forwarded by SRPOTrainer ------------------------------------------------------------
 
@@ -106,25 +116,31 @@ class NonFiniteGuard(TrainerCallback):
         detail = ", ".join(f"{k.split('/')[1]} term {v:.4g}" for k, v in terms.items())
         self._bad_loss = f"the loss is {value.tolist()}" + (f" ({detail})" if detail else "")
         if self.mode == "stop":
-            raise TrainingDiverged(self._message(trainer, step, self._bad_loss))
+            why = diagnosis.explain(trainer, self._micro_batches[-1:], loss_finite=False)
+            raise TrainingDiverged(self._message(trainer, step, self._bad_loss, why))
 
     def check_grad_norm(self, trainer, grad_norm):
         """Called with the step's gradient norm right before the optimizer step; returns it."""
-        bad = self._bad_loss
+        bad, loss_finite, batches = self._bad_loss, self._bad_loss is None, self._micro_batches
         if not _finite(grad_norm):
             bad = (bad + "; " if bad else "") + f"the gradient norm is {float(grad_norm)}"
-        self._bad_loss = None
+        self._bad_loss, self._micro_batches = None, []
         step = trainer.state.global_step + 1
         if bad is None:
             return grad_norm
+        why = diagnosis.explain(trainer, batches, loss_finite=loss_finite)
         if self.mode == "stop":
-            raise TrainingDiverged(self._message(trainer, step, bad))
+            raise TrainingDiverged(self._message(trainer, step, bad, why))
         # No gradients -> torch optimizers leave every parameter (and its moments) as it is.
         trainer.model.zero_grad(set_to_none=True)
         trainer.optimizer.zero_grad(set_to_none=True)
         self.skipped_steps.append(step)
         logger.warning(
-            "Step %d skipped (nonfinite='skip'): %s. %d step(s) skipped so far.", step, bad, len(self.skipped_steps)
+            "Step %d skipped (nonfinite='skip'): %s. %d step(s) skipped so far. %s.",
+            step,
+            bad,
+            len(self.skipped_steps),
+            why,
         )
         return grad_norm
 
@@ -164,11 +180,10 @@ class NonFiniteGuard(TrainerCallback):
             )
 
     @staticmethod
-    def _message(trainer, step: int, what: str) -> str:
+    def _message(trainer, step: int, what: str, why: diagnosis.Diagnosis) -> str:
         return (
             f"Training diverged at step {step} (of {trainer.state.max_steps}): {what}. The optimizer did not apply "
-            f"this step and nothing was saved as final. Lower learning_rate (now {trainer.args.learning_rate:g}), "
-            "check the data, or set nonfinite='skip' to skip such steps."
+            f"this step and nothing was saved as final. {why}; or set nonfinite='skip' to skip such steps."
         )
 
 

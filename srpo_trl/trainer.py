@@ -780,6 +780,9 @@ class SRPOTrainer(DPOTrainer):
             ref_chosen, ref_rejected = ref_chosen.to(chosen_sum.device), ref_rejected.to(chosen_sum.device)
             terms.update(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
         loss, align, log_odds = self._loss_from_terms(terms)
+        guard = guards.guard_of(self)
+        if guard is not None and mode == "train":  # what a non-finite loss or gradient would be explained from
+            guard.remember(terms, counts.split(n), inputs)
 
         metrics: dict[str, torch.Tensor] = {}
         chosen_rewards = self.beta * (chosen_sum.detach() - ref_chosen)
@@ -821,7 +824,7 @@ class SRPOTrainer(DPOTrainer):
         `terms` holds `chosen_mean`, `rejected_mean`, `reference_mean`, `chosen_sum`, `rejected_sum`
         and, in the sigmoid mode, `ref_chosen` / `ref_rejected`. A term whose weight is 0 stays out of
         the graph, so nothing in it (an infinite odds for a memorized continuation, say) can reach the
-        gradient as 0 x inf.
+        gradient as 0 x inf. The non-finite diagnosis (srpo_trl/diagnosis.py) replays this function.
         """
         nll = -terms["reference_mean"].mean()
         log_odds = None
