@@ -74,6 +74,12 @@ def _finite(value) -> bool:
     return math.isfinite(float(value))
 
 
+def _loss_scale_can_drop(trainer) -> bool:
+    """Whether a float16 GradScaler runs and its scale is still above 1 (it halves it on an overflow)."""
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    return scaler is not None and scaler.is_enabled() and scaler.get_scale() > 1
+
+
 def nonfinite_parameters(model) -> list[str]:
     """Names of the parameters holding NaN or inf (under ZeRO-3: in this rank's shard)."""
     bad = []
@@ -122,6 +128,11 @@ class NonFiniteGuard(TrainerCallback):
     def check_grad_norm(self, trainer, grad_norm):
         """Called with the step's gradient norm right before the optimizer step; returns it."""
         bad, loss_finite, batches = self._bad_loss, self._bad_loss is None, self._micro_batches
+        if not _finite(grad_norm) and loss_finite and _loss_scale_can_drop(trainer):
+            # fp16 mixed precision: the GradScaler skips this step and halves its scale itself, which is how it
+            # finds its scale (the first steps of a run overflow on purpose). Left to it while it can go lower.
+            self._micro_batches = []
+            return grad_norm
         if not _finite(grad_norm):
             bad = (bad + "; " if bad else "") + f"the gradient norm is {float(grad_norm)}"
         self._bad_loss, self._micro_batches = None, []

@@ -2,7 +2,8 @@
 provoked here in a real training step: weights already non-finite, float16 overflow in the forward
 and in the backward pass, a term whose gradient is too large for the dtype (named with the setting
 that scales it), the reference model, a loss term or weighted sum overflowing from finite log-probs;
-and, calling the guard directly, another process's rows. Too large updates (learning_rate 1000) is
+and, calling the guard directly, another process's rows and a float16 GradScaler overflow (left to
+the scaler). Too large updates (learning_rate 1000) is
 tests/test_guards.py::test_learning_rate_1000_stops_naming_the_step_and_keeps_finite_weights."""
 
 from __future__ import annotations
@@ -151,3 +152,19 @@ def test_a_nonfinite_loss_from_another_process_says_so(tmp_path, tok):
     assert len(guard._micro_batches) == 1
     why = diagnosis.explain(trainer, guard._micro_batches, loss_finite=False)
     assert why.cause.startswith("the loss was non-finite on another process (every row of this one is finite)")
+
+
+def test_a_float16_grad_scaler_overflow_is_left_to_the_scaler(tmp_path, tok):
+    """fp16 mixed precision (CUDA): the GradScaler skips a step whose scaled gradient overflowed and halves its
+    scale; that is how it finds its scale, not a divergence. Once the scale is down to 1 the guard stops."""
+    trainer, guard = _remembered(tmp_path, tok)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert guard.check_grad_norm(trainer, torch.tensor(float("inf"))).isinf()  # returned, not raised
+    trainer.args.fp16 = True  # what the scaler implies (CPU accelerate refuses fp16, so it is set here)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    trainer.compute_loss(trainer.model, trainer.data_collator([trainer.train_dataset[0]]))
+    with pytest.raises(TrainingDiverged) as info:
+        guard.check_grad_norm(trainer, torch.tensor(float("inf")))
+    assert "the gradient norm is inf" in str(info.value)
+    assert "float16 overflow in the backward pass" in str(info.value)
+    assert "the GradScaler's scale is down to 1" in str(info.value)
