@@ -285,8 +285,8 @@ def _scan_weights(model) -> tuple[list[str], tuple[float, str | None]]:
             held = getattr(p, "ds_tensor", p)
             if not held.numel():
                 continue
-            top = held.detach().abs().max().item()
-            if not math.isfinite(top) or bool(torch.isnan(held).any()):
+            top = held.detach().abs().max().item()  # NaN if any element is NaN
+            if not math.isfinite(top):
                 bad.append(name)
             elif top > largest[0]:
                 largest = (top, name)
