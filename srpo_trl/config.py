@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from .dpo_fields import refuse_unsupported
 logger = logging.getLogger(__name__)
 
 ALIGN_LOSSES = ("odds_ratio", "sigmoid")
+ALIGN_TOKENS = ("continuation", "after_shared")
 _ANNOUNCED: set[bool] = set()  # the automatic precision choice is logged once per process
 
 
@@ -45,7 +47,7 @@ class SRPOConfig(DPOConfig):
     r"""
     Configuration for [`SRPOTrainer`]: every [`~trl.DPOConfig`] field, plus the SRPO objective
 
-        L = L_ref + srpo_lambda * L_align
+        L = nll_weight * L_ref + srpo_lambda * L_align
 
     where `L_ref` is the mean token NLL of the verified reference path (closed with EOS) and `L_align`
     prefers the favorable continuation over the unfavorable one from the same reasoning prefix.
@@ -60,6 +62,13 @@ class SRPOConfig(DPOConfig):
         fallback_reference_eos (`bool`, defaults to `True`): whether a row without `reference` closes
             its fallback reference path `prefix + chosen` with EOS. Set to `False` when continuations
             are single steps rather than paths to a final answer.
+        nll_weight (`float`, defaults to `1.0`): weight of `L_ref`. `0` with `align_loss="sigmoid"` and
+            `srpo_lambda=1` is Step-DPO's objective alone (its released code has no NLL term).
+        align_tokens (`str`, defaults to `"continuation"`): which continuation tokens `L_align` scores:
+            `"continuation"` every token after the prefix, `"after_shared"` only the tokens after the
+            longest run of leading tokens chosen and rejected share (RPO's released loss).
+        align_eos (`bool`, defaults to `False`): close both continuations with EOS (the chat template's
+            end of turn for conversational rows) and score it in `L_align`, as RPO and ORPO do.
         prefix_sharing (`bool`, defaults to `True`): score each question's sequences as one tree, every
             shared token once (see docs/speed.md).
         group_by_question (`bool`, defaults to `True`): batch the rows of a question together.
@@ -103,6 +112,31 @@ class SRPOConfig(DPOConfig):
         metadata={
             "help": "For rows without a 'reference' column the reference path is prefix + chosen; whether to close "
             "it with EOS. Set False when 'chosen' is a single step rather than the rest of the path."
+        },
+    )
+    nll_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of L_ref (the reference path's mean token NLL) in L = nll_weight * L_ref + srpo_lambda * "
+            "L_align. 0 keeps L_ref out of the gradient (it is still logged as loss/reference): with "
+            "align_loss='sigmoid' and srpo_lambda=1 that is Step-DPO's objective alone."
+        },
+    )
+    align_tokens: str = field(
+        default="continuation",
+        metadata={
+            "help": "Which continuation tokens the alignment term scores: 'continuation' (every token after the "
+            "prefix) or 'after_shared' (only the tokens after the longest run of leading tokens chosen and rejected "
+            "share, as RPO's released loss does; the shared ones are context, like the prefix).",
+            "choices": list(ALIGN_TOKENS),
+        },
+    )
+    align_eos: bool = field(
+        default=False,
+        metadata={
+            "help": "Close both continuations with EOS (for conversational rows: the chat template's end of turn) and "
+            "score it in the alignment term, as RPO's and ORPO's released code do. Default False: a continuation "
+            "is a step, not the end of an answer."
         },
     )
 
@@ -156,8 +190,9 @@ class SRPOConfig(DPOConfig):
         default="warn",
         metadata={
             "help": "Resuming a checkpoint that was trained on other data or other loss settings (srpo_lambda, "
-            "align_loss, beta, step_separator, fallback_reference_eos, max_length): 'warn' says what changed and "
-            "goes on, 'error' refuses; 'error' also refuses a checkpoint without srpo_run.json (settings unknown).",
+            "align_loss, beta, step_separator, fallback_reference_eos, max_length, nll_weight, align_tokens, "
+            "align_eos): 'warn' says what changed and goes on, 'error' refuses; 'error' also refuses a "
+            "checkpoint without srpo_run.json (settings unknown).",
             "choices": ["warn", "error"],
         },
     )
@@ -175,6 +210,18 @@ class SRPOConfig(DPOConfig):
             raise ValueError(f"`align_loss` must be one of {list(ALIGN_LOSSES)}, got {self.align_loss!r}.")
         if self.srpo_lambda < 0:
             raise ValueError(f"`srpo_lambda` must be >= 0 (it weights a loss term), got {self.srpo_lambda}.")
+        if not (math.isfinite(self.nll_weight) and self.nll_weight >= 0):
+            raise ValueError(f"`nll_weight` must be a finite number >= 0 (it weights L_ref), got {self.nll_weight}.")
+        if self.nll_weight == 0 and self.srpo_lambda == 0:
+            raise ValueError(
+                "`nll_weight=0` and `srpo_lambda=0` leave no loss to train on. Set `srpo_lambda` > 0 (e.g. 1 with "
+                "align_loss='sigmoid' for Step-DPO alone) or `nll_weight` > 0."
+            )
+        if self.align_tokens not in ALIGN_TOKENS:
+            raise ValueError(
+                f"`align_tokens` must be one of {list(ALIGN_TOKENS)}, got {self.align_tokens!r}: 'continuation' scores "
+                "every continuation token, 'after_shared' only those after the tokens both continuations start with."
+            )
         if not self.step_separator:
             raise ValueError("`step_separator` must be a non-empty string (e.g. '\\n'); steps cannot be joined by ''.")
         # DPO settings SRPO does not compute are refused rather than silently ignored; every DPOConfig field is

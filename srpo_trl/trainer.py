@@ -1,11 +1,12 @@
 """SRPOTrainer: the SRPO objective as a swap-in for TRL's DPOTrainer.
 
-    L = L_ref + srpo_lambda * L_align
+    L = nll_weight * L_ref + srpo_lambda * L_align        (nll_weight defaults to 1)
 
 `L_ref` is the mean token NLL of the reference path (closed with EOS) given the prompt, averaged
 over rows. `L_align` compares the favorable and unfavorable continuation from the same reasoning
 prefix, on continuation tokens only: the odds ratio of their mean token log-probs (default, no
 reference model), or Step-DPO's sigmoid loss on summed log-probs against a frozen reference.
+`align_tokens` / `align_eos` select RPO's released conventions (docs/trainer.md compares them).
 
 The constructor, PEFT handling, DeepSpeed / FSDP preparation of the reference model, reference
 log-prob precomputation, logging and the model card are DPOTrainer's. What this class replaces:
@@ -47,6 +48,7 @@ from .dataset import StepPairDataset
 from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
 from .rows import (
     RowError,
+    align_start,
     check_image_count,
     encode_prompt_text,
     encode_text_segments,
@@ -308,6 +310,11 @@ class SRPOTrainer(DPOTrainer):
                     "in the vocabulary before using it as a padding token."
                 )
             tokenizer.pad_token = args.pad_token
+        if args.align_eos and tokenizer_of(processing_class).eos_token is None:
+            raise ValueError(
+                "align_eos=True closes each continuation with EOS, but the tokenizer has no eos_token. Set "
+                "`tokenizer.eos_token` (the token that ends an answer) or leave align_eos=False."
+            )
 
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
@@ -343,6 +350,8 @@ class SRPOTrainer(DPOTrainer):
                 step_separator=args.step_separator,
                 max_length=args.max_length,
                 fallback_reference_eos=args.fallback_reference_eos,
+                align_eos=args.align_eos,
+                align_tokens=args.align_tokens,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
         self._mrope_model = None
@@ -385,6 +394,7 @@ class SRPOTrainer(DPOTrainer):
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
         self.srpo_lambda = args.srpo_lambda
+        self.nll_weight = args.nll_weight
         self.align_loss = args.align_loss
 
     # ---- prefix sharing ----------------------------------------------------------------------------
@@ -470,13 +480,15 @@ class SRPOTrainer(DPOTrainer):
             )
 
     @staticmethod
-    def _fit_problem(prompt_len: int, seg: dict, max_length: int | None) -> str | None:
-        """Why a row cannot be trained on at `max_length` (its continuation or reference cut away), or None."""
+    def _fit_problem(prompt_len: int, seg: dict, max_length: int | None, shared: int = 0) -> str | None:
+        """Why a row cannot be trained on at `max_length` (its continuation or reference cut away), or None.
+        `shared`: leading continuation tokens that are context only (align_tokens="after_shared")."""
         if max_length is None:
             return None
-        context = prompt_len + len(seg["prefix_ids"])
+        context = prompt_len + len(seg["prefix_ids"]) + shared
         if context >= max_length:
-            return f"prompt + prefix is {context} tokens, no room for the continuations"
+            what = "prompt + prefix" + (f" + the {shared} tokens both continuations start with" if shared else "")
+            return f"{what} is {context} tokens, no room for the continuations"
         if prompt_len >= max_length:
             return f"prompt is {prompt_len} tokens, no room for the reference path"
         return None
@@ -488,12 +500,14 @@ class SRPOTrainer(DPOTrainer):
             return dataset  # already prepared (evaluate() calls this again)
         tokenizer = tokenizer_of(processing_class)
         separator, eos_fallback = args.step_separator, args.fallback_reference_eos
+        align_eos, align_tokens = args.align_eos, args.align_tokens
 
         def encode(example, idx):
             row = normalize_row(example, idx)
-            seg = encode_text_segments(row, processing_class, separator, eos_fallback)
+            seg = encode_text_segments(row, processing_class, separator, eos_fallback, align_eos)
             seg["prompt_ids"] = encode_prompt_text(row, tokenizer)
-            seg["_drop"] = self._fit_problem(len(seg["prompt_ids"]), seg, args.max_length) or ""
+            shared = align_start(seg, align_tokens, idx)
+            seg["_drop"] = self._fit_problem(len(seg["prompt_ids"]), seg, args.max_length, shared) or ""
             return seg
 
         map_kwargs = {"with_indices": True}
@@ -522,12 +536,16 @@ class SRPOTrainer(DPOTrainer):
             row = normalize_row(guards.read_row(dataset, i), i)
             check_image_count(row, i, image_token)
             images = guards.open_images(row["images"], i)  # every image opened now, errors name the dataset row
+            if args.max_length is not None or args.align_tokens != "continuation":
+                seg = encode_text_segments(
+                    row, processor, args.step_separator, args.fallback_reference_eos, args.align_eos
+                )
+                shared = align_start(seg, args.align_tokens, i)
             if args.max_length is not None:
                 text = render_row(processor, row, images)["prompt"]
                 kwargs = {"images": [images]} if images else {}
                 prompt_len = len(processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0])
-                seg = encode_text_segments(row, processor, args.step_separator, args.fallback_reference_eos)
-                why = self._fit_problem(prompt_len, seg, args.max_length)
+                why = self._fit_problem(prompt_len, seg, args.max_length, shared)
                 if why:
                     dropped.append((i, why))
         self._report_dropped(name, dropped, len(dataset), args.max_length)
@@ -685,6 +703,10 @@ class SRPOTrainer(DPOTrainer):
         if getattr(self, "_ref_model_hash", None) is None:
             self._ref_model_hash = self._precompute_model_hash or hash_module(self.ref_model or self.model)
         indices = dataset._indices.column(0).to_pylist() if dataset._indices is not None else None
+        # Which continuation tokens are scored; only when not the default, so caches written before these
+        # settings existed keep their keys.
+        defaults = {"align_eos": False, "align_tokens": "continuation"}
+        scored = {k: getattr(self.args, k) for k, v in defaults.items() if getattr(self.args, k) != v}
         key = Hasher.hash(
             (
                 table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
@@ -696,6 +718,7 @@ class SRPOTrainer(DPOTrainer):
                 type(self.processing_class).__name__,
                 self.processing_class.__class__.__module__,
                 len(tokenizer_of(self.processing_class)),
+                *([scored] if scored else []),
             )
         )
         return Path(directory) / f"{name}-{key}.json"
@@ -755,16 +778,14 @@ class SRPOTrainer(DPOTrainer):
         means = sums / counts.clamp(min=1)
         chosen_mean, rejected_mean, reference_mean = means.split(n)
         chosen_sum, rejected_sum, _ = sums.split(n)
-
-        nll = -reference_mean.mean()
-        metrics: dict[str, torch.Tensor] = {}
+        terms = {
+            "chosen_mean": chosen_mean,
+            "rejected_mean": rejected_mean,
+            "reference_mean": reference_mean,
+            "chosen_sum": chosen_sum,
+            "rejected_sum": rejected_sum,
+        }
         if self.align_loss == "odds_ratio":
-            # With srpo_lambda == 0 the term is a metric only: kept out of the graph, so nothing in it
-            # (an infinite odds for a memorized continuation, say) can reach the gradient as 0 x inf.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.srpo_lambda != 0):
-                align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
-            preferred = chosen_mean > rejected_mean
-            metrics["log_odds_ratio"] = log_odds.detach()
             # No reference model: DPO's rewards as reference-free DPO defines them (log pi_ref = 0).
             ref_chosen = ref_rejected = torch.zeros_like(chosen_sum)
         else:
@@ -773,12 +794,20 @@ class SRPOTrainer(DPOTrainer):
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
             ref_chosen, ref_rejected = ref_chosen.to(chosen_sum.device), ref_rejected.to(chosen_sum.device)
+            terms.update(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+        loss, align, log_odds = self._loss_from_terms(terms)
+        guard = guards.guard_of(self)
+        if guard is not None and mode == "train":  # what a non-finite loss or gradient would be explained from
+            guard.remember(terms, counts.split(n), inputs)
+
+        metrics: dict[str, torch.Tensor] = {}
         chosen_rewards = self.beta * (chosen_sum.detach() - ref_chosen)
         rejected_rewards = self.beta * (rejected_sum.detach() - ref_rejected)
-        if self.align_loss == "sigmoid":
-            align = -F.logsigmoid(self.beta * ((chosen_sum - ref_chosen) - (rejected_sum - ref_rejected)))
+        if log_odds is not None:
+            metrics["log_odds_ratio"] = log_odds.detach()
+            preferred = chosen_mean > rejected_mean
+        else:
             preferred = chosen_rewards > rejected_rewards
-        loss = nll + self.srpo_lambda * align.mean() if self.srpo_lambda != 0 else nll
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             metrics["aux_loss"] = outputs.aux_loss.detach()
@@ -804,6 +833,31 @@ class SRPOTrainer(DPOTrainer):
                 outputs = model(**self._model_kwargs(inputs))
             return loss, outputs
         return loss
+
+    def _loss_from_terms(self, terms: dict[str, torch.Tensor]):
+        """The SRPO loss from per-row log-probs: `(loss, per-row L_align, log odds ratio or None)`.
+
+        `terms` holds `chosen_mean`, `rejected_mean`, `reference_mean`, `chosen_sum`, `rejected_sum`
+        and, in the sigmoid mode, `ref_chosen` / `ref_rejected`. A term whose weight is 0 stays out of
+        the graph, so nothing in it (an infinite odds for a memorized continuation, say) can reach the
+        gradient as 0 x inf. The non-finite diagnosis (srpo_trl/diagnosis.py) replays this function.
+        """
+        nll = -terms["reference_mean"].mean()
+        log_odds = None
+        if self.align_loss == "odds_ratio":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.srpo_lambda != 0):
+                align, log_odds = odds_ratio_loss(terms["chosen_mean"], terms["rejected_mean"])
+        else:
+            chosen = terms["chosen_sum"] - terms["ref_chosen"]
+            rejected = terms["rejected_sum"] - terms["ref_rejected"]
+            align = -F.logsigmoid(self.beta * (chosen - rejected))
+        weighted = []
+        if self.nll_weight != 0:
+            weighted.append(self.nll_weight * nll)
+        if self.srpo_lambda != 0:
+            weighted.append(self.srpo_lambda * align.mean())
+        loss = weighted[0] if len(weighted) == 1 else weighted[0] + weighted[1]
+        return loss, align, log_odds
 
     def _scored_tokens(self, values: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A per-position output of the fused LM head at the scored tokens, and each token's sequence index."""
