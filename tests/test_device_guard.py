@@ -13,7 +13,6 @@ from helpers import srpo_args
 from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset, packing
-from srpo_trl.logging_callbacks import score_pairs
 from srpo_trl.tiny import (
     build_tokenizer,
     make_image,
@@ -24,6 +23,7 @@ from srpo_trl.tiny import (
     tiny_qwen2_5_vl,
     tiny_qwen3_vl,
 )
+from srpo_trl.wandb_samples import score_pairs
 
 
 # The additive_mask that crashed every GPU user on step one (issue 11), compiled as if it still
