@@ -173,6 +173,7 @@ class TransformersBackend:
         self.show_progress = show_progress
         self.shared_prefix = shared_prefix
         self._fallback_logged = False
+        self._decode_state: dict = {}  # srpo_trl.sampling: may decode steps skip the model's wrapper?
         self.is_processor = hasattr(processing_class, "tokenizer") and processing_class is not self.tokenizer
         self._pad_id = self.tokenizer.pad_token_id
         if self._pad_id is None:
@@ -381,6 +382,7 @@ class TransformersBackend:
                 collate=self._collate,
                 device=device,
                 on_batch=lambda: bar.update(1),
+                decode_state=self._decode_state,
             )
         finally:
             bar.close()
@@ -594,6 +596,7 @@ class OpenAICompatibleBackend:
         self.separator = separator
         self.renderer = ClientRenderer(processing_class, separator) if processing_class is not None else None
         self._resolved: str | None = None if mode == "auto" else mode
+        self._completions_checked = False
         self._continuation_checked = False
         self._sampling_checked = False
         self._mode_lock = threading.Lock()
@@ -766,7 +769,7 @@ class OpenAICompatibleBackend:
         """Decide ``auto`` (once) and check an explicit ``tokens`` / ``text`` mode (once); notes for the report."""
         from .endpoint import PreflightError
 
-        if self.renderer is None or getattr(self, "_completions_checked", False):
+        if self.renderer is None or self._completions_checked:
             return []
         plain = next((r for r in requests if not r.images), None) or GenerationRequest("Hello")
         body = {"model": self.model, "max_tokens": 1, "temperature": 0, "n": 2}

@@ -623,8 +623,11 @@ def explore(
                     _done_path(p).unlink(missing_ok=True)
             else:
                 _read_output(out, repair=False)  # a damaged output is named before anything else
-            store.check_fingerprint(out, fingerprint, overwrite=overwrite)
+            store.check_fingerprint(out, fingerprint, overwrite=overwrite, write=False)
+        # a server that cannot serve the run stops it here, before anything is recorded beside `out`
         endpoint = _preflight(backend, recs, branch_points, separator, temperature if num_samples > 1 else 0.0)
+        if rank == 0:
+            store.check_fingerprint(out, fingerprint, overwrite=True)  # compared above: record it
         return _explore_into(
             out,
             my_file,

@@ -124,16 +124,23 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def _stream_keys(seed: int, request: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    """One key per (request, sample) pair: the seed of its stream of uniforms."""
+    h = _splitmix(np.full(np.shape(request), np.uint64(seed % 2**64)))
+    h = _splitmix(h ^ np.asarray(request, dtype=np.uint64))
+    return _splitmix(h ^ np.asarray(sample, dtype=np.uint64))
+
+
+def _step_uniforms(keys: np.ndarray, step: int) -> np.ndarray:
+    h = _splitmix(keys ^ np.uint64(step))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
 def uniforms(seed: int, request: np.ndarray, sample: np.ndarray, step: int) -> np.ndarray:
     """Uniforms in [0, 1) (53 bits), one per (request, sample) pair, for decode step ``step``: a
     hash of (seed, request, sample, step), so the same sample draws the same numbers whatever
     batch it is decoded in."""
-    with np.errstate(over="ignore"):
-        h = _splitmix(np.full(np.shape(request), np.uint64(seed % 2**64)))
-        h = _splitmix(h ^ np.asarray(request, dtype=np.uint64))
-        h = _splitmix(h ^ np.asarray(sample, dtype=np.uint64))
-        h = _splitmix(h ^ np.uint64(step))
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+    return _step_uniforms(_stream_keys(seed, request, sample), step)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -174,20 +181,68 @@ def _rope_holder(model):
     return None
 
 
+def _forward_params(model):
+    # The class's forward: a trainer may have put a wrapper with another signature on the instance.
+    return inspect.signature(type(_base_model(model)).forward).parameters
+
+
 def _cache_kwarg(model) -> str:
-    params = inspect.signature(_base_model(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
 def _logits_to_keep(model) -> dict:
-    params = inspect.signature(_base_model(model).forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
 
 
-def _processors(generation_config, do_sample: bool):
-    """The logits processors ``generate`` would apply for the implemented settings, in its order."""
+class _Decoder:
+    """One decode step: the whole model, or, once checked equal on a first step, its text decoder and
+    output head directly. A decode step of a small model is mostly Python overhead, and the
+    wrapper of a vision-language model (vision inputs, position bookkeeping) is a good part of it;
+    a model whose head does more than a linear layer (soft-capping, scaling) fails the check and
+    keeps the whole model."""
+
+    def __init__(self, model, state: dict | None):
+        self.model = model
+        self.state = state if state is not None else {}
+        self.cache_kw = _cache_kwarg(model)
+        base = _base_model(model)
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        usable = decoder is not None and decoder is not base and isinstance(head, torch.nn.Linear)
+        self.decoder, self.head = (decoder, head) if usable else (None, None)
+        if self.decoder is not None:
+            params = inspect.signature(type(self.decoder).forward).parameters
+            self.decoder_cache_kw = "cache" if "cache" in params else "past_key_values"
+        if not usable:
+            self.state["direct"] = False
+
+    def _full(self, inputs: dict, cache):
+        out = self.model(**inputs, use_cache=True, **{self.cache_kw: cache})
+        return out.logits[:, -1, :].float(), getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+    def _direct(self, inputs: dict, cache):
+        out = self.decoder(**inputs, use_cache=True, **{self.decoder_cache_kw: cache})
+        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return self.head(out.last_hidden_state[:, -1, :]).float(), new_cache
+
+    def __call__(self, inputs: dict, cache):
+        direct = self.state.get("direct")
+        if direct is None:  # first step ever: both ways, on copies of the cache, must agree
+            import copy
+
+            want, full_cache = self._full(inputs, copy.deepcopy(cache))
+            got, _ = self._direct(inputs, copy.deepcopy(cache))
+            # The same kernels in the same order: equal up to float32 rounding (~1e-6 of logits of
+            # size ~10); anything a head adds (soft-capping, scaling) differs by far more than 1e-4.
+            self.state["direct"] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4))
+            return want, full_cache
+        return self._direct(inputs, cache) if direct else self._full(inputs, cache)
+
+
+def _processors(generation_config, do_sample: bool) -> list:
+    """The logits processors ``generate`` would apply for the implemented settings, in its order
+    (a plain list: ``LogitsProcessorList`` inspects every processor's signature on every call)."""
     from transformers import (
-        LogitsProcessorList,
         MinPLogitsWarper,
         RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
@@ -195,7 +250,7 @@ def _processors(generation_config, do_sample: bool):
         TopPLogitsWarper,
     )
 
-    out = LogitsProcessorList()
+    out = []
     gc = generation_config
     if gc.repetition_penalty is not None and gc.repetition_penalty != 1.0:
         out.append(RepetitionPenaltyLogitsProcessor(gc.repetition_penalty))
@@ -226,6 +281,7 @@ def sample_shared_prefix(
     device: Any,
     on_batch: Callable[[], None] | None = None,
     trace: list | None = None,
+    decode_state: dict | None = None,
 ) -> SharedPrefixResult:
     """``num_samples`` continuations of each encoded request (see the module docstring).
 
@@ -233,13 +289,15 @@ def sample_shared_prefix(
     ``collate`` left-pads a list of them into model inputs. A batch holds
     ``max(1, batch_size // num_samples)`` requests (a request's samples are never split, so that it
     is prefilled once). ``trace`` (tests): receives ``(request, sample, step, log_probs)`` of every
-    row at every step, the distribution the token was drawn from.
+    row at every step, the distribution the token was drawn from. ``decode_state``: a dict kept by
+    the caller across calls, remembering whether decode steps may call the text decoder directly.
     """
     per_batch = max(1, batch_size // num_samples)
     tokens: list[list[list[int]]] = [[[] for _ in range(num_samples)] for _ in encoded]
     prefill_tokens = generated = prefills = 0
     processors = _processors(generation_config, do_sample)
-    cache_kw = _cache_kwarg(model)
+    needs_history = bool(generation_config.repetition_penalty not in (None, 1.0))
+    step_fn = _Decoder(model, decode_state)
     keep = _logits_to_keep(model)
     rope = _rope_holder(model)
     for start in range(0, len(encoded), per_batch):
@@ -279,14 +337,22 @@ def sample_shared_prefix(
         history = torch.where(mask.bool(), ids, first)
         req = np.asarray([group[i] for i in rows.tolist()], dtype=np.uint64)
         smp = np.tile(np.arange(num_samples, dtype=np.uint64), len(group))
+        keys = _stream_keys(seed, req, smp)
         stops = [set(stop_ids[group[i]]) for i in rows.tolist()]
         alive = list(range(len(req)))  # index into req/smp/stops of each row still decoding
+        # Without left padding (one request per batch, or prompts of one length) a decode step
+        # needs no mask: building one every step costs as much as a small model's layer.
+        padded = bool((mask == 0).any())
 
+        # Each row's uniforms for every step at once (a hash per row and step: see `uniforms`).
+        draws = np.stack([_step_uniforms(keys, t) for t in range(max_new_tokens)], axis=1) if do_sample else None
         for step in range(max_new_tokens):
-            scores = processors(history, logits)
+            scores = logits
+            for processor in processors:
+                scores = processor(history, scores)
             if do_sample:
                 probs = torch.softmax(scores, dim=-1)
-                u = torch.from_numpy(uniforms(seed, req[alive], smp[alive], step))
+                u = torch.from_numpy(draws[alive, step])
                 chosen = inverse_cdf(probs, u)
             else:
                 chosen = scores.argmax(dim=-1)
@@ -309,21 +375,18 @@ def sample_shared_prefix(
                 mask, real, history, chosen = (t.index_select(0, index) for t in (mask, real, history, chosen))
                 deltas = deltas.index_select(0, index) if deltas is not None else None
                 alive = [alive[i] for i in keep_rows]
-            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-            history = torch.cat([history, chosen.unsqueeze(-1)], dim=1)
+                padded = padded and bool((mask == 0).any())
+            if padded:  # without padding no mask is passed (see above): nothing to extend
+                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            if needs_history:  # only the repetition penalty reads the history
+                history = torch.cat([history, chosen.unsqueeze(-1)], dim=1)
             pos = (real + step).unsqueeze(-1)
             if rope is not None:
                 pos = (pos + deltas.unsqueeze(-1)).unsqueeze(0).expand(3, -1, -1)
+            inputs = {"input_ids": chosen.unsqueeze(-1), "attention_mask": mask if padded else None}
+            inputs["position_ids"] = pos
             with torch.no_grad():
-                out = model(
-                    input_ids=chosen.unsqueeze(-1),
-                    attention_mask=mask,
-                    position_ids=pos,
-                    use_cache=True,
-                    **{cache_kw: cache},
-                )
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            logits = out.logits[:, -1, :].float()
+                logits, cache = step_fn(inputs, cache)
         del cache
         if on_batch is not None:
             on_batch()

@@ -115,6 +115,7 @@ def test_chat_mode_is_refused_before_any_record_naming_what_to_pass(tmp_path, se
     assert rc == 2
     assert "continue_final_message" in err and "HTTP 422" in err and "--processor PATH" in err
     assert not out.exists() or out.read_text() == ""  # stopped before any record (not 3 failed ones)
+    assert not (tmp_path / "o.jsonl.meta.json").exists()  # nothing recorded: the fixed command just runs
 
 
 def _evaluate(policy: list, data: Path, out: Path) -> list[str]:
