@@ -12,7 +12,7 @@ Both answer two calls::
 
     backend.generate([GenerationRequest(prompt, images, assistant_prefix)], num_samples=10,
                      temperature=0.5, max_new_tokens=512, seed=0)   # -> list (per request) of lists of str
-    backend.chat(messages, images=None, temperature=0.0)              # -> str (judges, record agents)
+    backend.chat(messages, images=None, temperature=0.0, seed=None)   # -> str (judges, record agents)
 
 ``generate`` returns only the newly generated text (after ``assistant_prefix``), without special
 tokens, stopped at EOS / end of turn.
@@ -30,6 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 from . import cost
 from .http import RequestFailed, RetryableError, post_json, redact_url, response_cap
@@ -95,8 +96,9 @@ class GenerationBackend(Protocol):
         images: list | None = None,
         temperature: float = 0.0,
         max_new_tokens: int = 512,
+        seed: int | None = None,
     ) -> str:
-        """One answer to a chat (judges, record agents)."""
+        """One answer to a chat (judges, record agents); ``seed`` makes a sampled answer reproducible."""
         ...
 
 
@@ -440,9 +442,12 @@ class TransformersBackend:
         images: list | None = None,
         temperature: float = 0.0,
         max_new_tokens: int = 512,
+        seed: int | None = None,
     ) -> str:
         request = GenerationRequest(prompt=messages, images=list(images or []))
-        return self.generate([request], num_samples=1, temperature=temperature, max_new_tokens=max_new_tokens)[0][0]
+        return self.generate(
+            [request], num_samples=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+        )[0][0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,7 +554,8 @@ class OpenAICompatibleBackend:
     Requests of one ``generate`` call run on ``concurrency`` threads. The ``usage`` the server
     reports is counted in :mod:`srpo_trl.cost`.
 
-    ``base_url`` may end in ``/v1`` or not. ``api_key`` defaults to ``$OPENAI_API_KEY``.
+    ``base_url`` may end in ``/v1`` or not, and may carry a query string (kept after the API path).
+    ``api_key`` defaults to ``$OPENAI_API_KEY``.
     ``extra_body`` is merged into every request body (e.g. ``{"top_p": 1.0}``).
     """
 
@@ -579,10 +585,12 @@ class OpenAICompatibleBackend:
             )
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {redact_url(base_url)!r}")
-        base = base_url.rstrip("/")
-        if base.endswith("/v1"):
-            base = base[: -len("/v1")]
-        self.base_url = base
+        parts = urlsplit(base_url)
+        path = parts.path.rstrip("/")
+        if path.endswith("/v1"):
+            path = path[: -len("/v1")]
+        self._base = parts._replace(path=path, fragment="")
+        self.base_url = urlunsplit(self._base)
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
@@ -615,6 +623,11 @@ class OpenAICompatibleBackend:
 
     # -- HTTP (srpo_trl.http: deadline, size cap, retries) --------------------------------------
 
+    def url(self, path: str) -> str:
+        """The URL of an API ``path`` (``/v1/chat/completions``): appended to the base URL's path, before
+        its query string (``https://host/openai?api-version=1`` -> ``https://host/openai/v1/...?api-version=1``)."""
+        return urlunsplit(self._base._replace(path=self._base.path + path))
+
     def _post(self, path: str, body: dict, parse, retries: int | None = None) -> Any:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         cap = self.max_response_bytes or response_cap(body.get("max_tokens"), int(body.get("n") or 1))
@@ -627,7 +640,7 @@ class OpenAICompatibleBackend:
 
         try:
             return post_json(
-                self.base_url + path,
+                self.url(path),
                 body,
                 headers=headers,
                 timeout=self.timeout,
@@ -647,19 +660,22 @@ class OpenAICompatibleBackend:
                 raise _Retryable(f"the server returned an error: {payload['error']}")
             raise _Retryable(f"the reply has no 'choices': {json.dumps(payload)[:200]}")
         texts = []
-        ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
-        for c in ordered:
-            if not isinstance(c, dict):
-                raise _Retryable(f"malformed choice: {c!r}")
+        for c in choices:
+            index = c.get("index", 0) if isinstance(c, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise _Retryable(f"malformed choice (no integer 'index'): {str(c)[:200]}")
+        for c in sorted(choices, key=lambda c: c.get("index", 0)):
             if key == "message":
                 msg = c.get("message")
                 content = msg.get("content") if isinstance(msg, dict) else None
                 if isinstance(content, list):
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                    parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+                    content = "".join(parts) if all(isinstance(p, str) for p in parts) else None
             else:
                 content = c.get("text")
             if not isinstance(content, str):
-                raise _Retryable(f"malformed choice (no {'message.content' if key == 'message' else 'text'}): {c!r}")
+                what = "message.content" if key == "message" else "text"
+                raise _Retryable(f"malformed choice (no string {what}): {str(c)[:200]}")
             texts.append(content)
         return texts
 
@@ -931,9 +947,10 @@ class OpenAICompatibleBackend:
         images: list | None = None,
         temperature: float = 0.0,
         max_new_tokens: int = 512,
+        seed: int | None = None,
     ) -> str:
         request = GenerationRequest(prompt=list(messages), images=list(images or []))
         if self.resolved_mode is None:
             with self._mode_lock:
                 self._resolve([request])
-        return self._one(request, 1, temperature, max_new_tokens, None)[0]
+        return self._one(request, 1, temperature, max_new_tokens, seed)[0]

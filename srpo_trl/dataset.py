@@ -3,6 +3,8 @@
     pairs = StepPairDataset.from_jsonl("pairs.jsonl")
     pairs = StepPairDataset.from_list([{"prompt": ..., "prefix": [...], "chosen": ..., "rejected": ...}])
     pairs = StepPairDataset.from_exploration("explored.jsonl", max_pairs_per_point=4)
+    pairs = StepPairDataset.from_step_dpo(load_dataset("xinlai/Math-Step-DPO-10K", split="train"))
+    pairs = StepPairDataset.from_stepwise_supervision("math_shepherd.jsonl")  # TRL's PRM format
 
 Every row is validated when the dataset is built (a bad row raises an error naming the row and
 field). The Arrow-backed `datasets.Dataset` stays underneath: `map`, `filter`, caching,
@@ -207,6 +209,30 @@ def _canonical_rows(rows: Iterable[dict], source: str, lines: list[int] | None =
     return out
 
 
+def _read_source(source: Any, what: str) -> tuple[list[dict], str, list[int] | None]:
+    """(rows, source label, file line of each row or None) from a Dataset, a JSON-lines file or a list."""
+    from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
+    if isinstance(source, (DatasetDict, IterableDatasetDict)):
+        raise ValueError(f"{what}: got a dataset with splits {sorted(source)}; pass one split, e.g. data['train'].")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{what}: {path} is not a file. Pass a JSON-lines file, a list of rows, or a datasets.Dataset "
+                f"(for a Hub dataset: datasets.load_dataset({str(source)!r}, split='train'))."
+            )
+        lines: list[int] = []
+        return _read_jsonl(path, lines), str(path), lines
+    if isinstance(source, (Dataset, IterableDataset)):
+        return list(source), "dataset", None
+    if isinstance(source, list):
+        return source, "list", None
+    raise TypeError(
+        f"{what}: expected a datasets.Dataset, a JSON-lines path or a list of rows, got {type(source).__name__}."
+    )
+
+
 class StepPairDataset:
     """Step-pair rows (see the row format in the README) backed by a `datasets.Dataset`."""
 
@@ -310,6 +336,82 @@ class StepPairDataset:
                 "continuations pass the verifier and some fail: sample more (num_samples) or at a higher temperature."
             )
         out = cls.from_list(rows, source="exploration")
+        out.report = report
+        return out
+
+    @classmethod
+    def from_step_dpo(
+        cls,
+        source: Any,
+        step_separator: str = "\n",
+        step_start: str | None = r"Step \d+:",
+        conversational: bool = True,
+        prompt_template: str = "{prompt}",
+        use_full_chosen: bool = True,
+    ) -> "StepPairDataset":
+        """Step pairs from Step-DPO's format: `prompt`, `initial_reason_steps` (the text of the steps
+        already taken, e.g. "Let's think step by step.\\nStep 1: ...\\nStep 2:"), `chosen` / `rejected`
+        (the correct / wrong next step) and optionally `full_chosen` (the correct step and the rest of
+        the correct solution), as in xinlai/Math-Step-DPO-10K.
+
+        `source`: a `datasets.Dataset` (e.g. ``load_dataset("xinlai/Math-Step-DPO-10K", split="train")``),
+        a JSON-lines file or a list of dicts. `initial_reason_steps` is split into prefix steps at each
+        `step_separator` followed by `step_start` (a regex; None: at every separator); a step it opens
+        but does not end (Step-DPO's "Step 3:") starts both continuations, so prefix + continuation is
+        Step-DPO's text exactly. `full_chosen` becomes the reference path (prefix + its steps). The
+        question becomes one user message (`conversational=True`, rendered with the chat template as
+        Step-DPO's qwen2-boxed prompt is; `prompt_template` can add its instruction) or stays a plain
+        string. Rows with an empty `chosen` / `rejected`, or both equal, give no pair and are counted in
+        `.report` (and logged). Use the same `step_separator` in SRPOConfig. docs/step_formats.md has
+        the mapping row by row.
+        """
+        from .step_formats import step_dpo_rows
+
+        rows, source_label, lines = _read_source(source, "Step-DPO data")
+        rows, report = step_dpo_rows(
+            rows, source_label, lines, step_separator, step_start, conversational, prompt_template, use_full_chosen
+        )
+        return cls._from_converted(rows, report, source_label, "Step-DPO")
+
+    @classmethod
+    def from_stepwise_supervision(
+        cls, source: Any, conversational: bool = False, prompt_template: str = "{prompt}"
+    ) -> "StepPairDataset":
+        """Step pairs from TRL's stepwise-supervision format (`prompt`, `completions`: the steps,
+        `labels`: one boolean per step, as PRMTrainer reads it; e.g. trl-lib/math_shepherd).
+
+        In each row the first step labelled false is the unfavourable continuation of the steps before
+        it (steps after it are not used). Its favourable continuation is the step at the same position
+        of another row of the same question that has the same steps before it and labels that step
+        true (every step before it true as well); of those rows the first fully correct one is taken,
+        else the first one, in dataset order. The reference path is that row when it is fully correct,
+        else the question's first fully correct row, else none (then `prefix + chosen` is the reference:
+        set `fallback_reference_eos=False`, since a step is not an answer). Rows without a false step,
+        rows whose false step has no favourable counterpart and repeated pairs give no pair; all are
+        counted in `.report` and logged. The prompt stays a plain string as PRMTrainer uses it
+        (`conversational=True` makes it a user message). Steps are joined with `step_separator`
+        (PRMConfig's default "\\n" is SRPOConfig's). docs/step_formats.md has the mapping row by row.
+        """
+        from .step_formats import stepwise_supervision_rows
+
+        rows, source_label, lines = _read_source(source, "stepwise-supervision data")
+        rows, report = stepwise_supervision_rows(rows, source_label, lines, conversational, prompt_template)
+        if report.get("pairs_without_reference"):
+            logger.warning(
+                "%d stepwise-supervision pair(s) have no fully correct row of their question to serve as the "
+                "reference path: train with fallback_reference_eos=False (their reference is prefix + one step).",
+                report["pairs_without_reference"],
+            )
+        return cls._from_converted(rows, report, source_label, "stepwise supervision")
+
+    @classmethod
+    def _from_converted(cls, rows: list[dict], report: dict, source: str, fmt: str) -> "StepPairDataset":
+        logger.warning(
+            "Step pairs from %s rows (%s): %s", fmt, source, ", ".join(f"{k}={v}" for k, v in sorted(report.items()))
+        )
+        if not rows:
+            raise ValueError(f"{source}: no step pair could be built from the {fmt} rows ({report}).")
+        out = cls.from_list(rows, source=source)
         out.report = report
         return out
 

@@ -23,7 +23,6 @@ under ``accelerate launch`` records are split by rank and rank 0 merges the shar
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
 import itertools
@@ -40,6 +39,7 @@ from . import cost, store
 from .backends import BackendError, GenerationRequest, load_image
 from .contract import RecordError
 from .endpoint import PreflightError
+from .images import check_image_file
 from .pairs import count_pairs
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text, template_kwargs
 from .verifiers import Verdict, VerifierError, as_verifier
@@ -61,7 +61,6 @@ __all__ = [
     "shard_path",
     "summary_path",
     "merge_shards",
-    "main",
 ]
 
 META_SUFFIX = store.META_SUFFIX
@@ -111,7 +110,22 @@ def load_records(
     )
     if not out:
         raise ValueError(f"no records in {records if isinstance(records, (str, os.PathLike)) else 'the list'}")
+    _check_image_files(out)
     return out, (Path(records).parent if isinstance(records, (str, os.PathLike)) else None)
+
+
+def _check_image_files(recs: list[dict]) -> None:
+    """Decode every image file now: a truncated file or a decompression bomb is refused before any
+    request, naming the record and the field, like a missing file (not found mid-run)."""
+    for rec in recs:
+        for i, image in enumerate(rec["_images"]):
+            if isinstance(image, str):
+                try:
+                    check_image_file(image)
+                except ValueError as exc:
+                    raise RecordError(
+                        rec["_where"], f"images[{i}]", f"{image}: {exc}; replace the file or drop the record"
+                    ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,8 +359,20 @@ def output_fingerprint(
         verifier=verifier_name,
         policy=policy,
         records=_records_hash(source, recs),
+        images=_images_hash(recs),
         **(extra or {}),
     )
+
+
+def _images_hash(recs: list[dict]) -> dict:
+    """The content of every image file the records name (as they name it): pixels changed under the
+    same name are a different input."""
+    return {
+        given: store.content_hash(path)[:16]
+        for rec in recs
+        for given, path in zip(rec["images"], rec["_images"])
+        if isinstance(given, str) and isinstance(path, str)
+    }
 
 
 def _records_hash(source, recs: list[dict]) -> str:
@@ -544,8 +570,10 @@ def explore(
     ``out`` is resumed only when ``out.meta.json`` shows the same policy (``policy``, default
     :func:`backend_identity`), the same input (a hash of the records) and the same arguments
     (``fingerprint_extra`` adds what the caller knows changes results); otherwise the call refuses
-    before any work (:class:`srpo_trl.store.FingerprintMismatch`). A second run on the same ``out``
-    is refused while one runs (:class:`srpo_trl.store.OutputLocked`).
+    before any work (:class:`srpo_trl.store.FingerprintMismatch`); the input includes the content of
+    every image file the records name. A second run on the same ``out`` (or on a symlink to it) is
+    refused while one runs (:class:`srpo_trl.store.OutputLocked`). Every image file is decoded before
+    anything is sent: a broken one is a :class:`RecordError` naming the record and ``images[i]``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -558,7 +586,7 @@ def explore(
             backend_sep,
             separator,
         )
-    verifier_name = _verifier_name(verifier)
+    verifier_name = verifier_label(verifier)
     verifier = as_verifier(verifier)
     required = tuple(getattr(verifier, "required_fields", ()))
     recs, base_dir = load_records(records, required, image_root, allow_outside_root)
@@ -610,24 +638,25 @@ def explore(
     multi = world_size > 1
     group = _process_group() if multi and not simulated else None
     my_file = shard_path(out, rank, world_size) if multi else out
+    real = store.real_path(out)  # a symlink to the output is the same output: one lock, one fingerprint
     with contextlib.ExitStack() as locks:
         # One run per output: rank 0 (or the only process) holds the output's lock, every rank its shard's.
         if rank == 0:
-            locks.enter_context(store.output_lock(lock_path(out), "explore", out))
+            locks.enter_context(store.output_lock(lock_path(real), "explore", out))
         if multi:
-            locks.enter_context(store.output_lock(lock_path(my_file), "explore", my_file))
+            locks.enter_context(store.output_lock(lock_path(store.real_path(my_file)), "explore", my_file))
         if rank == 0:
             if overwrite:
-                for p in [out, *_shard_glob(out)]:
+                for p in [real, *_shard_glob(out)]:
                     p.unlink(missing_ok=True)
                     _done_path(p).unlink(missing_ok=True)
             else:
                 _read_output(out, repair=False)  # a damaged output is named before anything else
-            store.check_fingerprint(out, fingerprint, overwrite=overwrite, write=False)
+            store.check_fingerprint(real, fingerprint, overwrite=overwrite, write=False)
         # a server that cannot serve the run stops it here, before anything is recorded beside `out`
         endpoint = _preflight(backend, recs, branch_points, separator, temperature if num_samples > 1 else 0.0)
         if rank == 0:
-            store.check_fingerprint(out, fingerprint, overwrite=True)  # compared above: record it
+            store.check_fingerprint(real, fingerprint, overwrite=True)  # compared above: record it
         return _explore_into(
             out,
             my_file,
@@ -765,7 +794,7 @@ def _explore_into(
     summary["cost"]["wall_seconds"] = round(time.perf_counter() - started, 3)
     if by_rank is not None:
         summary["explored_by_rank"] = by_rank
-    _write_summary(out, summary)
+    _write_summary(store.real_path(out), summary)
     if print_summary:
         print(format_summary(summary))
     return summary
@@ -894,23 +923,6 @@ def _run_records(recs: list[dict], explore_one, out_dir: Path | None, concurrent
         bar.close()
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: srpo_trl/cli/explore.py (these names stay for importers)
-# ----------------------------------------------------------------------------------------------
-
-
-def _verifier_name(verifier) -> str:
+def verifier_label(verifier) -> str:
+    """The name a verifier is recorded under (in the output's fingerprint)."""
     return verifier if isinstance(verifier, str) else getattr(verifier, "__name__", type(verifier).__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .cli.explore import build_parser as build
-
-    return build()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``srpo-trl explore`` (:mod:`srpo_trl.cli.explore`)."""
-    from .cli.explore import main as run
-
-    return run(argv)

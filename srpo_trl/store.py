@@ -14,8 +14,10 @@ and ``curate`` fingerprints and locks its outputs with it:
   existing output without the side file, is refused before any work, naming what changed.
 * :func:`output_lock`: an exclusive lock (``filelock``) held while a run writes; a second run on the
   same output is refused at once.
+* :func:`table_digest`: a content hash of an Arrow table (a dataset's rows, whatever its cache path),
+  for the trainer's reference log-prob cache and the resume check.
 
-Standard library plus ``filelock``; no torch.
+Standard library plus ``filelock`` (and ``pyarrow`` inside :func:`table_digest`); no torch.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ __all__ = [
     "output_lock",
     "redact_url",
     "file_sha256",
+    "content_hash",
     "content_sha256",
+    "real_path",
     "model_fingerprint",
     "endpoint_fingerprint",
     "backend_identity",
@@ -169,9 +173,16 @@ class Appender:
         self.close()
 
 
+def real_path(path: str | os.PathLike) -> Path:
+    """``path`` with every symlink resolved: one output, whatever the spelling (a file or a link to it),
+    gets one lock and one fingerprint."""
+    return Path(os.path.realpath(path))
+
+
 def rewrite(path: str | os.PathLike, objs: Iterable[Any]) -> None:
-    """Replace ``path`` with ``objs`` as JSON lines, atomically (a kill leaves the old or the new file)."""
-    path = Path(path)
+    """Replace ``path`` with ``objs`` as JSON lines, atomically (a kill leaves the old or the new file).
+    A symlink is followed: the file it points to is replaced, the link stays."""
+    path = real_path(path)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for obj in objs:
@@ -318,6 +329,25 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+_content_hashes: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> sha256
+_content_lock = threading.Lock()
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (what an image fingerprint records: pixels changed under the same
+    name are seen, a touched or copied file is the same), computed once per process for an unchanged
+    file (same path, size and modification time)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    with _content_lock:
+        known = _content_hashes.get(key)
+    if known is None:
+        known = file_sha256(path)
+        with _content_lock:
+            _content_hashes[key] = known
+    return known
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tobytes") and hasattr(value, "size"):  # a PIL image: its pixels, not its address
         return {"image": hashlib.sha256(value.tobytes()).hexdigest(), "size": list(value.size), "mode": value.mode}
@@ -407,3 +437,19 @@ def _same_file(lock: Any, path: Path) -> bool:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
     except OSError:
         return False
+
+
+def table_digest(table) -> str:
+    """Content hash of an Arrow table, batch by batch: not its file path nor its schema metadata
+    (a memory-mapped cache of the same rows has another path and fingerprint in every run)."""
+    import pyarrow as pa  # lazy: this module stays free of heavy imports
+
+    digest = hashlib.blake2b(digest_size=16)
+    for batch in table.replace_schema_metadata(None).to_batches(
+        max_chunksize=1024
+    ):  # metadata holds a random fingerprint
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        digest.update(sink.getvalue().to_pybytes())
+    return digest.hexdigest()

@@ -1,11 +1,12 @@
 """SRPOTrainer: the SRPO objective as a swap-in for TRL's DPOTrainer.
 
-    L = L_ref + srpo_lambda * L_align
+    L = nll_weight * L_ref + srpo_lambda * L_align        (nll_weight defaults to 1)
 
 `L_ref` is the mean token NLL of the reference path (closed with EOS) given the prompt, averaged
 over rows. `L_align` compares the favorable and unfavorable continuation from the same reasoning
 prefix, on continuation tokens only: the odds ratio of their mean token log-probs (default, no
 reference model), or Step-DPO's sigmoid loss on summed log-probs against a frozen reference.
+`align_tokens` / `align_eos` select RPO's released conventions (docs/trainer.md compares them).
 
 The constructor, PEFT handling, DeepSpeed / FSDP preparation of the reference model, reference
 log-prob precomputation, logging and the model card are DPOTrainer's. What this class replaces:
@@ -20,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,12 @@ from . import guards
 from .architectures import architecture_problem, packed_router_mask
 from .attention import TREE_ATTENTION, choose_tree_attention, ensure_tree_attention, use_tree_attention
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
-from .config import SRPOConfig
+from .config import SRPOConfig, default_ref_logps_cache_dir
 from .dataset import StepPairDataset
 from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
 from .rows import (
     RowError,
+    align_start,
     check_image_count,
     encode_prompt_text,
     encode_text_segments,
@@ -55,6 +56,7 @@ from .rows import (
     render_row,
     tokenizer_of,
 )
+from .store import table_digest
 
 
 logger = logging.getLogger(__name__)
@@ -62,14 +64,32 @@ logger = logging.getLogger(__name__)
 MAX_BRANCH_BUCKET = 8  # metrics by branch point: k = 0..7 and "8+"
 
 
+LOG_HALF = -0.6931471805599453
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler, 2012)."""
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler, 2012).
+
+    Both branches of `torch.where` are evaluated and differentiated, so each gets an input that is
+    safe for it: fed x close to 0, the unused `log1p(-exp(x))` would be log1p(-1) = -inf (exp(x)
+    rounds to 1 in float32 for |x| < 3e-8) and its gradient 0 * inf = NaN would poison the sum.
+    Half-precision inputs are computed in float32 (the clamp's -1e-12 underflows in float16).
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     x = x.clamp(max=-1e-12)  # a mean log-prob of exactly 0 would make the odds infinite
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near_zero = x > LOG_HALF
+    from_expm1 = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, LOG_HALF))))
+    from_log1p = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, 2 * LOG_HALF), x)))
+    return torch.where(near_zero, from_expm1, from_log1p)
 
 
 def odds_ratio_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row -log sigmoid(log odds(y+) - log odds(y-)) on mean token log-probs, and the log odds ratio."""
+    """Per-row -log sigmoid(log odds(y+) - log odds(y-)) on mean token log-probs, and the log odds ratio.
+
+    Half-precision means are computed in float32 (a bf16 difference of two means loses ~1e-2)."""
+    if chosen_mean.dtype in (torch.float16, torch.bfloat16):
+        chosen_mean, rejected_mean = chosen_mean.float(), rejected_mean.float()
     log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
     return -F.logsigmoid(log_odds), log_odds
 
@@ -106,24 +126,6 @@ def _as_srpo_config(args: DPOConfig) -> SRPOConfig:
     logger.warning("SRPOTrainer got a %s; converting it to SRPOConfig with the SRPO defaults.", type(args).__name__)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return SRPOConfig(**values)
-
-
-def _table_digest(table) -> str:
-    """Content hash of an Arrow table, batch by batch: not its file path nor its schema metadata
-    (a memory-mapped cache of the same rows has another path and fingerprint in every run)."""
-    import hashlib
-
-    import pyarrow as pa
-
-    digest = hashlib.blake2b(digest_size=16)
-    for batch in table.replace_schema_metadata(None).to_batches(
-        max_chunksize=1024
-    ):  # metadata holds a random fingerprint
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        digest.update(sink.getvalue().to_pybytes())
-    return digest.hexdigest()
 
 
 def _attn_implementation(model) -> str | None:
@@ -196,6 +198,19 @@ class QuestionGroupedSampler(torch.utils.data.Sampler):
             yield from (rows[i] for i in torch.randperm(len(rows), generator=g).tolist())
 
 
+# DPOTrainer's own words for the refusals SRPOTrainer shares with it (TRL 1.16, trl/trainer/dpo_trainer.py):
+# SRPO's messages start with them, so code and tests written against DPOTrainer's errors keep matching.
+DPO_KEEP_END_VLM = "truncation_mode='keep_end' is not supported for vision-language models."
+DPO_VISION_WITH_TEXT_MODEL = (
+    "The dataset appears to be vision-related (contains 'image' or 'images' keys), but the provided "
+    "model does not seem to be a vision-language model. Please check your model and dataset."
+)
+DPO_PRECOMPUTE_ITERABLE = (
+    "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+    "Dataset or set `precompute_ref_log_probs=False`."
+)
+
+
 class SRPOTrainer(DPOTrainer):
     """Trainer for SRPO (Safety-aware Reasoning Path Optimization, arXiv 2509.12060).
 
@@ -216,11 +231,18 @@ class SRPOTrainer(DPOTrainer):
         "Multimodal Large Language Models",
         "id": "2509.12060",
         "citation": textwrap.dedent("""\
-            @inproceedings{srpo2026,
+            @inproceedings{cai2026srpo,
                 title        = {{When Safe Unimodal Inputs Collide: Optimizing Reasoning Chains for Cross-Modal Safety in Multimodal Large Language Models}},
+                author       = {Cai, Wei and Liu, Shujuan and Zhao, Jian and Shi, Ziyan and Zhao, Yusheng and Yuan, Yuchen and Zhang, Tianle and Zhang, Chi and Li, Xuelong},
                 booktitle    = {Proceedings of the AAAI Conference on Artificial Intelligence},
+                volume       = 40,
+                number       = 42,
+                pages        = {35322--35330},
                 year         = 2026,
-                eprint       = {arXiv:2509.12060},
+                doi          = {10.48550/arXiv.2509.12060},
+                eprint       = {2509.12060},
+                archivePrefix = {arXiv},
+                url          = {https://doi.org/10.1609/aaai.v40i42.40840},
             }"""),
     }
 
@@ -249,12 +271,6 @@ class SRPOTrainer(DPOTrainer):
         else:
             eval_dataset = self._unwrap(eval_dataset)
 
-        if args.max_length is not None and args.truncation_mode != "keep_start":
-            raise ValueError(
-                f"truncation_mode={args.truncation_mode!r} is not supported: SRPO keeps the start of every sequence "
-                "(the prompt and reasoning prefix are the context a question's sequences share) and cuts the ends of "
-                "continuations. Use truncation_mode='keep_start' (the default) or max_length=None."
-            )
         odds_ratio = args.align_loss == "odds_ratio"
         if odds_ratio and ref_model is not None:
             logger.warning(
@@ -285,15 +301,40 @@ class SRPOTrainer(DPOTrainer):
                 )
             processing_class = AutoProcessor.from_pretrained(source, trust_remote_code=args.trust_remote_code)
         self._is_processor = isinstance(processing_class, ProcessorMixin)
+        if args.pad_token is not None:  # DPOTrainer applies it in its own collators only; SRPO's reads the tokenizer's
+            tokenizer = tokenizer_of(processing_class)
+            if args.pad_token not in tokenizer.get_vocab():
+                raise ValueError(
+                    f"The specified `pad_token` ('{args.pad_token}') is not found in the vocabulary of the given "
+                    f"`processing_class` ({processing_class.__class__.__name__}). Ensure that the `pad_token` exists "
+                    "in the vocabulary before using it as a padding token."
+                )
+            tokenizer.pad_token = args.pad_token
+        if args.align_eos and tokenizer_of(processing_class).eos_token is None:
+            raise ValueError(
+                "align_eos=True closes each continuation with EOS, but the tokenizer has no eos_token. Set "
+                "`tokenizer.eos_token` (the token that ends an answer) or leave align_eos=False."
+            )
 
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         first = next(iter(train_dataset))
+        if args.max_length is not None and args.truncation_mode != "keep_start":
+            # DPOTrainer refuses keep_end for vision data only; its sentence comes first there, so that code
+            # written for DPOTrainer recognises the error.
+            dpo = f"{DPO_KEEP_END_VLM} " if self._is_vision_rows(first) and args.truncation_mode == "keep_end" else ""
+            raise ValueError(
+                f"{dpo}truncation_mode={args.truncation_mode!r} is not supported: SRPO keeps the start of every "
+                "sequence (the prompt, its image tokens and the reasoning prefix are the context a question's "
+                "sequences share) and cuts the ends of continuations. Use truncation_mode='keep_start' (the default) "
+                "or max_length=None."
+            )
         self.dropped_rows: dict[str, list] = {}
         if self._is_vision_rows(first):
             if not self._is_processor:
                 raise ValueError(
-                    "The dataset has images but `processing_class` is a tokenizer; pass the model's processor."
+                    f"{DPO_VISION_WITH_TEXT_MODEL} SRPO: the rows have images but `processing_class` is a tokenizer; "
+                    "pass the model's processor (e.g. AutoProcessor.from_pretrained(...))."
                 )
             train_dataset = self._prepare_vision_dataset(train_dataset, processing_class, args, "train")
             if isinstance(eval_dataset, dict):
@@ -309,6 +350,8 @@ class SRPOTrainer(DPOTrainer):
                 step_separator=args.step_separator,
                 max_length=args.max_length,
                 fallback_reference_eos=args.fallback_reference_eos,
+                align_eos=args.align_eos,
+                align_tokens=args.align_tokens,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
         self._mrope_model = None
@@ -351,6 +394,7 @@ class SRPOTrainer(DPOTrainer):
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
         self.srpo_lambda = args.srpo_lambda
+        self.nll_weight = args.nll_weight
         self.align_loss = args.align_loss
 
     # ---- prefix sharing ----------------------------------------------------------------------------
@@ -436,13 +480,15 @@ class SRPOTrainer(DPOTrainer):
             )
 
     @staticmethod
-    def _fit_problem(prompt_len: int, seg: dict, max_length: int | None) -> str | None:
-        """Why a row cannot be trained on at `max_length` (its continuation or reference cut away), or None."""
+    def _fit_problem(prompt_len: int, seg: dict, max_length: int | None, shared: int = 0) -> str | None:
+        """Why a row cannot be trained on at `max_length` (its continuation or reference cut away), or None.
+        `shared`: leading continuation tokens that are context only (align_tokens="after_shared")."""
         if max_length is None:
             return None
-        context = prompt_len + len(seg["prefix_ids"])
+        context = prompt_len + len(seg["prefix_ids"]) + shared
         if context >= max_length:
-            return f"prompt + prefix is {context} tokens, no room for the continuations"
+            what = "prompt + prefix" + (f" + the {shared} tokens both continuations start with" if shared else "")
+            return f"{what} is {context} tokens, no room for the continuations"
         if prompt_len >= max_length:
             return f"prompt is {prompt_len} tokens, no room for the reference path"
         return None
@@ -454,12 +500,14 @@ class SRPOTrainer(DPOTrainer):
             return dataset  # already prepared (evaluate() calls this again)
         tokenizer = tokenizer_of(processing_class)
         separator, eos_fallback = args.step_separator, args.fallback_reference_eos
+        align_eos, align_tokens = args.align_eos, args.align_tokens
 
         def encode(example, idx):
             row = normalize_row(example, idx)
-            seg = encode_text_segments(row, processing_class, separator, eos_fallback)
+            seg = encode_text_segments(row, processing_class, separator, eos_fallback, align_eos)
             seg["prompt_ids"] = encode_prompt_text(row, tokenizer)
-            seg["_drop"] = self._fit_problem(len(seg["prompt_ids"]), seg, args.max_length) or ""
+            shared = align_start(seg, align_tokens, idx)
+            seg["_drop"] = self._fit_problem(len(seg["prompt_ids"]), seg, args.max_length, shared) or ""
             return seg
 
         map_kwargs = {"with_indices": True}
@@ -488,12 +536,16 @@ class SRPOTrainer(DPOTrainer):
             row = normalize_row(guards.read_row(dataset, i), i)
             check_image_count(row, i, image_token)
             images = guards.open_images(row["images"], i)  # every image opened now, errors name the dataset row
+            if args.max_length is not None or args.align_tokens != "continuation":
+                seg = encode_text_segments(
+                    row, processor, args.step_separator, args.fallback_reference_eos, args.align_eos
+                )
+                shared = align_start(seg, args.align_tokens, i)
             if args.max_length is not None:
                 text = render_row(processor, row, images)["prompt"]
                 kwargs = {"images": [images]} if images else {}
                 prompt_len = len(processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0])
-                seg = encode_text_segments(row, processor, args.step_separator, args.fallback_reference_eos)
-                why = self._fit_problem(prompt_len, seg, args.max_length)
+                why = self._fit_problem(prompt_len, seg, args.max_length, shared)
                 if why:
                     dropped.append((i, why))
         self._report_dropped(name, dropped, len(dataset), args.max_length)
@@ -646,15 +698,18 @@ class SRPOTrainer(DPOTrainer):
         directory = self.args.ref_logps_cache_dir
         if directory == "":
             return None
-        if directory is None:
-            directory = os.environ.get("SRPO_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "srpo_trl")
-            directory = os.path.join(directory, "ref_logps")
+        if directory is None:  # SRPOConfig fills the default in; a config changed after construction may not
+            directory = default_ref_logps_cache_dir()
         if getattr(self, "_ref_model_hash", None) is None:
             self._ref_model_hash = self._precompute_model_hash or hash_module(self.ref_model or self.model)
         indices = dataset._indices.column(0).to_pylist() if dataset._indices is not None else None
+        # Which continuation tokens are scored; only when not the default, so caches written before these
+        # settings existed keep their keys.
+        defaults = {"align_eos": False, "align_tokens": "continuation"}
+        scored = {k: getattr(self.args, k) for k, v in defaults.items() if getattr(self.args, k) != v}
         key = Hasher.hash(
             (
-                _table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
+                table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
                 indices,
                 self._ref_model_hash,
                 self.args.step_separator,
@@ -663,6 +718,7 @@ class SRPOTrainer(DPOTrainer):
                 type(self.processing_class).__name__,
                 self.processing_class.__class__.__module__,
                 len(tokenizer_of(self.processing_class)),
+                *([scored] if scored else []),
             )
         )
         return Path(directory) / f"{name}-{key}.json"
@@ -672,7 +728,8 @@ class SRPOTrainer(DPOTrainer):
         same packed forward as training), cached on disk, and added to the dataset as columns."""
         if isinstance(dataset, IterableDataset):
             raise ValueError(
-                "precompute_ref_log_probs needs a map-style Dataset (its length and order), not an IterableDataset."
+                f"{DPO_PRECOMPUTE_ITERABLE} SRPO precomputes them once for a dataset's rows in order and caches them "
+                "by content, which a stream has neither of (no length, no fixed order)."
             )
         if "ref_chosen_logps" in dataset.column_names:
             return dataset
@@ -721,13 +778,14 @@ class SRPOTrainer(DPOTrainer):
         means = sums / counts.clamp(min=1)
         chosen_mean, rejected_mean, reference_mean = means.split(n)
         chosen_sum, rejected_sum, _ = sums.split(n)
-
-        nll = -reference_mean.mean()
-        metrics: dict[str, torch.Tensor] = {}
+        terms = {
+            "chosen_mean": chosen_mean,
+            "rejected_mean": rejected_mean,
+            "reference_mean": reference_mean,
+            "chosen_sum": chosen_sum,
+            "rejected_sum": rejected_sum,
+        }
         if self.align_loss == "odds_ratio":
-            align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
-            preferred = chosen_mean > rejected_mean
-            metrics["log_odds_ratio"] = log_odds.detach()
             # No reference model: DPO's rewards as reference-free DPO defines them (log pi_ref = 0).
             ref_chosen = ref_rejected = torch.zeros_like(chosen_sum)
         else:
@@ -736,12 +794,20 @@ class SRPOTrainer(DPOTrainer):
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
             ref_chosen, ref_rejected = ref_chosen.to(chosen_sum.device), ref_rejected.to(chosen_sum.device)
+            terms.update(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+        loss, align, log_odds = self._loss_from_terms(terms)
+        guard = guards.guard_of(self)
+        if guard is not None and mode == "train":  # what a non-finite loss or gradient would be explained from
+            guard.remember(terms, counts.split(n), inputs)
+
+        metrics: dict[str, torch.Tensor] = {}
         chosen_rewards = self.beta * (chosen_sum.detach() - ref_chosen)
         rejected_rewards = self.beta * (rejected_sum.detach() - ref_rejected)
-        if self.align_loss == "sigmoid":
-            align = -F.logsigmoid(self.beta * ((chosen_sum - ref_chosen) - (rejected_sum - ref_rejected)))
+        if log_odds is not None:
+            metrics["log_odds_ratio"] = log_odds.detach()
+            preferred = chosen_mean > rejected_mean
+        else:
             preferred = chosen_rewards > rejected_rewards
-        loss = nll + self.srpo_lambda * align.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             metrics["aux_loss"] = outputs.aux_loss.detach()
@@ -767,6 +833,31 @@ class SRPOTrainer(DPOTrainer):
                 outputs = model(**self._model_kwargs(inputs))
             return loss, outputs
         return loss
+
+    def _loss_from_terms(self, terms: dict[str, torch.Tensor]):
+        """The SRPO loss from per-row log-probs: `(loss, per-row L_align, log odds ratio or None)`.
+
+        `terms` holds `chosen_mean`, `rejected_mean`, `reference_mean`, `chosen_sum`, `rejected_sum`
+        and, in the sigmoid mode, `ref_chosen` / `ref_rejected`. A term whose weight is 0 stays out of
+        the graph, so nothing in it (an infinite odds for a memorized continuation, say) can reach the
+        gradient as 0 x inf. The non-finite diagnosis (srpo_trl/diagnosis.py) replays this function.
+        """
+        nll = -terms["reference_mean"].mean()
+        log_odds = None
+        if self.align_loss == "odds_ratio":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.srpo_lambda != 0):
+                align, log_odds = odds_ratio_loss(terms["chosen_mean"], terms["rejected_mean"])
+        else:
+            chosen = terms["chosen_sum"] - terms["ref_chosen"]
+            rejected = terms["rejected_sum"] - terms["ref_rejected"]
+            align = -F.logsigmoid(self.beta * (chosen - rejected))
+        weighted = []
+        if self.nll_weight != 0:
+            weighted.append(self.nll_weight * nll)
+        if self.srpo_lambda != 0:
+            weighted.append(self.srpo_lambda * align.mean())
+        loss = weighted[0] if len(weighted) == 1 else weighted[0] + weighted[1]
+        return loss, align, log_odds
 
     def _scored_tokens(self, values: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A per-position output of the fused LM head at the scored tokens, and each token's sequence index."""

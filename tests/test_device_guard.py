@@ -13,8 +13,8 @@ from helpers import srpo_args
 from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset, packing
-from srpo_trl.logging_callbacks import score_pairs
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
+from srpo_trl.wandb_samples import score_pairs
 
 
 # The additive_mask that crashed every GPU user on step one (issue 11), compiled as if it still

@@ -5,11 +5,21 @@ DDP, DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 + LoRA.
 Every launch writes one JSON per rank (tests/distributed_script.py). Each test asserts on every
 rank: the distributed type, 2 processes, the wrapper / engine class, the shard sizes (ZeRO-3: each
 rank holds half of every parameter), the same logged loss on both ranks, that the ranks trained on
-different rows (whose mean loss is the logged one), and the same loss trajectory and final weights
-as a single process with the same global batch. ZeRO-3 also saves, reloads and resumes.
+different rows (whose mean loss is the logged one), and the same loss trajectory, gradient norms and
+final weights as a single process that computes what the 2 ranks must: the same micro-batches of 2
+rows, one after the other with gradient accumulation 2, on one thread as each rank runs.
 
-An exit code proves nothing here (see shared/notes/distributed-on-cpu.md): `--multi_gpu` on CPU
-without `use_cpu` exits 0 after two independent single-process runs.
+Why that reference, and the tolerances (they must hold on any x86-64 CPU, not only this one):
+accumulation adds g0/2 + g1/2 and data parallelism averages (g0 + g1)/2; halving is exact in binary
+floating point and a sum of two numbers does not depend on their order, so with the same micro-batch
+shapes and the same thread count both sides compute the same bits, whatever the CPU's vector width.
+What may still differ is the global gradient norm (DeepSpeed sums squares per shard): at most
+n * u relative for n parameters (u = 2^-24), which moves the clipping factor by as much. AdamW's
+update lr * m / (sqrt(v) + eps) changes under a relative gradient change r by at most lr * r / 4
+(at |g| = eps), so after T steps a weight may differ by T * lr * n * u / 4, and a loss or norm by
+n * u relative. A missed all-reduce, a doubled gradient or rows given to the wrong rank move the
+weights by up to lr per step and the gradient norm by a factor; test_faults_are_caught injects each
+into a real launch and checks that the comparison fails.
 """
 
 import json
@@ -22,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from srpo_trl import train as train_mod
+from srpo_trl import recipe_runner as train_mod
 from srpo_trl.loading import load_model_and_processor
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
@@ -54,14 +64,14 @@ ROWS = [
     for q, good, bad in PROMPTS
     for k in range(2)
 ]
-PER_DEVICE, WORLD = 2, 2
+PER_DEVICE, WORLD, STEPS = 2, 2, 3
 # fp32 on CPU (the recipe's dtype is bfloat16 for GPUs: bf16 weights round every update, and the
 # rounding differs between batch layouts). The optimizer stays the recipe's AdamW.
 COMMON = dict(
     dtype="float32",
     bf16="false",
     activation_checkpointing="false",
-    max_steps=3,
+    max_steps=STEPS,
     gradient_accumulation_steps=1,
     logging_steps=1,
     report_to="none",
@@ -101,12 +111,14 @@ def recipe_args(workspace: Path, out: Path, **fields) -> list[str]:
     return ["--config", str(RECIPE), *flags({**base, **COMMON, **fields})]
 
 
-def launch(workspace: Path, config: str, name: str, **fields) -> tuple[list[dict], Path]:
-    """`accelerate launch` 2 processes; returns each rank's probe record and the run folder."""
+def launch(workspace: Path, config: str, name: str, fault: str = "", **fields) -> tuple[list[dict], Path]:
+    """`accelerate launch` 2 processes; returns each rank's probe record and the run folder. `fault`:
+    one of the faults tests/distributed_script.py can inject."""
     run = workspace / name
     env = {
         **os.environ,
         "SRPO_PROBE_DIR": str(run),
+        "SRPO_FAULT": fault,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
@@ -130,16 +142,46 @@ def launch(workspace: Path, config: str, name: str, **fields) -> tuple[list[dict
 
 
 def single_process(workspace: Path, name: str, **fields) -> dict:
-    """The same recipe in one process with the same global batch (2 x 2 rows)."""
+    """What the 2 ranks must compute, in one process: the same micro-batches (2 rows each, in the order
+    the ranks get them) accumulated over 2 micro-steps, on one thread as each launched rank runs."""
     out = workspace / name
     script, args, model_args = train_mod.parse_args(
-        recipe_args(workspace, out, use_cpu="true", per_device_train_batch_size=PER_DEVICE * WORLD, **fields)
+        recipe_args(
+            workspace,
+            out,
+            use_cpu="true",
+            per_device_train_batch_size=PER_DEVICE,
+            gradient_accumulation_steps=WORLD,
+            **fields,
+        )
     )
-    trainer = train_mod.build_trainer(script, args, model_args)
-    trainer.train()
-    losses = {str(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in every rank: the same kernels, the same bits
+    try:
+        trainer = train_mod.build_trainer(script, args, model_args)
+        batches: dict[str, list] = {}
+        original = trainer.compute_loss
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                step = str(trainer.state.global_step + 1)
+                batches.setdefault(step, []).append(sorted(row.tolist() for row in inputs["input_ids"]))
+            return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        trainer.compute_loss = compute_loss
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    history = [h for h in trainer.state.log_history if "loss" in h]
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return {"losses": losses, "weights": weights, "numel": sum(p.numel() for p in trainer.model.parameters())}
+    return {
+        "losses": {str(h["step"]): h["loss"] for h in history},
+        "grad_norms": {str(h["step"]): h["grad_norm"] for h in history},
+        "micro_batches": batches,
+        "weights": weights,
+        "numel": sum(p.numel() for p in trainer.model.parameters()),
+        "lr": args.learning_rate,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -160,25 +202,54 @@ def check_ranks(ranks, single, distributed_type, wrapper, zero_stage):
         assert rec["wrapper"] == wrapper
         assert rec["zero_stage"] == zero_stage
         assert rec["final_step"] == 3
+    assert compare_with_single(ranks, single) == []
+
+
+def tolerances(single: dict) -> tuple[float, float]:
+    """(relative tolerance of a loss or gradient norm, absolute tolerance of a weight): see the module
+    docstring. n * u bounds the relative error of the global gradient norm over n parameters."""
+    n_u = single["numel"] * 2.0**-24
+    return n_u, STEPS * single["lr"] * n_u / 4
+
+
+def compare_with_single(ranks, single, weights: dict | None = None) -> list[str]:
+    """Every way the 2-rank run differs from the single-process one, as readable lines ([] = none)."""
+    problems = []
+    rel, atol = tolerances(single)
     r0, r1 = ranks
-    # The ranks trained on different rows (the data was split, not duplicated) ...
-    for step in ("1", "2", "3"):
-        assert r0["local_batches"][step] != r1["local_batches"][step]
-        assert r0["local_losses"][step] != r1["local_losses"][step]
-        # ... the logged loss is the same on both ranks and is the mean of the two halves ...
-        assert r0["logged_losses"][step] == r1["logged_losses"][step]
+    if not sorted(r0["logged_losses"]) == sorted(single["losses"]) == [str(s) for s in range(1, STEPS + 1)]:
+        return [f"steps: {sorted(r0['logged_losses'])} vs {sorted(single['losses'])}"]
+    for step in single["losses"]:
+        # The data was split, not duplicated: the ranks trained on the reference's two micro-batches.
+        if r0["local_batches"][step] == r1["local_batches"][step]:
+            problems.append(f"step {step}: both ranks trained on the same rows")
+        elif sorted([r0["local_batches"][step], r1["local_batches"][step]]) != sorted(single["micro_batches"][step]):
+            problems.append(f"step {step}: the ranks' rows are not the single process's micro-batches")
+        # The logged loss is the same on both ranks and is the mean of the two halves ...
+        if r0["logged_losses"][step] != r1["logged_losses"][step]:
+            problems.append(f"step {step}: logged losses differ between ranks")
         mean = (r0["local_losses"][step] + r1["local_losses"][step]) / 2
-        assert r0["logged_losses"][step] == pytest.approx(mean, abs=1e-5)
-    # ... and the trajectory is the single-process one with the same global batch.
-    assert sorted(r0["logged_losses"]) == sorted(single["losses"]) == ["1", "2", "3"]
-    # fp32 rounding only (the batches differ in layout: one question per rank vs two in one batch);
-    # a wrong split, a missed all-reduce or a doubled gradient moves the loss by > 1e-3.
-    for step, loss in single["losses"].items():
-        assert r0["logged_losses"][step] == pytest.approx(loss, abs=1e-5), step
-    assert len(set(single["losses"].values())) == 3  # the weights moved: a trajectory, not a constant
+        if r0["logged_losses"][step] != pytest.approx(mean, rel=rel, abs=1e-6):
+            problems.append(f"step {step}: logged loss {r0['logged_losses'][step]} is not the ranks' mean {mean}")
+        # ... and the trajectory is the reference's: losses and gradient norms.
+        for key, what in (("logged_losses", "losses"), ("logged_grad_norms", "grad_norms")):
+            got, want = r0[key][step], single[what][step]
+            if got != pytest.approx(want, rel=rel):
+                problems.append(f"step {step}: {what[:-1]} {got} vs {want} (rel tol {rel:.1e})")
+    if len(set(single["losses"].values())) != STEPS:
+        problems.append("the reference's loss did not move: a constant, not a trajectory")
+    if weights is not None:
+        assert sorted(weights) == sorted(single["weights"])
+        for name, want in single["weights"].items():
+            diff = (weights[name] - want).abs().max().item()
+            if diff > atol:
+                problems.append(f"weight {name}: max difference {diff:.2e} > {atol:.2e}")
+    return problems
 
 
-def check_weights(got: dict, want: dict, atol=1e-5):
+def check_weights(got: dict, want: dict, atol=None, single=None):
+    """Final weights equal the reference's within the derived tolerance (or `atol` where given)."""
+    atol = tolerances(single)[1] if atol is None else atol
     assert sorted(got) == sorted(want)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, atol=atol, rtol=0, msg=name)
@@ -200,7 +271,26 @@ def test_ddp_two_processes(workspace, single_full):
     assert not any(rec["activation_checkpointing"] for rec in ranks)  # turned off on the command line
     for rec in ranks:  # every rank holds the whole model
         assert all(p["held"] == p["full"] == p["local_tensor"] for p in rec["params"].values())
-    check_weights(torch.load(run / "final_weights.pt"), single_full["weights"])
+    check_weights(torch.load(run / "final_weights.pt"), single_full["weights"], single=single_full)
+
+
+@pytest.mark.parametrize(
+    "fault, caught, moves_weights",
+    [
+        ("no_allreduce", "grad_norm", True),  # each rank steps on its own half
+        # Clipping (max_grad_norm 1, norms here 1.6-2.2) rescales a doubled gradient to the same update:
+        # harmless to these weights, so only its norm shows it.
+        ("double_grad", "grad_norm", False),
+        ("same_data", "both ranks trained on the same rows", True),
+    ],
+)
+def test_faults_are_caught(workspace, single_full, fault, caught, moves_weights):
+    """The comparison of the DDP test, on a real 2-process launch with one fault injected: it fails,
+    and says how."""
+    ranks, run = launch(workspace, "cpu_ddp.yaml", f"fault_{fault}", fault=fault, **FULL, **CPU_DDP)
+    problems = compare_with_single(ranks, single_full, torch.load(run / "final_weights.pt"))
+    assert any(caught in p for p in problems), problems
+    assert any(p.startswith("weight ") for p in problems) == moves_weights, problems
 
 
 def test_zero2_two_processes(workspace, single_full):
@@ -208,7 +298,7 @@ def test_zero2_two_processes(workspace, single_full):
     check_ranks(ranks, single_full, "DEEPSPEED", "deepspeed.runtime.engine.DeepSpeedEngine", 2)
     for rec in ranks:  # ZeRO-2 shards optimizer states and gradients, not parameters
         assert all(p["held"] == p["full"] == p["local_tensor"] for p in rec["params"].values())
-    check_weights(torch.load(run / "final_weights.pt"), single_full["weights"])
+    check_weights(torch.load(run / "final_weights.pt"), single_full["weights"], single=single_full)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +312,7 @@ def test_zero3_shards_parameters_and_saves_a_model_that_reloads(zero3_full, sing
     check_ranks(ranks, single_full, "DEEPSPEED", "deepspeed.runtime.engine.DeepSpeedEngine", 3)
     check_zero3_shards(ranks, single_full["numel"])
     gathered = torch.load(run / "final_weights.pt")  # gathered from the shards at the end of training
-    check_weights(gathered, single_full["weights"])
+    check_weights(gathered, single_full["weights"], single=single_full)
     model, tokenizer = load_model_and_processor(run / "out")  # the saved folder, as a user loads it
     saved = dict(model.named_parameters())
     assert sum(p.numel() for p in saved.values()) == single_full["numel"]  # all of it, not one shard
@@ -257,7 +347,7 @@ def test_zero3_with_lora(workspace, single_lora):
         for name, p in rec["params"].items():
             assert p["local_tensor"] == 0 and p["held"] == math.ceil(p["full"] / WORLD), name
     gathered = torch.load(run / "final_weights.pt")
-    check_weights(gathered, single_lora["weights"])
+    check_weights(gathered, single_lora["weights"], single=single_lora)
     assert all(gathered[n].abs().sum() > 0 for n in gathered if "lora_B" in n)  # lora_B starts at 0: it trained
     model, _ = load_model_and_processor(run / "out")  # the adapter folder: base model + adapter
     saved = dict(model.named_parameters())
@@ -265,7 +355,7 @@ def test_zero3_with_lora(workspace, single_lora):
 
 
 def test_cpu_ddp_launch_without_use_cpu_is_refused_instead_of_training_twice_alone(workspace):
-    """The trap of shared/notes/distributed-on-cpu.md, through recipes/srpo.py itself: `--multi_gpu`
+    """The trap of docs/recipes.md ("On a CPU machine"), through recipes/srpo.py itself: `--multi_gpu`
     on CPU without `use_cpu` would exit 0 after two independent single-process runs."""
     out = workspace / "trap"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -227,7 +227,7 @@ def test_cli_limit_is_stratified_by_scenario_and_variant(tmp_path, openai_server
 def test_results_file_as_data_points_to_responses(tmp_path):
     path = tmp_path / "siuo_gen-m.json"
     path.write_text(json.dumps([siuo_row(responses=["a"])]))
-    from srpo_trl.evaluation import build_parser
+    from srpo_trl.cli.evaluate import build_parser
     from srpo_trl.evaluation.protocols.command import load_items
 
     args = build_parser().parse_args(["--benchmark", "siuo", "--data", str(path), "--images", str(tmp_path)])

@@ -18,12 +18,12 @@ from helpers import srpo_args
 from openai_server import Reply
 
 from srpo_trl.backends import GenerationRequest, OpenAICompatibleBackend
+from srpo_trl.cli.explore import main
 from srpo_trl.exploration import (
     RecordError,
     count_pairs,
     explore,
     load_records,
-    main,
     merge_shards,
     select_branch_points,
     shard_path,
@@ -481,21 +481,47 @@ def test_concurrent_records_keep_a_server_busy_and_the_order(tmp_path, openai_se
     assert peak[0] == 3
 
 
-def test_unreadable_image_fails_the_record_naming_the_file(tmp_path):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not an image")
-    records = [{**_records(1)[0], "images": ["broken.png"]}, *_records(2)[1:]]
+def _broken_image(path, kind):
+    """An image file that only fails when decoded whole (truncated), when its header is read (a
+    decompression bomb: a PNG header declaring 100000 x 100000 pixels), or at once (not an image)."""
+    import struct
+    import zlib as _zlib
+
+    from PIL import Image
+
+    if kind == "not an image":
+        path.write_bytes(b"not an image")
+    elif kind == "truncated":
+        noise = Image.frombytes("RGB", (64, 64), bytes((i * 7919) % 251 for i in range(64 * 64 * 3)))
+        noise.save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+
+        def chunk(kind_, body):
+            return struct.pack(">I", len(body)) + kind_ + body + struct.pack(">I", _zlib.crc32(kind_ + body))
+
+        header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+        png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", _zlib.compress(b"")) + chunk(b"IEND", b"")
+        path.write_bytes(png)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, problem",
+    [("not an image", "cannot be decoded"), ("truncated", "truncated"), ("decompression bomb", "decompression bomb")],
+)
+def test_a_broken_image_is_refused_before_any_request_naming_line_and_field(tmp_path, kind, problem):
+    # Before: found mid-run, after other records were sent, and named by its file only.
+    _broken_image(tmp_path / "broken.png", kind)
+    records = [*_records(2), {**_records(3)[2], "images": ["broken.png"]}]
     path = _write_jsonl(tmp_path / "records.jsonl", records)
-    s = explore(
-        path,
-        ScriptedBackend(),
-        "safety-outcome",
-        num_samples=2,
-        out=tmp_path / "o.jsonl",
-        show_progress=False,
-        print_summary=False,
-    )
-    assert s["records_failed"] == 1 and "broken.png" in s["failures"][0]["error"] and s["records_ok"] == 1
+    backend = ScriptedBackend()
+    with pytest.raises(RecordError) as info:
+        explore(path, backend, "safety-outcome", num_samples=2, out=tmp_path / "o.jsonl", show_progress=False)
+    assert info.value.where == f"{path}:3" and info.value.field == "images[0]"
+    assert "broken.png" in str(info.value) and problem in str(info.value)
+    assert backend.calls == [] and not (tmp_path / "o.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------------------------

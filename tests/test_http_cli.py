@@ -16,7 +16,7 @@ def _trickle(openai_server):
 
 
 def test_explore_against_a_trickling_server_fails_the_record_in_bounded_time(tmp_path, openai_server):
-    from srpo_trl.exploration import main
+    from srpo_trl.cli.explore import main
 
     _trickle(openai_server)
     records = _write_jsonl(tmp_path / "records.jsonl", _records(1))

@@ -75,7 +75,7 @@ def test_non_utf8_csv_names_file_row_and_column(tmp_path):
 def test_cli_dataset_name_csv_that_is_not_utf8_is_named(tmp_path):
     from types import SimpleNamespace
 
-    from srpo_trl.train import _load_named_dataset
+    from srpo_trl.recipe_runner import _load_named_dataset
 
     path = tmp_path / "pairs.csv"
     path.write_bytes(b"prompt,chosen,rejected\nIs it safe?,Yes.,N\xf6.\n")

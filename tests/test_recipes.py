@@ -1,4 +1,4 @@
-"""recipes/ and `srpo-trl train` (srpo_trl/train.py, the code of recipes/srpo.py), single process:
+"""recipes/ and `srpo-trl train` (srpo_trl/recipe_runner.py, the code of recipes/srpo.py), single process:
 the shipped recipes parse and say what they assume, fields are overridden from the command line,
 text and vision-language models train and save what loads back, a recipe that points at something
 missing fails before any work with a message naming what was looked for, and report_to=wandb logs
@@ -17,7 +17,7 @@ import torch
 import yaml
 from helpers import ROWS
 
-from srpo_trl import train as train_mod
+from srpo_trl import recipe_runner as train_mod
 from srpo_trl.cli import main as cli_main
 from srpo_trl.loading import load_model_and_processor
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava_next, tiny_qwen2_5_vl

@@ -96,7 +96,7 @@ def test_cli_with_a_local_model_folder(tiny_vlm, images, tmp_path, capsys):
         "1",
         "--benign-per-image",
         "0",
-        "--max-retries",
+        "--agent-retries",
         "0",
         "--max-new-tokens",
         "4",

@@ -13,8 +13,8 @@ import pytest
 from test_exploration import ScriptedBackend, _records, _write_jsonl
 
 from srpo_trl import store
+from srpo_trl.cli.explore import main as explore_main
 from srpo_trl.exploration import explore
-from srpo_trl.exploration import main as explore_main
 
 
 KW = dict(show_progress=False, print_summary=False)

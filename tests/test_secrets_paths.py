@@ -78,7 +78,7 @@ def test_generate_records_never_writes_the_url_credentials(tmp_path, openai_serv
 def test_explore_never_writes_the_url_credentials(tmp_path, openai_server, caplog):
     from test_exploration import _records, _write_jsonl
 
-    from srpo_trl.exploration import main
+    from srpo_trl.cli.explore import main
 
     openai_server.handler = lambda req: Reply(status=503, raw="busy")
     (tmp_path / "in").mkdir()
@@ -221,7 +221,7 @@ def test_explore_refuses_record_images_outside_the_root(tmp_path, openai_server,
     from PIL import Image
     from test_exploration import _records, _write_jsonl
 
-    from srpo_trl.exploration import main
+    from srpo_trl.cli.explore import main
 
     (tmp_path / "in").mkdir()
     (tmp_path / "pics").mkdir()
@@ -253,7 +253,7 @@ def test_explore_fingerprint_file_holds_the_endpoint_without_credentials(tmp_pat
     from test_exploration import _records, _write_jsonl
 
     from srpo_trl import http, store
-    from srpo_trl.exploration import main
+    from srpo_trl.cli.explore import main
 
     assert store.redact_url is http.redact_url  # one redaction rule for every file written
     openai_server.handler = lambda req: Reply(status=503, raw="busy")

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from trl import ModelConfig
 
+from srpo_trl.recipe_runner import load_model
 from srpo_trl.tiny import tiny_qwen2_5_vl
-from srpo_trl.train import load_model
 
 
 def test_vlm_loads_with_gradient_checkpointing_and_no_cache(tmp_path):

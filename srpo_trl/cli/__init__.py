@@ -7,6 +7,7 @@
     srpo-trl evaluate --model PATH --benchmark siuo --data ... --out report/
     srpo-trl generate-records --images DIR --endpoint URL --served-model NAME --out records.jsonl
     srpo-trl curate export|import ...
+    srpo-trl --version
 
 Each subcommand has its own module here (``srpo_trl.cli.<command>``), imported only when it runs.
 The policy (``--model`` or ``--endpoint URL --served-model NAME``), sampling (``--num-samples``,
@@ -36,7 +37,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: srpo-trl COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: srpo-trl COMMAND [ARGS...]", "       srpo-trl --version", "", "commands:"]
     lines += [f"  {name:<18} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from .. import __version__
+
+        print(f"srpo-trl {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         max_new_tokens=512,
         seed=0,
         old_samples=True,
-        samples_help="reasoning paths per item (majority vote over them)",
+        samples_help="reasoning paths per item (majority vote over them; under --protocol siuo-mcqa the defaults "
+        "are SIUO's: 1 sample, --temperature 0, --max-new-tokens 5)",
     )
     add_http_flags(p, timeout=60.0, retries=3)
     add_endpoint_mode_flags(p)
@@ -239,8 +240,43 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: The sampling flags whose defaults depend on the protocol (SIUO's MCQA set generates differently).
+_SAMPLING = ("num_samples", "temperature", "max_new_tokens")
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
+    """The arguments, and which sampling flags were given (those not given get their default later,
+    once the protocol is known)."""
+    parser = build_parser()
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(_SAMPLING)))
+    given = {dest for dest in _SAMPLING if getattr(args, dest) is not None}
+    for dest in set(_SAMPLING) - given:
+        setattr(args, dest, parser.get_default(dest))
+    return args, given
+
+
+def _protocol_sampling(args: argparse.Namespace, protocol: str, given: set[str]) -> None:
+    """Under --protocol siuo-mcqa, SIUO's generation settings are the defaults; a flag that departs from
+    them gets a warning (the accuracy is then not comparable with SIUO's)."""
+    if protocol != "siuo-mcqa":
+        return
+    from ..evaluation.protocols.mcqa import GENERATION
+
+    for dest, value in GENERATION.items():
+        if dest not in given:
+            setattr(args, dest, value)
+        elif getattr(args, dest) != value:
+            flag = "--" + dest.replace("_", "-")
+            print(
+                f"srpo-trl evaluate: warning: {flag} {getattr(args, dest)} under --protocol siuo-mcqa; SIUO generates "
+                f"the MCQA answers with --num-samples 1 --temperature 0 --max-new-tokens 5 (the defaults here), "
+                "so this accuracy is not comparable with SIUO's",
+                file=sys.stderr,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, given = _parse(argv)
     try:
         if args.write_judge_templates:
             for path in JudgeTemplates().write_dir(args.write_judge_templates):
@@ -290,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--adapter loads the model in-process; with --endpoint serve the adapter from the endpoint"
                 )
             protocol = protocol_command.resolve_protocol(args)
+            _protocol_sampling(args, protocol, given)
             items = protocol_command.load_items(args)
             config = EvalConfig(
                 samples=args.num_samples,

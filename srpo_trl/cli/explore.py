@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import store
 from ..contract import RecordError
-from ..exploration import _verifier_name, explore, load_records, output_fingerprint
+from ..exploration import explore, load_records, output_fingerprint, verifier_label
 from ..verifiers import as_verifier
 from .flags import add_endpoint_mode_flags, add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-endpoint", default=None, help="judge server (default: --endpoint)")
     p.add_argument("--judge-model", default=None, help="judge model name (default: --served-model)")
     p.add_argument("--judge-template", default=None, help="a file with the judge prompt (str.format fields)")
-    p.add_argument("--judge-api-key", default=None)
+    p.add_argument(
+        "--judge-api-key",
+        default=None,
+        help="API key for the judge (default: --api-key when the judge is --endpoint itself, else $OPENAI_API_KEY)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call (--model)")
     p.add_argument("--dtype", default="float32", help="model dtype (--model), e.g. bfloat16")
     p.add_argument(
@@ -112,7 +116,7 @@ def _make_verifier(args) -> Any:
             name,
             base_url=url,
             model=model,
-            api_key=args.judge_api_key or args.api_key,
+            api_key=_judge_api_key(args),
             timeout=args.timeout,
             max_retries=args.http_retries,
             **kwargs,
@@ -121,6 +125,26 @@ def _make_verifier(args) -> Any:
         return get_verifier(name)
     except KeyError as exc:
         raise SystemExit(f"srpo-trl explore: {exc.args[0]}") from None
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    def norm(url: str) -> str:
+        url = url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    return norm(a) == norm(b)
+
+
+def _judge_api_key(args) -> str | None:
+    """--judge-api-key; else the policy's --api-key only when the judge is the policy's own endpoint
+    (a key is never sent to a server it was not given for); else None ($OPENAI_API_KEY)."""
+    if args.judge_api_key:
+        return args.judge_api_key
+    if args.api_key and (
+        not args.judge_endpoint or (args.endpoint and _same_endpoint(args.judge_endpoint, args.endpoint))
+    ):
+        return args.api_key
+    return None
 
 
 def _check_policy_args(args) -> None:
@@ -204,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 separator=args.separator,
             )
-            fingerprint = output_fingerprint(args.records, recs, policy, _verifier_name(verifier), bp, settings, extra)
-            store.check_fingerprint(args.out, fingerprint, write=False)
+            fingerprint = output_fingerprint(args.records, recs, policy, verifier_label(verifier), bp, settings, extra)
+            store.check_fingerprint(store.real_path(args.out), fingerprint, write=False)
         backend = _make_backend(args)
         summary = explore(
             args.records,

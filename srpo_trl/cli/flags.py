@@ -6,8 +6,9 @@
 * HTTP: ``--timeout`` (seconds per request), ``--http-retries`` (retries of a failed request);
 * how prompts reach a server (commands that sample the policy): ``--endpoint-mode``, ``--processor``.
 
-Old spellings (``--generation-url``, ``--chat-url``, ``--samples``, ``--max-retries`` where it meant
-HTTP retries) still work for one release: they set the new flag and warn (``FutureWarning``).
+Old spellings (``--generation-url``, ``--chat-url``, ``--samples``, ``--max-retries``: HTTP retries
+in ``explore``, now ``--http-retries``; agent re-asks in ``generate-records``, now ``--agent-retries``)
+still work for one release: they set the new flag and warn (``FutureWarning``).
 """
 
 from __future__ import annotations

@@ -92,8 +92,6 @@ __all__ = [
     "MMSB_VARIANTS",
     "METRIC_LABELS",
     "SafetyEvalCallback",
-    "main",
-    "build_parser",
 ]
 
 RUNS_DIR = "runs"
@@ -147,21 +145,3 @@ def safe_label(label: str) -> str:
     """A label usable as a folder name."""
     cleaned = re.sub(r"[^A-Za-z0-9._+=-]+", "_", label).strip("._") or "model"
     return cleaned
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: srpo_trl/cli/evaluate.py (these names stay for importers)
-# ----------------------------------------------------------------------------------------------
-
-
-def build_parser() -> Any:
-    from ..cli.evaluate import build_parser as build
-
-    return build()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``srpo-trl evaluate`` (:mod:`srpo_trl.cli.evaluate`)."""
-    from ..cli.evaluate import main as run
-
-    return run(argv)
