@@ -15,6 +15,7 @@ are tested against tests/openai_server.py.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,8 +67,9 @@ class TransformersServe:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        tail = self.tail()
         self.stop()
-        raise RuntimeError(f"transformers serve did not answer within {self.startup_timeout:.0f} s:\n{self.tail()}")
+        raise RuntimeError(f"transformers serve did not answer within {self.startup_timeout:.0f} s:\n{tail}")
 
     def tail(self, n: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
@@ -81,6 +83,7 @@ class TransformersServe:
                 self.process.kill()
                 self.process.wait(timeout=20)
         self.process = None
+        shutil.rmtree(self.log.parent, ignore_errors=True)
 
     def __enter__(self) -> "TransformersServe":
         return self.start()

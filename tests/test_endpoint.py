@@ -186,7 +186,7 @@ def test_usage_is_counted_per_tracker_also_from_worker_threads(openai_server):
 def test_cli_refuses_a_rendering_mode_without_a_processor_and_a_resume_in_another_mode(
     tmp_path, openai_server, capsys
 ):
-    from srpo_trl.exploration import main
+    from srpo_trl.cli.explore import main
 
     openai_server.handler = vllm_like
     records = _write_jsonl(tmp_path / "records.jsonl", _records(1))

@@ -79,14 +79,14 @@ def test_repetition_penalty_of_the_generation_config_applies_as_in_generate(tok,
     try:
         reqs = _requests()
         got = TransformersBackend(lm, tok, batch_size=8, show_progress=False).generate(
-            reqs, num_samples=1, temperature=0, max_new_tokens=10
+            reqs, num_samples=1, temperature=0, max_new_tokens=16
         )
         want = TransformersBackend(lm, tok, batch_size=8, show_progress=False, shared_prefix=False).generate(
-            reqs, num_samples=1, temperature=0, max_new_tokens=10
+            reqs, num_samples=1, temperature=0, max_new_tokens=16
         )
         lm.generation_config.repetition_penalty = None
         without = TransformersBackend(lm, tok, batch_size=8, show_progress=False).generate(
-            reqs, num_samples=1, temperature=0, max_new_tokens=10
+            reqs, num_samples=1, temperature=0, max_new_tokens=16
         )
     finally:
         lm.generation_config.repetition_penalty = None
