@@ -40,12 +40,12 @@ from trl.trainer import dpo_trainer as _dpo_module
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from . import guards
-from .architectures import architecture_problem, packed_router_mask
+from .architectures import BIDIRECTIONAL_IMAGE_TYPES, architecture_problem, attention_windows, packed_router_mask
 from .attention import TREE_ATTENTION, choose_tree_attention, ensure_tree_attention, use_tree_attention
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
 from .config import SRPOConfig, default_ref_logps_cache_dir
 from .dataset import StepPairDataset
-from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
+from .packing import FLEX_BLOCK_SIZE, image_groups, packed_attention_mask
 from .rows import (
     RowError,
     align_start,
@@ -134,12 +134,12 @@ def _attn_implementation(model) -> str | None:
     return getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
 
 
-def prefix_sharing_problem(model, peft_config=None, max_length: int | None = None) -> str | None:
+def prefix_sharing_problem(model, peft_config=None) -> str | None:
     """Why the packed tree forward cannot be used with this model, or None when it can.
 
     Architectures are an allow-list (see `srpo_trl.architectures`): hybrid models (Mamba, convolution,
-    linear attention), chunked attention and sliding-window layers longer than `max_length` allows
-    are scored unpacked."""
+    linear attention), chunked attention and model types not verified by `check_prefix_sharing` are
+    scored unpacked."""
     attn = _attn_implementation(model)
     if attn not in (None, "sdpa", "eager", "flex_attention", TREE_ATTENTION):
         return f"attention implementation {attn!r} takes no tree mask; use 'sdpa', 'flex_attention' or 'eager'"
@@ -148,7 +148,7 @@ def prefix_sharing_problem(model, peft_config=None, max_length: int | None = Non
         peft_configs += list(model.peft_config.values())
     if any(getattr(c, "is_prompt_learning", False) for c in peft_configs):
         return "prompt-learning PEFT prepends virtual tokens"
-    return architecture_problem(model.config, max_length)
+    return architecture_problem(model.config)
 
 
 def question_keys(dataset: Dataset) -> list:
@@ -404,7 +404,7 @@ class SRPOTrainer(DPOTrainer):
         self.prefix_sharing = False
         if not args.prefix_sharing:
             return
-        problem = prefix_sharing_problem(model, peft_config, args.max_length)
+        problem = prefix_sharing_problem(model, peft_config)
         if problem is None and not isinstance(collator, DataCollatorForStepPairs):
             problem = "a custom data_collator was given"
         if problem:
@@ -605,11 +605,9 @@ class SRPOTrainer(DPOTrainer):
 
     def _packed_sequence_logps(self, model, inputs: dict):
         kwargs = self._model_kwargs(inputs)
-        if "tree_mask" in inputs:
-            kwargs["attention_mask"] = additive_mask(inputs["tree_mask"], self._compute_dtype(model))
-        else:  # FlexAttention: a block-sparse mask from the pre-order intervals, never materialized
-            kwargs["attention_mask"] = tree_block_mask(inputs["tree_end"])
-            ensure_tree_attention(self.accelerator.unwrap_model(model))  # a reference model too
+        kwargs["attention_mask"] = self._tree_attention_mask(model, inputs)
+        if "tree_mask" not in inputs:  # FlexAttention BlockMasks (never materialized): a reference model too
+            ensure_tree_attention(self.accelerator.unwrap_model(model))
         if self._mrope_model is not None:
             kwargs["position_ids"] = self._mrope_positions(inputs)
         outputs = model(**kwargs, shift_labels=inputs["shift_labels"], fused_lm_head=True)
@@ -620,6 +618,16 @@ class SRPOTrainer(DPOTrainer):
         )
         counts = torch.bincount(inputs["score_seq"], minlength=num_sequences).to(sums.dtype)
         return sums, counts, outputs
+
+    def _tree_attention_mask(self, model, inputs: dict):
+        """The packed batch's mask: one per kind of attention layer (sliding windows counted along each
+        token's own path), with Gemma3's bidirectional image attention; see `packing.packed_attention_mask`."""
+        config = self.accelerator.unwrap_model(model).config
+        groups = None
+        if config.model_type in BIDIRECTIONAL_IMAGE_TYPES and "token_type_ids" in inputs:
+            groups = image_groups(inputs["token_type_ids"])
+        windows = attention_windows(config.get_text_config())
+        return packed_attention_mask(inputs, windows, self._compute_dtype(model), groups)
 
     def _compute_dtype(self, model) -> torch.dtype:
         """The dtype attention runs in: the autocast dtype under mixed precision, else the weights'."""
