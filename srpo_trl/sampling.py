@@ -194,6 +194,18 @@ def _logits_to_keep(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
 
 
+# Config fields that make a model's logits more than its output layer's (the check below would miss
+# them on a random model whose logits are all near 0).
+_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _head_modifiers(config) -> list[str]:
+    configs = [config, getattr(config, "text_config", None)] if config is not None else []
+    return [
+        name for c in configs if c is not None for name in _HEAD_FIELDS if getattr(c, name, None) not in (None, 1, 1.0)
+    ]
+
+
 class _Decoder:
     """One decode step: the whole model, or, once checked equal on a first step, its text decoder and
     output head directly. A decode step of a small model is mostly Python overhead, and the
@@ -209,6 +221,7 @@ class _Decoder:
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         usable = decoder is not None and decoder is not base and isinstance(head, torch.nn.Linear)
+        usable = usable and not _head_modifiers(getattr(base, "config", None))
         self.decoder, self.head = (decoder, head) if usable else (None, None)
         if self.decoder is not None:
             params = inspect.signature(type(self.decoder).forward).parameters

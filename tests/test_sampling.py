@@ -234,3 +234,35 @@ def test_decode_steps_skip_the_wrapper_only_when_it_adds_nothing(tok, lm, monkey
     got = shared.generate(reqs, temperature=0, max_new_tokens=8)
     assert shared._decode_state == {"direct": False}
     assert got == plain.generate(reqs, temperature=0, max_new_tokens=8)
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["mistral", "lfm2", "gemma2", "tiny_qwen3_vl"],
+)
+def test_other_families_greedy_equals_generate(tok, family):
+    """Sliding windows (Mistral), a hybrid convolution cache (LFM2), a soft-capped head (Gemma2: the
+    decode steps keep the whole model) and Qwen3-VL (interleaved M-RoPE) with an image: the same
+    greedy tokens as generate, rows stopping at different steps. (Every family of tests/arch_models.py
+    and srpo_trl.tiny gave the same once, 2026-12-02: docs/exploration.md lists them.)"""
+    from arch_models import tiny_model
+
+    from srpo_trl import tiny
+
+    reqs = _requests()[:3]
+    if family.startswith("tiny_"):
+        model, processing_class = getattr(tiny, family)(0)
+        reqs.append(
+            GenerationRequest(
+                [{"role": "user", "content": "What is this?"}], images=[tiny.make_image(3, size=(56, 56))]
+            )
+        )
+    else:
+        attn = "eager" if family == "gemma2" else "sdpa"  # Gemma2 has no sdpa path in transformers
+        model, processing_class = tiny_model(family, tok, attn_implementation=attn), tok
+    shared = TransformersBackend(model, processing_class, batch_size=8, show_progress=False)
+    plain = _stop_at_varied_steps(shared, reqs, 10)
+    got = shared.generate(reqs, num_samples=2, temperature=0, max_new_tokens=10)
+    assert got == plain.generate(reqs, num_samples=2, temperature=0, max_new_tokens=10)
+    assert len({len(t) for r in got for t in r}) > 1
+    assert shared._decode_state == {"direct": family != "gemma2"}
