@@ -36,6 +36,7 @@ BLOCKS = all_blocks()
 # Outside programs a page may call, and why the tests do not run them.
 EXTERNAL = {
     "vllm": "a model server: the tests start tests/openai_server.py in its place",
+    "transformers": "transformers serve, a model server: tests/test_real_server.py runs the real one",
     "$EDITOR": "a person edits a file: the scenario does it",
     "break": "a shell builtin",
 }

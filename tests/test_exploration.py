@@ -672,7 +672,8 @@ def test_simulated_ranks_write_shards_and_rank0_merges(tmp_path):
     summary = explore(records, ScriptedBackend(), "safety-outcome", rank=0, world_size=2, **kw)
     assert [r["id"] for r in _lines(out)] == [f"r{i}" for i in range(5)]  # merged in input order
     assert not list(tmp_path.glob("explored.rank*"))
-    assert summary["records"] == 5 and summary["explored_now"] == 3
+    # rank 0's summary covers the whole run: what every rank explored (issue 27: it said 3 of 5)
+    assert summary["records"] == 5 and summary["explored_now"] == 5 and summary["explored_by_rank"] == [3, 2]
     single = explore(
         records,
         ScriptedBackend(),
@@ -704,7 +705,7 @@ ACCELERATE_SCRIPT = textwrap.dedent(
     from test_exploration import ScriptedBackend
     from srpo_trl.exploration import explore
     s = explore({records!r}, ScriptedBackend(), "safety-outcome", num_samples=2, seed=9, out={out!r},
-                show_progress=False, print_summary=False)
+                show_progress=False, print_summary=int(os.environ["RANK"]) == 0)
     import torch.distributed as dist
     print("RESULT", json.dumps({{"rank": int(os.environ["RANK"]), "world": dist.get_world_size(),
                                 "explored_now": s["explored_now"], "merged": os.path.exists({out!r})}}))
@@ -741,10 +742,17 @@ def test_accelerate_launch_two_processes(tmp_path):
         (json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line),
         key=lambda r: r["rank"],
     )
-    assert [(r["rank"], r["world"], r["explored_now"]) for r in results] == [(0, 2, 3), (1, 2, 2)]
+    # rank 0 reports the whole run (5 records: 3 of its own, 2 of rank 1), rank 1 its own share
+    assert [(r["rank"], r["world"], r["explored_now"]) for r in results] == [(0, 2, 5), (1, 2, 2)]
+    assert "this run: 5 explored (rank 0: 3, rank 1: 2), 0 already in the output" in done.stdout
     assert all(r["merged"] for r in results)  # rank 1 returned only after the merge
     assert [r["id"] for r in _lines(out)] == [f"r{i}" for i in range(5)]
-    assert not list(tmp_path.glob("explored.rank*"))
+    # nothing is left beside the output but its metadata and summary (no shards, markers or .merged)
+    assert sorted(p.name for p in tmp_path.glob("explored*")) == [
+        "explored.jsonl",
+        "explored.jsonl.meta.json",
+        "explored.jsonl.summary.json",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from ..evaluation.loaders import BENCHMARKS, MMSB_VARIANTS
 from ..evaluation.metrics import METRIC_LABELS, format_proportion
 from ..evaluation.protocols import command as protocol_command
 from ..evaluation.runner import check_resume, run_settings
-from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
+from .flags import add_endpoint_mode_flags, add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
 
 def _unescape(value: str) -> str:
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "are SIUO's: 1 sample, --temperature 0, --max-new-tokens 5)",
     )
     add_http_flags(p, timeout=60.0, retries=3)
+    add_endpoint_mode_flags(p)
     gen.add_argument("--batch-size", type=int, default=8, help="items per generation call (x samples sequences)")
     gen.add_argument("--system-prompt", default=None, help="system message before each question")
     gen.add_argument(
@@ -191,7 +192,7 @@ def _make_judge(args: argparse.Namespace) -> Any:
 
 def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
     if args.endpoint:
-        return endpoint_backend(args)
+        return endpoint_backend(args, separator=config.separator)
     from ..backends import TransformersBackend
     from ..loading import load_model_and_processor
 
@@ -211,7 +212,12 @@ def _model_info(args: argparse.Namespace) -> dict[str, Any]:
     from .. import store
 
     if args.endpoint:
+        from ..endpoint import processor_source
+
         identity = store.endpoint_fingerprint(args.endpoint, args.served_model)
+        # how prompts reach the server changes the answers
+        identity["endpoint_mode"] = args.endpoint_mode
+        identity["processor"] = processor_source(args.processor, args.served_model)
         return {
             "model": args.served_model,
             "endpoint": identity["endpoint"],

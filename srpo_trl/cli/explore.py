@@ -20,7 +20,7 @@ from .. import store
 from ..contract import RecordError
 from ..exploration import explore, load_records, output_fingerprint, verifier_label
 from ..verifiers import as_verifier
-from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
+from .flags import add_endpoint_mode_flags, add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
 
 def _load_verifier_factory(spec: str):
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)"
     )
     add_http_flags(p, timeout=60.0, retries=3, old_max_retries=True)
+    add_endpoint_mode_flags(p)
     p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests per record (--endpoint)")
     p.add_argument(
         "--concurrent-records",
@@ -158,7 +159,7 @@ def _make_backend(args):
 
     _check_policy_args(args)
     if args.endpoint:
-        return endpoint_backend(args, concurrency=args.concurrency)
+        return endpoint_backend(args, concurrency=args.concurrency, separator=args.separator)
     from ..loading import load_model_and_processor
 
     device = args.device
@@ -181,7 +182,12 @@ def _cli_fingerprint(args) -> tuple[dict, dict]:
         policy = store.model_fingerprint(args.model, args.adapter)
         policy["dtype"] = args.dtype
     else:
+        from ..endpoint import processor_source
+
         policy = store.endpoint_fingerprint(args.endpoint or "", args.served_model)
+        # how prompts reach the server changes what is sampled
+        policy["endpoint_mode"] = args.endpoint_mode
+        policy["processor"] = processor_source(args.processor, args.served_model)
     extra = {"answer_extract": args.answer_extract, "answer_pattern": args.answer_pattern}
     if args.verifier == "judge":
         template = Path(args.judge_template).read_bytes() if args.judge_template else b""
