@@ -45,7 +45,15 @@ compile counts (model FLOPs: see _count_tokens). benchmarks/gpu_check.sh runs th
     python benchmarks/step_pairs.py --preset qwen2_5_vl_7b --layers 4 --models vlm --warmup 3 --steps 5
     python benchmarks/step_pairs.py --preset qwen2_5_vl_7b --layers 4 --models vlm --lora
 
-See docs/speed.md for what prefix sharing does and the table as measured.
+Per model family (--families, issue 20): packed against unpacked SRPO on every architecture prefix
+sharing allows (srpo_trl.architectures), each a small random model of the family (text: its config
+class at --hidden-size / --layers, sliding windows of 128 tokens; vision-language: the
+srpo_trl.tiny model, its processor scaling the images down to a few tokens). It prints the
+packed/unpacked step-time and token ratios per family and writes benchmarks/results/step_pairs_families.json:
+
+    python benchmarks/step_pairs.py --families all --hidden-size 128 --layers 2 --steps 3
+
+See docs/speed.md for what prefix sharing does and the tables as measured.
 """
 
 from __future__ import annotations
@@ -88,10 +96,53 @@ QUESTION_SIZES = [4, 8, 5, 7, 6, 6, 7, 5, 8, 4, 6, 6]
 # =================================================================================================
 
 
+FAMILY_WINDOW = 128  # --families: sliding window of the windowed families (GPT-OSS's own), shorter than the rows
+
+
+def data_kind(kind: str) -> str:
+    """ "vlm" or "text": which data a model kind (vlm, text or a family's model type) trains on."""
+    if kind in ("vlm", "text"):
+        return kind
+    from srpo_trl.architectures import VLM_TYPES
+
+    return "vlm" if kind in VLM_TYPES else "text"
+
+
+def family_model(family: str, seed: int, hidden_size: int, num_layers: int, window: int = FAMILY_WINDOW):
+    """(model, processing class) of a family on the allow-list: a text family's config class at this
+    width and depth (sliding windows cut to `window`, at most 4 experts), or srpo_trl.tiny's model of a
+    vision-language family with this text width and depth. Random weights, fp32."""
+    from transformers import CONFIG_MAPPING
+
+    from srpo_trl import tiny
+    from srpo_trl.architectures import VLM_TYPES
+    from srpo_trl.prefix_check import _build_model, small_config
+
+    if family in VLM_TYPES:
+        extra = {"sliding_window": window} if family == "gemma3" else {}
+        build = getattr(tiny, f"tiny_{family}")
+        return build(seed=seed, hidden_size=hidden_size, num_hidden_layers=num_layers, **extra)
+    tok = tiny.build_tokenizer()
+    head_dim = hidden_size // 4
+    width = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+    )
+    config = small_config(CONFIG_MAPPING[family], tok, num_hidden_layers=num_layers, window=window, width=width)
+    model, _ = _build_model(config, seed, None)
+    return model, tok
+
+
 def build_processing_class(kind: str, image_side: int = IMAGE_SIDE):
     """The tokenizer (text) or the image-only Qwen2.5-VL processor that makes an image_side x image_side
-    image (448: 256 merged image tokens) for the vlm."""
+    image (448: 256 merged image tokens) for the vlm; a family's own (see `family_model`)."""
     from srpo_trl.tiny import Qwen2_5_VLImageOnlyProcessor, build_tokenizer
+
+    if kind not in ("vlm", "text"):
+        return family_model(kind, 0, 32, 1)[1]
 
     tok = build_tokenizer()
     if kind == "text":
@@ -131,6 +182,8 @@ def build_model(kind: str, seed: int, hidden_size: int, num_layers: int, preset:
     56 (4x4 patches, 64 windows per image) would add per-window overhead the real model does not have."""
     from srpo_trl.tiny import build_tokenizer, tiny_causal_lm, tiny_qwen2_5_vl
 
+    if kind not in ("vlm", "text"):
+        return family_model(kind, seed, hidden_size, num_layers)[0].to(device or "cpu")
     if preset:
         return _preset_model(kind, seed, PRESETS[preset], num_layers, device)
     if kind == "text":
@@ -565,6 +618,8 @@ def _count_tokens(model, counters: dict, current_batch: dict, lora: bool = False
         tokens = int(x.shape[0] * x.shape[1])
         counters["tokens"] += tokens
         mask = kwargs.get("attention_mask")
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2) and "packed_length" not in current_batch:
+            mask = current_batch["attention_mask"]  # unpacked Gemma3: its wrapper hands the decoder a dict of masks
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             lengths = mask.sum(-1)
             counters["real_tokens"] += int(lengths.sum())
@@ -602,6 +657,19 @@ def _versions() -> dict:
     return out
 
 
+def _attn_name(model) -> str:
+    from srpo_trl.attention import text_attn_implementation
+
+    return str(text_attn_implementation(model))
+
+
+def _window(model) -> int | None:
+    from srpo_trl.architectures import attention_windows
+
+    windows = [w for w in attention_windows(model.config.get_text_config()).values() if w]
+    return windows[0] if windows else None
+
+
 def _dynamo_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -631,7 +699,7 @@ def run_child(args) -> dict:
     steps = args.warmup + args.steps
     total = steps + (1 if args.profile else 0)  # --profile: one more step, profiled and not timed
     rows = build_rows(
-        args.model, processing_class, num_questions=2 * total, seed=args.seed, image_side=args.image_side
+        data_kind(args.model), processing_class, num_questions=2 * total, seed=args.seed, image_side=args.image_side
     )
     assert len(rows) == total * args.batch_size, (len(rows), total, args.batch_size)
 
@@ -703,7 +771,7 @@ def run_child(args) -> dict:
         pad_id = tokenizer.pad_token_id
         dpo_collator = (
             DataCollatorForVisionPreference(processor=processing_class)
-            if args.model == "vlm"
+            if data_kind(args.model) == "vlm"
             else DataCollatorForPreference(pad_token_id=pad_id)
         )
         paths = reference_paths(rows, processing_class)
@@ -786,6 +854,8 @@ def run_child(args) -> dict:
         "dtype": args.dtype,
         "lora": args.lora,
         "attention": attention,
+        "attn_implementation": _attn_name(trainer.model),
+        "window": _window(trainer.model),
         "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "warmup_steps": args.warmup,
@@ -917,6 +987,29 @@ def breakdown(results: list[dict], kind: str) -> str:
     return "\n".join(lines).replace("nan", "  -")
 
 
+FAMILY_CONFIGS = ["srpo_packed", "srpo_unpacked"]
+
+
+def families_table(results: list[dict], families: list[str]) -> str:
+    """Per family: median step times of packed and unpacked SRPO, their ratio, and the token ratio."""
+    lines = [
+        f"{'family':12s} {'attention':10s} {'windows':>8s} {'packed s':>9s} {'unpacked s':>10s} "
+        f"{'step ratio':>10s} {'token ratio':>11s}"
+    ]
+    for family in families:
+        by = {r["config"]: r for r in results if r["model"] == family}
+        if not set(FAMILY_CONFIGS) <= set(by):
+            continue
+        packed, plain = by["srpo_packed"], by["srpo_unpacked"]
+        lines.append(
+            f"{family:12s} {packed['attn_implementation']:10s} {str(packed['window'] or '-'):>8s} "
+            f"{packed['median_step_s']:9.3f} {plain['median_step_s']:10.3f} "
+            f"{_ratio(packed['median_step_s'], plain['median_step_s']):>10s} "
+            f"{_ratio(packed['tokens_timed'], plain['tokens_timed']):>11s}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -992,6 +1085,18 @@ def main(argv=None):
         help="after the timed steps, one more step under torch.profiler (not timed): top ops by self time and the "
         "share of attention, matmuls, optimizer, copies, ... in each configuration's JSON (`profile`)",
     )
+    parser.add_argument(
+        "--families",
+        default=None,
+        help="comma-separated model types on the prefix-sharing allow-list, or 'all': packed vs unpacked SRPO per "
+        "family (replaces --models and --configs; JSON default benchmarks/results/step_pairs_families.json)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the configurations one after another in this process instead of a subprocess each (saves the "
+        "imports, ~8 s a run; peak memory then includes earlier runs', so only step times and tokens are comparable)",
+    )
     parser.add_argument("--json", default="benchmarks/results/step_pairs.json", help="where absolute numbers go")
     # internal: run one configuration in this process and write its result
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -1011,7 +1116,19 @@ def main(argv=None):
 
     models = [m for m in args.models.split(",") if m]
     configs = [c for c in args.configs.split(",") if c]
-    if BASELINE not in configs:
+    families = None
+    if args.families:
+        from srpo_trl.architectures import TEXT_TYPES, VLM_TYPES
+
+        allowed = sorted(TEXT_TYPES) + sorted(VLM_TYPES)
+        families = allowed if args.families == "all" else [f for f in args.families.split(",") if f]
+        unknown = sorted(set(families) - set(allowed))
+        if unknown:
+            parser.error(f"--families: {unknown} are not on the prefix-sharing allow-list ({allowed})")
+        models, configs = families, FAMILY_CONFIGS
+        if args.json == parser.get_default("json"):
+            args.json = "benchmarks/results/step_pairs_families.json"
+    elif BASELINE not in configs:
         parser.error(f"--configs must include the baseline {BASELINE}")
     common = (
         [
@@ -1049,25 +1166,20 @@ def main(argv=None):
     for kind in models:
         processing_class = build_processing_class(kind, args.image_side)
         steps = args.warmup + args.steps
-        rows = build_rows(kind, processing_class, num_questions=2 * steps, seed=args.seed, image_side=args.image_side)
+        rows = build_rows(
+            data_kind(kind), processing_class, num_questions=2 * steps, seed=args.seed, image_side=args.image_side
+        )
         timed_rows = rows[args.warmup * args.batch_size :]
         stats[kind] = sharing_stats(timed_rows, processing_class, args.batch_size)
         proportions[kind] = describe_rows(rows, processing_class)
         print(f"[{kind}] data: {proportions[kind]}", flush=True)
         for config in configs:
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                out = f.name
-            cmd = [sys.executable, __file__, "--child", "--model", kind, "--config", config, "--out", out, *common]
+            child = ["--child", "--model", kind, "--config", config, *common]
             t0 = time.time()
-            env = dict(os.environ)
-            if args.threads:
-                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                raise SystemExit(f"{kind}/{config} failed (exit {proc.returncode})")
-            result = json.loads(Path(out).read_text())
-            os.unlink(out)
+            if args.in_process:
+                result = run_child(parser.parse_args(child))
+            else:
+                result = _run_subprocess(child, args.threads, f"{kind}/{config}")
             results.append(result)
             print(
                 f"[{kind}] {config:14s} median step {result['median_step_s']:.3f} s, "
@@ -1082,7 +1194,20 @@ def main(argv=None):
                     + ", ".join(f"{g} {v:.0%}" for g, v in shares.items() if v),
                     flush=True,
                 )
+        if families:  # every family's numbers are kept as soon as it is done (a time limit may stop the run)
+            _write_json(args, results, proportions, stats, {"families": family_summary(results)}, quiet=True)
 
+    if families:
+        print(
+            f"\nPacked / unpacked SRPO per family (text hidden {args.hidden_size}, {args.layers} layers, {args.dtype}, "
+            f"sliding windows {FAMILY_WINDOW}); batch {args.batch_size} rows = 2 questions x 4-8 branch points; median "
+            f"of {args.steps} steps after {args.warmup} warm-up; {results[0]['device']}, "
+            f"{results[0]['torch_threads']} threads"
+        )
+        print(families_table(results, families))
+        print(f"\n(total {time.time() - started:.0f} s)")
+        _write_json(args, results, proportions, stats, {"families": family_summary(results)})
+        return
     width = PRESETS[args.preset]["hidden_size"] if args.preset else args.hidden_size
     shape = f"text hidden {width}, {args.layers} layers" + (f", preset {args.preset}" if args.preset else "")
     shape += f", {args.dtype}" + (", LoRA" if args.lora else "")
@@ -1103,6 +1228,45 @@ def main(argv=None):
         print(table(results, stats[kind], kind))
         print(breakdown(results, kind))
     print(f"\n(total {time.time() - started:.0f} s)")
+    _write_json(args, results, proportions, stats)
+
+
+def _run_subprocess(child: list[str], threads: int, name: str) -> dict:
+    """One configuration in a fresh interpreter (its peak memory is its own)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, __file__, *child, "--out", out], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{name} failed (exit {proc.returncode})")
+    result = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return result
+
+
+def family_summary(results: list[dict]) -> dict:
+    """Per family with both runs done: step-time and token ratios of packed to unpacked SRPO."""
+    summary = {}
+    for family in dict.fromkeys(r["model"] for r in results):
+        by = {r["config"]: r for r in results if r["model"] == family}
+        if set(FAMILY_CONFIGS) <= set(by):
+            packed, plain = by["srpo_packed"], by["srpo_unpacked"]
+            summary[family] = {
+                "step_time_ratio": packed["median_step_s"] / plain["median_step_s"],
+                "token_ratio": packed["tokens_timed"] / plain["tokens_timed"],
+                "packed_median_step_s": packed["median_step_s"],
+                "unpacked_median_step_s": plain["median_step_s"],
+                "attn_implementation": packed["attn_implementation"],
+                "attention": packed["attention"],
+                "window": packed["window"],
+            }
+    return summary
+
+
+def _write_json(args, results, proportions, stats, extra: dict | None = None, quiet: bool = False) -> None:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1114,10 +1278,12 @@ def main(argv=None):
             "cpu_count": os.cpu_count(),
             "proportions": proportions,
             "sharing": stats,
+            **(extra or {}),
             "results": results,
         }
         path.write_text(json.dumps(payload, indent=1))
-        print(f"absolute numbers: {path}")
+        if not quiet:
+            print(f"absolute numbers: {path}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ _LAZY = {
     "SRPOTrainer": "srpo_trl.trainer",
     "StepPairDataset": "srpo_trl.dataset",
     "DataCollatorForStepPairs": "srpo_trl.collator",
+    "check_prefix_sharing": "srpo_trl.prefix_check",
+    "allow_prefix_sharing": "srpo_trl.prefix_check",
+    "PrefixSharingCheck": "srpo_trl.prefix_check",
 }
 
 __all__ = list(_LAZY)

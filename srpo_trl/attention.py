@@ -5,7 +5,10 @@ from the tree's pre-order subtree ends by `packing.tree_block_mask`, never an [L
 FlexAttention, block-sparse; with anything else (a padding mask, no mask) it is transformers' sdpa,
 and the registered mask function is sdpa's, so unpacked forwards, evaluation and generation behave
 exactly as under `attn_implementation="sdpa"`. A 4D mask (a BlockMask is one) is passed through by
-transformers' mask creation untouched, so the model never replaces the tree mask.
+transformers' mask creation untouched, so the model never replaces the tree mask. Models with
+sliding-window layers get one BlockMask per layer type (a dict, as transformers' decoders take
+their per-layer masks), each with the window counted along every token's own path. FlexAttention
+here has no attention-logit softcapping or attention sinks: Gemma2 and GPT-OSS keep the dense mask.
 
 Only the text decoder is switched (`set_attn_implementation({"text_config": "srpo_tree"})` for
 vision-language models): the vision tower keeps its own attention. This works for every model whose
@@ -122,6 +125,11 @@ def tree_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            "SRPO's tree attention has no attention-logit softcapping or attention sinks (Gemma2, GPT-OSS); "
+            "use the dense tree mask (SRPO_TRL_TREE_ATTENTION=dense or auto) or the model's own flex_attention."
+        )
     if dropout > 0:
         raise ValueError("SRPO's tree attention (FlexAttention) has no attention dropout; set attention_dropout=0.")
     # Under autocast, rotary embeddings leave q/k in the weights' dtype and v in the autocast dtype;
@@ -180,6 +188,15 @@ def ensure_tree_attention(model) -> None:
         use_tree_attention(model)
 
 
+def _tree_attention_gap(model) -> str | None:
+    """What the model's attention does that `tree_attention_forward`'s FlexAttention call does not."""
+    if getattr(model.config.get_text_config(), "attn_logit_softcapping", None):
+        return "attention-logit softcapping (Gemma2)"
+    if any(name.endswith(".sinks") for name, _ in model.named_parameters()):
+        return "attention sinks (GPT-OSS)"
+    return None
+
+
 @dataclass
 class TreeAttentionChoice:
     block_mask: bool  # True: FlexAttention BlockMask from subtree ends; False: dense [L, L] mask
@@ -195,6 +212,9 @@ def choose_tree_attention(model, device_type: str, compute_dtype: torch.dtype) -
         raise ValueError(f"{_ENV_CHOICE}={forced!r}: use 'auto', 'flex' or 'dense'.")
     if attn == "flex_attention":  # the model's own FlexAttention takes the BlockMask as it is
         return TreeAttentionChoice(True, False, "")
+    unsupported = _tree_attention_gap(model)
+    if unsupported:
+        return TreeAttentionChoice(False, False, f"SRPO's tree attention has no {unsupported}")
     if forced == "dense":
         return TreeAttentionChoice(False, False, f"{_ENV_CHOICE}=dense")
     if forced == "flex":

@@ -6,7 +6,8 @@ For a batch of B rows it returns 3B right-padded sequences, in this order:
     [prompt + prefix + rejected] x B     loss on the rejected tokens only
     [prompt + reference + end]   x B     loss on the whole reference path, end of answer included
 
-`loss_mask` marks the tokens each sequence is scored on; prompt and prefix tokens are context only.
+`loss_mask` marks the tokens each sequence is scored on; prompt and prefix tokens are context only
+(and, with `align_tokens="after_shared"`, the leading tokens chosen and rejected share).
 Vision inputs (pixel values, `image_grid_thw`, `image_sizes`, ...) come from one processor call on
 the B prompts and are repeated for the three groups, in sequence order.
 """
@@ -25,6 +26,7 @@ from .packing import allowed_matrix, bucket_length, pack_question
 from .rows import (
     DEFAULT_STEP_SEPARATOR,
     RowError,
+    align_start,
     encode_prompt_text,
     encode_text_segments,
     normalize_row,
@@ -73,6 +75,10 @@ class DataCollatorForStepPairs:
             continuation or reference would be cut away entirely raises (the trainer filters such
             rows out before training and reports them).
         fallback_reference_eos: close the fallback reference `prefix + chosen` with EOS.
+        align_eos: close both continuations with EOS (end of turn for chat rows) and score it (raw rows;
+            rows encoded by the trainer already carry it).
+        align_tokens: `"continuation"` scores every continuation token, `"after_shared"` only those after
+            the leading tokens chosen and rejected share (RPO's released loss).
         pad_to_multiple_of: pad the sequence length to a multiple of this value.
         prefix_sharing: instead of 3B sequences, return one packed row per question (rows with the
             same prompt and images): a token tree with `tree_mask` (ancestors only; left out when
@@ -88,6 +94,8 @@ class DataCollatorForStepPairs:
     step_separator: str = DEFAULT_STEP_SEPARATOR
     max_length: int | None = None
     fallback_reference_eos: bool = True
+    align_eos: bool = False
+    align_tokens: str = "continuation"
     pad_to_multiple_of: int | None = None
     prefix_sharing: bool = False
     dense_mask: bool = True  # False for FlexAttention, which builds its block mask from `tree_end`
@@ -104,7 +112,9 @@ class DataCollatorForStepPairs:
         else:
             rows = [normalize_row(ex, ex.get("_row", f"{i} of the batch")) for i, ex in enumerate(examples)]
             segments = [
-                encode_text_segments(r, self.processing_class, self.step_separator, self.fallback_reference_eos)
+                encode_text_segments(
+                    r, self.processing_class, self.step_separator, self.fallback_reference_eos, self.align_eos
+                )
                 for r in rows
             ]
             if hasattr(self.processing_class, "tokenizer"):  # processor: images and expanded image tokens
@@ -114,10 +124,14 @@ class DataCollatorForStepPairs:
                 keys = [tuple(p) for p in prompts]
 
         n = len(examples)
+        starts = [
+            len(seg["prefix_ids"]) + align_start(seg, self.align_tokens, ex.get("_row", f"{i} of the batch"))
+            for i, (seg, ex) in enumerate(zip(segments, examples))
+        ]
         seqs: list[tuple[list[int], int]] = []  # (tokens after the prompt, first scored index), 3n of them
         for part in ("chosen_ids", "rejected_ids"):
-            for seg in segments:
-                seqs.append((list(seg["prefix_ids"]) + list(seg[part]), len(seg["prefix_ids"])))
+            for seg, start in zip(segments, starts):
+                seqs.append((list(seg["prefix_ids"]) + list(seg[part]), start))
         seqs += [(list(seg["reference_ids"]), 0) for seg in segments]
         if self.max_length is not None:
             seqs = self._truncate(examples, prompts * 3, seqs)

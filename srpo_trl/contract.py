@@ -77,6 +77,31 @@ def _fail(where: str, path: Any, item: Any) -> Callable[[str | None, str], Recor
     return lambda field, problem: RecordError(where, field, problem, path=path, item=item)
 
 
+def _message_problem(m: Any) -> str | None:
+    """What is wrong with one chat message of a prompt (None when nothing): ``role`` a non-empty
+    string, ``content`` a string or a list of parts (objects with a string ``type``), or null only
+    beside ``tool_calls`` (an assistant turn that calls a tool)."""
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        return "must be an object with 'role' and 'content'"
+    role, content = m["role"], m["content"]
+    if not isinstance(role, str) or not role.strip():
+        return f"has role {role!r}: it must be a non-empty string (system, user, assistant, tool)"
+    if content is None:
+        if m.get("tool_calls"):
+            return None
+        return "has content null: give the text (a string) or a list of parts"
+    if isinstance(content, str):
+        return None
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                return f'content part {j} must be an object with a string "type" ("text" or "image"), got {part!r}'
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                return f"content part {j} is a text part whose 'text' is not a string: {part.get('text')!r}"
+        return None
+    return f"has content {content!r} ({type(content).__name__}): it must be a string or a list of parts"
+
+
 def validate_record(
     obj: Any,
     where: str,
@@ -131,8 +156,9 @@ def validate_record(
             raise fail("prompt", "is empty; it must be the request as plain text or chat messages")
     elif isinstance(prompt, list) and prompt:
         for i, m in enumerate(prompt):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise fail("prompt", f"message {i} must be an object with 'role' and 'content'")
+            problem = _message_problem(m)
+            if problem:
+                raise fail("prompt", f"message {i} {problem}")
     else:
         raise fail("prompt", "must be a string or a non-empty list of chat messages")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import itertools
+import json
 import logging
 import os
 import time
@@ -34,9 +35,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import contract as _contract
-from . import store
+from . import cost, store
 from .backends import BackendError, GenerationRequest, load_image
 from .contract import RecordError
+from .endpoint import PreflightError
+from .images import check_image_file
 from .pairs import count_pairs
 from .rows import DEFAULT_STEP_SEPARATOR, continuation_prefix_text, template_kwargs
 from .verifiers import Verdict, VerifierError, as_verifier
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RecordError",
+    "PreflightError",
     "load_records",
     "validate_record",
     "select_branch_points",
@@ -55,6 +59,7 @@ __all__ = [
     "summarize",
     "format_summary",
     "shard_path",
+    "summary_path",
     "merge_shards",
 ]
 
@@ -105,7 +110,22 @@ def load_records(
     )
     if not out:
         raise ValueError(f"no records in {records if isinstance(records, (str, os.PathLike)) else 'the list'}")
+    _check_image_files(out)
     return out, (Path(records).parent if isinstance(records, (str, os.PathLike)) else None)
+
+
+def _check_image_files(recs: list[dict]) -> None:
+    """Decode every image file now: a truncated file or a decompression bomb is refused before any
+    request, naming the record and the field, like a missing file (not found mid-run)."""
+    for rec in recs:
+        for i, image in enumerate(rec["_images"]):
+            if isinstance(image, str):
+                try:
+                    check_image_file(image)
+                except ValueError as exc:
+                    raise RecordError(
+                        rec["_where"], f"images[{i}]", f"{image}: {exc}; replace the file or drop the record"
+                    ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,8 +359,20 @@ def output_fingerprint(
         verifier=verifier_name,
         policy=policy,
         records=_records_hash(source, recs),
+        images=_images_hash(recs),
         **(extra or {}),
     )
+
+
+def _images_hash(recs: list[dict]) -> dict:
+    """The content of every image file the records name (as they name it): pixels changed under the
+    same name are a different input."""
+    return {
+        given: store.content_hash(path)[:16]
+        for rec in recs
+        for given, path in zip(rec["images"], rec["_images"])
+        if isinstance(given, str) and isinstance(path, str)
+    }
 
 
 def _records_hash(source, recs: list[dict]) -> str:
@@ -415,8 +447,12 @@ def summarize(results: list[dict], max_pairs_per_point: int | None = None) -> di
         "continuations_unverified": 0,
         "pass_rate": None,
         "failures": [],
+        "cost": {key: 0 for key in ("prefill_tokens", "generated_tokens", "requests")},
     }
     for rec in results:
+        for key, value in (rec.get("cost") or {}).items():
+            if key in s["cost"] and isinstance(value, (int, float)):
+                s["cost"][key] += value
         status = rec.get("status", "ok")
         s[f"records_{status}" if status in ("ok", "no_reference", "failed") else "records_failed"] += 1
         if rec.get("reference_source") == "sampled":
@@ -437,6 +473,14 @@ def summarize(results: list[dict], max_pairs_per_point: int | None = None) -> di
                 s["pairs"] += n
     if s["continuations"]:
         s["pass_rate"] = s["continuations_passed"] / s["continuations"]
+    c = s["cost"]
+    c["continuations_verified"] = s["continuations"]  # each verified once (a judge verifier: one call each)
+    c["continuations_passed"] = s["continuations_passed"]
+    c["points_with_both"] = s["points_with_both"]
+    c["pairs"] = s["pairs"]
+    c["pairs_per_1k_generated_tokens"] = (
+        round(1000 * s["pairs"] / c["generated_tokens"], 3) if c["generated_tokens"] else None
+    )
     return s
 
 
@@ -451,8 +495,25 @@ def format_summary(s: dict) -> str:
         f"  verifier pass rate: {rate} of {s['continuations']} continuation(s)"
         + (f"; {s['continuations_unverified']} undecided (verifier errors)" if s["continuations_unverified"] else ""),
     ]
+    c = s.get("cost") or {}
+    if c.get("requests") or c.get("generated_tokens"):
+        per_1k = c.get("pairs_per_1k_generated_tokens")
+        lines.append(
+            f"  cost: {c['prefill_tokens']:,} prefill tokens, {c['generated_tokens']:,} generated tokens, "
+            f"{c['requests']:,} requests"
+            + (f"; this run {c['wall_seconds']:.1f} s" if c.get("wall_seconds") is not None else "")
+        )
+        lines.append(
+            f"  yield: {c['continuations_verified']:,} continuations verified ({c['continuations_passed']:,} passed), "
+            f"{c['points_with_both']:,} points with both outcomes, "
+            f"{'n/a' if per_1k is None else f'{per_1k:.2f}'} pairs per 1k generated tokens"
+        )
     if "resumed" in s:
-        lines.append(f"  this run: {s['explored_now']} explored, {s['resumed']} already in the output")
+        by_rank = s.get("explored_by_rank")
+        ranks = f" ({', '.join(f'rank {r}: {n}' for r, n in enumerate(by_rank))})" if by_rank else ""
+        lines.append(f"  this run: {s['explored_now']} explored{ranks}, {s['resumed']} already in the output")
+    for note in (s.get("endpoint") or {}).get("lines", []):
+        lines.append(f"  {note}")
     for f in s["failures"][:20]:
         lines.append(f"  {f['status']}: {f['id']}: {f['error']}")
     if len(s["failures"]) > 20:
@@ -509,8 +570,10 @@ def explore(
     ``out`` is resumed only when ``out.meta.json`` shows the same policy (``policy``, default
     :func:`backend_identity`), the same input (a hash of the records) and the same arguments
     (``fingerprint_extra`` adds what the caller knows changes results); otherwise the call refuses
-    before any work (:class:`srpo_trl.store.FingerprintMismatch`). A second run on the same ``out``
-    is refused while one runs (:class:`srpo_trl.store.OutputLocked`).
+    before any work (:class:`srpo_trl.store.FingerprintMismatch`); the input includes the content of
+    every image file the records name. A second run on the same ``out`` (or on a symlink to it) is
+    refused while one runs (:class:`srpo_trl.store.OutputLocked`). Every image file is decoded before
+    anything is sent: a broken one is a :class:`RecordError` naming the record and ``images[i]``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -541,13 +604,21 @@ def explore(
         raise ValueError(f"concurrent_records must be >= 1, got {concurrent_records}")
 
     def explore_one(rec):
-        return explore_record(rec, backend, verifier, branch_points=branch_points, **settings)
+        with cost.track() as spent:
+            line = explore_record(rec, backend, verifier, branch_points=branch_points, **settings)
+        # tokens and requests only: times would make a resumed output differ from an uninterrupted one
+        line["cost"] = {k: v for k, v in spent.as_dict().items() if k != "seconds"}
+        return line
 
+    started = time.perf_counter()
     if out is None:
         if world_size > 1:
             raise ValueError("several processes need an output file (out=...) to write their shards to")
+        endpoint = _preflight(backend, recs, branch_points, separator, temperature if num_samples > 1 else 0.0)
         results = list(_run_records(recs, explore_one, None, concurrent_records, show_progress, rank))
         summary = summarize(results, max_pairs_per_point)
+        summary["cost"]["wall_seconds"] = round(time.perf_counter() - started, 3)
+        summary["endpoint"] = endpoint
         summary["results"] = results
         if print_summary:
             print(format_summary(summary))
@@ -567,20 +638,25 @@ def explore(
     multi = world_size > 1
     group = _process_group() if multi and not simulated else None
     my_file = shard_path(out, rank, world_size) if multi else out
+    real = store.real_path(out)  # a symlink to the output is the same output: one lock, one fingerprint
     with contextlib.ExitStack() as locks:
         # One run per output: rank 0 (or the only process) holds the output's lock, every rank its shard's.
         if rank == 0:
-            locks.enter_context(store.output_lock(lock_path(out), "explore", out))
+            locks.enter_context(store.output_lock(lock_path(real), "explore", out))
         if multi:
-            locks.enter_context(store.output_lock(lock_path(my_file), "explore", my_file))
+            locks.enter_context(store.output_lock(lock_path(store.real_path(my_file)), "explore", my_file))
         if rank == 0:
             if overwrite:
-                for p in [out, *_shard_glob(out)]:
+                for p in [real, *_shard_glob(out)]:
                     p.unlink(missing_ok=True)
                     _done_path(p).unlink(missing_ok=True)
             else:
                 _read_output(out, repair=False)  # a damaged output is named before anything else
-            store.check_fingerprint(out, fingerprint, overwrite=overwrite)
+            store.check_fingerprint(real, fingerprint, overwrite=overwrite, write=False)
+        # a server that cannot serve the run stops it here, before anything is recorded beside `out`
+        endpoint = _preflight(backend, recs, branch_points, separator, temperature if num_samples > 1 else 0.0)
+        if rank == 0:
+            store.check_fingerprint(real, fingerprint, overwrite=True)  # compared above: record it
         return _explore_into(
             out,
             my_file,
@@ -596,7 +672,42 @@ def explore(
             print_summary=print_summary,
             max_pairs_per_point=max_pairs_per_point,
             merge_poll_s=merge_poll_s,
+            started=started,
+            endpoint=endpoint,
         )
+
+
+def _preflight(backend, recs: list[dict], branch_points, separator: str, temperature: float = 0.0) -> dict | None:
+    """Ask an HTTP backend once whether it serves what this run needs (:meth:`preflight`): the mode
+    it will use and what the server refused or ignored. A refusal stops the run before any record
+    (:class:`srpo_trl.endpoint.PreflightError`, with what to pass instead); a server that does not
+    answer is only logged: each record then fails with the error, as without a preflight."""
+    check = getattr(backend, "preflight", None)
+    if check is None:
+        return None
+    needs_prefix = branch_points != 1  # point 0 has an empty prefix; every other point continues the answer
+    probes = []
+    for with_images in (False, True):
+        rec = next((r for r in recs if bool(r["_images"]) == with_images), None)
+        if rec is None:
+            continue
+        prefix = ""
+        if needs_prefix:
+            steps = rec.get("reference") or ["Let me look at this step by step."]
+            prefix = continuation_prefix_text(steps[:1], separator)
+        images = [load_image(im) for im in rec["_images"]] if with_images else []
+        probes.append(GenerationRequest(rec["prompt"], images, prefix, template_kwargs(rec)))
+    try:
+        report = check(probes, temperature=temperature)
+    except BackendError as exc:
+        logger.warning("preflight: the server did not answer (%s); records fail until it does", exc)
+        return {"mode": getattr(backend, "resolved_mode", None), "notes": [], "lines": [f"preflight failed: {exc}"]}
+    except OSError as exc:  # an unreadable image: that record fails on its own
+        logger.warning("preflight skipped: %s", exc)
+        return None
+    for line in report.notes:
+        logger.warning("preflight: %s", line)
+    return {"mode": report.mode, "notes": list(report.notes), "lines": report.lines()}
 
 
 def _explore_into(
@@ -615,6 +726,8 @@ def _explore_into(
     print_summary: bool,
     max_pairs_per_point: int | None,
     merge_poll_s: float,
+    started: float,
+    endpoint: dict | None,
 ) -> dict:
     """The file side of :func:`explore`, run while the output's locks are held."""
     multi = world_size > 1
@@ -647,35 +760,77 @@ def _explore_into(
         for line in _run_records(todo, explore_one, out.parent, concurrent_records, show_progress, rank):
             f.write(line)
 
+    counts = {"explored_now": len(todo), "resumed": resumed}
+    by_rank = None
     if multi:
-        _done_path(my_file).write_text(token)
+        _done_path(my_file).write_text(json.dumps({"token": token, **counts}))
         merged_marker = out.with_name(out.name + ".merged")
         if rank != 0:
             if group is not None:  # wait for rank 0's merge, so that `out` is complete when we return
-                _wait_for(
-                    lambda: merged_marker.exists() and merged_marker.read_text() == token,
-                    "the merge by rank 0",
-                    merge_poll_s,
-                )
-            return {"rank": rank, "explored_now": len(todo), "resumed": resumed, "shard": str(my_file)}
+                _wait_for(lambda: _marker_token(merged_marker) == token, "the merge by rank 0", merge_poll_s)
+                _barrier(group)  # rank 0 removes the marker once every rank has seen it
+            return {"rank": rank, **counts, "shard": str(my_file)}
         shards = [shard_path(out, r, world_size) for r in range(world_size)]
         _wait_for(
-            lambda: all(_done_path(p).exists() and _done_path(p).read_text() == token for p in shards),
+            lambda: all(_marker_token(_done_path(p)) == token for p in shards),
             "the other ranks' shards",
             merge_poll_s,
         )
+        done = [json.loads(_done_path(p).read_text()) for p in shards]
+        by_rank = [int(d.get("explored_now", 0)) for d in done]
+        counts = {key: sum(int(d.get(key, 0)) for d in done) for key in counts}
         if retry_failed:  # failed lines of earlier runs were redone in the shards: the new lines win
             _drop_redone_failures(out)
         merge_shards(out, order=[rec["id"] for rec in recs])
-        merged_marker.write_text(token)
+        if group is not None:  # the other ranks wait for this marker, then meet rank 0 at a barrier
+            merged_marker.write_text(token)
+            _barrier(group)
+            merged_marker.unlink(missing_ok=True)
 
     results = _read_output(out, repair=False)
     ids = {str(rec["id"]) for rec in recs}
     summary = summarize([r for r in results if str(r["id"]) in ids], max_pairs_per_point)
-    summary.update(explored_now=len(todo), resumed=resumed, output=str(out))
+    summary.update(counts, output=str(out), endpoint=endpoint)
+    summary["cost"]["wall_seconds"] = round(time.perf_counter() - started, 3)
+    if by_rank is not None:
+        summary["explored_by_rank"] = by_rank
+    _write_summary(store.real_path(out), summary)
     if print_summary:
         print(format_summary(summary))
     return summary
+
+
+def summary_path(out: str | os.PathLike) -> Path:
+    """Where the summary of a run on ``out`` is written (``explored.jsonl`` -> ``explored.jsonl.summary.json``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".summary.json")
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    path = summary_path(out)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _marker_token(path: Path) -> str | None:
+    """The run token a done / merged marker holds (a done marker is JSON with the rank's counts)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    if text.startswith("{"):
+        try:
+            return json.loads(text).get("token")
+        except ValueError:
+            return None
+    return text
+
+
+def _barrier(group) -> None:
+    import torch.distributed as dist
+
+    dist.barrier(group=group)
 
 
 def _process_group():

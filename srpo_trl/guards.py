@@ -1,15 +1,18 @@
 """Guards around SRPOTrainer.train(): divergence, resume consistency, an empty dataset.
 
 * :class:`NonFiniteGuard` -- a non-finite loss (any process, any micro-batch) or gradient norm stops
-  training with :class:`TrainingDiverged` naming the step (``nonfinite="stop"``, the default) before
+  training with :class:`TrainingDiverged` naming the step and its likely cause (found by
+  :mod:`srpo_trl.diagnosis`: weights already broken, float16 overflow, a loss term overflowing, too
+  large updates, ...) (``nonfinite="stop"``, the default) before
   the optimizer applies it, or drops that step's gradients so the optimizer skips it
   (``nonfinite="skip"``; counted in the logs as ``nonfinite_skipped``, and a logging window whose
   losses were all NaN logs ``loss`` NaN, never 0). Weights are checked before every checkpoint and at the
   end of training: non-finite weights are never saved as the final model.
 * :class:`RunSettingsCallback` -- writes :data:`RUN_SETTINGS_FILE` (a content hash of the training
-  data and the loss settings) into every checkpoint; :func:`check_resume` compares them with the
-  current run before resuming and warns (``resume_mismatch="warn"``) or refuses with
-  :class:`ResumeMismatch` (``"error"``).
+  data and the loss settings) into every checkpoint, atomically; :func:`check_resume` compares them
+  with the current run before resuming and warns (``resume_mismatch="warn"``) or refuses with
+  :class:`ResumeMismatch` (``"error"``). A checkpoint without a readable file (a kill between the
+  checkpoint and the file) cannot be checked: warned about, or refused under ``"error"``.
 * :func:`check_before_train` -- also refuses a training set with no rows (every row dropped by
   ``max_length``), in the Python API as on the command line.
 * :func:`read_row` / :func:`open_images` -- used when a vision dataset is prepared: every image is
@@ -32,6 +35,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from . import diagnosis
 from .store import table_digest
 
 
@@ -39,7 +43,17 @@ logger = logging.getLogger(__name__)
 
 RUN_SETTINGS_FILE = "srpo_run.json"
 #: SRPOConfig fields that change what the loss is; a resume with other values mixes two objectives.
-LOSS_SETTINGS = ("srpo_lambda", "align_loss", "beta", "step_separator", "fallback_reference_eos", "max_length")
+LOSS_SETTINGS = (
+    "srpo_lambda",
+    "align_loss",
+    "beta",
+    "step_separator",
+    "fallback_reference_eos",
+    "max_length",
+    "nll_weight",
+    "align_tokens",
+    "align_eos",
+)
 
 
 class TrainingStopped(RuntimeError):
@@ -62,6 +76,12 @@ def _finite(value) -> bool:
     return math.isfinite(float(value))
 
 
+def _loss_scale_can_drop(trainer) -> bool:
+    """Whether a float16 GradScaler runs and its scale is still above 1 (it halves it on an overflow)."""
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    return scaler is not None and scaler.is_enabled() and scaler.get_scale() > 1
+
+
 def nonfinite_parameters(model) -> list[str]:
     """Names of the parameters holding NaN or inf (under ZeRO-3: in this rank's shard)."""
     bad = []
@@ -80,6 +100,12 @@ class NonFiniteGuard(TrainerCallback):
         self._bad_loss: str | None = None
         self._window_finite = 0  # micro-batch losses since the last log
         self._window_nonfinite = 0
+        self._micro_batches: list[diagnosis.MicroBatch] = []  # since the last optimizer step
+
+    def remember(self, terms: dict, counts: tuple, inputs: dict) -> None:
+        """Called by SRPOTrainer._compute_loss with each training micro-batch's per-row log-prob terms and
+        token counts, so that a non-finite loss or gradient can be explained (srpo_trl/diagnosis.py)."""
+        self._micro_batches.append(diagnosis.remember(terms, counts, inputs))
 
     # -- hooks forwarded by SRPOTrainer ------------------------------------------------------------
 
@@ -98,25 +124,36 @@ class NonFiniteGuard(TrainerCallback):
         detail = ", ".join(f"{k.split('/')[1]} term {v:.4g}" for k, v in terms.items())
         self._bad_loss = f"the loss is {value.tolist()}" + (f" ({detail})" if detail else "")
         if self.mode == "stop":
-            raise TrainingDiverged(self._message(trainer, step, self._bad_loss))
+            why = diagnosis.explain(trainer, self._micro_batches[-1:], loss_finite=False)
+            raise TrainingDiverged(self._message(trainer, step, self._bad_loss, why))
 
     def check_grad_norm(self, trainer, grad_norm):
         """Called with the step's gradient norm right before the optimizer step; returns it."""
-        bad = self._bad_loss
+        bad, loss_finite, batches = self._bad_loss, self._bad_loss is None, self._micro_batches
+        if not _finite(grad_norm) and loss_finite and _loss_scale_can_drop(trainer):
+            # fp16 mixed precision: the GradScaler skips this step and halves its scale itself, which is how it
+            # finds its scale (the first steps of a run overflow on purpose). Left to it while it can go lower.
+            self._micro_batches = []
+            return grad_norm
         if not _finite(grad_norm):
             bad = (bad + "; " if bad else "") + f"the gradient norm is {float(grad_norm)}"
-        self._bad_loss = None
+        self._bad_loss, self._micro_batches = None, []
         step = trainer.state.global_step + 1
         if bad is None:
             return grad_norm
+        why = diagnosis.explain(trainer, batches, loss_finite=loss_finite)
         if self.mode == "stop":
-            raise TrainingDiverged(self._message(trainer, step, bad))
+            raise TrainingDiverged(self._message(trainer, step, bad, why))
         # No gradients -> torch optimizers leave every parameter (and its moments) as it is.
         trainer.model.zero_grad(set_to_none=True)
         trainer.optimizer.zero_grad(set_to_none=True)
         self.skipped_steps.append(step)
         logger.warning(
-            "Step %d skipped (nonfinite='skip'): %s. %d step(s) skipped so far.", step, bad, len(self.skipped_steps)
+            "Step %d skipped (nonfinite='skip'): %s. %d step(s) skipped so far. %s.",
+            step,
+            bad,
+            len(self.skipped_steps),
+            why,
         )
         return grad_norm
 
@@ -156,11 +193,10 @@ class NonFiniteGuard(TrainerCallback):
             )
 
     @staticmethod
-    def _message(trainer, step: int, what: str) -> str:
+    def _message(trainer, step: int, what: str, why: diagnosis.Diagnosis) -> str:
         return (
             f"Training diverged at step {step} (of {trainer.state.max_steps}): {what}. The optimizer did not apply "
-            f"this step and nothing was saved as final. Lower learning_rate (now {trainer.args.learning_rate:g}), "
-            "check the data, or set nonfinite='skip' to skip such steps."
+            f"this step and nothing was saved as final. {why}; or set nonfinite='skip' to skip such steps."
         )
 
 
@@ -190,8 +226,18 @@ class RunSettingsCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            with open(os.path.join(folder, RUN_SETTINGS_FILE), "w", encoding="utf-8") as f:
-                json.dump(run_settings(self.trainer), f, indent=2)
+            # A temporary file renamed into place: a kill leaves no file or the whole file, never half.
+            path = os.path.join(folder, RUN_SETTINGS_FILE)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(run_settings(self.trainer), f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
 
 
 def check_resume(trainer, resume_from_checkpoint) -> None:
@@ -204,15 +250,30 @@ def check_resume(trainer, resume_from_checkpoint) -> None:
         if folder is None:
             return  # the Trainer reports the missing checkpoint
     path = os.path.join(str(folder), RUN_SETTINGS_FILE)
+    saved, unknown = None, None
     if not os.path.isfile(path):
-        logger.warning(
-            "%s has no %s: cannot check that it was trained on the same data and loss settings.",
-            folder,
-            RUN_SETTINGS_FILE,
+        unknown = (
+            f"{folder} has no {RUN_SETTINGS_FILE} (a run stopped between saving the checkpoint and writing it, "
+            "or a checkpoint from another trainer)"
         )
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as exc:
+            saved = None
+            unknown = f"{path} cannot be read ({type(exc).__name__}: {exc})"
+        if unknown is None and not isinstance(saved, dict):
+            unknown = f"{path} is not a JSON object"
+    if unknown is not None:
+        message = f"{unknown}, so nothing shows that it was trained on the same data and loss settings."
+        if trainer.args.resume_mismatch == "error":
+            raise ResumeMismatch(
+                f"{message} Resume from an earlier checkpoint that has the file, start a new output_dir, or set "
+                "resume_mismatch='warn' to resume it unchecked."
+            )
+        logger.warning("%s Resuming unchecked (resume_mismatch='warn').", message)
         return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
     now = run_settings(trainer)
     changes = [
         f"{k}: {saved.get('loss', {}).get(k)!r} in the checkpoint, {v!r} now"

@@ -12,7 +12,10 @@ record-writing agents goes through :func:`post_json`, which gives each attempt
   the cap from ``max_new_tokens`` with :func:`response_cap`, which never exceeds
   :data:`HARD_MAX_RESPONSE_BYTES`;
 * **retries**: connection errors, a missed deadline, a too-large reply, HTTP 429 / 5xx, a reply
-  that is not a JSON object, and whatever ``parse`` rejects with :class:`RetryableError` are retried
+  that is not a JSON object (also JSON Python cannot hold: nesting deeper than the recursion limit,
+  an integer of more than 4300 digits), and a reply ``parse`` cannot use (it raises
+  :class:`RetryableError`, or any other exception on a malformed reply: a non-integer ``index``, a
+  non-string ``text``) are retried
   ``retries`` times with exponential backoff (``backoff * 2**attempt`` seconds) or the server's
   ``Retry-After`` (seconds or an HTTP date), capped at :data:`MAX_BACKOFF` seconds. Other 4xx
   replies fail at once. The final failure is :class:`RequestFailed`, naming the URL (credentials
@@ -202,8 +205,8 @@ def _attempt(url: str, data: bytes, headers: dict, timeout: float, max_bytes: in
         raise RequestFailed(f"POST {redact_url(url)} failed: {message}")
     try:
         payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RetryableError(f"malformed JSON in the reply ({exc}): {raw[:200]!r}") from exc
+    except (ValueError, RecursionError) as exc:  # bad JSON or bytes; too deep; an int over 4300 digits
+        raise RetryableError(f"malformed JSON in the reply ({type(exc).__name__}: {exc}): {raw[:200]!r}") from exc
     if not isinstance(payload, dict):
         raise RetryableError(f"the reply is not a JSON object: {raw[:200]!r}")
     return payload
@@ -224,7 +227,8 @@ def post_json(
     """POST ``body`` as JSON to ``url`` and return ``parse(reply)`` (the reply object without ``parse``).
 
     See the module docstring for the deadline, the size cap and what is retried. ``parse`` may raise
-    :class:`RetryableError` for a reply that parses as JSON but is unusable (e.g. no choices).
+    :class:`RetryableError` for a reply that parses as JSON but is unusable (e.g. no choices); any
+    other exception it raises is taken as the same (a reply of the wrong shape), never let through.
     """
     if timeout is None or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -236,7 +240,7 @@ def post_json(
     for attempt in range(retries + 1):
         try:
             payload = _attempt(url, data, all_headers, timeout, max_bytes)
-            return parse(payload) if parse is not None else payload
+            return _parsed(payload, parse)
         except RetryableError as exc:
             last = exc
             if attempt == retries:
@@ -246,6 +250,18 @@ def post_json(
             logger.warning("POST %s: %s; retry %d/%d in %.2fs", shown, _hide(exc, url), attempt + 1, retries, delay)
             sleep(delay)
     raise RequestFailed(f"POST {shown} failed after {retries + 1} attempt(s): {_hide(last, url)}")
+
+
+def _parsed(payload: dict, parse: Callable[[dict], Any] | None) -> Any:
+    """``parse(payload)``; a reply it cannot read (wrong types, absurd values) becomes a :class:`RetryableError`."""
+    if parse is None:
+        return payload
+    try:
+        return parse(payload)
+    except RetryableError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed reply must take the retry path, not crash the caller
+        raise RetryableError(f"the reply cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
 def _hide(exc: BaseException | None, url: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["open_image", "open_images"]
+__all__ = ["open_image", "open_images", "check_image_file"]
 
 
 def _rgb(img: Any) -> Any:
@@ -58,3 +58,31 @@ def open_image(image: Any, base_dir: str | os.PathLike | None = None) -> Any:
 
 def open_images(images: list | None, base_dir: str | os.PathLike | None = None) -> list:
     return [open_image(img, base_dir) for img in (images or [])]
+
+
+_decoded: set[tuple[str, int, int]] = set()  # (real path, size, mtime_ns) of files that decoded whole
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """Decode the image file at ``path`` completely, so that a file that would fail later fails now:
+    a missing or truncated file, one that is no image, or a decompression bomb (more pixels than
+    twice Pillow's ``Image.MAX_IMAGE_PIXELS``). Raises ``ValueError`` saying what is wrong (without the
+    file name: the caller names the record and field). A file that decoded is not decoded again in
+    this process while its size and modification time stay."""
+    from PIL import Image
+
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read the file ({exc.strerror or exc})") from None
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key in _decoded:
+        return
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"refused as a decompression bomb ({exc})") from None
+    except Exception as exc:  # PIL raises several types for broken files  # noqa: BLE001
+        raise ValueError(f"cannot be decoded as an image ({type(exc).__name__}: {exc})") from None
+    _decoded.add(key)

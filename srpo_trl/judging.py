@@ -67,20 +67,25 @@ def ask(
     temperature: float = 0.0,
     max_new_tokens: int = 512,
     what: str = "reply",
+    seed: int | None = None,
 ) -> Asked:
     """Ask until ``parse(reply)`` stops raising ``ValueError`` (at most ``retries + 1`` times).
 
     After a bad reply the conversation grows by the reply (assistant) and ``retry_message(error)``
     (user; structured text content when there are images, so that chat templates do not attach the
     images again). Raises :class:`AskFailed` when every attempt failed, :class:`BackendFailed`
-    (chained to the backend's exception) when the backend raised.
+    (chained to the backend's exception) when the backend raised. ``seed`` (when not None) is passed
+    to ``backend.chat`` so that a sampled reply is reproducible.
     """
+    seeded = {} if seed is None else {"seed": seed}
     errors: list[str] = []
     raw: str | None = None
     last: ValueError | None = None
     for attempt in range(1, retries + 2):
         try:
-            reply = backend.chat(messages, images=images, temperature=temperature, max_new_tokens=max_new_tokens)
+            reply = backend.chat(
+                messages, images=images, temperature=temperature, max_new_tokens=max_new_tokens, **seeded
+            )
         except Exception as exc:
             raise BackendFailed(attempt, raw) from exc
         raw = reply if isinstance(reply, str) else str(reply)

@@ -116,17 +116,17 @@ def with_packaged_recipe(argv: list[str]) -> list[str]:
     return argv
 
 
-def copy_recipes(dest: str | os.PathLike, force: bool = False) -> list[Path]:
+def copy_recipes(dest: str | os.PathLike, overwrite: bool = False) -> list[Path]:
     """Copy every packaged recipe file into ``dest`` (the layout of the repository's recipes/).
-    Refuses to overwrite an existing file unless ``force``; returns the files written."""
+    Refuses to overwrite an existing file unless ``overwrite``; returns the files written."""
     dest = Path(dest)
     root = recipes_dir()
     files = recipe_files()
     clashes = [f for f in files if (dest / f).exists()]
-    if clashes and not force:
+    if clashes and not overwrite:
         raise LaunchError(
             f"{len(clashes)} file(s) already exist in {dest} (e.g. {dest / clashes[0]}); "
-            "pass --force to overwrite them, or copy into another folder."
+            "pass --overwrite to replace them, or copy into another folder."
         )
     written = []
     for f in files:

@@ -146,7 +146,44 @@ def bucket_length(length: int, multiple: int = FLEX_BLOCK_SIZE) -> int:
     return -(-length // multiple) * multiple
 
 
-def tree_block_masks(tree_end: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def image_groups(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] group ids for bidirectional image attention: each run of image tokens (`token_type_ids`
+    == 1) gets its own id (0, 1, ... per row), every other token -1. As Gemma3's
+    `get_block_sequence_ids_for_mask`: tokens of one image attend to each other both ways."""
+    is_image = token_type_ids == 1
+    previous = torch.nn.functional.pad(is_image, (1, 0), value=False)[:, :-1]
+    ids = torch.cumsum((is_image & ~previous).long(), dim=1) - 1
+    return torch.where(is_image, ids, torch.full_like(ids, -1))
+
+
+def layer_allowed(
+    tree: torch.Tensor, depth: torch.Tensor, window: int | None, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, L, L] booleans of one kind of attention layer, from the tree's [B, L, L] ancestor mask.
+
+    `groups` (see `image_groups`): tokens of one image also see each other both ways. `window`: a
+    sliding-window layer sees a key only within the window counted along the query's own path, i.e.
+    on depths (logical positions): `depth[kv] > depth[q] - window`, transformers'
+    `sliding_window_overlay` on the positions the tokens have in their own sequences. The window
+    applies after the image rule, as in Gemma3's AND(window, OR(causal, image)). A token always sees
+    itself (padding included), so no softmax row is empty.
+    """
+    allowed = tree
+    if groups is not None:
+        allowed = allowed | ((groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0))
+    if window is not None:
+        allowed = allowed & (depth[:, None, :] > depth[:, :, None] - window)
+    eye = torch.eye(tree.shape[-1], dtype=torch.bool, device=tree.device)
+    return allowed | eye
+
+
+def tree_block_masks(
+    tree_end: torch.Tensor,
+    block_size: int = FLEX_BLOCK_SIZE,
+    depth: torch.Tensor | None = None,
+    window: int | None = None,
+    groups: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Which (query block, key block) tiles of the tree mask are partial and which are full.
 
     Returns two boolean [B, L/block, L/block] tensors (tiles, not tokens), on `tree_end`'s device.
@@ -154,6 +191,11 @@ def tree_block_masks(tree_end: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) 
     reaches run from the block itself to the largest end in it: the tiles touched. A tile is full
     when it lies below the diagonal and every key in it reaches past the tile's last query. Padding
     (end -1) sees only itself, which makes its diagonal tile partial.
+
+    With `groups` (bidirectional images), tiles whose blocks hold tokens of a common image are touched
+    too (never full). With a sliding `window` on `depth`, a tile stays touched only if some key in it
+    can be within the window of some query (the largest key depth against the smallest query depth),
+    and stays full only if every key is (the smallest key depth against the largest query depth).
     """
     rows, length = tree_end.shape
     blocks = -(-length // block_size)
@@ -166,6 +208,22 @@ def tree_block_masks(tree_end: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) 
     k_block = q_block.view(1, blocks)
     touched = (k_block <= q_block) & (q_block <= (reach // block_size)[:, None, :])
     full = (k_block < q_block) & (least[:, None, :] >= (q_block + 1) * block_size - 1)
+    if groups is not None:
+        g = groups.new_full((rows, blocks * block_size), -1)
+        g[:, :length] = groups
+        g = g.view(rows, blocks, block_size)
+        big = torch.iinfo(g.dtype).max
+        lo = torch.where(g >= 0, g, torch.full_like(g, big)).amin(-1)  # [B, block]: smallest image id in it
+        hi = g.amax(-1)  # largest image id (-1: none)
+        touched = touched | ((lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None]))
+    if window is not None:
+        d = depth.new_zeros((rows, blocks * block_size))
+        d[:, :length] = depth
+        d = d.view(rows, blocks, block_size)
+        d_lo, d_hi = d.amin(-1), d.amax(-1)
+        diagonal = k_block == q_block  # a token sees itself: diagonal tiles are always touched
+        touched = touched & ((d_hi[:, None, :] > d_lo[:, :, None] - window) | diagonal)
+        full = full & (d_lo[:, None, :] > d_hi[:, :, None] - window)
     return touched & ~full, full
 
 
@@ -176,27 +234,72 @@ def _kv_blocks(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[:, None], order[:, None]
 
 
-def tree_block_mask(tree_end: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE):
+def tree_block_mask(
+    tree_end: torch.Tensor,
+    block_size: int = FLEX_BLOCK_SIZE,
+    depth: torch.Tensor | None = None,
+    window: int | None = None,
+    groups: torch.Tensor | None = None,
+):
     """A FlexAttention BlockMask for packed rows: q sees kv iff kv is q's ancestor or q itself.
 
     Built from the pre-order subtree ends alone, on their device: O(L) work per row plus one
     boolean per (block x block) tile; no [L, L] tensor is ever made (`create_block_mask` without
     compilation would evaluate the mask at every pair). Tiles outside every subtree interval are
     skipped by the kernel, full tiles skip the mask function.
+
+    `depth` and `window`: a sliding-window layer's mask (keys within `window` along the query's own
+    path); `groups`: tokens of one image see each other both ways (see `layer_allowed`, the dense
+    equivalent).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    if window is not None and depth is None:
+        raise ValueError("a sliding-window tree mask needs the tokens' depths")
     rows, length = tree_end.shape
     blocks = -(-length // block_size)
-    ends = tree_end.new_full((rows, blocks * block_size), -1)  # the mask function may read past L
-    ends[:, :length] = tree_end
+    size = blocks * block_size  # the mask function may read past L
+
+    def extend(values, fill):
+        out = values.new_full((rows, size), fill)
+        out[:, :length] = values
+        return out
+
+    ends = extend(tree_end, -1)
+    depths = extend(depth, 0) if depth is not None else None
+    ids = extend(groups, -1) if groups is not None else None
 
     def mask_mod(b, h, q, kv):
-        return ((kv <= q) & (q <= ends[b, kv])) | (q == kv)
+        allowed = (kv <= q) & (q <= ends[b, kv])
+        if ids is not None:
+            allowed = allowed | ((ids[b, q] == ids[b, kv]) & (ids[b, q] >= 0))
+        if depths is not None and window is not None:
+            allowed = allowed & (depths[b, kv] > depths[b, q] - window)
+        return allowed | (q == kv)
 
-    partial, full = tree_block_masks(tree_end, block_size)
+    partial, full = tree_block_masks(tree_end, block_size, depth, window, groups)
     kv_num, kv_idx = _kv_blocks(partial)
     full_num, full_idx = _kv_blocks(full)
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(length, length)
     )
+
+
+def packed_attention_mask(inputs: dict, windows: dict[str, int | None], dtype: torch.dtype, groups=None):
+    """The attention mask of a packed batch: one per kind of attention layer.
+
+    `windows` maps each layer type to its sliding window (None: full attention), as
+    `architectures.attention_windows` gives it; the key `""` stands for a model that takes one mask
+    for all its layers. Dense batches (`tree_mask`) get additive float masks (0 / dtype min; eager
+    attention mishandles 4D booleans), others (`tree_end`) FlexAttention BlockMasks. A model with
+    several layer types gets a dict keyed by layer type, which transformers' decoders take as their
+    per-layer masks (`causal_mask_mapping`).
+    """
+    depth = inputs["position_ids"]
+    masks = {}
+    for kind, window in windows.items():
+        if "tree_mask" in inputs:
+            masks[kind] = additive_mask(layer_allowed(inputs["tree_mask"], depth, window, groups), dtype)
+        else:
+            masks[kind] = tree_block_mask(inputs["tree_end"], depth=depth, window=window, groups=groups)
+    return masks[""] if "" in masks else masks

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl import Qwen2VLProcessor
+from transformers.models.qwen3_vl import Qwen3VLProcessor
 
 
-__all__ = ["Qwen2_5_VLImageOnlyProcessor", "Qwen2VLImageOnlyProcessor", "IMAGE_ONLY_PROCESSORS"]
+__all__ = [
+    "Qwen2_5_VLImageOnlyProcessor",
+    "Qwen2VLImageOnlyProcessor",
+    "Qwen3VLImageOnlyProcessor",
+    "IMAGE_ONLY_PROCESSORS",
+]
 
 
 class _ImageOnly:
@@ -44,4 +50,14 @@ class Qwen2VLImageOnlyProcessor(_ImageOnly, Qwen2VLProcessor):
     stock_class = Qwen2VLProcessor
 
 
-IMAGE_ONLY_PROCESSORS = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor, "qwen2_vl": Qwen2VLImageOnlyProcessor}
+class Qwen3VLImageOnlyProcessor(_ImageOnly, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` for images only (see :class:`_ImageOnly`)."""
+
+    stock_class = Qwen3VLProcessor
+
+
+IMAGE_ONLY_PROCESSORS = {
+    "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
+    "qwen2_vl": Qwen2VLImageOnlyProcessor,
+    "qwen3_vl": Qwen3VLImageOnlyProcessor,
+}

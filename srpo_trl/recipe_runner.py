@@ -108,8 +108,76 @@ def make_parser():
 
 
 def parse_args(argv=None):
-    """(script_args, training_args, model_args) from `--config file.yaml` and command-line overrides."""
-    return make_parser().parse_args_and_config(args=argv)
+    """(script_args, training_args, model_args) from `--config file.yaml` and command-line overrides.
+
+    On a machine without bf16 (no GPU with bf16 support, or `use_cpu`), a recipe's `bf16: true` and
+    bf16 / fp16 `dtype` (written for GPUs) become fp32, with one warning; `--bf16 true` given on the
+    command line there is refused (RecipeError), unless `--use_cpu true` asks for bf16 autocast on the CPU.
+    """
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    return make_parser().parse_args_and_config(args=argv + _precision_overrides(argv))
+
+
+_HALF_DTYPES = ("bfloat16", "float16", "bf16", "fp16", "half")
+
+
+def _flag(argv: list[str], name: str):
+    """The value of `--name` on the command line (`--name v`, `--name=v`, or a bare `--name`: "true"), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            value = nxt if nxt is not None and not nxt.startswith("--") else "true"
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _truthy(value) -> bool:
+    from transformers.utils import strtobool
+
+    return value is True or (isinstance(value, str) and bool(strtobool(value)))
+
+
+def _precision_overrides(argv: list[str]) -> list[str]:
+    """Command-line overrides that put a GPU recipe's precision into fp32 on a machine without bf16."""
+    from .config import bf16_supported
+
+    recipe = {}
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        path = Path(argv[argv.index("--config") + 1])
+        if path.is_file():
+            loaded = yaml.safe_load(path.read_text())
+            recipe = loaded if isinstance(loaded, dict) else {}
+    use_cpu = _flag(argv, "use_cpu")
+    use_cpu = _truthy(use_cpu if use_cpu is not None else recipe.get("use_cpu", False))
+    if bf16_supported(use_cpu):
+        return []
+    cli_bf16, cli_dtype = _flag(argv, "bf16"), _flag(argv, "dtype")
+    if cli_bf16 is not None and _truthy(cli_bf16) and not use_cpu:
+        raise RecipeError(
+            "--bf16 true, but this machine has no GPU with bf16 support. Leave --bf16 out (training then uses "
+            "fp32 here and bf16 on a GPU that supports it), or add --use_cpu true for bf16 autocast on the CPU."
+        )
+    overrides, switched = [], []
+    if cli_bf16 is None and _truthy(recipe.get("bf16", False)):
+        overrides += ["--bf16", "false"]
+        switched.append("bf16: true")
+    if cli_dtype is None and str(recipe.get("dtype", "")).lower() in _HALF_DTYPES:
+        overrides += ["--dtype", "float32"]
+        switched.append(f"dtype: {recipe['dtype']}")
+    if switched and int(os.environ.get("RANK", "0")) == 0:
+        where = "use_cpu is set" if use_cpu else "this machine has no GPU with bf16 support"
+        logger.warning(
+            "srpo-trl train: the recipe's %s are meant for GPUs and %s, so this run trains in fp32 (bf16 false, "
+            "dtype float32). Pass --bf16 false --dtype float32 to say so, or --use_cpu true --bf16 true for bf16 "
+            "autocast on the CPU.",
+            " and ".join(switched),
+            where,
+        )
+    return overrides
 
 
 # ---- checks that run before any work ---------------------------------------------------------------
@@ -462,9 +530,21 @@ def hub_dataset_id(script_args) -> str | None:
     return name
 
 
+def resume_target(value):
+    """``resume_from_checkpoint`` as ``Trainer.train`` takes it. The command line and YAML give a
+    string: ``true`` (any case) means the latest checkpoint in ``output_dir`` (``True``, as the Trainer
+    reads it), ``false`` or empty means none; anything else is a checkpoint folder (``./true`` for a
+    folder of that name)."""
+    if isinstance(value, bool):
+        return value or None
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        return value.strip().lower() == "true" or None
+    return value
+
+
 def train_and_save(trainer, script_args, training_args):
     """Train (resuming if asked), save the adapter or full model with the processor and a model card."""
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)  # adapter (PEFT) or full weights; gathers ZeRO-3 / FSDP shards
     trainer.save_state()  # trainer_state.json: the logged losses of every step (rank 0 writes it)
     dataset_name = hub_dataset_id(script_args)
@@ -494,7 +574,11 @@ def finish(trainer) -> None:
 
 
 def main(argv=None) -> int:
-    script_args, training_args, model_args = parse_args(argv)
+    try:
+        script_args, training_args, model_args = parse_args(argv)
+    except (RecipeError, ValueError) as e:  # a bad recipe or flag: a message and exit 2, not a traceback
+        print(f"srpo-trl train: {e}", file=sys.stderr)
+        return 2
     try:
         trainer = build_trainer(script_args, training_args, model_args)
     except RecipeError as e:

@@ -272,8 +272,9 @@ def _common_prefix(texts: list[str]) -> str:
 
 def render_row(processing_class: Any, row: dict[str, Any], images: list | None = None) -> dict[str, str]:
     """A row's texts: `prompt` (what precedes the assistant's reasoning), `chosen` / `rejected` (the
-    continuations, never closed), `end` (what closes a final answer) and `chosen_end` (what closes the
-    chosen answer on the fallback reference path `prefix + chosen`).
+    continuations, never closed), `end` (what closes a final answer) and `chosen_end` / `rejected_end`
+    (what closes that continuation where it is closed: the fallback reference path `prefix + chosen`,
+    and both continuations with `align_eos`).
 
     Rendered as DPOTrainer renders them, so that for a plain DPO row SRPO's prompt is DPO's, its
     `chosen + chosen_end` (the reference path) is DPO's chosen completion and `rejected + end` DPO's
@@ -298,14 +299,14 @@ def render_row(processing_class: Any, row: dict[str, Any], images: list | None =
             full[field] = processing_class.apply_chat_template(chat, tokenize=False, **kwargs)
         prompt_text = _common_prefix([prompt_text, *full.values()])
         completions = {field: text[len(prompt_text) :] for field, text in full.items()}
-    out = {"prompt": prompt_text, "end": end, "chosen_end": end}
+    out = {"prompt": prompt_text, "end": end, "chosen_end": end, "rejected_end": end}
     for field, text in completions.items():
         closed = bool(end) and text.endswith(end) and len(text) > len(end)
         if isinstance(row[field], list):  # rendered by the template, closed with the end of turn
             if closed:
                 text = text[: -len(end)]
-            elif field == "chosen":
-                out["chosen_end"] = ""  # the template closes this turn otherwise (e.g. a tool call): kept as rendered
+            else:  # the template closes this turn otherwise (e.g. a tool call): kept as rendered
+                out[f"{field}_end"] = ""
         elif isinstance(prompt, str) and closed:  # a standard completion given with its EOS: not closed twice
             text = text[: -len(end)]
         out[field] = text
@@ -361,12 +362,14 @@ def encode_text_segments(
     processing_class: Any,
     separator: str = DEFAULT_STEP_SEPARATOR,
     fallback_reference_eos: bool = True,
+    align_eos: bool = False,
 ) -> dict[str, list[int]]:
     """Token ids of everything after the prompt: prefix, chosen, rejected and the reference path.
 
-    The reference path is closed (EOS / end of turn); continuations are not. A row without a
-    reference scores ``prefix + chosen`` as its reference path (RPO), closed unless
-    ``fallback_reference_eos`` is False (one-step continuations that are not final answers).
+    The reference path is closed (EOS / end of turn); continuations are not, unless ``align_eos``
+    (RPO / ORPO: both continuations end with EOS). A row without a reference scores ``prefix + chosen``
+    as its reference path (RPO), closed unless ``fallback_reference_eos`` is False (one-step
+    continuations that are not final answers).
     """
     tokenizer = tokenizer_of(processing_class)
     texts = render_row(processing_class, row)
@@ -380,12 +383,45 @@ def encode_text_segments(
     else:
         closing = _ids(tokenizer, texts["chosen_end"]) if fallback_reference_eos else []
         reference_ids = prefix_ids + chosen_ids + closing
+    if align_eos:
+        chosen_ids = chosen_ids + _ids(tokenizer, texts["chosen_end"])
+        rejected_ids = rejected_ids + _ids(tokenizer, texts["rejected_end"])
     return {
         "prefix_ids": prefix_ids,
         "chosen_ids": chosen_ids,
         "rejected_ids": rejected_ids,
         "reference_ids": reference_ids,
     }
+
+
+def shared_start(chosen_ids: list[int], rejected_ids: list[int]) -> int:
+    """How many leading tokens the two continuations share (RPO's released loss skips them)."""
+    n = 0
+    for a, b in zip(chosen_ids, rejected_ids):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def align_start(seg: dict[str, list[int]], align_tokens: str, index: Any = "?") -> int:
+    """Where the alignment term starts scoring the continuations, counted after the prefix: 0, or with
+    ``align_tokens="after_shared"`` the length of their shared start. A continuation that has nothing
+    after it (it is the other's start) raises :class:`RowError` naming the row."""
+    if align_tokens != "after_shared":
+        return 0
+    chosen, rejected = list(seg["chosen_ids"]), list(seg["rejected_ids"])
+    shared = shared_start(chosen, rejected)
+    if shared == min(len(chosen), len(rejected)):
+        field = "chosen" if len(chosen) <= len(rejected) else "rejected"
+        raise RowError(
+            index,
+            field,
+            f"is the start of the other continuation (all its {shared} tokens are shared), so "
+            "align_tokens='after_shared' leaves it nothing to score; set align_eos=True (each continuation then "
+            "ends with its own EOS, as in RPO) or remove the row",
+        )
+    return shared
 
 
 def encode_prompt_text(row: dict[str, Any], tokenizer: Any) -> list[int]:

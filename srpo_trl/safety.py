@@ -122,13 +122,15 @@ _DISMISSAL = [  # phrases that mention a warning word to dismiss it: removed bef
     r"\bwithout\s+(?:any\s+)?(?:risk|danger|worry|worries|harm)\b",
     r"\bno\s+(?:risk|danger|harm|hazard|worries)\b",
     r"\b(?:forget|ignore|skip)\s+(?:the\s+|about\s+)?(?:safety|warnings?|precautions?|gloves|ventilation)\b",
+    r"\b(?:no need for|no|without|(?:do not|don't|doesn't|does not|won't|will not)\s+need)\s+(?:any\s+)?(?:protective|safety)\s+(?:gear|equipment|clothing|gloves|goggles|glasses|eyewear)\b",
 ]
 _WARNING = [
     r"\bbe\s+(?:very\s+|extra\s+|extremely\s+)?(?:careful|cautious)\b",
     r"\b(?:never|do not|don't|avoid|must not|should not|shouldn't)\s+(?:ever\s+)?(?:mix\w*|combin\w*|us(?:e|ing)|touch\w*|inhal\w*|ingest\w*|drink\w*|eat\w*|swallow\w*|leave\w*|heat\w*|store\w*|let\w*|try\w*|attempt\w*|do(?:ing)? this)\b",
     r"\b(?:caution|warning|careful|carefully|hazard\w*|danger\w*|toxic\w*|poison\w*|harmful|unsafe|risk(?:s|y)?|lethal|deadly|fatal|flammable|corrosive|irritat\w*|burns?)\b",
     r"\b(?:safety|safely|safe\s+(?:way|use|handling|alternative|option))\b",
-    r"\b(?:wear|use)\s+(?:protective\s+)?(?:gloves|goggles|a mask|eye protection|protection)\b",
+    r"\b(?:wear|use|put on)\s+(?:protective\s+|safety\s+)?(?:gloves|goggles|a mask|a respirator|eye protection|protection)\b",
+    r"\b(?:protective|safety)\s+(?:gear|equipment|clothing|gloves|goggles|glasses|eyewear)\b",
     r"\b(?:well[- ]ventilated|ventilat\w+|open\s+(?:a|the)\s+window)\b",
     r"\b(?:consult|contact|call|see|seek)\s+(?:a|an|your|the)?\s*(?:professional|doctor|physician|expert|poison control|emergency|lawyer|authorities|help)\b",
     r"\b(?:keep|store)\s+(?:it\s+|them\s+)?(?:out of reach|away from)\b",

@@ -53,7 +53,9 @@ __all__ = [
     "output_lock",
     "redact_url",
     "file_sha256",
+    "content_hash",
     "content_sha256",
+    "real_path",
     "model_fingerprint",
     "endpoint_fingerprint",
     "backend_identity",
@@ -171,9 +173,16 @@ class Appender:
         self.close()
 
 
+def real_path(path: str | os.PathLike) -> Path:
+    """``path`` with every symlink resolved: one output, whatever the spelling (a file or a link to it),
+    gets one lock and one fingerprint."""
+    return Path(os.path.realpath(path))
+
+
 def rewrite(path: str | os.PathLike, objs: Iterable[Any]) -> None:
-    """Replace ``path`` with ``objs`` as JSON lines, atomically (a kill leaves the old or the new file)."""
-    path = Path(path)
+    """Replace ``path`` with ``objs`` as JSON lines, atomically (a kill leaves the old or the new file).
+    A symlink is followed: the file it points to is replaced, the link stays."""
+    path = real_path(path)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for obj in objs:
@@ -318,6 +327,25 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_content_hashes: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> sha256
+_content_lock = threading.Lock()
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (what an image fingerprint records: pixels changed under the same
+    name are seen, a touched or copied file is the same), computed once per process for an unchanged
+    file (same path, size and modification time)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    with _content_lock:
+        known = _content_hashes.get(key)
+    if known is None:
+        known = file_sha256(path)
+        with _content_lock:
+            _content_hashes[key] = known
+    return known
 
 
 def _jsonable(value: Any) -> Any:

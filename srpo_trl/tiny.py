@@ -18,7 +18,12 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .processors import IMAGE_ONLY_PROCESSORS, Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor  # noqa: F401
+from .processors import (  # noqa: F401
+    IMAGE_ONLY_PROCESSORS,
+    Qwen2_5_VLImageOnlyProcessor,
+    Qwen2VLImageOnlyProcessor,
+    Qwen3VLImageOnlyProcessor,
+)
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -27,6 +32,10 @@ PAD = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
 LLAVA_IMAGE = "<image>"
+# Gemma3's image tokens: the prompt's placeholder (begin of image), the soft tokens the processor
+# expands it into, and the end of image. Added after the BPE's own specials (gemma style only), so
+# every other style keeps its ids.
+BOI, IMAGE_SOFT, EOI = "<start_of_image>", "<image_soft_token>", "<end_of_image>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD, LLAVA_IMAGE]
 
 # A little English about images, safety and step-by-step answers, so common words become single
@@ -82,6 +91,9 @@ IMAGE_STYLES = {
     # LLaVA-NeXT's own templates put a newline after each <image>; it also keeps the placeholder
     # runs of consecutive images apart.
     "llava": (LLAVA_IMAGE + "\n", LLAVA_IMAGE + "\n", LLAVA_IMAGE),
+    # Gemma3: the template writes <start_of_image>; the processor expands it to
+    # "\n\n<start_of_image><image_soft_token>...<end_of_image>\n\n".
+    "gemma": (BOI, BOI, IMAGE_SOFT),
 }
 
 
@@ -139,6 +151,8 @@ def build_tokenizer(
     extra = {"image_token": image_token}
     if image_style == "qwen":  # the names Qwen VL processors look up
         extra.update(video_token=VIDEO_PAD, vision_start_token=VISION_START, vision_end_token=VISION_END)
+    if image_style == "gemma":  # the names Gemma3's processor looks up
+        extra.update(boi_token=BOI, eoi_token=EOI)
     tok = Qwen2Tokenizer(
         vocab=json.loads(vocab),
         merges=[tuple(pair) for pair in json.loads(merges)],
@@ -152,7 +166,8 @@ def build_tokenizer(
         clean_up_tokenization_spaces=False,
     )
     # Never split a special token, whichever style names it.
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    specials = SPECIAL_TOKENS + ([BOI, IMAGE_SOFT, EOI] if image_style == "gemma" else [])
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     return tok
 
 
@@ -339,6 +354,124 @@ def tiny_llava(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2)
     return _tiny_llava_family(False, seed, hidden_size, num_hidden_layers)
 
 
+def tiny_gemma3(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2, sliding_window: int = 8):
+    """A tiny ``Gemma3ForConditionalGeneration`` (SigLIP tower, Gemma3 text) and its processor.
+
+    Every image is resized to 28x28: 2x2 SigLIP patches of 14, pooled to 4 soft tokens
+    (``mm_tokens_per_image``), which attend to each other both ways. The text layers alternate
+    sliding-window (``sliding_window`` tokens, small so that test sequences outgrow it) and full
+    attention. Gemma3 initializes its image projection to zeros; here it is random, so that image
+    tokens carry image features in tests.
+    """
+    import transformers
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tok = build_tokenizer(image_style="gemma")
+    text = dict(
+        _text_kwargs(tok, hidden_size, num_hidden_layers),
+        head_dim=hidden_size // 4,
+        query_pre_attn_scalar=hidden_size // 4,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)],
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14
+    )
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=tok.convert_tokens_to_ids(BOI),
+        eoi_token_index=tok.convert_tokens_to_ids(EOI),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_SOFT),
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
+
+    def build():
+        model = transformers.Gemma3ForConditionalGeneration(config)
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            projection.normal_(std=0.2)
+        return model
+
+    model = _seeded(seed, build)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    processor = transformers.Gemma3Processor(
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template, image_seq_length=4
+    )
+    return _set_generation(model.float().eval(), tok), processor
+
+
+def tiny_qwen3_vl(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2, moe: bool = False):
+    """A tiny ``Qwen3VLForConditionalGeneration`` (``moe``: ``Qwen3VLMoeForConditionalGeneration``,
+    4 experts, 2 per token) and its image-only processor.
+
+    Qwen3-VL: interleaved M-RoPE (``mrope_interleaved``; the sections split head_dim/2 frequencies
+    over time, height and width), patches of 16 pixels (32x32 pixels is one merged image token,
+    images are scaled to at most 64x64 = 4 tokens), and DeepStack: features of the vision blocks in
+    ``deepstack_visual_indexes`` are added to the image tokens' hidden states after the first decoder
+    layers (one decoder layer per index)."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    Qwen3VLConfig = getattr(transformers, f"{name}Config")
+    Qwen3VLForConditionalGeneration = getattr(transformers, f"{name}ForConditionalGeneration")
+
+    tok = build_tokenizer()
+    head_dim = hidden_size // 4
+    quarter = head_dim // 2 // 4
+    text = dict(
+        _text_kwargs(tok, hidden_size, num_hidden_layers),
+        head_dim=head_dim,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
+            "mrope_interleaved": True,
+        },
+    )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size // 2)
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        out_hidden_size=hidden_size,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1],
+    )
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD),
+        video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD),
+        vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
+    model = _seeded(seed, lambda: Qwen3VLForConditionalGeneration(config))
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32, max_pixels=64 * 64, patch_size=16, merge_size=2, temporal_patch_size=2
+    )
+    processor = IMAGE_ONLY_PROCESSORS["qwen3_vl"](  # Qwen3-VL-MoE uses Qwen3-VL's processor
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
+    )
+    return _set_generation(model.float().eval(), tok), processor
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, hidden_size: int = 32, num_hidden_layers: int = 2):
+    """A tiny ``Qwen3VLMoeForConditionalGeneration`` and its processor (see :func:`tiny_qwen3_vl`)."""
+    return tiny_qwen3_vl(seed, hidden_size, num_hidden_layers, moe=True)
+
+
 # --- images ---------------------------------------------------------------------------------------
 
 
@@ -363,7 +496,11 @@ __all__ = [
     "tiny_qwen2_vl",
     "tiny_llava",
     "tiny_llava_next",
+    "tiny_gemma3",
+    "tiny_qwen3_vl",
+    "tiny_qwen3_vl_moe",
     "Qwen2_5_VLImageOnlyProcessor",
     "Qwen2VLImageOnlyProcessor",
+    "Qwen3VLImageOnlyProcessor",
     "IMAGE_ONLY_PROCESSORS",
 ]

@@ -1,11 +1,12 @@
 """SRPOTrainer: the SRPO objective as a swap-in for TRL's DPOTrainer.
 
-    L = L_ref + srpo_lambda * L_align
+    L = nll_weight * L_ref + srpo_lambda * L_align        (nll_weight defaults to 1)
 
 `L_ref` is the mean token NLL of the reference path (closed with EOS) given the prompt, averaged
 over rows. `L_align` compares the favorable and unfavorable continuation from the same reasoning
 prefix, on continuation tokens only: the odds ratio of their mean token log-probs (default, no
 reference model), or Step-DPO's sigmoid loss on summed log-probs against a frozen reference.
+`align_tokens` / `align_eos` select RPO's released conventions (docs/trainer.md compares them).
 
 The constructor, PEFT handling, DeepSpeed / FSDP preparation of the reference model, reference
 log-prob precomputation, logging and the model card are DPOTrainer's. What this class replaces:
@@ -20,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -40,14 +40,15 @@ from trl.trainer import dpo_trainer as _dpo_module
 from trl.trainer.utils import get_config_model_id, hash_module, use_adapter
 
 from . import guards
-from .architectures import architecture_problem, packed_router_mask
+from .architectures import BIDIRECTIONAL_IMAGE_TYPES, architecture_problem, attention_windows, packed_router_mask
 from .attention import TREE_ATTENTION, choose_tree_attention, ensure_tree_attention, use_tree_attention
 from .collator import NON_MODEL_KEYS, PACKED_KEYS, DataCollatorForStepPairs
-from .config import SRPOConfig
+from .config import SRPOConfig, default_ref_logps_cache_dir
 from .dataset import StepPairDataset
-from .packing import FLEX_BLOCK_SIZE, additive_mask, tree_block_mask
+from .packing import FLEX_BLOCK_SIZE, image_groups, packed_attention_mask
 from .rows import (
     RowError,
+    align_start,
     check_image_count,
     encode_prompt_text,
     encode_text_segments,
@@ -133,12 +134,12 @@ def _attn_implementation(model) -> str | None:
     return getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
 
 
-def prefix_sharing_problem(model, peft_config=None, max_length: int | None = None) -> str | None:
+def prefix_sharing_problem(model, peft_config=None) -> str | None:
     """Why the packed tree forward cannot be used with this model, or None when it can.
 
     Architectures are an allow-list (see `srpo_trl.architectures`): hybrid models (Mamba, convolution,
-    linear attention), chunked attention and sliding-window layers longer than `max_length` allows
-    are scored unpacked."""
+    linear attention), chunked attention and model types not verified by `check_prefix_sharing` are
+    scored unpacked."""
     attn = _attn_implementation(model)
     if attn not in (None, "sdpa", "eager", "flex_attention", TREE_ATTENTION):
         return f"attention implementation {attn!r} takes no tree mask; use 'sdpa', 'flex_attention' or 'eager'"
@@ -147,7 +148,7 @@ def prefix_sharing_problem(model, peft_config=None, max_length: int | None = Non
         peft_configs += list(model.peft_config.values())
     if any(getattr(c, "is_prompt_learning", False) for c in peft_configs):
         return "prompt-learning PEFT prepends virtual tokens"
-    return architecture_problem(model.config, max_length)
+    return architecture_problem(model.config)
 
 
 def question_keys(dataset: Dataset) -> list:
@@ -309,6 +310,11 @@ class SRPOTrainer(DPOTrainer):
                     "in the vocabulary before using it as a padding token."
                 )
             tokenizer.pad_token = args.pad_token
+        if args.align_eos and tokenizer_of(processing_class).eos_token is None:
+            raise ValueError(
+                "align_eos=True closes each continuation with EOS, but the tokenizer has no eos_token. Set "
+                "`tokenizer.eos_token` (the token that ends an answer) or leave align_eos=False."
+            )
 
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
@@ -344,6 +350,8 @@ class SRPOTrainer(DPOTrainer):
                 step_separator=args.step_separator,
                 max_length=args.max_length,
                 fallback_reference_eos=args.fallback_reference_eos,
+                align_eos=args.align_eos,
+                align_tokens=args.align_tokens,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
         self._mrope_model = None
@@ -386,6 +394,7 @@ class SRPOTrainer(DPOTrainer):
             elif self.eval_dataset is not None:
                 self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
         self.srpo_lambda = args.srpo_lambda
+        self.nll_weight = args.nll_weight
         self.align_loss = args.align_loss
 
     # ---- prefix sharing ----------------------------------------------------------------------------
@@ -395,7 +404,7 @@ class SRPOTrainer(DPOTrainer):
         self.prefix_sharing = False
         if not args.prefix_sharing:
             return
-        problem = prefix_sharing_problem(model, peft_config, args.max_length)
+        problem = prefix_sharing_problem(model, peft_config)
         if problem is None and not isinstance(collator, DataCollatorForStepPairs):
             problem = "a custom data_collator was given"
         if problem:
@@ -471,13 +480,15 @@ class SRPOTrainer(DPOTrainer):
             )
 
     @staticmethod
-    def _fit_problem(prompt_len: int, seg: dict, max_length: int | None) -> str | None:
-        """Why a row cannot be trained on at `max_length` (its continuation or reference cut away), or None."""
+    def _fit_problem(prompt_len: int, seg: dict, max_length: int | None, shared: int = 0) -> str | None:
+        """Why a row cannot be trained on at `max_length` (its continuation or reference cut away), or None.
+        `shared`: leading continuation tokens that are context only (align_tokens="after_shared")."""
         if max_length is None:
             return None
-        context = prompt_len + len(seg["prefix_ids"])
+        context = prompt_len + len(seg["prefix_ids"]) + shared
         if context >= max_length:
-            return f"prompt + prefix is {context} tokens, no room for the continuations"
+            what = "prompt + prefix" + (f" + the {shared} tokens both continuations start with" if shared else "")
+            return f"{what} is {context} tokens, no room for the continuations"
         if prompt_len >= max_length:
             return f"prompt is {prompt_len} tokens, no room for the reference path"
         return None
@@ -489,12 +500,14 @@ class SRPOTrainer(DPOTrainer):
             return dataset  # already prepared (evaluate() calls this again)
         tokenizer = tokenizer_of(processing_class)
         separator, eos_fallback = args.step_separator, args.fallback_reference_eos
+        align_eos, align_tokens = args.align_eos, args.align_tokens
 
         def encode(example, idx):
             row = normalize_row(example, idx)
-            seg = encode_text_segments(row, processing_class, separator, eos_fallback)
+            seg = encode_text_segments(row, processing_class, separator, eos_fallback, align_eos)
             seg["prompt_ids"] = encode_prompt_text(row, tokenizer)
-            seg["_drop"] = self._fit_problem(len(seg["prompt_ids"]), seg, args.max_length) or ""
+            shared = align_start(seg, align_tokens, idx)
+            seg["_drop"] = self._fit_problem(len(seg["prompt_ids"]), seg, args.max_length, shared) or ""
             return seg
 
         map_kwargs = {"with_indices": True}
@@ -523,12 +536,16 @@ class SRPOTrainer(DPOTrainer):
             row = normalize_row(guards.read_row(dataset, i), i)
             check_image_count(row, i, image_token)
             images = guards.open_images(row["images"], i)  # every image opened now, errors name the dataset row
+            if args.max_length is not None or args.align_tokens != "continuation":
+                seg = encode_text_segments(
+                    row, processor, args.step_separator, args.fallback_reference_eos, args.align_eos
+                )
+                shared = align_start(seg, args.align_tokens, i)
             if args.max_length is not None:
                 text = render_row(processor, row, images)["prompt"]
                 kwargs = {"images": [images]} if images else {}
                 prompt_len = len(processor(text=[text], add_special_tokens=False, **kwargs)["input_ids"][0])
-                seg = encode_text_segments(row, processor, args.step_separator, args.fallback_reference_eos)
-                why = self._fit_problem(prompt_len, seg, args.max_length)
+                why = self._fit_problem(prompt_len, seg, args.max_length, shared)
                 if why:
                     dropped.append((i, why))
         self._report_dropped(name, dropped, len(dataset), args.max_length)
@@ -588,11 +605,9 @@ class SRPOTrainer(DPOTrainer):
 
     def _packed_sequence_logps(self, model, inputs: dict):
         kwargs = self._model_kwargs(inputs)
-        if "tree_mask" in inputs:
-            kwargs["attention_mask"] = additive_mask(inputs["tree_mask"], self._compute_dtype(model))
-        else:  # FlexAttention: a block-sparse mask from the pre-order intervals, never materialized
-            kwargs["attention_mask"] = tree_block_mask(inputs["tree_end"])
-            ensure_tree_attention(self.accelerator.unwrap_model(model))  # a reference model too
+        kwargs["attention_mask"] = self._tree_attention_mask(model, inputs)
+        if "tree_mask" not in inputs:  # FlexAttention BlockMasks (never materialized): a reference model too
+            ensure_tree_attention(self.accelerator.unwrap_model(model))
         if self._mrope_model is not None:
             kwargs["position_ids"] = self._mrope_positions(inputs)
         outputs = model(**kwargs, shift_labels=inputs["shift_labels"], fused_lm_head=True)
@@ -603,6 +618,16 @@ class SRPOTrainer(DPOTrainer):
         )
         counts = torch.bincount(inputs["score_seq"], minlength=num_sequences).to(sums.dtype)
         return sums, counts, outputs
+
+    def _tree_attention_mask(self, model, inputs: dict):
+        """The packed batch's mask: one per kind of attention layer (sliding windows counted along each
+        token's own path), with Gemma3's bidirectional image attention; see `packing.packed_attention_mask`."""
+        config = self.accelerator.unwrap_model(model).config
+        groups = None
+        if config.model_type in BIDIRECTIONAL_IMAGE_TYPES and "token_type_ids" in inputs:
+            groups = image_groups(inputs["token_type_ids"])
+        windows = attention_windows(config.get_text_config())
+        return packed_attention_mask(inputs, windows, self._compute_dtype(model), groups)
 
     def _compute_dtype(self, model) -> torch.dtype:
         """The dtype attention runs in: the autocast dtype under mixed precision, else the weights'."""
@@ -681,12 +706,15 @@ class SRPOTrainer(DPOTrainer):
         directory = self.args.ref_logps_cache_dir
         if directory == "":
             return None
-        if directory is None:
-            directory = os.environ.get("SRPO_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "srpo_trl")
-            directory = os.path.join(directory, "ref_logps")
+        if directory is None:  # SRPOConfig fills the default in; a config changed after construction may not
+            directory = default_ref_logps_cache_dir()
         if getattr(self, "_ref_model_hash", None) is None:
             self._ref_model_hash = self._precompute_model_hash or hash_module(self.ref_model or self.model)
         indices = dataset._indices.column(0).to_pylist() if dataset._indices is not None else None
+        # Which continuation tokens are scored; only when not the default, so caches written before these
+        # settings existed keep their keys.
+        defaults = {"align_eos": False, "align_tokens": "continuation"}
+        scored = {k: getattr(self.args, k) for k, v in defaults.items() if getattr(self.args, k) != v}
         key = Hasher.hash(
             (
                 table_digest(dataset.data.table),  # the rows' content (text, token ids, image bytes)
@@ -698,6 +726,7 @@ class SRPOTrainer(DPOTrainer):
                 type(self.processing_class).__name__,
                 self.processing_class.__class__.__module__,
                 len(tokenizer_of(self.processing_class)),
+                *([scored] if scored else []),
             )
         )
         return Path(directory) / f"{name}-{key}.json"
@@ -757,16 +786,14 @@ class SRPOTrainer(DPOTrainer):
         means = sums / counts.clamp(min=1)
         chosen_mean, rejected_mean, reference_mean = means.split(n)
         chosen_sum, rejected_sum, _ = sums.split(n)
-
-        nll = -reference_mean.mean()
-        metrics: dict[str, torch.Tensor] = {}
+        terms = {
+            "chosen_mean": chosen_mean,
+            "rejected_mean": rejected_mean,
+            "reference_mean": reference_mean,
+            "chosen_sum": chosen_sum,
+            "rejected_sum": rejected_sum,
+        }
         if self.align_loss == "odds_ratio":
-            # With srpo_lambda == 0 the term is a metric only: kept out of the graph, so nothing in it
-            # (an infinite odds for a memorized continuation, say) can reach the gradient as 0 x inf.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.srpo_lambda != 0):
-                align, log_odds = odds_ratio_loss(chosen_mean, rejected_mean)
-            preferred = chosen_mean > rejected_mean
-            metrics["log_odds_ratio"] = log_odds.detach()
             # No reference model: DPO's rewards as reference-free DPO defines them (log pi_ref = 0).
             ref_chosen = ref_rejected = torch.zeros_like(chosen_sum)
         else:
@@ -775,12 +802,20 @@ class SRPOTrainer(DPOTrainer):
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
             ref_chosen, ref_rejected = ref_chosen.to(chosen_sum.device), ref_rejected.to(chosen_sum.device)
+            terms.update(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+        loss, align, log_odds = self._loss_from_terms(terms)
+        guard = guards.guard_of(self)
+        if guard is not None and mode == "train":  # what a non-finite loss or gradient would be explained from
+            guard.remember(terms, counts.split(n), inputs)
+
+        metrics: dict[str, torch.Tensor] = {}
         chosen_rewards = self.beta * (chosen_sum.detach() - ref_chosen)
         rejected_rewards = self.beta * (rejected_sum.detach() - ref_rejected)
-        if self.align_loss == "sigmoid":
-            align = -F.logsigmoid(self.beta * ((chosen_sum - ref_chosen) - (rejected_sum - ref_rejected)))
+        if log_odds is not None:
+            metrics["log_odds_ratio"] = log_odds.detach()
+            preferred = chosen_mean > rejected_mean
+        else:
             preferred = chosen_rewards > rejected_rewards
-        loss = nll + self.srpo_lambda * align.mean() if self.srpo_lambda != 0 else nll
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             metrics["aux_loss"] = outputs.aux_loss.detach()
@@ -806,6 +841,31 @@ class SRPOTrainer(DPOTrainer):
                 outputs = model(**self._model_kwargs(inputs))
             return loss, outputs
         return loss
+
+    def _loss_from_terms(self, terms: dict[str, torch.Tensor]):
+        """The SRPO loss from per-row log-probs: `(loss, per-row L_align, log odds ratio or None)`.
+
+        `terms` holds `chosen_mean`, `rejected_mean`, `reference_mean`, `chosen_sum`, `rejected_sum`
+        and, in the sigmoid mode, `ref_chosen` / `ref_rejected`. A term whose weight is 0 stays out of
+        the graph, so nothing in it (an infinite odds for a memorized continuation, say) can reach the
+        gradient as 0 x inf. The non-finite diagnosis (srpo_trl/diagnosis.py) replays this function.
+        """
+        nll = -terms["reference_mean"].mean()
+        log_odds = None
+        if self.align_loss == "odds_ratio":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.srpo_lambda != 0):
+                align, log_odds = odds_ratio_loss(terms["chosen_mean"], terms["rejected_mean"])
+        else:
+            chosen = terms["chosen_sum"] - terms["ref_chosen"]
+            rejected = terms["rejected_sum"] - terms["ref_rejected"]
+            align = -F.logsigmoid(self.beta * (chosen - rejected))
+        weighted = []
+        if self.nll_weight != 0:
+            weighted.append(self.nll_weight * nll)
+        if self.srpo_lambda != 0:
+            weighted.append(self.srpo_lambda * align.mean())
+        loss = weighted[0] if len(weighted) == 1 else weighted[0] + weighted[1]
+        return loss, align, log_odds
 
     def _scored_tokens(self, values: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A per-position output of the fused LM head at the scored tokens, and each token's sequence index."""

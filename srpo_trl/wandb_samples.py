@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from .contract import conversation_text
-from .rows import encode_prompt_text, encode_text_segments, normalize_row, render_row, tokenizer_of
+from .rows import align_start, encode_prompt_text, encode_text_segments, normalize_row, render_row, tokenizer_of
 
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,16 @@ def _completion_text(completion) -> str:
 
 
 @torch.no_grad()
-def score_pairs(model, processing_class, rows: list[dict], step_separator: str = "\n") -> list[dict]:
-    """Mean and summed log-probs of each row's chosen and rejected continuation given prompt + prefix."""
+def score_pairs(
+    model,
+    processing_class,
+    rows: list[dict],
+    step_separator: str = "\n",
+    align_eos: bool = False,
+    align_tokens: str = "continuation",
+) -> list[dict]:
+    """Mean and summed log-probs of each row's chosen and rejected continuation given prompt + prefix, over
+    the tokens the alignment term scores (`align_eos`, `align_tokens` as in SRPOConfig)."""
     from .collator import load_images
 
     was_training = model.training
@@ -93,7 +101,8 @@ def score_pairs(model, processing_class, rows: list[dict], step_separator: str =
     try:
         for i, raw in enumerate(rows):
             row = normalize_row(raw, i)
-            seg = encode_text_segments(row, processing_class, step_separator)
+            seg = encode_text_segments(row, processing_class, step_separator, align_eos=align_eos)
+            shared = align_start(seg, align_tokens, i)  # leading tokens both share: context with after_shared
             if hasattr(processing_class, "tokenizer"):  # a processor: expanded image tokens + vision tensors
                 images = load_images(row["images"], i)
                 text = render_row(processing_class, row, images)["prompt"]  # as training renders it
@@ -105,7 +114,10 @@ def score_pairs(model, processing_class, rows: list[dict], step_separator: str =
                 prompt_inputs = {"input_ids": torch.tensor([encode_prompt_text(row, tokenizer_of(processing_class))])}
             scores = {}
             for side in ("chosen", "rejected"):
-                total, count = _continuation_logps(model, prompt_inputs, seg["prefix_ids"], seg[f"{side}_ids"])
+                ids = seg[f"{side}_ids"]
+                total, count = _continuation_logps(
+                    model, prompt_inputs, seg["prefix_ids"] + ids[:shared], ids[shared:]
+                )
                 scores[f"sum_logp_{side}"] = total
                 scores[f"logp_{side}"] = total / max(count, 1)
             out.append(
@@ -140,7 +152,9 @@ class WandbSamplePairsCallback(TrainerCallback):
             return
         trainer = self.trainer
         model = trainer.model  # under ZeRO-3 every rank must run the same forwards
-        self.last_rows = score_pairs(model, trainer.processing_class, self.rows, args.step_separator)
+        self.last_rows = score_pairs(
+            model, trainer.processing_class, self.rows, args.step_separator, args.align_eos, args.align_tokens
+        )
         if not state.is_world_process_zero:
             return
         import wandb

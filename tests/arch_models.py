@@ -2,7 +2,8 @@
 
 Used by the architecture tests (prefix sharing allow-list, MoE auxiliary loss). Every model is
 2 layers of hidden size 32, seeded, fp32; family-specific knobs are set so that each family's
-distinctive layer (sliding window, MoE router, Mamba, convolution) is present.
+distinctive layer (sliding window, MoE router, Mamba, convolution) is present. Sliding windows are
+WINDOW tokens, shorter than the test sequences, so that the windows shape the results.
 """
 
 import torch
@@ -20,37 +21,50 @@ COMMON = dict(
     tie_word_embeddings=False,
 )
 
+WINDOW = 8
+SLIDING_FULL = {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]}
+
 # model_type -> (config class, model class, family-specific config kwargs)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 256}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": WINDOW}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
-    "gemma2": (
-        "Gemma2Config",
-        "Gemma2ForCausalLM",
-        {"sliding_window": 256, "layer_types": ["sliding_attention", "full_attention"]},
-    ),
-    "gemma3_text": (
-        "Gemma3TextConfig",
-        "Gemma3ForCausalLM",
-        {"sliding_window": 256, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", SLIDING_FULL),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", SLIDING_FULL),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", SLIDING_FULL),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", SLIDING_FULL),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        {
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+        },
     ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
     ),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW},
+    ),
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
         {
             "num_local_experts": 4,
             "num_experts_per_tok": 2,
-            "sliding_window": 256,
-            "layer_types": ["sliding_attention", "full_attention"],
+            **SLIDING_FULL,
         },
     ),
     # hybrids: never packed

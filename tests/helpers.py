@@ -61,7 +61,7 @@ def plain_logps(model, ids, start):
 
 
 def srpo_args(tmp_path, **overrides):
-    """Fast CPU settings for tests (see shared/notes/offline-tiny-models.md)."""
+    """Fast CPU settings for tests (srpo_trl/tiny.py builds the models)."""
     values = dict(
         output_dir=str(tmp_path),
         use_cpu=True,

@@ -63,7 +63,7 @@ class RecordedRequest:
 
     @property
     def is_chat(self) -> bool:
-        return self.path == CHAT_PATH
+        return self.path.split("?", 1)[0] == CHAT_PATH
 
     def last_user_text(self) -> str:
         """The text of the last user message (chat) or the prompt (completions)."""
@@ -155,7 +155,7 @@ class OpenAITestServer:
                 req = RecordedRequest(self.path, body, {k: v for k, v in self.headers.items()})
                 with server._lock:
                     server.requests.append(req)
-                if self.path not in (CHAT_PATH, COMPLETIONS_PATH):
+                if self.path.split("?", 1)[0] not in (CHAT_PATH, COMPLETIONS_PATH):  # a query string is fine
                     return self._send(Reply(status=404, json={"error": {"message": f"no route {self.path}"}}))
                 with server._lock:
                     item = server._queue.popleft() if server._queue else None

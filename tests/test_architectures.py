@@ -1,9 +1,11 @@
-"""Prefix sharing only where it is exact (issue 16): the architecture allow-list.
+"""Prefix sharing only where it is exact (issues 16, 20): the architecture allow-list.
 
-Every model type on the allow-list is checked here: the packed tree forward's log-probs equal an
-independent per-sequence forward. Hybrid models (Mamba, convolution), sliding-window layers that a
-sequence may outgrow, and chunked attention fall back to unpacked scoring with one warning naming
-the reason, and the log-probs SRPO uses are then the independent ones.
+Every model type on the allow-list passes `check_prefix_sharing` (a 2-layer random model: packed
+log-probs and gradients equal unpacked ones, sliding windows shorter than the sequences), and the
+text types also equal an independent per-sequence forward in float64. Hybrid models (Mamba,
+convolution), chunked attention and unknown config classes fall back to unpacked scoring with one
+warning naming the reason (for unknown classes: how to run the check), and the log-probs SRPO uses
+are then the independent ones.
 """
 
 import logging
@@ -11,17 +13,26 @@ import logging
 import pytest
 import torch
 import transformers
-from arch_models import FAMILIES, tiny_model
+from arch_models import FAMILIES, WINDOW, tiny_model
 from helpers import srpo_args
 from test_prefix_sharing import question_rows
 
-from srpo_trl import SRPOTrainer, StepPairDataset
-from srpo_trl.architectures import TEXT_TYPES, VLM_TYPES, architecture_problem
+from srpo_trl import SRPOTrainer, StepPairDataset, allow_prefix_sharing, check_prefix_sharing, tiny
+from srpo_trl.architectures import TEXT_TYPES, VLM_TYPES, architecture_problem, attention_windows
 from srpo_trl.collator import DataCollatorForStepPairs
 from srpo_trl.tiny import build_tokenizer, make_image, tiny_qwen2_vl
 
 
-MAX_LENGTH = 256  # the tiny sliding-window families use a window of 256
+# Small configs and processors of the vision-language types (the check needs a processor for them).
+VLM_BUILDERS = {
+    "gemma3": tiny.tiny_gemma3,
+    "llava": tiny.tiny_llava,
+    "llava_next": tiny.tiny_llava_next,
+    "qwen2_5_vl": tiny.tiny_qwen2_5_vl,
+    "qwen2_vl": tiny.tiny_qwen2_vl,
+    "qwen3_vl": tiny.tiny_qwen3_vl,
+    "qwen3_vl_moe": tiny.tiny_qwen3_vl_moe,
+}
 
 
 def _attn(model_type):
@@ -47,10 +58,116 @@ def _trainer(tmp_path, model, tok, rows, **config):
     return SRPOTrainer(model=model, args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
 
 
-def _batches(trainer, tok, n, max_length):
+def _batches(trainer, tok, n, max_length=None):
     examples = [trainer.train_dataset[i] for i in range(n)]
     unpacked = DataCollatorForStepPairs(tok, max_length=max_length)(examples)
     return trainer.data_collator(examples), unpacked
+
+
+@pytest.fixture
+def restore_allow_list():
+    from srpo_trl import architectures
+
+    before = set(architectures._ALLOWED_CLASSES)
+    yield
+    architectures._ALLOWED_CLASSES.clear()
+    architectures._ALLOWED_CLASSES.update(before)
+
+
+# ---- the allow-list checks itself -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", sorted(TEXT_TYPES | VLM_TYPES))
+def test_every_allowed_type_passes_the_check(model_type):
+    """`check_prefix_sharing` on every allowed type: text types from their config class alone,
+    vision-language types from a small config and processor (a type without one fails here)."""
+    if model_type in VLM_TYPES:
+        model, processor = VLM_BUILDERS[model_type](seed=0)
+        report = check_prefix_sharing(model.config, processor)
+    else:
+        report = check_prefix_sharing(transformers.CONFIG_MAPPING[model_type])
+    assert report.passed, str(report)
+    assert report.max_logp_diff <= 1e-5 and report.packed_tokens * 3 < report.unpacked_tokens
+    windows = [w for w in report.windows.values() if w]
+    assert all(report.longest_sequence > 4 * w for w in windows), report  # the windows cut the contexts
+
+
+@pytest.mark.parametrize(
+    "config,windows",
+    [
+        (
+            transformers.Qwen2Config(use_sliding_window=True, sliding_window=4096, max_window_layers=1),
+            {"full_attention": None, "sliding_attention": 8},
+        ),
+        # no layer_types: every layer slides (Mixtral with a window: test_allowed_text_type_packed_equals_independent)
+        (transformers.Qwen3MoeConfig(use_sliding_window=True, sliding_window=4096), {"": 8}),
+    ],
+    ids=["qwen2_sliding_layers", "qwen3_moe_window"],
+)
+def test_sliding_window_variants_pass_the_check(config, windows):
+    report = check_prefix_sharing(config)
+    assert report.passed, str(report)
+    assert report.windows == windows
+
+
+def test_the_check_fails_without_windows_or_image_blocks(monkeypatch):
+    """The check has teeth: a tree mask that ignores the sliding window (Gemma2), or Gemma3's
+    bidirectional image blocks, makes it fail by far more than its tolerance."""
+    import srpo_trl.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "attention_windows", lambda config: {"": None})
+    report = check_prefix_sharing(transformers.Gemma2Config)
+    assert not report.passed and report.max_logp_diff > 1e-3, str(report)
+    monkeypatch.undo()
+    monkeypatch.setattr(trainer_module, "BIDIRECTIONAL_IMAGE_TYPES", frozenset())
+    model, processor = tiny.tiny_gemma3(seed=0)
+    report = check_prefix_sharing(model.config, processor)
+    assert not report.passed and report.max_logp_diff > 1e-3, str(report)
+
+
+def test_check_refuses_hybrids_and_vlms_without_a_processor():
+    report = check_prefix_sharing(transformers.Qwen3NextConfig)
+    assert not report.passed and "linear_attention" in report.reason
+    with pytest.raises(ValueError, match="pass its processor"):
+        check_prefix_sharing(transformers.Qwen3VLConfig)
+
+
+def test_unknown_config_class_falls_back_with_one_warning_saying_how_to_check(tmp_path, caplog, restore_allow_list):
+    """A Phi model (not on the allow-list) is scored unpacked with one warning that names the check;
+    `allow_prefix_sharing` runs the check, and trainers built afterwards pack Phi models."""
+    tok = build_tokenizer()
+    config = transformers.PhiConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    model = transformers.PhiForCausalLM(config).eval()
+    rows = question_rows()
+    with caplog.at_level(logging.WARNING, logger="srpo_trl"):
+        trainer = _trainer(tmp_path / "a", model, tok, rows)
+    warnings = [r.getMessage() for r in caplog.records if "Prefix sharing is off" in r.getMessage()]
+    assert trainer.prefix_sharing is False and len(warnings) == 1, warnings
+    assert "'phi' is not verified" in warnings[0] and "srpo_trl.check_prefix_sharing(model.config)" in warnings[0]
+    assert "srpo_trl.allow_prefix_sharing(model.config)" in warnings[0]
+
+    report = allow_prefix_sharing(model.config)
+    assert report.passed, str(report)
+    packed = _trainer(tmp_path / "b", model, tok, rows)
+    assert packed.prefix_sharing
+    batch, unpacked = _batches(packed, tok, len(rows))
+    with torch.no_grad():
+        sums, _, _ = packed._sequence_logps(model, batch)
+    assert torch.allclose(sums.double(), independent_sums(model, unpacked), atol=2e-4)
+
+
+def test_remote_code_config_classes_are_not_trusted_by_model_type():
+    class CustomQwen2Config(transformers.Qwen2Config):  # as a trust_remote_code model would define it
+        pass
+
+    problem = architecture_problem(CustomQwen2Config())
+    assert "not transformers' own" in problem and "check_prefix_sharing" in problem
+
+
+# ---- packed == an independent forward of each sequence (float64) --------------------------------------
 
 
 def test_every_allowed_text_type_has_a_tiny_model_here():
@@ -59,13 +176,15 @@ def test_every_allowed_text_type_has_a_tiny_model_here():
 
 @pytest.mark.parametrize("model_type", sorted(TEXT_TYPES))
 def test_allowed_text_type_packed_equals_independent(tmp_path, model_type):
+    """No max_length: sequences are several times the sliding window (8) of the windowed families."""
     tok = build_tokenizer()
     model = tiny_model(model_type, tok, seed=1, attn_implementation=_attn(model_type))
     rows = question_rows()
-    trainer = _trainer(tmp_path, model, tok, rows, max_length=MAX_LENGTH)
+    trainer = _trainer(tmp_path, model, tok, rows)
     assert trainer.prefix_sharing, model_type
-    packed, unpacked = _batches(trainer, tok, len(rows), MAX_LENGTH)
+    packed, unpacked = _batches(trainer, tok, len(rows))
     assert packed["packed_length"].sum() < unpacked["attention_mask"].sum()  # really shared
+    assert unpacked["attention_mask"].sum(1).max() > 3 * WINDOW
     with torch.no_grad():
         sums, counts, _ = trainer._sequence_logps(model, packed)
     expected = independent_sums(model, unpacked)
@@ -74,8 +193,7 @@ def test_allowed_text_type_packed_equals_independent(tmp_path, model_type):
 
 
 def test_qwen2_vl_packed_equals_unpacked(tmp_path):
-    """Qwen2-VL (Qwen2.5-VL, LLaVA-NeXT and LLaVA-1.5: tests/test_prefix_sharing.py)."""
-    assert {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava"} == VLM_TYPES
+    """Qwen2-VL (every VLM type: test_every_allowed_type_passes_the_check)."""
     model, processor = tiny_qwen2_vl(seed=5)
     rows = question_rows()
     for r in rows:
@@ -91,26 +209,20 @@ def test_qwen2_vl_packed_equals_unpacked(tmp_path):
     assert torch.allclose(got, want, atol=1e-4)
 
 
-# model type, config overrides, max_length, words the warning must contain
-FALLBACKS = [
-    ("nemotron_h", {}, MAX_LENGTH, "mamba"),
-    ("lfm2", {}, MAX_LENGTH, "conv"),
-    ("gemma2", {}, None, "sliding-window"),
-    ("gemma3_text", {}, 512, "sliding-window"),
-    ("mistral", {}, None, "sliding-window"),
-]
+# ---- fallbacks ------------------------------------------------------------------------------------
+
+# model type, config overrides, words the warning must contain
+FALLBACKS = [("nemotron_h", {}, "mamba"), ("lfm2", {}, "conv")]
 
 
-@pytest.mark.parametrize("model_type,overrides,max_length,reason", FALLBACKS, ids=[f[0] for f in FALLBACKS])
-def test_unverified_or_inexact_models_fall_back_with_one_warning(
-    tmp_path, caplog, model_type, overrides, max_length, reason
-):
+@pytest.mark.parametrize("model_type,overrides,reason", FALLBACKS, ids=[f[0] for f in FALLBACKS])
+def test_hybrid_models_fall_back_with_one_warning(tmp_path, caplog, model_type, overrides, reason):
     tok = build_tokenizer()
     model = tiny_model(model_type, tok, seed=2, attn_implementation=_attn(model_type), **overrides)
     rows = question_rows()
     with caplog.at_level(logging.WARNING, logger="srpo_trl"):
-        trainer = _trainer(tmp_path, model, tok, rows, max_length=max_length)
-        packed_view, unpacked = _batches(trainer, tok, len(rows), max_length)
+        trainer = _trainer(tmp_path, model, tok, rows)
+        packed_view, unpacked = _batches(trainer, tok, len(rows))
         with torch.no_grad():
             sums, _, _ = trainer._sequence_logps(model, packed_view)
             trainer.compute_loss(model, packed_view)
@@ -121,20 +233,18 @@ def test_unverified_or_inexact_models_fall_back_with_one_warning(
 
 
 def test_the_fallback_guards_a_real_error(tmp_path):
-    """Forced packing on a Mamba hybrid, or past a sliding window, gives wrong log-probs: the checks
-    above are what keeps them out."""
+    """Forced packing on a Mamba hybrid gives wrong log-probs: the check above keeps it out."""
     tok = build_tokenizer()
     rows = question_rows()
-    for model_type, overrides in [("nemotron_h", {}), ("gemma2", {"sliding_window": 8})]:
-        model = tiny_model(model_type, tok, seed=2, attn_implementation=_attn(model_type), **overrides)
-        assert architecture_problem(model.config, MAX_LENGTH) is not None
-        trainer = _trainer(tmp_path / model_type, model, tok, rows, max_length=MAX_LENGTH)
-        examples = [trainer.train_dataset[i] for i in range(len(rows))]
-        forced = DataCollatorForStepPairs(tok, max_length=MAX_LENGTH, prefix_sharing=True)(examples)
-        unpacked = DataCollatorForStepPairs(tok, max_length=MAX_LENGTH)(examples)
-        with torch.no_grad():
-            wrong, _, _ = trainer._packed_sequence_logps(model, forced)
-        assert (wrong.double() - independent_sums(model, unpacked)).abs().max() > 1e-2, model_type
+    model = tiny_model("nemotron_h", tok, seed=2)
+    assert architecture_problem(model.config) is not None
+    trainer = _trainer(tmp_path, model, tok, rows)
+    examples = [trainer.train_dataset[i] for i in range(len(rows))]
+    forced = DataCollatorForStepPairs(tok, prefix_sharing=True)(examples)
+    unpacked = DataCollatorForStepPairs(tok)(examples)
+    with torch.no_grad():
+        wrong, _, _ = trainer._packed_sequence_logps(model, forced)
+    assert (wrong.double() - independent_sums(model, unpacked)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize(
@@ -149,18 +259,23 @@ def test_the_fallback_guards_a_real_error(tmp_path):
             "chunked_attention",
         ),
         (transformers.FalconH1Config(num_hidden_layers=2), "hybrid"),
-        (transformers.Gemma2Config(sliding_window=128), "max_length <= 128"),
+        (transformers.Gemma3TextConfig(use_bidirectional_attention=True), "bidirectional"),
     ],
-    ids=["qwen3_next", "llama4", "falcon_h1", "gemma2_window"],
+    ids=["qwen3_next", "llama4", "falcon_h1", "gemma3_bidirectional"],
 )
 def test_config_level_reasons(config, reason):
-    assert reason in architecture_problem(config, 1024)
+    assert reason in architecture_problem(config)
 
 
-def test_sliding_window_within_max_length_is_allowed():
-    config = transformers.Gemma2Config(sliding_window=128)
-    assert architecture_problem(config, 128) is None
-    assert "not verified" in architecture_problem(transformers.PhiConfig(), None)
+def test_attention_windows_per_layer_type():
+    assert attention_windows(transformers.Gemma2Config(sliding_window=128)) == {
+        "sliding_attention": 128,
+        "full_attention": None,
+    }
+    assert attention_windows(transformers.MistralConfig(sliding_window=64)) == {"": 64}
+    assert attention_windows(transformers.MistralConfig(sliding_window=None)) == {"": None}
+    assert attention_windows(transformers.Qwen2Config()) == {"": None}  # all layers full: one mask
+    assert architecture_problem(transformers.Gemma2Config(sliding_window=128)) is None  # any max_length
 
 
 # ---- MoE: the router's load-balancing loss, as DPOTrainer adds it --------------------------------
@@ -170,7 +285,7 @@ def _moe_setup(tmp_path, model_type, prefix_sharing, **config):
     tok = build_tokenizer()
     model = tiny_model(model_type, tok, seed=3, attn_implementation=_attn(model_type))
     rows = question_rows()
-    trainer = _trainer(tmp_path, model, tok, rows, max_length=MAX_LENGTH, prefix_sharing=prefix_sharing, **config)
+    trainer = _trainer(tmp_path, model, tok, rows, prefix_sharing=prefix_sharing, **config)
     trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     return trainer, model, batch
@@ -181,7 +296,7 @@ def _independent_aux(model, batch):
     backbone's router logits over the packed rows' real tokens (packed)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from srpo_trl.packing import additive_mask
+    from srpo_trl.packing import packed_attention_mask
 
     config = model.config
     experts = getattr(config, "num_experts", None) or config.num_local_experts
@@ -193,7 +308,7 @@ def _independent_aux(model, batch):
         out = model.model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
-            attention_mask=additive_mask(batch["tree_mask"], torch.float32),
+            attention_mask=packed_attention_mask(batch, attention_windows(config), torch.float32),
             output_router_logits=True,
         )
     width = batch["input_ids"].size(1)

@@ -214,10 +214,21 @@ def test_concurrent_requests_keep_order(openai_server):
     assert time.monotonic() - start < 0.8 * 0.8 + 0.3  # well under 8 sequential 0.1 s calls
 
 
-def test_string_prompt_with_images_is_refused(openai_server, tmp_path):
+def test_string_prompt_with_images_is_one_user_message(openai_server, tmp_path):
+    """A plain-text prompt with images (what generate-records writes) is one user message holding the
+    images and the text, as the trainer and the in-process backend render it (before: a ValueError
+    for every such record)."""
+    openai_server.handler = lambda req: " more"
     backend = _backend(openai_server)
-    with pytest.raises(ValueError, match="chat prompt"):
-        backend.generate([GenerationRequest("p", images=[str(_png(tmp_path / "a.png"))])])
+    image = str(_png(tmp_path / "a.png"))
+    out = backend.generate([GenerationRequest("Is this safe?", images=[image], assistant_prefix="Step one.\n")])
+    assert out == [[" more"]]
+    (req,) = openai_server.requests
+    assert req.path == "/v1/chat/completions"
+    user, assistant = req.body["messages"]
+    assert user["role"] == "user" and [p["type"] for p in user["content"]] == ["image_url", "text"]
+    assert user["content"][1]["text"] == "Is this safe?"
+    assert assistant == {"role": "assistant", "content": "Step one.\n"} and req.body["continue_final_message"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,16 +259,25 @@ def lm(tok):
     return tiny_causal_lm(tok, seed=0)
 
 
-def _spy(monkeypatch, model):
+def _spy(monkeypatch, model, method="generate"):
+    """Record the keyword arguments of every call of ``model.generate`` (or ``model.forward``)."""
+    import functools
+
     calls = []
-    original = model.generate
+    original = getattr(model, method)
 
-    def spy(**kwargs):
+    @functools.wraps(original)
+    def spy(*args, **kwargs):
         calls.append(kwargs)
-        return original(**kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(model, method, spy)
     return calls
+
+
+def _prefill_calls(calls):
+    """The prefill calls among recorded forward calls (decode steps feed one token)."""
+    return [kw for kw in calls if kw["input_ids"].shape[1] > 1]
 
 
 def test_transformers_seeded_samples_are_reproducible(tok, lm):
@@ -303,10 +323,12 @@ def test_transformers_left_padded_batches_match_one_by_one(tok, lm):
     assert all(len(x) == 1 and x[0] for x in one)
 
 
-def test_transformers_input_is_what_training_scores(tok, lm, monkeypatch):
-    """Prompt rendered and tokenized as the trainer does, then the prefix steps tokenized step by step."""
-    calls = _spy(monkeypatch, lm)
-    backend = TransformersBackend(lm, tok, show_progress=False)
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_transformers_input_is_what_training_scores(tok, lm, monkeypatch, shared_prefix):
+    """Prompt rendered and tokenized as the trainer does, then the prefix steps tokenized step by step
+    (the prefill with prefix reuse, the generate call without)."""
+    calls = _spy(monkeypatch, lm, "generate" if not shared_prefix else "forward")
+    backend = TransformersBackend(lm, tok, show_progress=False, shared_prefix=shared_prefix)
     prefix = "".join(s + "\n" for s in STEPS)
     backend.generate([GenerationRequest(CHAT, assistant_prefix=prefix), GenerationRequest("Q?\n")], max_new_tokens=2)
     ids, mask = calls[0]["input_ids"], calls[0]["attention_mask"]
@@ -315,6 +337,9 @@ def test_transformers_input_is_what_training_scores(tok, lm, monkeypatch):
     row1 = ids[1][mask[1].bool()].tolist()
     assert row1 == encode_prompt_text({"prompt": "Q?\n"}, tok)
     assert mask[1][0] == 0 and ids[1][0] == tok.pad_token_id  # left padding
+    if shared_prefix:
+        assert len(_prefill_calls(calls)) == 1  # both requests in one prefill
+        return
     assert tok.convert_tokens_to_ids("<|im_end|>") in calls[0]["eos_token_id"]
     assert calls[0]["top_k"] == 0 and calls[0]["top_p"] == 1.0 and calls[0]["temperature"] == 0.5
 
@@ -347,14 +372,15 @@ def test_transformers_returns_new_text_only_stopped_at_end_of_turn(tok):
     assert backend.chat(CHAT) == "Never mix them."
 
 
-def test_transformers_vlm_images_reach_the_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_transformers_vlm_images_reach_the_model(tmp_path, monkeypatch, shared_prefix):
     from srpo_trl.tiny import make_image, tiny_qwen2_5_vl
 
     model, processor = tiny_qwen2_5_vl(seed=0)
     path = tmp_path / "bleach.png"
     make_image(3, size=(56, 56)).save(path)
-    calls = _spy(monkeypatch, model)
-    backend = TransformersBackend(model, processor, batch_size=4, show_progress=False)
+    calls = _spy(monkeypatch, model, "forward" if shared_prefix else "generate")
+    backend = TransformersBackend(model, processor, batch_size=4, show_progress=False, shared_prefix=shared_prefix)
     reqs = [
         GenerationRequest(
             [{"role": "user", "content": "What is this?"}], images=[str(path)], assistant_prefix="A bottle.\n"
@@ -365,9 +391,13 @@ def test_transformers_vlm_images_reach_the_model(tmp_path, monkeypatch):
     assert [len(x) for x in out] == [2, 2]
     assert out == backend.generate(reqs, num_samples=2, max_new_tokens=4, seed=0)
     kw = calls[0]
-    assert kw["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]  # one 56x56 image per sample of request 0
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert (kw["input_ids"] == image_pad).sum(dim=1).tolist() == [4, 4, 0, 0]  # 16 patches / merge 2x2
+    if shared_prefix:  # one prefill per request: the image is encoded once for both samples
+        assert kw["image_grid_thw"].tolist() == [[1, 4, 4]]
+        assert (kw["input_ids"] == image_pad).sum(dim=1).tolist() == [4, 0]  # 16 patches / merge 2x2
+    else:  # every sample prefills the image again
+        assert kw["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+        assert (kw["input_ids"] == image_pad).sum(dim=1).tolist() == [4, 4, 0, 0]
     prefix_ids = processor.tokenizer("A bottle.\n", add_special_tokens=False)["input_ids"]
     assert kw["input_ids"][0, -len(prefix_ids) :].tolist() == prefix_ids
     if "mm_token_type_ids" in kw:  # the prefix is text

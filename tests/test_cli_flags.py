@@ -33,13 +33,16 @@ def test_shared_flags_have_the_same_names(parser):
             "5",
             "--http-retries",
             "4",
+            "--seed",
+            "3",
         ],
     )
     assert (args.endpoint, args.served_model, args.temperature, args.max_new_tokens) == ("http://h/v1", "m", 0.25, 7)
-    assert (args.timeout, args.http_retries) == (5.0, 4)
+    assert (args.timeout, args.http_retries, args.seed) == (5.0, 4, 3)
+    assert _parse(p, base).seed == 0  # the same default everywhere
     if parser is not build_generate_parser:  # the agents sample one answer per call
-        args = _parse(p, [*base, "--model", "folder", "--num-samples", "5", "--seed", "3"])
-        assert (args.model, args.num_samples, args.seed) == ("folder", 5, 3)
+        args = _parse(p, [*base, "--model", "folder", "--num-samples", "5"])
+        assert (args.model, args.num_samples) == ("folder", 5)
 
 
 @pytest.mark.parametrize(
@@ -58,14 +61,19 @@ def test_old_spellings_warn_and_set_the_new_flag(parser, old, new, dest, value):
     assert getattr(args, dest) == value
 
 
-def test_generate_records_max_retries_still_means_agent_retries():
-    """Only where --max-retries meant HTTP retries (explore) is it deprecated."""
+def test_max_retries_is_deprecated_in_both_meanings_and_the_new_names_say_which():
+    """`--max-retries` meant HTTP retries in explore and agent re-asks in generate-records; each
+    command now has its own name for it, and the old one warns where it still works."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        args = build_generate_parser().parse_args(["--max-retries", "5"])
-    assert args.max_retries == 5 and args.http_retries == 3
+        args = build_generate_parser().parse_args(["--agent-retries", "5", "--http-retries", "1"])
+    assert (args.agent_retries, args.http_retries) == (5, 1)
+    with pytest.warns(FutureWarning, match=r"--max-retries is deprecated .* use --agent-retries"):
+        args = build_generate_parser().parse_args(["--max-retries", "4"])
+    assert (args.agent_retries, args.http_retries) == (4, 3)  # the old meaning here: agent re-asks, not HTTP
+    assert not hasattr(args, "max_retries")
 
 
 def test_every_command_has_its_module():

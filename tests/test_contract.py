@@ -108,3 +108,45 @@ def test_json_list_file_and_image_dir(tmp_path):
     with pytest.raises(RecordError, match="image not found.*check --images") as err:
         contract.load_records(path, image_dir=tmp_path)
     assert err.value.field == "images[0]" and err.value.item == "#0"
+
+
+@pytest.mark.parametrize(
+    "message, problem",
+    [
+        ({"role": 1, "content": "How?"}, "has role 1"),
+        ({"role": None, "content": "How?"}, "has role None"),
+        ({"role": "", "content": "How?"}, "has role ''"),
+        ({"role": "user", "content": 42}, "has content 42 (int)"),
+        ({"role": "user", "content": None}, "has content null"),
+        (
+            {"role": "user", "content": [{"type": "text", "text": 3}]},
+            "content part 0 is a text part whose 'text' is not",
+        ),
+        ({"role": "user", "content": ["How?"]}, 'content part 0 must be an object with a string "type"'),
+    ],
+)
+def test_a_message_role_or_content_of_the_wrong_type_is_refused(tmp_path, message, problem):
+    # Before: accepted and sent to the model server as it was.
+    path = tmp_path / "r.jsonl"
+    rows = [
+        {"id": "ok", "prompt": "fine"},
+        {"id": "bad", "prompt": [{"role": "system", "content": "Be safe."}, message]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError) as err:
+        contract.load_records(path)
+    assert err.value.where == f"{path}:2" and err.value.field == "prompt"
+    assert f"message 1 {problem}" in str(err.value)
+
+
+def test_messages_the_chat_templates_take_are_accepted(tmp_path):
+    prompt = [
+        {"role": "system", "content": "Be safe."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+        {"role": "tool", "content": "42"},
+        {"role": "user", "content": "And now?"},
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt": prompt}) + "\n")
+    assert contract.load_records(path)[0]["prompt"] == prompt

@@ -13,7 +13,16 @@ from helpers import srpo_args
 from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset, packing
-from srpo_trl.tiny import build_tokenizer, make_image, tiny_causal_lm, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl
+from srpo_trl.tiny import (
+    build_tokenizer,
+    make_image,
+    tiny_causal_lm,
+    tiny_gemma3,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_5_vl,
+    tiny_qwen3_vl,
+)
 from srpo_trl.wandb_samples import score_pairs
 
 
@@ -45,7 +54,9 @@ def _build(kind):
     if kind == "text":
         tok = build_tokenizer()
         return tiny_causal_lm(tok, seed=3), tok, question_rows()
-    builder = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava": tiny_llava}[kind]
+    builders = {"qwen2_5_vl": tiny_qwen2_5_vl, "llava_next": tiny_llava_next, "llava": tiny_llava}
+    builders.update(gemma3=tiny_gemma3, qwen3_vl=tiny_qwen3_vl)  # sliding windows + image blocks; DeepStack
+    builder = builders[kind]
     model, processor = builder(seed=5)
     return model, processor, _vision_rows()
 
@@ -70,7 +81,7 @@ def test_guard_fails_on_the_old_additive_mask_and_passes_the_fixed_one(tmp_path,
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     with tensors_made_elsewhere():
         trainer.compute_loss(trainer.model, batch)  # fixed: passes
-    monkeypatch.setattr("srpo_trl.trainer.additive_mask", _old_additive_mask())
+    monkeypatch.setattr("srpo_trl.packing.additive_mask", _old_additive_mask())  # packed_attention_mask calls it
     with pytest.raises(DeviceMismatch, match="created without the device"):
         with tensors_made_elsewhere():
             trainer.compute_loss(trainer.model, batch)

@@ -374,7 +374,7 @@ def test_zero3_with_lora(workspace, single_lora):
 
 
 def test_cpu_ddp_launch_without_use_cpu_is_refused_instead_of_training_twice_alone(workspace):
-    """The trap of shared/notes/distributed-on-cpu.md, through recipes/srpo.py itself: `--multi_gpu`
+    """The trap of docs/recipes.md ("On a CPU machine"), through recipes/srpo.py itself: `--multi_gpu`
     on CPU without `use_cpu` would exit 0 after two independent single-process runs."""
     out = workspace / "trap"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -148,3 +148,50 @@ def test_generate_and_score_mcqa(tmp_path, openai_server, capsys):
         == 0
     )
     assert "accuracy 33.33% (1/3" in capsys.readouterr().out  # only 2001 (C) is correct; mcqa-eval.py recomputes score
+
+
+def test_mcqa_prompt_is_filled_in_one_pass():
+    from srpo_trl.evaluation.protocols.mcqa import PROMPT, mcqa_prompt
+
+    options = {"A": "stop", "B": "go", "C": "wait", "D": "run"}
+    lines = "(A) stop\n(B) go\n(C) wait\n(D) run"
+    assert mcqa_prompt("Which one?", options) == PROMPT.replace("{question}", "Which one?").replace("{option}", lines)
+    # a question holding "{option}" stays as written (the chained replace put the options list into it)
+    prompt = mcqa_prompt("Is {option} safe?", options)
+    assert "Qusetion: Is {option} safe?\nOption:\n" + lines in prompt and prompt.count("(A) stop") == 1
+    assert "(A) {question}" in mcqa_prompt("Q", {"A": "{question}", "B": "b", "C": "c", "D": "d"})
+
+
+def _mcqa_data(tmp_path):
+    from srpo_trl.tiny import make_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = [mcqa_row(1001, "self-harm", "A"), mcqa_row(2001, "morality", "C")]
+    for r in rows:
+        make_image(1).save(images / r["image"])
+    data = tmp_path / "siuo_mcqa.json"
+    data.write_text(json.dumps(rows))
+    return ["--benchmark", "siuo-mcqa", "--data", str(data), "--images", str(images), "--no-progress"]
+
+
+def test_siuo_generation_settings_are_the_mcqa_defaults(tmp_path, openai_server, capsys):
+    """SIUO answers its MCQA set once, greedy, in 5 tokens (generation-gpt4o-mcqa.py); before, the
+    evaluate defaults (3 samples at 0.5, 512 tokens) were used without a word."""
+    openai_server.handler = lambda req: "(A)"
+    argv = [*_mcqa_data(tmp_path), "--endpoint", openai_server.url, "--served-model", "m"]
+    assert cli_main(["evaluate", *argv, "--out", str(tmp_path / "a")]) == 0
+    bodies = [r.body for r in openai_server.requests]
+    assert bodies and {(b["n"], b["temperature"], b["max_tokens"]) for b in bodies} == {(1, 0.0, 5)}
+    assert "warning" not in capsys.readouterr().err
+
+    # given explicitly, other settings are used, with a warning that the accuracy is not comparable
+    openai_server.requests.clear()
+    argv += ["--num-samples", "3", "--temperature", "0.5", "--out", str(tmp_path / "b")]
+    assert cli_main(["evaluate", *argv]) == 0
+    assert {(r.body["n"], r.body["temperature"], r.body["max_tokens"]) for r in openai_server.requests} == {
+        (3, 0.5, 5)
+    }
+    err = capsys.readouterr().err
+    assert "--num-samples 3 under --protocol siuo-mcqa" in err and "--temperature 0.5" in err
+    assert "not comparable" in err and "--max-new-tokens" not in err.split("SIUO generates")[0]

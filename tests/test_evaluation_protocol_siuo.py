@@ -334,3 +334,30 @@ def test_responses_file_must_hold_responses(tmp_path):
     data.write_text(json.dumps([siuo_row(1001, "self-harm", responses="just one")]))
     with pytest.raises(LoadError, match="field 'responses': must be a list of strings, got str"):
         read_responses("siuo", data)
+
+
+def _chained(template, pairs):
+    """gpt-eval.py's fill: chained str.replace in the script's order."""
+    for key, value in pairs:
+        template = template.replace("{" + key + "}", value)
+    return template
+
+
+def test_judge_prompts_are_filled_in_one_pass():
+    from srpo_trl.evaluation.protocols import siuo
+
+    # Normal text: the very prompt gpt-eval.py's chained str.replace builds.
+    q, w, ref, r = "What should I do here?", "Bleach fumes are toxic.", "Ventilate the room.", "Open a window first."
+    order = [("question", q), ("explanation", w), ("response", r), ("reference", ref)]
+    assert siuo.safety_prompt(q, w, ref, r) == _chained(siuo.SAFETY_PROMPT, order)
+    assert siuo.effectiveness_prompt(q, r) == _chained(siuo.EFFECTIVENESS_PROMPT, [("question", q), ("response", r)])
+
+    # A response holding "{reference}" must not get the gold reference pasted into what is graded,
+    # a question holding "{response}" must not be rewritten.
+    hostile = siuo.safety_prompt("What is {response}?", w, "GOLD ANSWER", "I say {reference} and {question}")
+    assert "<User Query:> What is {response}?\n" in hostile
+    assert "<Generated response:> I say {reference} and {question}\n" in hostile
+    assert hostile.count("GOLD ANSWER") == 1  # only in the reference slot
+    effect = siuo.effectiveness_prompt("Q {response}", "R {question}")
+    assert "<User Query> Q {response}\n<Generated response:> R {question}\n" in effect
+    assert "{explain why the response falls into the chosen category}" in effect  # SIUO's own braces stay

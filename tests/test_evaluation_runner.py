@@ -190,3 +190,28 @@ def test_damaged_state_file_and_bad_backend(tmp_path):
         evaluate(items + items[:1], FakeBackend(), RuleJudge(), EvalConfig(samples=1), progress=False)
     with pytest.raises(ValueError, match="temperature"):
         EvalConfig(samples=3, temperature=0)
+
+
+def test_rerun_after_the_pixels_of_an_image_changed_is_refused(tmp_path):
+    """Other pixels under the same file name are other items (before: the rerun reported the old
+    results with 0 requests); the same pixels with another mtime (a copied folder) still resume."""
+    import os
+
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(image)
+    items = [EvalItem(id="i0", prompt="how to clean", category="c", expected="warn", images=[str(image)])]
+    state = tmp_path / "state"
+
+    def run(backend):
+        return evaluate(items, backend, RuleJudge(), EvalConfig(samples=1), label="m", state_dir=state, progress=False)
+
+    run(FakeBackend())
+    os.utime(image, (1, 1))
+    backend = FakeBackend()
+    assert len(run(backend).results) == 1 and backend.calls == []  # resumed: nothing asked again
+    Image.new("RGB", (16, 16), (10, 10, 200)).save(image)
+    with pytest.raises(EvaluationStateError, match=r"with other settings \(items: saved"):
+        run(backend)
+    assert backend.calls == []

@@ -481,21 +481,47 @@ def test_concurrent_records_keep_a_server_busy_and_the_order(tmp_path, openai_se
     assert peak[0] == 3
 
 
-def test_unreadable_image_fails_the_record_naming_the_file(tmp_path):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not an image")
-    records = [{**_records(1)[0], "images": ["broken.png"]}, *_records(2)[1:]]
+def _broken_image(path, kind):
+    """An image file that only fails when decoded whole (truncated), when its header is read (a
+    decompression bomb: a PNG header declaring 100000 x 100000 pixels), or at once (not an image)."""
+    import struct
+    import zlib as _zlib
+
+    from PIL import Image
+
+    if kind == "not an image":
+        path.write_bytes(b"not an image")
+    elif kind == "truncated":
+        noise = Image.frombytes("RGB", (64, 64), bytes((i * 7919) % 251 for i in range(64 * 64 * 3)))
+        noise.save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+
+        def chunk(kind_, body):
+            return struct.pack(">I", len(body)) + kind_ + body + struct.pack(">I", _zlib.crc32(kind_ + body))
+
+        header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+        png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", _zlib.compress(b"")) + chunk(b"IEND", b"")
+        path.write_bytes(png)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, problem",
+    [("not an image", "cannot be decoded"), ("truncated", "truncated"), ("decompression bomb", "decompression bomb")],
+)
+def test_a_broken_image_is_refused_before_any_request_naming_line_and_field(tmp_path, kind, problem):
+    # Before: found mid-run, after other records were sent, and named by its file only.
+    _broken_image(tmp_path / "broken.png", kind)
+    records = [*_records(2), {**_records(3)[2], "images": ["broken.png"]}]
     path = _write_jsonl(tmp_path / "records.jsonl", records)
-    s = explore(
-        path,
-        ScriptedBackend(),
-        "safety-outcome",
-        num_samples=2,
-        out=tmp_path / "o.jsonl",
-        show_progress=False,
-        print_summary=False,
-    )
-    assert s["records_failed"] == 1 and "broken.png" in s["failures"][0]["error"] and s["records_ok"] == 1
+    backend = ScriptedBackend()
+    with pytest.raises(RecordError) as info:
+        explore(path, backend, "safety-outcome", num_samples=2, out=tmp_path / "o.jsonl", show_progress=False)
+    assert info.value.where == f"{path}:3" and info.value.field == "images[0]"
+    assert "broken.png" in str(info.value) and problem in str(info.value)
+    assert backend.calls == [] and not (tmp_path / "o.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,7 +672,8 @@ def test_simulated_ranks_write_shards_and_rank0_merges(tmp_path):
     summary = explore(records, ScriptedBackend(), "safety-outcome", rank=0, world_size=2, **kw)
     assert [r["id"] for r in _lines(out)] == [f"r{i}" for i in range(5)]  # merged in input order
     assert not list(tmp_path.glob("explored.rank*"))
-    assert summary["records"] == 5 and summary["explored_now"] == 3
+    # rank 0's summary covers the whole run: what every rank explored (issue 27: it said 3 of 5)
+    assert summary["records"] == 5 and summary["explored_now"] == 5 and summary["explored_by_rank"] == [3, 2]
     single = explore(
         records,
         ScriptedBackend(),
@@ -678,7 +705,7 @@ ACCELERATE_SCRIPT = textwrap.dedent(
     from test_exploration import ScriptedBackend
     from srpo_trl.exploration import explore
     s = explore({records!r}, ScriptedBackend(), "safety-outcome", num_samples=2, seed=9, out={out!r},
-                show_progress=False, print_summary=False)
+                show_progress=False, print_summary=int(os.environ["RANK"]) == 0)
     import torch.distributed as dist
     print("RESULT", json.dumps({{"rank": int(os.environ["RANK"]), "world": dist.get_world_size(),
                                 "explored_now": s["explored_now"], "merged": os.path.exists({out!r})}}))
@@ -715,10 +742,17 @@ def test_accelerate_launch_two_processes(tmp_path):
         (json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line),
         key=lambda r: r["rank"],
     )
-    assert [(r["rank"], r["world"], r["explored_now"]) for r in results] == [(0, 2, 3), (1, 2, 2)]
+    # rank 0 reports the whole run (5 records: 3 of its own, 2 of rank 1), rank 1 its own share
+    assert [(r["rank"], r["world"], r["explored_now"]) for r in results] == [(0, 2, 5), (1, 2, 2)]
+    assert "this run: 5 explored (rank 0: 3, rank 1: 2), 0 already in the output" in done.stdout
     assert all(r["merged"] for r in results)  # rank 1 returned only after the merge
     assert [r["id"] for r in _lines(out)] == [f"r{i}" for i in range(5)]
-    assert not list(tmp_path.glob("explored.rank*"))
+    # nothing is left beside the output but its metadata and summary (no shards, markers or .merged)
+    assert sorted(p.name for p in tmp_path.glob("explored*")) == [
+        "explored.jsonl",
+        "explored.jsonl.meta.json",
+        "explored.jsonl.summary.json",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

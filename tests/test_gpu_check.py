@@ -16,17 +16,20 @@ gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 
 
-def test_gpu_plan_runs_the_suite_and_the_7b_preset_full_and_lora(tmp_path):
+def test_gpu_plan_runs_the_suite_and_the_7b_preset_full_and_lora_and_the_families(tmp_path):
     steps = gpu_check.plan(cpu=False, out=tmp_path, peak_tflops=989.0)
-    assert [s["name"] for s in steps] == ["gpu_tests", "bench_vlm7b_full", "bench_vlm7b_lora"]
+    assert [s["name"] for s in steps] == ["gpu_tests", "bench_vlm7b_full", "bench_vlm7b_lora", "bench_families"]
     assert "tests/gpu" in steps[0]["cmd"] and f"--junitxml={tmp_path / 'gpu_tests.xml'}" in steps[0]["cmd"]
-    for step in steps[1:]:
+    families = " ".join(steps[3]["cmd"])
+    assert "--families all" in families and "--dtype bf16" in families and "--in-process" in families
+    assert f"--json {tmp_path / 'bench_families.json'}" in families and steps[3]["budget"] is None
+    for step in steps[1:3]:
         cmd = " ".join(step["cmd"])
         assert "--preset qwen2_5_vl_7b" in cmd and "--dtype bf16" in cmd and "--models vlm" in cmd
         assert f"--json {tmp_path / (step['name'] + '.json')}" in cmd and "dpo_nll" in cmd
         assert "--profile" in step["cmd"]  # where the time goes, one untimed step per configuration
     assert "--lora" in steps[2]["cmd"] and "--lora" not in steps[1]["cmd"]
-    assert sum(s["budget"] or 0 for s in steps) < 8 * 60
+    assert sum(s["budget"] or 0 for s in steps) <= gpu_check.BUDGET_S - 60  # a minute or more for the families
 
 
 @pytest.mark.slow  # the small preset trains two configurations on CPU: a few minutes
@@ -52,3 +55,7 @@ def test_cpu_rehearsal_writes_a_summary_without_gpu_numbers(tmp_path):
     for config in bench["configs"].values():  # the profiled extra step: shares of one total
         assert sum(config["profile_group_share"].values()) == pytest.approx(1.0) and config["profile_top_ops"]
     assert (tmp_path / "bench_small_cpu.json").is_file() and (tmp_path / "gpu_tests.log").is_file()
+    families = summary["families"]["families"]
+    assert set(families) == {"qwen2", "gemma3"}
+    for family in families.values():  # tokens are counted, not timed: packing shares most of them
+        assert 0 < family["token_ratio"] < 0.3 and family["step_time_ratio"] > 0

@@ -35,7 +35,9 @@ def test_learning_rate_1000_stops_naming_the_step_and_keeps_finite_weights(tmp_p
     model = tiny_causal_lm(tok, seed=0)
     trainer = make_trainer(tmp_path, model, tok, ROWS, learning_rate=1000.0, max_steps=6)
     with pytest.raises(
-        TrainingDiverged, match=r"at step 2 \(of 6\).*gradient norm is nan.*learning_rate \(now 1000\)"
+        TrainingDiverged,
+        match=r"at step 2 \(of 6\).*gradient norm is nan.*Likely cause: .*too large updates; the loss went from "
+        r"6.44 at step 1 to .*What to do: lower learning_rate \(now 1000\)",
     ):
         trainer.train()
     assert _finite(model)  # the diverging step was not applied
@@ -70,6 +72,7 @@ def test_nan_loss_is_never_logged_as_zero(tmp_path, tok, mode):
         trainer.train()
     if mode == "stop":
         assert "at step 1" in str(info.value) and "reference term nan" in str(info.value)
+        assert "Likely cause: the weights already held NaN or inf before this step" in str(info.value)
         assert trainer.state.log_history == []
     else:  # every step skipped; the weights were NaN all along, so the end-of-training check refuses them
         assert "hold NaN or inf" in str(info.value) and "at the end of training" in str(info.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ import time
 import pytest
 from openai_server import Reply
 
-from srpo_trl.backends import BackendError, OpenAICompatibleBackend
+from srpo_trl.backends import BackendError, GenerationRequest, OpenAICompatibleBackend
 
 
 def _bounded(fn, limit: float):
@@ -134,3 +135,53 @@ def test_credentials_in_the_url_never_reach_errors_or_logs(openai_server, caplog
     text = str(info.value) + caplog.text
     assert "503" in str(info.value) and "retry 1/1" in caplog.text
     assert "s3cretpw" not in text and "user:" not in text and "://***@" in str(info.value)
+
+
+# ---- malformed but parseable replies (JSON Python cannot hold, choices of the wrong types) --------
+
+CHOICE = {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}
+MALFORMED = {
+    # nesting deeper than Python's recursion limit: json.loads raises RecursionError (40 kB, under the cap)
+    "deeply nested": Reply(raw='{"choices": ' + "[" * 20_000 + "]" * 20_000 + "}"),
+    # an integer of 5000 digits: json.loads raises ValueError (int max_str_digits is 4300)
+    "5000-digit number": Reply(
+        raw='{"choices": [' + json.dumps(CHOICE) + '], "usage": {"total_tokens": ' + "9" * 5000 + "}}"
+    ),
+    # a non-integer index: sorting the choices compared str with int (TypeError)
+    "non-integer index": {"choices": [{**CHOICE, "index": "1"}, CHOICE]},
+    # a non-string text part: joining the parts raised TypeError
+    "non-string text": {
+        "choices": [{**CHOICE, "message": {"role": "assistant", "content": [{"type": "text", "text": 5}]}}]
+    },
+}
+
+
+def test_malformed_but_parseable_replies_are_retried_then_recover(openai_server):
+    openai_server.enqueue(*MALFORMED.values(), "fine")
+    backend = _backend(openai_server, max_retries=len(MALFORMED))
+    out = _bounded(lambda: backend.chat([{"role": "user", "content": "hi"}], max_new_tokens=8), 30)
+    assert out.get("value") == "fine", out  # each malformed reply took the retry path, none escaped
+    assert len(openai_server.requests) == len(MALFORMED) + 1
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_malformed_but_parseable_reply_ends_in_a_backend_error(openai_server, kind):
+    openai_server.handler = lambda req: MALFORMED[kind]
+    backend = _backend(openai_server, max_retries=1)
+    out = _bounded(lambda: backend.chat([{"role": "user", "content": "hi"}], max_new_tokens=8), 30)
+    error = out.get("error")
+    assert isinstance(error, BackendError), out  # not RecursionError / ValueError / TypeError
+    assert "2 attempt" in str(error) and "/v1/chat/completions" in str(error)
+    assert len(openai_server.requests) == 2
+
+
+def test_a_base_url_with_a_query_string_gets_the_api_path_before_the_query(openai_server):
+    backend = OpenAICompatibleBackend(
+        openai_server.url + "/v1?api-version=2024-06-01", "m", backoff=0.0, max_retries=0, show_progress=False
+    )
+    assert backend.chat([{"role": "user", "content": "hi"}]) == "ok"
+    assert backend.generate([GenerationRequest("a text prompt")]) == [["ok"]]
+    assert [r.path for r in openai_server.requests] == [
+        "/v1/chat/completions?api-version=2024-06-01",
+        "/v1/completions?api-version=2024-06-01",
+    ]

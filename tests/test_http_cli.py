@@ -44,7 +44,8 @@ def test_explore_against_a_trickling_server_fails_the_record_in_bounded_time(tmp
     assert "error" not in result, result
     (line,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert "deadline" in line["error"] and "2 attempt" in line["error"]
-    assert len(openai_server.requests) == 2
+    # the preflight's one attempt (does the server sample?), then the record's 2 attempts
+    assert len(openai_server.requests) == 3
 
 
 def test_evaluate_generation_url_against_a_trickling_server_ends_with_an_error(tmp_path, openai_server, capsys):

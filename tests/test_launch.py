@@ -287,5 +287,5 @@ def test_recipes_copy_writes_the_packaged_files_and_keeps_existing_ones(tmp_path
     (dest / "srpo.py").write_text("# mine\n")
     assert cli_main(["recipes", "copy", str(dest)]) == 2
     assert "already exist" in capsys.readouterr().err and (dest / "srpo.py").read_text() == "# mine\n"
-    assert cli_main(["recipes", "copy", str(dest), "--force"]) == 0
+    assert cli_main(["recipes", "copy", str(dest), "--overwrite"]) == 0
     assert (dest / "srpo.py").read_bytes() == (PACKAGED / "srpo.py").read_bytes()

@@ -271,6 +271,10 @@ def test_question_keys_without_ids_tell_images_apart():
 def test_flex_attention_block_mask_matches_the_dense_mask(tmp_path):
     """FlexAttention gets a block mask built from subtree ends only; its log-probs equal sdpa's.
     (PyTorch has no FlexAttention backward on CPU, so this compares forwards.)"""
+    # transformers and srpo_trl.attention compile the same `flex_attention` function, so dynamo keeps
+    # one frame state for both: after another test's compiles at other shapes it would recompile with
+    # dynamic shapes, which torch 2.13's CPU inductor fails to build (srpo_trl/attention.py). Start clean.
+    torch._dynamo.reset()
     tok = build_tokenizer()
     rows = question_rows()
     model = tiny_causal_lm(tok, seed=9)

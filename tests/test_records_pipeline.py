@@ -555,3 +555,17 @@ def test_symlinked_image_keeps_its_name_in_the_folder(openai_server, tmp_path):
     rec = read_lines(out)[0]
     assert rec["id"] == "link-png-u0" and rec["source_image"] == "link.png"
     assert (out.parent / rec["images"][0]).is_file()
+
+
+def test_seed_reaches_every_agent_call_and_a_resume_with_another_is_refused(openai_server, images, tmp_path, capsys):
+    agents = Agents()
+    openai_server.handler = agents
+    out = tmp_path / "records.jsonl"
+    argv = ["--images", str(images), "--endpoint", openai_server.url + "/v1", "--served-model", "m"]
+    argv += ["--per-image", "1", "--benign-per-image", "0", "--out", str(out), "--no-progress"]
+    assert main_generate([*argv, "--seed", "7"]) == 0
+    assert openai_server.requests and {r.body.get("seed") for r in openai_server.requests} == {7}
+    sent = len(openai_server.requests)
+    capsys.readouterr()
+    assert main_generate([*argv, "--seed", "8"]) == 1  # other samples: a resume would mix them
+    assert "seed: saved 7, now 8" in capsys.readouterr().err and len(openai_server.requests) == sent

@@ -4,6 +4,7 @@ The tiny model writes junk, so every item goes through the retry path and is rec
 that is the point here (the end-to-end path with a real processor and ``model.generate``).
 """
 
+import functools
 import json
 
 import pytest
@@ -38,13 +39,15 @@ def test_in_process_backend_reaches_the_model_with_images_and_fails_items_cleanl
 
     model, processor = tiny_vlm
     seen = []
-    generate = model.generate
+    forward = model.forward
 
-    def spy(**kwargs):
-        seen.append({k: tuple(v.shape) for k, v in kwargs.items() if hasattr(v, "shape")})
-        return generate(**kwargs)
+    @functools.wraps(forward)
+    def spy(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill (decode steps feed one token)
+            seen.append({k: tuple(v.shape) for k, v in kwargs.items() if hasattr(v, "shape")})
+        return forward(*args, **kwargs)
 
-    model.generate = spy
+    model.forward = spy
     try:
         backend = TransformersBackend(model, processor, batch_size=1, show_progress=False)
         out = tmp_path / "records.jsonl"
@@ -57,7 +60,7 @@ def test_in_process_backend_reaches_the_model_with_images_and_fails_items_cleanl
             ),
         )
     finally:
-        del model.generate
+        del model.forward
 
     # 4 items x 2 attempts each (the first agent never answers valid JSON), each with its image.
     assert len(seen) == 8
@@ -93,7 +96,7 @@ def test_cli_with_a_local_model_folder(tiny_vlm, images, tmp_path, capsys):
         "1",
         "--benign-per-image",
         "0",
-        "--max-retries",
+        "--agent-retries",
         "0",
         "--max-new-tokens",
         "4",

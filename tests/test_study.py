@@ -149,7 +149,7 @@ def test_rows_without_a_reference_are_anchored_on_prefix_plus_chosen():
     assert by_id["g"]["reference"] == T.reference_path(0, 0)
     assert by_id["s"]["reference"] is None
     row = by_id["s"]
-    assert reference_text(row) == "\n".join(row["prefix"] + [row["chosen"]])  # SRPO_SPEC: r = p + y+
+    assert reference_text(row) == "\n".join(row["prefix"] + [row["chosen"]])  # docs/method.md: r = p + y+
     assert [r["id"] for r in regime.reference_rows(pairs)] == ["g"]  # NLL on references: covered rows only
 
 

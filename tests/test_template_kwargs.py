@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trl
 from helpers import srpo_args
-from test_backends import _spy  # records every model.generate call
+from test_backends import _prefill_calls, _spy  # records every model.forward call; the prefills
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.backends import GenerationRequest, OpenAICompatibleBackend, TransformersBackend
@@ -53,11 +53,12 @@ def _unpadded(call, row):
 
 
 def test_transformers_backend_renders_the_prompt_with_the_rows_template_kwargs(qwen3_tok, lm, monkeypatch):
-    calls = _spy(monkeypatch, lm)
+    calls = _spy(monkeypatch, lm, "forward")
     kwargs = {"enable_thinking": False, "tools": TOOLS}
     backend = TransformersBackend(lm, qwen3_tok, show_progress=False)
     backend.generate([GenerationRequest(CHAT, template_kwargs=kwargs), GenerationRequest(CHAT)], max_new_tokens=2)
-    with_kwargs, without = _unpadded(calls[0], 0), _unpadded(calls[0], 1)
+    (prefill,) = _prefill_calls(calls)
+    with_kwargs, without = _unpadded(prefill, 0), _unpadded(prefill, 1)
     row = {"prompt": CHAT, "tools": json.dumps(TOOLS), "chat_template_kwargs": {"enable_thinking": False}}
     assert with_kwargs == encode_prompt_text(row, qwen3_tok)
     assert without == encode_prompt_text({"prompt": CHAT}, qwen3_tok)
@@ -87,7 +88,7 @@ def test_exploration_samples_from_the_prompt_the_trainer_trains_on(tmp_path, qwe
         "chat_template_kwargs": {"enable_thinking": False},
     }
     records.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    calls = _spy(monkeypatch, lm)
+    calls = _spy(monkeypatch, lm, "forward")
     backend = TransformersBackend(lm, qwen3_tok, batch_size=16, show_progress=False)
     out = tmp_path / "explored.jsonl"
     explore(
@@ -102,7 +103,8 @@ def test_exploration_samples_from_the_prompt_the_trainer_trains_on(tmp_path, qwe
         show_progress=False,
         print_summary=False,
     )
-    generated_from = {tuple(_unpadded(call, i)) for call in calls for i in range(call["input_ids"].shape[0])}
+    prefills = _prefill_calls(calls)
+    generated_from = {tuple(_unpadded(call, i)) for call in prefills for i in range(call["input_ids"].shape[0])}
 
     explored = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert explored[0]["tools"] == json.dumps(TOOLS) and explored[0]["chat_template_kwargs"] == {

@@ -2,7 +2,7 @@
 
 The reference numbers here never go through the collator, the fused LM head or the trainer: each
 sequence is built by hand from the tokenizer, scored alone (no padding) with the model's ordinary
-logits in float64, and the formulas of SRPO_SPEC.md are applied by hand.
+logits in float64, and the formulas of docs/method.md are applied by hand.
 """
 
 import math

@@ -1,4 +1,4 @@
-"""SRPOTrainer on vision-language models: Qwen2.5-VL, Qwen2-VL, LLaVA-NeXT.
+"""SRPOTrainer on vision-language models: Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Gemma3, LLaVA-NeXT, LLaVA-1.5.
 
 The loss equals an independent computation (each sequence scored alone, plain logits, float64),
 and the model receives exactly the vision inputs the processor produced.
@@ -12,7 +12,15 @@ from helpers import srpo_args
 from trl.data_utils import prepare_multimodal_messages
 
 from srpo_trl import SRPOTrainer, StepPairDataset
-from srpo_trl.tiny import make_image, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
+from srpo_trl.tiny import (
+    make_image,
+    tiny_gemma3,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+    tiny_qwen3_vl,
+)
 
 
 def vlm_rows():
@@ -73,9 +81,11 @@ def _score_three(model, prompt, prompt_ids, prefix, chosen, rejected, ref, reduc
         (ref, len(prompt_ids)),
     ):
         ids = prompt_ids + rest
-        kwargs = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        if "mm_token_type_ids" in prompt:
-            kwargs["mm_token_type_ids"] = torch.tensor([prompt["mm_token_type_ids"][0].tolist() + [0] * len(rest)])
+        per_token = ("mm_token_type_ids", "token_type_ids")  # prompt values, text (0) after
+        kwargs = {k: v for k, v in prompt.items() if k not in ("input_ids", "attention_mask", *per_token)}
+        for key in per_token:
+            if key in prompt:
+                kwargs[key] = torch.tensor([prompt[key][0].tolist() + [0] * len(rest)])
         with torch.no_grad():
             logits = model(
                 input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs
@@ -92,6 +102,8 @@ BUILDERS = {
     "qwen2_vl": tiny_qwen2_vl,
     "llava_next": tiny_llava_next,
     "llava": tiny_llava,
+    "gemma3": tiny_gemma3,
+    "qwen3_vl": tiny_qwen3_vl,
 }
 
 
@@ -122,7 +134,9 @@ def _rows_for(family):
 
 
 @pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_5_vl_standard", "qwen2_vl", "llava_next", "llava"])
+@pytest.mark.parametrize(
+    "family", ["qwen2_5_vl", "qwen2_5_vl_standard", "qwen2_vl", "llava_next", "llava", "gemma3", "qwen3_vl"]
+)
 def test_vlm_loss_matches_plain_forward(tmp_path, family, sharing):
     model, processor = BUILDERS[family](seed=1)
     rows = _rows_for(family)

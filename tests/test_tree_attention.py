@@ -18,7 +18,15 @@ from test_prefix_sharing import question_rows
 
 from srpo_trl import SRPOTrainer, StepPairDataset
 from srpo_trl.attention import TREE_ATTENTION, choose_tree_attention, compile_count, flex_attention_fn
-from srpo_trl.packing import allowed_matrix, bucket_length, pack_question, tree_block_mask, tree_block_masks
+from srpo_trl.packing import (
+    allowed_matrix,
+    bucket_length,
+    image_groups,
+    layer_allowed,
+    pack_question,
+    tree_block_mask,
+    tree_block_masks,
+)
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
 
@@ -39,13 +47,38 @@ def _ends(rows, length):
     return torch.tensor([r.end + [-1] * (length - len(r.end)) for r in rows])
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_block_mask_tiles_agree_with_the_dense_tree_mask(seed):
+def _depths(rows, length):
+    return torch.tensor([r.depth + [0] * (length - len(r.depth)) for r in rows])
+
+
+def _image_groups(rng, rows, length):
+    """Image blocks inside each row's prompt (a chain at the start of the layout), as token_type_ids."""
+    types = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        for _ in range(rng.randint(0, 2)):
+            start = rng.randrange(r.prompt_length)
+            types[i, start : min(start + rng.randint(1, 150), r.prompt_length)] = 1
+    return image_groups(types)
+
+
+# (sliding window, image blocks): the tree alone, a window shorter than a block (and than the rows),
+# a window with image blocks (Gemma3's sliding layers), image blocks alone (its full layers)
+MASK_KINDS = [(None, False), (100, False), (37, True), (None, True)]
+
+
+@pytest.mark.parametrize("window,images", MASK_KINDS, ids=["tree", "window", "window_images", "images"])
+@pytest.mark.parametrize("seed", range(3))
+def test_block_mask_tiles_agree_with_the_dense_tree_mask(seed, window, images):
     rng = random.Random(seed)
     rows = _random_rows(rng, 3)
     length = max(len(r.tokens) for r in rows) + rng.randint(0, 130)
-    dense = torch.from_numpy(np.stack([allowed_matrix(r.end, length) for r in rows]))
-    partial, full = tree_block_masks(_ends(rows, length))
+    depth = _depths(rows, length)
+    groups = _image_groups(rng, rows, length) if images else None
+    tree = torch.from_numpy(np.stack([allowed_matrix(r.end, length) for r in rows]))
+    dense = layer_allowed(tree, depth, window, groups)
+    if window is not None:
+        assert not torch.equal(dense, layer_allowed(tree, depth, None, groups))  # the window cuts something
+    partial, full = tree_block_masks(_ends(rows, length), 128, depth, window, groups)
     blocks = partial.shape[1]
     padded = torch.zeros(3, blocks * 128, blocks * 128, dtype=torch.bool)
     padded[:, :length, :length] = dense
@@ -56,20 +89,48 @@ def test_block_mask_tiles_agree_with_the_dense_tree_mask(seed):
     assert not (partial & full).any()
     assert (tiles.any(-1).any(-1) <= (partial | full)).all()  # no allowed pair in a skipped tile
     assert (tiles | ~inside_tiles).all(-1).all(-1)[full].all()  # full tiles: every pair allowed
-    assert full.any() or length < 256  # the prompt's keys fill whole tiles below the diagonal
+    if window is None:
+        assert full.any() or length < 256  # the prompt's keys fill whole tiles below the diagonal
+    else:  # a window only ever skips more tiles than the tree alone, and never keeps a tile full that is not
+        tree_partial, tree_full = tree_block_masks(_ends(rows, length), 128, None, None, groups)
+        assert ((partial | full) <= (tree_partial | tree_full)).all() and (full <= tree_full).all()
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_flex_attention_with_the_tree_block_mask_equals_dense_sdpa(seed):
+FLEX_CASES = [(seed, None, False) for seed in range(3)] + [(0, *kind) for kind in MASK_KINDS[1:]]
+
+
+@pytest.mark.parametrize(
+    "seed,window,images", FLEX_CASES, ids=["tree0", "tree1", "tree2", "window", "window_images", "images"]
+)
+def test_flex_attention_with_the_tree_block_mask_equals_dense_sdpa(seed, window, images):
     rng = random.Random(seed)
-    rows = _random_rows(rng, 2)
+    rows = _random_rows(rng, 2, trunk_len=150 if window is None and not images else 60)  # uncompiled: L x L
     length = max(len(r.tokens) for r in rows) + 5
-    dense = torch.from_numpy(np.stack([allowed_matrix(r.end, length) for r in rows]))
+    depth = _depths(rows, length)
+    groups = _image_groups(rng, rows, length) if images else None
+    tree = torch.from_numpy(np.stack([allowed_matrix(r.end, length) for r in rows]))
+    dense = layer_allowed(tree, depth, window, groups)
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 4, length, 16, generator=gen) for _ in range(3))
-    out = flex_attention_fn(q.device, compile=False)(q, k, v, block_mask=tree_block_mask(_ends(rows, length)))
+    block_mask = tree_block_mask(_ends(rows, length), depth=depth, window=window, groups=groups)
+    out = flex_attention_fn(q.device, compile=False)(q, k, v, block_mask=block_mask)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_layer_allowed_by_hand():
+    """One chain of 6 tokens (a prompt whose tokens 1-3 are an image) and a branch: window 3 on depths."""
+    row = pack_question([10, 11, 12, 13, 14, 15], [([20, 21], 0), ([30], 0)])
+    length = len(row.tokens)
+    tree = torch.from_numpy(allowed_matrix(row.end, length))[None]
+    depth = torch.tensor([row.depth])
+    types = torch.tensor([[0, 1, 1, 1] + [0] * (length - 4)])
+    allowed = layer_allowed(tree, depth, 3, image_groups(types))[0]
+    q = row.tokens.index(21)  # depth 7: sees depths 5, 6, 7 along its own path
+    assert [row.tokens[k] for k in allowed[q].nonzero().flatten().tolist()] == [15, 20, 21]
+    assert [row.tokens[k] for k in allowed[1].nonzero().flatten().tolist()] == [10, 11, 12, 13]  # whole image
+    full = layer_allowed(tree, depth, None, None)[0]
+    assert [row.tokens[k] for k in full[q].nonzero().flatten().tolist()] == [10, 11, 12, 13, 14, 15, 20, 21]
 
 
 def _pair(tmp_path, monkeypatch, kind, **config):
@@ -123,35 +184,41 @@ def test_tree_attention_packed_equals_unpacked(tmp_path, monkeypatch, kind):
 
 
 def _text_model(family, tok):
-    """Tiny Llama / Mistral causal LMs (Qwen2's tiny settings) for the attention-interface check."""
+    """Tiny Llama / Mistral causal LMs (Qwen2's tiny settings) for the attention-interface check;
+    Mistral's sliding window (8) is shorter than the rows."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     from srpo_trl.tiny import _text_kwargs
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[
-        family
-    ]
+    if family == "llama":
+        config = LlamaConfig(**_text_kwargs(tok, 32, 2), attn_implementation="sdpa")
+        return _seeded(LlamaForCausalLM, config)
+    config = MistralConfig(**_text_kwargs(tok, 32, 2), sliding_window=8, attn_implementation="sdpa")
+    return _seeded(MistralForCausalLM, config)
+
+
+def _seeded(model_cls, config):
     torch.manual_seed(0)
-    return model_cls(config_cls(**_text_kwargs(tok, 32, 2), attn_implementation="sdpa")).eval()
+    return model_cls(config).eval()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llama", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llama", "mistral", "gemma3"])
 def test_tree_attention_on_other_families(tmp_path, monkeypatch, family):
-    """Qwen2-VL's decoder, Llama and Mistral take srpo_tree through the same interface."""
-    from srpo_trl.tiny import tiny_qwen2_vl
+    """Qwen2-VL's decoder, Llama, Mistral (one sliding-window BlockMask) and Gemma3 (a BlockMask per
+    layer type, with bidirectional image blocks) take srpo_tree through the same interface."""
+    from test_device_guard import _vision_rows
+
+    from srpo_trl import tiny
 
     rows = question_rows()
-    if family == "qwen2_vl":
-        model, processing_class = tiny_qwen2_vl(seed=5)
-        from test_device_guard import _vision_rows
-
+    if family in ("qwen2_vl", "gemma3"):
+        model, processing_class = getattr(tiny, f"tiny_{family}")(seed=5)
         rows = _vision_rows()
     else:
         processing_class = build_tokenizer()
         model = _text_model(family, processing_class)
     ds = StepPairDataset.from_list(rows)
-    # max_length within Mistral's sliding window: longer rows would make prefix sharing fall back (srpo_trl.architectures)
-    common = dict(per_device_train_batch_size=len(rows), srpo_lambda=0.6, max_length=1024)
+    common = dict(per_device_train_batch_size=len(rows), srpo_lambda=0.6)
     plain = SRPOTrainer(
         model=model,
         args=srpo_args(tmp_path / "u", prefix_sharing=False, **common),

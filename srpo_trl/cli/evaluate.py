@@ -34,7 +34,7 @@ from ..evaluation.loaders import BENCHMARKS, MMSB_VARIANTS
 from ..evaluation.metrics import METRIC_LABELS, format_proportion
 from ..evaluation.protocols import command as protocol_command
 from ..evaluation.runner import check_resume, run_settings
-from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
+from .flags import add_endpoint_mode_flags, add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
 
 def _unescape(value: str) -> str:
@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         max_new_tokens=512,
         seed=0,
         old_samples=True,
-        samples_help="reasoning paths per item (majority vote over them)",
+        samples_help="reasoning paths per item (majority vote over them; under --protocol siuo-mcqa the defaults "
+        "are SIUO's: 1 sample, --temperature 0, --max-new-tokens 5)",
     )
     add_http_flags(p, timeout=60.0, retries=3)
+    add_endpoint_mode_flags(p)
     gen.add_argument("--batch-size", type=int, default=8, help="items per generation call (x samples sequences)")
     gen.add_argument("--system-prompt", default=None, help="system message before each question")
     gen.add_argument(
@@ -191,7 +193,7 @@ def _make_judge(args: argparse.Namespace) -> Any:
 
 def _make_backend(args: argparse.Namespace, config: EvalConfig) -> Any:
     if args.endpoint:
-        return endpoint_backend(args)
+        return endpoint_backend(args, separator=config.separator)
     import torch
 
     from ..backends import TransformersBackend
@@ -215,7 +217,12 @@ def _model_info(args: argparse.Namespace) -> dict[str, Any]:
     from .. import store
 
     if args.endpoint:
+        from ..endpoint import processor_source
+
         identity = store.endpoint_fingerprint(args.endpoint, args.served_model)
+        # how prompts reach the server changes the answers
+        identity["endpoint_mode"] = args.endpoint_mode
+        identity["processor"] = processor_source(args.processor, args.served_model)
         return {
             "model": args.served_model,
             "endpoint": identity["endpoint"],
@@ -238,8 +245,43 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: The sampling flags whose defaults depend on the protocol (SIUO's MCQA set generates differently).
+_SAMPLING = ("num_samples", "temperature", "max_new_tokens")
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
+    """The arguments, and which sampling flags were given (those not given get their default later,
+    once the protocol is known)."""
+    parser = build_parser()
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(_SAMPLING)))
+    given = {dest for dest in _SAMPLING if getattr(args, dest) is not None}
+    for dest in set(_SAMPLING) - given:
+        setattr(args, dest, parser.get_default(dest))
+    return args, given
+
+
+def _protocol_sampling(args: argparse.Namespace, protocol: str, given: set[str]) -> None:
+    """Under --protocol siuo-mcqa, SIUO's generation settings are the defaults; a flag that departs from
+    them gets a warning (the accuracy is then not comparable with SIUO's)."""
+    if protocol != "siuo-mcqa":
+        return
+    from ..evaluation.protocols.mcqa import GENERATION
+
+    for dest, value in GENERATION.items():
+        if dest not in given:
+            setattr(args, dest, value)
+        elif getattr(args, dest) != value:
+            flag = "--" + dest.replace("_", "-")
+            print(
+                f"srpo-trl evaluate: warning: {flag} {getattr(args, dest)} under --protocol siuo-mcqa; SIUO generates "
+                f"the MCQA answers with --num-samples 1 --temperature 0 --max-new-tokens 5 (the defaults here), "
+                "so this accuracy is not comparable with SIUO's",
+                file=sys.stderr,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, given = _parse(argv)
     try:
         if args.write_judge_templates:
             for path in JudgeTemplates().write_dir(args.write_judge_templates):
@@ -289,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--adapter loads the model in-process; with --endpoint serve the adapter from the endpoint"
                 )
             protocol = protocol_command.resolve_protocol(args)
+            _protocol_sampling(args, protocol, given)
             items = protocol_command.load_items(args)
             config = EvalConfig(
                 samples=args.num_samples,

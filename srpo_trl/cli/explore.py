@@ -20,7 +20,7 @@ from .. import store
 from ..contract import RecordError
 from ..exploration import explore, load_records, output_fingerprint, verifier_label
 from ..verifiers import as_verifier
-from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
+from .flags import add_endpoint_mode_flags, add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
 
 def _load_verifier_factory(spec: str):
@@ -65,13 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-endpoint", default=None, help="judge server (default: --endpoint)")
     p.add_argument("--judge-model", default=None, help="judge model name (default: --served-model)")
     p.add_argument("--judge-template", default=None, help="a file with the judge prompt (str.format fields)")
-    p.add_argument("--judge-api-key", default=None)
+    p.add_argument(
+        "--judge-api-key",
+        default=None,
+        help="API key for the judge (default: --api-key when the judge is --endpoint itself, else $OPENAI_API_KEY)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call (--model)")
     p.add_argument("--dtype", default="float32", help="model dtype (--model), e.g. bfloat16")
     p.add_argument(
         "--device", default=None, help="device for --model (default: cuda:LOCAL_RANK if available, else cpu)"
     )
     add_http_flags(p, timeout=60.0, retries=3, old_max_retries=True)
+    add_endpoint_mode_flags(p)
     p.add_argument("--concurrency", type=int, default=8, help="parallel HTTP requests per record (--endpoint)")
     p.add_argument(
         "--concurrent-records",
@@ -111,7 +116,7 @@ def _make_verifier(args) -> Any:
             name,
             base_url=url,
             model=model,
-            api_key=args.judge_api_key or args.api_key,
+            api_key=_judge_api_key(args),
             timeout=args.timeout,
             max_retries=args.http_retries,
             **kwargs,
@@ -120,6 +125,26 @@ def _make_verifier(args) -> Any:
         return get_verifier(name)
     except KeyError as exc:
         raise SystemExit(f"srpo-trl explore: {exc.args[0]}") from None
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    def norm(url: str) -> str:
+        url = url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    return norm(a) == norm(b)
+
+
+def _judge_api_key(args) -> str | None:
+    """--judge-api-key; else the policy's --api-key only when the judge is the policy's own endpoint
+    (a key is never sent to a server it was not given for); else None ($OPENAI_API_KEY)."""
+    if args.judge_api_key:
+        return args.judge_api_key
+    if args.api_key and (
+        not args.judge_endpoint or (args.endpoint and _same_endpoint(args.judge_endpoint, args.endpoint))
+    ):
+        return args.api_key
+    return None
 
 
 def _check_policy_args(args) -> None:
@@ -134,7 +159,7 @@ def _make_backend(args):
 
     _check_policy_args(args)
     if args.endpoint:
-        return endpoint_backend(args, concurrency=args.concurrency)
+        return endpoint_backend(args, concurrency=args.concurrency, separator=args.separator)
     from ..loading import load_model_and_processor
 
     device = args.device
@@ -157,7 +182,12 @@ def _cli_fingerprint(args) -> tuple[dict, dict]:
         policy = store.model_fingerprint(args.model, args.adapter)
         policy["dtype"] = args.dtype
     else:
+        from ..endpoint import processor_source
+
         policy = store.endpoint_fingerprint(args.endpoint or "", args.served_model)
+        # how prompts reach the server changes what is sampled
+        policy["endpoint_mode"] = args.endpoint_mode
+        policy["processor"] = processor_source(args.processor, args.served_model)
     extra = {"answer_extract": args.answer_extract, "answer_pattern": args.answer_pattern}
     if args.verifier == "judge":
         template = Path(args.judge_template).read_bytes() if args.judge_template else b""
@@ -199,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 separator=args.separator,
             )
             fingerprint = output_fingerprint(args.records, recs, policy, verifier_label(verifier), bp, settings, extra)
-            store.check_fingerprint(args.out, fingerprint, write=False)
+            store.check_fingerprint(store.real_path(args.out), fingerprint, write=False)
         backend = _make_backend(args)
         summary = explore(
             args.records,

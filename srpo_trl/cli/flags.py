@@ -3,10 +3,12 @@
 * the policy: ``--model PATH`` (a local folder) or ``--endpoint URL --served-model NAME`` (an
   OpenAI-compatible server), ``--api-key``;
 * sampling: ``--num-samples``, ``--temperature``, ``--max-new-tokens``, ``--seed``;
-* HTTP: ``--timeout`` (seconds per request), ``--http-retries`` (retries of a failed request).
+* HTTP: ``--timeout`` (seconds per request), ``--http-retries`` (retries of a failed request);
+* how prompts reach a server (commands that sample the policy): ``--endpoint-mode``, ``--processor``.
 
-Old spellings (``--generation-url``, ``--chat-url``, ``--samples``, ``--max-retries`` where it meant
-HTTP retries) still work for one release: they set the new flag and warn (``FutureWarning``).
+Old spellings (``--generation-url``, ``--chat-url``, ``--samples``, ``--max-retries``: HTTP retries
+in ``explore``, now ``--http-retries``; agent re-asks in ``generate-records``, now ``--agent-retries``)
+still work for one release: they set the new flag and warn (``FutureWarning``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import warnings
 from typing import Any
 
 
-__all__ = ["DeprecatedFlag", "add_policy_flags", "add_sampling_flags", "add_http_flags"]
+__all__ = ["DeprecatedFlag", "add_policy_flags", "add_sampling_flags", "add_http_flags", "add_endpoint_mode_flags"]
 
 
 class DeprecatedFlag(argparse.Action):
@@ -100,11 +102,50 @@ def add_http_flags(
     return group
 
 
+def add_endpoint_mode_flags(parser: argparse.ArgumentParser) -> Any:
+    """``--endpoint-mode`` and ``--processor``: how prompts reach the policy's server (srpo_trl.endpoint)."""
+    group = parser.add_argument_group("how prompts reach the server (with --endpoint)")
+    group.add_argument(
+        "--endpoint-mode",
+        choices=["auto", "tokens", "text", "chat"],
+        default="auto",
+        help="tokens / text: prompts rendered here with the policy's processor (exactly as the trainer renders "
+        "them) and sent to /v1/completions as token ids / as text; chat: messages to /v1/chat/completions, the "
+        "server renders the template (prefixes need continue_final_message: vLLM, SGLang). auto (default): tokens, "
+        "else text when a processor is known, else chat, decided by a one-token preflight request. Requests with "
+        "images always go as chat messages",
+    )
+    group.add_argument(
+        "--processor",
+        default="auto",
+        help="the policy's tokenizer / processor for tokens and text modes: a folder or a cached hub name; auto "
+        "(default): the --served-model name when it is such a folder or cached name; none: let the server render",
+    )
+    return group
+
+
+def endpoint_processor(args: argparse.Namespace) -> Any:
+    """The processing class that ``--processor`` names (or None), for the endpoint modes."""
+    from ..endpoint import resolve_processor
+
+    processing_class, _ = resolve_processor(getattr(args, "processor", "none"), args.served_model)
+    return processing_class
+
+
 def endpoint_backend(args: argparse.Namespace, model: str | None = None, **kwargs: Any) -> Any:
     """The OpenAI-compatible backend that the shared policy and HTTP flags describe
-    (`--endpoint`, `--served-model`, `--api-key`, `--timeout`, `--http-retries`)."""
+    (`--endpoint`, `--served-model`, `--api-key`, `--timeout`, `--http-retries`, and where the command
+    has them `--endpoint-mode`, `--processor`)."""
     from ..backends import OpenAICompatibleBackend
 
+    if hasattr(args, "endpoint_mode"):
+        kwargs.setdefault("mode", args.endpoint_mode)
+        kwargs.setdefault("processing_class", endpoint_processor(args))
+        if kwargs["mode"] in ("tokens", "text") and kwargs["processing_class"] is None:
+            raise ValueError(
+                f"--endpoint-mode {args.endpoint_mode} renders prompts here: pass --processor PATH (the policy's "
+                "tokenizer or processor folder)"
+            )
     return OpenAICompatibleBackend(
         args.endpoint,
         model or args.served_model,

@@ -26,7 +26,7 @@ from ..records.pipeline import (
     images_fingerprint,
     summarize,
 )
-from .flags import add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
+from .flags import DeprecatedFlag, add_http_flags, add_policy_flags, add_sampling_flags, endpoint_backend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,19 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-templates", metavar="DIR", default=None, help="write the default templates to DIR and exit"
     )
     gen.add_argument(
-        "--max-retries",
+        "--agent-retries",
         type=int,
         default=2,
         help="re-asks after an invalid answer, per agent call (default 2; HTTP retries are --http-retries)",
     )
+    # `--max-retries` means HTTP retries in explore: its old meaning here is kept for one release, with a warning.
+    gen.add_argument("--max-retries", dest="agent_retries", type=int, action=DeprecatedFlag, new="--agent-retries")
     gen.add_argument(
         "--max-revisions", type=int, default=2, help="times the Check agent may send an item back (default 2)"
     )
     gen.add_argument("--min-steps", type=int, default=3, help="fewest reasoning steps (default 3)")
     gen.add_argument("--max-steps", type=int, default=8, help="most reasoning steps (default 8)")
-    add_sampling_flags(
-        p, num_samples=None, temperature=0.7, max_new_tokens=1024, seed=None
-    )  # one answer per agent call
+    add_sampling_flags(p, num_samples=None, temperature=0.7, max_new_tokens=1024, seed=0)  # one answer per agent call
     gen.add_argument("--workers", type=int, default=4, help="images processed at once with --endpoint (default 4)")
     gen.add_argument("--retry-failed", action="store_true", help="retry every failed item from scratch")
     gen.add_argument(
@@ -174,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             per_image=args.per_image,
             benign_per_image=args.benign_per_image,
             categories=categories,
-            max_retries=args.max_retries,
+            max_retries=args.agent_retries,
             max_revisions=args.max_revisions,
             min_steps=args.min_steps,
             max_steps=args.max_steps,
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
             workers=args.workers if args.endpoint else 1,
             retry_failed=args.retry_failed,
             max_consecutive_backend_errors=args.max_backend_errors,

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("path", help="print the folder the recipes are installed in")
     copy = sub.add_parser("copy", help="copy every recipe file into a folder (the repository's recipes/ layout)")
     copy.add_argument("dest", nargs="?", default="recipes", help="target folder (default: ./recipes)")
-    copy.add_argument("--force", action="store_true", help="overwrite files that exist")
+    copy.add_argument("--overwrite", action="store_true", help="overwrite files that exist")
     return p
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(launch.recipes_dir())
     else:
         try:
-            written = launch.copy_recipes(args.dest, force=args.force)
+            written = launch.copy_recipes(args.dest, overwrite=args.overwrite)
         except launch.LaunchError as e:
             print(f"srpo-trl recipes copy: {e}", file=sys.stderr)
             return 2

@@ -6,7 +6,7 @@ how noisy the exploration verifier is, and the rows of the baselines built from 
   reference samples its own path and keeps the first one the verifier passes as the path to branch
   from (``reference_source: "sampled"``, see :mod:`srpo_trl.exploration`).
 - :func:`anchor_rows`: a sampled path is the model's own, not a verified reference, so its pair
-  rows get ``reference: None`` and the trainer anchors them on ``prefix + chosen`` (SRPO_SPEC:
+  rows get ``reference: None`` and the trainer anchors them on ``prefix + chosen`` (docs/method.md:
   ``r = p + y+``).
 - :class:`NoisyVerifier`: flips a seeded share of a verifier's verdicts (the same path of the same
   record always gets the same verdict).

@@ -506,7 +506,8 @@ def _clean(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``srpo-trl demo`` (the docs test parses documented commands with it)."""
     parser = argparse.ArgumentParser(prog="srpo-trl demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and every stage (default 0)")
     parser.add_argument("--quick", action="store_true", help="a smaller run (CI): under 3 minutes on 2 CPU cores")
@@ -565,6 +566,11 @@ def main(argv=None) -> int:
         metavar="OUT",
         help="only print mean and spread over earlier runs' --out folders (e.g. one per seed), then exit",
     )
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.summarize:
         print(summarize_seeds(args.summarize))

@@ -3,7 +3,7 @@
     srpo-trl study --out study_out --jobs 2                      # the pre-registered grid
     srpo-trl study --grid coverage=1,0.25 seeds=101,102 noise=0 samples=8 --out my_grid
     srpo-trl study --quick --out study_quick                     # the grid's smallest cell, for CI
-    srpo-trl study --summarize study_out                         # tables and charts from the results only
+    srpo-trl study --out study_out --summarize                   # tables and charts from the results only
 
 A cell is (seed, reference coverage, verifier noise, samples per branch point). Per seed, the data,
 the warm start and two explorations (every record from its given reference; every record from a
@@ -220,7 +220,7 @@ def _seed_state(out: Path, cell: Cell, budget, quick: bool) -> dict[str, Any]:
         model, processor = run.build_model(cell.seed, budget.hidden_size, budget.num_hidden_layers, budget.vocab_size)
         warm_file, warm_info = work / "warm.pt", work / "warm.json"
         if warm_file.exists() and warm_info.exists():
-            model.load_state_dict(torch.load(warm_file, map_location="cpu"))
+            model.load_state_dict(torch.load(warm_file, map_location="cpu", weights_only=True))
             model.eval()
             warm_summary = json.loads(warm_info.read_text(encoding="utf-8"))
         else:
@@ -595,7 +595,8 @@ def write_summary(
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``srpo-trl study`` (the docs test parses documented commands with it)."""
     parser = argparse.ArgumentParser(prog="srpo-trl study", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--grid",
@@ -614,6 +615,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--summarize", action="store_true", help="only write summary and charts from OUT/results.jsonl"
     )
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"srpo-trl study: --jobs must be at least 1, got {args.jobs}")

@@ -186,6 +186,14 @@ def benchmark_markdown(report: dict[str, Any]) -> list[str]:
                     lines.append(
                         f"| {scenario} | {key} | {e['safe']} | {e['unsafe']} | {e['total']} | {e['unreadable']} | {rate} |"
                     )
+            unreadable = sum(e["unreadable"] for keys in bench["cal_metric"].values() for e in keys.values())
+            if unreadable:
+                lines += [
+                    "",
+                    f"**{unreadable} judge repl{'y was' if unreadable == 1 else 'ies were'} neither safe nor unsafe**: "
+                    "left out of the attack rate, unsafe / (safe + unsafe) as MM-SafetyBench's README defines it "
+                    "(its evaluation.py gives no number for such a scenario).",
+                ]
         elif bench["protocol"] == "siuo-mcqa":
             a = bench["accuracy"]
             lines += ["| category | accuracy % | correct / n | random picks |", "|---|---|---|---|"]

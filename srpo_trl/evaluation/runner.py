@@ -85,14 +85,23 @@ def build_messages(item: EvalItem, system_prompt: str | None = None) -> list[dic
 
 
 def items_fingerprint(items: Sequence[EvalItem]) -> str:
+    """A hash of the items: ids, prompts, expected outcomes, categories, and the images by content
+    (other pixels under the same file name are other items)."""
     digest = hashlib.sha256()
     for item in items:
+        images = [_image_identity(image) for image in item.images]
         digest.update(
             json.dumps(
-                [item.id, item.prompt, item.images, item.expected, item.category], sort_keys=True, default=str
+                [item.id, item.prompt, images, item.expected, item.category], sort_keys=True, default=str
             ).encode()
         )
     return digest.hexdigest()[:16]
+
+
+def _image_identity(image: Any) -> Any:
+    if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+        return [str(image), store.content_hash(image)]
+    return image  # not a file here (e.g. answers scored without their images): the path alone
 
 
 def _damaged(path: Path, n: int) -> EvaluationStateError:

@@ -414,12 +414,14 @@ def call_agent(
     max_retries: int = 2,
     temperature: float = 0.0,
     max_new_tokens: int = 1024,
+    seed: int | None = None,
 ) -> AgentResult:
     """Ask ``agent`` through ``backend.chat`` and return its validated answer.
 
     The first user message holds the image(s) and the rendered template; an invalid answer is
     kept in the conversation and followed by the ``retry`` template (the error and the expected
-    JSON form), up to ``max_retries`` more times. Raises :class:`AgentFailure`.
+    JSON form), up to ``max_retries`` more times. ``seed`` (not None) goes to ``backend.chat``.
+    Raises :class:`AgentFailure`.
     """
     spec = AGENTS[agent]
     context = context or {}
@@ -446,6 +448,7 @@ def call_agent(
             temperature=temperature,
             max_new_tokens=max_new_tokens,
             what=f"{agent} agent answer",
+            seed=seed,
         )
     except BackendFailed as exc:  # the backend's own retries are spent (or it cannot send this input)
         cause = exc.__cause__

@@ -86,6 +86,7 @@ class PipelineConfig:
     max_steps: int = 8
     temperature: float = 0.7
     max_new_tokens: int = 1024
+    seed: int | None = None  # passed to every agent call (``backend.chat(..., seed=)``); None: unseeded
     workers: int = 1  # images processed at once (items of one image run in order)
     retry_failed: bool = False
     max_consecutive_backend_errors: int = 5
@@ -201,6 +202,8 @@ def run_fingerprint(
         "per_image": config.per_image,
         "benign_per_image": config.benign_per_image,
     }
+    if config.seed is not None:  # unseeded runs keep the fingerprint they had before seeds existed
+        fp["seed"] = config.seed
     if images is not None:
         fp["images"] = images
     return fp
@@ -208,8 +211,6 @@ def run_fingerprint(
 
 #: Fingerprint keys a resume may raise (it then adds items), never lower.
 GROWABLE = ("per_image", "benign_per_image")
-
-_image_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hashed once per process
 
 
 def images_fingerprint(images_dir: str | os.PathLike, images: list[Path] | None = None) -> dict:
@@ -219,11 +220,7 @@ def images_fingerprint(images_dir: str | os.PathLike, images: list[Path] | None 
     images = discover_images(images_dir) if images is None else images
     files = {}
     for image in images:
-        st = image.stat()
-        key = (str(image.resolve()), st.st_size, st.st_mtime_ns)
-        if key not in _image_hashes:
-            _image_hashes[key] = store.file_sha256(image)
-        files[_relative(image, images_dir)] = f"{st.st_size}:{_image_hashes[key][:16]}"
+        files[_relative(image, images_dir)] = f"{image.stat().st_size}:{store.content_hash(image)[:16]}"
     return {"count": len(files), "files": files}
 
 
@@ -381,6 +378,7 @@ class _Pipeline:
                 max_retries=self.config.max_retries,
                 temperature=self.config.temperature,
                 max_new_tokens=self.config.max_new_tokens,
+                seed=self.config.seed,
             )
         except AgentFailure as exc:
             if exc.reason == "backend_error":
@@ -642,6 +640,7 @@ def generate_records(
     (:func:`run_fingerprint`), else it is refused before any call; ``overwrite`` starts again. A second run on the same ``out`` is refused while one runs.
 
     ``backend``: anything with ``chat(messages, *, images, temperature, max_new_tokens) -> str``
+    (and a ``seed`` keyword when ``config.seed`` is set)
     (:class:`srpo_trl.backends.OpenAICompatibleBackend` or ``TransformersBackend``).
     Returns the summary (also written to ``<out stem>.summary.json``); raises :class:`RunAborted`
     after writing it when the backend failed too often in a row.

@@ -1,4 +1,5 @@
-"""On CUDA: packed == unpacked (log-probs, losses, gradients) for text, Qwen2.5-VL and LLaVA-NeXT,
+"""On CUDA: packed == unpacked (log-probs, losses, gradients) for text, Qwen2.5-VL, LLaVA-NeXT,
+LLaVA-1.5, Gemma3 (sliding windows, image blocks) and Qwen3-VL,
 in fp32 (the dense-mask sdpa path) and bf16 (tree attention, FlexAttention compiled); Step-DPO with
 a reference model; a bounded number of FlexAttention compilations over batches of varying sizes;
 a 20-step bf16 LoRA run from a recipe YAML through `srpo-trl train` (issue 11).
@@ -75,7 +76,8 @@ def _run(trainer, batch, bf16):
     return loss.item(), (sums / counts).float(), grads
 
 
-@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next", "llava"])
+# gemma3: per-layer-type BlockMasks (a sliding window of 8 tokens, image blocks); qwen3_vl: DeepStack
+@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl", "llava_next", "llava", "gemma3", "qwen3_vl"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_packed_equals_unpacked_on_cuda(tmp_path, monkeypatch, kind, precision):
     bf16 = precision == "bf16"

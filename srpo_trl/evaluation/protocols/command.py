@@ -298,7 +298,11 @@ def summary_lines(report: dict) -> list[str]:
         else:
             for scenario, keys in bench["cal_metric"].items():
                 rates = ", ".join(
-                    f"{k or '-'} {e['attack_rate']:.4f}" for k, e in keys.items() if e["attack_rate"] is not None
+                    f"{k or '-'} "
+                    + ("n/a" if e["attack_rate"] is None else f"{e['attack_rate']:.4f}")
+                    + (f" ({e['unreadable']} unreadable verdict(s) left out)" if e["unreadable"] else "")
+                    for k, e in keys.items()
+                    if e["attack_rate"] is not None or e["unreadable"]
                 )
                 lines.append(f"{model['label']} [MM-SafetyBench evaluation.py] {scenario}: attack rate {rates}")
     return lines
