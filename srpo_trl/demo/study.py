@@ -51,6 +51,13 @@ QUICK_GRID = {"coverage": [0.25], "noise": [0.0], "samples": [4], "seeds": [0]} 
 # render per train combination explored, 30 training steps (a budget the demo's validation runs
 # tried), half the test renders.
 STUDY_BUDGET = dict(warm_renders=6, warm_steps=250, explore_renders=1, train_steps=30, eval_renders=2)
+# The pre-registration's own budget (docs/study.md, commit cd73081), run as the study's second run
+# (issue 25): the demo's defaults (warm start 400 steps on 10 paths, 2 renders explored, 60 training
+# steps, 4 test renders) and the ablation arms at coverage 1.0 and 0.1.
+BUDGETS = {  # --budget NAME -> (overrides of the demo's defaults, coverages with the ablation arms)
+    "amended": (STUDY_BUDGET, ABLATION_COVERAGES),
+    "demo": ({}, (1.0, 0.1)),
+}
 # The quick cell's budget: CI only (a 64-wide model, fewer warm-start steps than the demo's --quick): about 80 s of CPU
 QUICK_BUDGET = dict(
     hidden_size=64, warm_renders=6, warm_steps=160, explore_renders=1, num_samples=4, train_steps=10, eval_renders=1
@@ -609,6 +616,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--out", default="study_out", help="output folder (default study_out); rerun with it to resume"
     )
+    parser.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="amended",
+        help="amended: the first run's budget (30 training steps; default, so that run resumes); "
+        "demo: the pre-registration's own, the demo's defaults (60 steps; the second run)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -623,9 +637,15 @@ def main(argv=None) -> int:
     from .run import Budget
 
     grid = parse_grid(args.grid, args.quick)
-    budget = Budget(**(QUICK_BUDGET if args.quick else STUDY_BUDGET))
+    overrides, ablation_coverages = BUDGETS[args.budget]
+    if args.quick:
+        overrides = QUICK_BUDGET
+    budget = Budget(**overrides)
     settings = Settings(
-        quick=args.quick, budget=asdict(budget), ablation_lambdas=() if args.quick else ABLATION_LAMBDAS
+        quick=args.quick,
+        budget=asdict(budget),
+        ablation_lambdas=() if args.quick else ABLATION_LAMBDAS,
+        ablation_coverages=tuple(ablation_coverages),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -640,8 +660,8 @@ def main(argv=None) -> int:
     )
     print(
         f"study: {len(cells)} cells ({len(done_keys & {c.key for c in cells})} already in {results}), "
-        f"{len(todo)} to run with {args.jobs} process(es); budget: {QUICK_BUDGET if args.quick else STUDY_BUDGET} "
-        "over the demo's defaults",
+        f"{len(todo)} to run with {args.jobs} process(es); budget: {overrides or 'none'} "
+        f"over the demo's defaults, ablation arms at coverage {', '.join(f'{c:g}' for c in settings.ablation_coverages)}",
         flush=True,
     )
     if not args.summarize and todo:
