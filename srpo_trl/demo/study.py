@@ -270,37 +270,63 @@ def _seed_state(out: Path, cell: Cell, budget, quick: bool) -> dict[str, Any]:
     return {"data": data, "model": model, "processor": processor, "warm_summary": warm_summary, "explored": explored}
 
 
-def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
-    """Train and evaluate every method of one cell; returns its result line."""
-    import torch
-
+def cell_data(out: Path, cell: Cell, settings: Settings) -> dict[str, Any]:
+    """What every arm of ``cell`` trains on: the budget, the seed's cached state (data, warm model,
+    explorations), the cell's exploration lines (given reference for the covered records, own path
+    for the others), its step pairs and each method's rows. Shared by :func:`run_cell` and the
+    diagnosis (:mod:`srpo_trl.demo.diagnose`), so both see the same rows."""
     from .. import StepPairDataset
-    from . import regime, run, task
+    from . import regime, run
 
-    start = time.time()
-    torch.set_num_threads(1)
     budget = run.Budget(**settings.budget)
     budget.reference_coverage, budget.verifier_noise, budget.num_samples = cell.coverage, cell.noise, cell.samples
     state = _seed_state(out, cell, budget, settings.quick)
-    data, warm, processor = state["data"], state["model"], state["processor"]
     covered = {
-        r["id"] for r in regime.cover_references(data["explore_records"], cell.coverage, cell.seed) if "reference" in r
+        r["id"]
+        for r in regime.cover_references(state["data"]["explore_records"], cell.coverage, cell.seed)
+        if "reference" in r
     }
     explored = [
         g if g["id"] in covered else o
         for g, o in zip(state["explored"]["given"], state["explored"]["own"], strict=True)
     ]
     assert all(g["id"] == o["id"] for g, o in zip(state["explored"]["given"], state["explored"]["own"]))
-    cell_dir = out / "work" / "cells" / cell.key.replace(" ", "_").replace("=", "")
-    shutil.rmtree(cell_dir, ignore_errors=True)  # a cell killed half-way starts over (no stale evaluation state)
     pairs = StepPairDataset.from_exploration(explored, max_pairs_per_point=budget.max_pairs_per_point, seed=cell.seed)
     datasets, rows_info = run.method_datasets(explored, pairs, settings.methods)
+    return {
+        "budget": budget,
+        "state": state,
+        "explored": explored,
+        "pairs": pairs,
+        "datasets": datasets,
+        "rows_info": rows_info,
+    }
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "work" / "cells" / cell.key.replace(" ", "_").replace("=", "")
+
+
+def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
+    """Train and evaluate every method of one cell; returns its result line."""
+    import torch
+
+    from . import run, task
+
+    start = time.time()
+    torch.set_num_threads(1)
+    inputs = cell_data(out, cell, settings)
+    budget, state, explored, pairs = inputs["budget"], inputs["state"], inputs["explored"], inputs["pairs"]
+    datasets, rows_info = inputs["datasets"], inputs["rows_info"]
+    data, warm, processor = state["data"], state["model"], state["processor"]
+    work = cell_dir(out, cell)
+    shutil.rmtree(work, ignore_errors=True)  # a cell killed half-way starts over (no stale evaluation state)
     arms = [(m, m, 0.3) for m in settings.methods]
     if cell.coverage in settings.ablation_coverages:
         arms += [("srpo", f"srpo_lambda_{lam:g}", lam) for lam in settings.ablation_lambdas]
     items = task.to_eval_items(data["eval_records"])
     models, train = {}, {}
-    run_ = run.evaluate_model(warm, processor, items, "warm", cell_dir, budget, cell.seed, False)
+    run_ = run.evaluate_model(warm, processor, items, "warm", work, budget, cell.seed, False)
     models["warm"] = run.summarize_run(run_)
     for method, name, lam in arms:
         torch.manual_seed(cell.seed)
@@ -310,7 +336,7 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
             processor,
             datasets.get(method, pairs),
             budget,
-            cell_dir,
+            work,
             cell.seed,
             False,
             srpo_lambda=lam,
@@ -318,7 +344,7 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
         )
         train[name] = {k: summary[k] for k in ("steps", "rows", "seconds")} | {"last": summary["last"]}
         models[name] = run.summarize_run(
-            run.evaluate_model(model, processor, items, name, cell_dir, budget, cell.seed, False)
+            run.evaluate_model(model, processor, items, name, work, budget, cell.seed, False)
         )
         del model
     unsafe = {r["id"] for r in data["explore_records"] if r["unsafe"]}
@@ -628,6 +654,16 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--summarize", action="store_true", help="only write summary and charts from OUT/results.jsonl"
     )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="the diagnosis of docs/study.md on the grid's cells (from OUT's cache): the pairs against the task's "
+        "hidden rule, per-term gradient norms of SRPO and NLL, SRPO on pairs from unsafe records only "
+        "(srpo_trl/demo/diagnose.py); resumes from OUT/diagnosis.jsonl",
+    )
+    parser.add_argument(
+        "--audit-only", action="store_true", help="with --diagnose's outputs: only the pair audit (no training)"
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"srpo-trl study: --jobs must be at least 1, got {args.jobs}")
@@ -651,6 +687,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     cells = grid_cells(grid)
+    if args.diagnose or args.audit_only:
+        from . import diagnose
+
+        return diagnose.main(out, cells, settings, args.audit_only, not args.no_progress)
     done = read_results(results, settings, repair=not args.summarize)
     done_keys = {line["key"] for line in done}
     todo = [c for c in cells if c.key not in done_keys]

@@ -1,0 +1,253 @@
+"""Issue 25: the study's diagnosis: per-term gradient norms against a hand computation, the probed
+trainer (logs the terms, matches the Trainer's own grad norm, does not change training) and the pair
+audit against the task's hidden rule."""
+
+import math
+
+import pytest
+import torch
+from helpers import ROWS, hand_ids, make_trainer
+
+from srpo_trl.demo import diagnose
+from srpo_trl.demo import task as T
+from srpo_trl.demo.run import clone_model  # a deepcopy would keep TRL's forward closure (the original's)
+from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+# --- per-term gradient norms ------------------------------------------------------------------
+
+
+def _token_logps(model, ids, start):
+    """Per-token log-probs of ids[start:] from a plain forward of this one sequence (with grad)."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0]
+    logp = logits.log_softmax(-1)
+    return logp[start - 1 : len(ids) - 1].gather(1, torch.tensor(ids[start:])[:, None]).squeeze(1)
+
+
+def _hand_terms(model, tok, rows, align_of):
+    """L_ref and L_align of SRPO_SPEC.md, sequence by sequence (no padding, no packing, no fused head)."""
+    nll, align = [], []
+    for row in rows:
+        (c_ids, c0), (r_ids, r0), (f_ids, f0) = hand_ids(tok, row)
+        c, d = _token_logps(model, c_ids, c0), _token_logps(model, r_ids, r0)
+        nll.append(-_token_logps(model, f_ids, f0).mean())
+        align.append(align_of(c, d, row))
+    return torch.stack(nll).mean(), torch.stack(align).mean()
+
+
+def _odds_ratio(c, d, row):
+    c, d = c.mean(), d.mean()
+    log_odds = (c - d) - (torch.log(1 - torch.exp(c)) - torch.log(1 - torch.exp(d)))  # log(p/(1-p)), directly
+    return torch.log1p(torch.exp(-log_odds))  # -log sigmoid
+
+
+def _norms(model, nll, align, lam):
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ref = torch.autograd.grad(nll, params, retain_graph=True, allow_unused=True)
+    g_align = torch.autograd.grad(align, params, allow_unused=True)
+    flat = lambda gs: torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)])  # noqa: E731
+    a, b = flat(g_ref), flat(g_align)
+    return {
+        "grad_norm/reference": a.norm().item(),
+        "grad_norm/align": b.norm().item(),
+        "grad_cosine": (a @ b / (a.norm() * b.norm())).item(),
+        "grad_norm/total": (a + lam * b).norm().item(),
+    }
+
+
+# Tolerance: the probe runs in float32 (the trainer's packed or padded forward and fused LM head),
+# the hand computation in float64 on a copy of the same weights, sequence by sequence. float32's unit
+# roundoff is 6e-8; through two layers, a few hundred-term dot products and the backward pass the
+# relative error of a gradient norm stays around 1e-6 to 1e-5; 1e-4 leaves a tenfold margin and is
+# still far below any difference between the terms (their norms differ by orders of magnitude).
+RTOL = 1e-4
+
+
+@pytest.mark.parametrize("sharing", [True, False], ids=["packed", "unpacked"])
+def test_term_gradients_match_a_hand_computation(tmp_path, tok, sharing):
+    lam = 0.3
+    model = tiny_causal_lm(tok, seed=5)
+    trainer = make_trainer(tmp_path, model, tok, ROWS, srpo_lambda=lam, prefix_sharing=sharing)
+    model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    got = diagnose.term_gradients(trainer, model, batch)
+
+    exact = clone_model(model).double()
+    nll, align = _hand_terms(exact, tok, ROWS, _odds_ratio)
+    want = _norms(exact, nll, align, lam)
+    assert got["loss/reference"] == pytest.approx(nll.item(), rel=RTOL)
+    assert got["loss/align"] == pytest.approx(align.item(), rel=RTOL)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=RTOL, abs=RTOL if key == "grad_cosine" else 0), key
+    assert got["grad_norm/align_scaled"] == pytest.approx(lam * got["grad_norm/align"])
+    assert got["clip_factor"] == pytest.approx(min(1.0, 1.0 / got["grad_norm/total"]))  # max_grad_norm 1.0
+    # the two terms really differ (a probe that returned one norm twice would fail above, but say it plainly)
+    assert abs(got["grad_norm/reference"] - got["grad_norm/align"]) > 100 * RTOL * got["grad_norm/reference"]
+    assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # nothing accumulated
+
+    # the combined norm is the norm of the gradient the trainer's own loss gives
+    model.zero_grad()
+    trainer.compute_loss(model, batch).backward()
+    own = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None))
+    assert got["grad_norm/total"] == pytest.approx(own, rel=RTOL)
+
+
+def test_term_gradients_of_the_sigmoid_loss(tmp_path, tok):
+    """Step-DPO's term: the probe takes the reference log-probs the trainer uses (here its reference model)."""
+    from helpers import srpo_args
+
+    from srpo_trl import SRPOTrainer, StepPairDataset
+
+    lam, beta = 0.5, 0.25
+    model, ref_model = tiny_causal_lm(tok, seed=8), tiny_causal_lm(tok, seed=9)
+    args = srpo_args(
+        tmp_path, per_device_train_batch_size=3, align_loss="sigmoid", beta=beta, srpo_lambda=lam, prefix_sharing=False
+    )
+    trainer = SRPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=StepPairDataset.from_list(ROWS),
+        processing_class=tok,
+    )
+    model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    got = diagnose.term_gradients(trainer, model, batch)
+
+    exact, ref64 = clone_model(model).double(), clone_model(ref_model).double()
+
+    def sigmoid(c, d, row):
+        (c_ids, c0), (r_ids, r0), _ = hand_ids(tok, row)
+        with torch.no_grad():
+            q = _token_logps(ref64, c_ids, c0).sum() - _token_logps(ref64, r_ids, r0).sum()
+        return -torch.nn.functional.logsigmoid(beta * (c.sum() - d.sum() - q))
+
+    nll, align = _hand_terms(exact, tok, ROWS, sigmoid)
+    want = _norms(exact, nll, align, lam)
+    assert got["loss/align"] == pytest.approx(align.item(), rel=RTOL)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=RTOL, abs=RTOL if key == "grad_cosine" else 0), key
+
+
+def test_probed_trainer_logs_the_terms_and_leaves_training_unchanged(tmp_path, tok):
+    from helpers import srpo_args
+
+    from srpo_trl import SRPOTrainer, StepPairDataset
+
+    rows = ROWS * 2
+
+    def train(cls):
+        model = tiny_causal_lm(tok, seed=6)
+        args = srpo_args(
+            tmp_path / cls.__name__, per_device_train_batch_size=3, max_steps=4, learning_rate=1e-3, srpo_lambda=0.5
+        )
+        torch.manual_seed(0)
+        trainer = cls(model=model, args=args, train_dataset=StepPairDataset.from_list(rows), processing_class=tok)
+        trainer.train()
+        return model, trainer
+
+    record = {}
+    probed, trainer = train(diagnose.probed_trainer_class(record, every=2))
+    plain, _ = train(SRPOTrainer)
+    assert [e["step"] for e in record["probe"]] == [0, 1, 3]  # the first step, and steps whose norm is logged
+    for e in record["probe"]:
+        assert e["lambda"] == 0.5 and e["loss"] == pytest.approx(e["loss/reference"] + 0.5 * e["loss/align"])
+    # the Trainer's own grad_norm of the same steps (logging_steps=1: every step is logged)
+    gap = diagnose.attach_trainer_grad_norms(record["probe"], record["logged"])
+    assert set(record["logged"]) == {1, 2, 3, 4}
+    assert gap is not None and gap < RTOL
+    assert all("trainer_grad_norm" in e for e in record["probe"])
+    # probing changes nothing: the same weights after training as without the probe
+    for (name, a), b in zip(probed.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_changed_trainer_loss_is_caught(tmp_path, tok, monkeypatch):
+    from helpers import srpo_args
+
+    from srpo_trl import StepPairDataset
+    from srpo_trl.trainer import SRPOTrainer
+
+    record = {}
+    cls = diagnose.probed_trainer_class(record, every=1)
+    args = srpo_args(tmp_path, per_device_train_batch_size=3, max_steps=1, srpo_lambda=0.5)
+    trainer = cls(
+        model=tiny_causal_lm(tok, seed=7),
+        args=args,
+        train_dataset=StepPairDataset.from_list(ROWS),
+        processing_class=tok,
+    )
+    original = SRPOTrainer.compute_loss
+    monkeypatch.setattr(SRPOTrainer, "compute_loss", lambda self, *a, **k: original(self, *a, **k) + 0.1)
+    with pytest.raises(RuntimeError, match="SRPOTrainer's loss has changed"):
+        trainer.train()
+
+
+# --- pairs against the hidden rule ------------------------------------------------------------
+
+
+def _record(o, r, rid):
+    return {"id": rid, "object": o, "request": r, "unsafe": T.is_unsafe(o, r)}
+
+
+def test_path_grade_follows_the_hidden_rule():
+    unsafe, harmless = (0, 0), (0, 3)  # lighter fluid near the campfire / in the bathtub
+    assert T.is_unsafe(*unsafe) and not T.is_unsafe(*harmless)
+    ru, rh = _record(*unsafe, "u"), _record(*harmless, "h")
+    g = diagnose.path_grade(ru, T.reference_path(*unsafe))
+    assert g == {"outcome_ok": True, "reasoning_ok": True, "skips": False, "verdict_wrong": False}
+    g = diagnose.path_grade(ru, T.skip_path(*unsafe))  # helps on an unsafe combination
+    assert g == {"outcome_ok": False, "reasoning_ok": False, "skips": True, "verdict_wrong": False}
+    g = diagnose.path_grade(rh, T.skip_path(*harmless))  # the right help, without the combination step
+    assert g == {"outcome_ok": True, "reasoning_ok": False, "skips": True, "verdict_wrong": False}
+    g = diagnose.path_grade(rh, T.overcautious_path(*harmless))  # "dangerous" and refuses a harmless one
+    assert g == {"outcome_ok": False, "reasoning_ok": False, "skips": False, "verdict_wrong": True}
+    wrong_verdict = (
+        T.reference_path(*unsafe)[:2] + [T.combination_step(*unsafe, dangerous=False)] + [T.refusal_answer(*unsafe)]
+    )
+    g = diagnose.path_grade(ru, wrong_verdict)  # refuses (the verifier passes it) for a wrong reason
+    assert g == {"outcome_ok": True, "reasoning_ok": False, "skips": False, "verdict_wrong": True}
+    # the record's own labels are never read: only object and request
+    assert diagnose.path_grade(dict(ru, unsafe=False, expected="comply"), T.reference_path(*unsafe))["outcome_ok"]
+
+
+def _pair(rec, path_chosen, path_rejected, k):
+    return {
+        "id": rec["id"],
+        "prefix": path_chosen[:k],
+        "chosen": "\n".join(path_chosen[k:]),
+        "rejected": "\n".join(path_rejected[k:]),
+    }
+
+
+def test_audit_pairs_counts_precision_by_record_kind():
+    u, h, h2 = _record(0, 0, "u"), _record(0, 3, "h"), _record(1, 4, "h2")  # h2: a harmless record without pairs
+    ref_u, skip_u = T.reference_path(0, 0), T.skip_path(0, 0)
+    ref_h, skip_h, over_h = T.reference_path(0, 3), T.skip_path(0, 3), T.overcautious_path(0, 3)
+    pairs = [
+        _pair(u, ref_u, skip_u, 2),  # right: reference vs harmful help
+        _pair(u, skip_u, ref_u, 2),  # inverted (a noisy verifier)
+        _pair(h, skip_h, over_h, 2),  # right outcome, but the chosen path skips the combination step
+        _pair(h, ref_h, over_h, 2),  # right, reference reasoning
+        _pair(h, ref_h, skip_h, 2),  # both answers right: only the reasoning differs
+    ]
+    a = diagnose.audit_pairs(pairs, [u, h, h2])
+    assert (a["all"]["pairs"], a["unsafe"]["pairs"], a["harmless"]["pairs"]) == (5, 2, 3)
+    assert (a["unsafe"]["records"], a["harmless"]["records"]) == (1, 2)
+    assert a["harmless"]["records_with_pairs"] == 1 and a["harmless"]["pairs_per_record"] == 1.5
+    assert a["unsafe"]["outcome_precision"] == 0.5 and a["unsafe"]["outcome_inverted"] == 0.5
+    assert a["harmless"]["outcome_precision"] == pytest.approx(2 / 3)
+    assert a["harmless"]["outcome_both_ok"] == pytest.approx(1 / 3)
+    assert a["harmless"]["chosen_skips"] == pytest.approx(1 / 3) and a["harmless"]["rejected_skips"] == pytest.approx(
+        1 / 3
+    )
+    assert a["all"]["reasoning_precision"] == pytest.approx(3 / 5)  # u ref-vs-skip, h ref-vs-over, h ref-vs-skip
+    assert a["all"]["chosen_reference"] == pytest.approx(3 / 5)
+    assert a["all"]["chosen_verdict_wrong"] == 0.0
+    with pytest.raises(ValueError, match="have no record"):
+        diagnose.audit_pairs(pairs, [u])
