@@ -2,6 +2,8 @@
 trainer (logs the terms, matches the Trainer's own grad norm, does not change training) and the pair
 audit against the task's hidden rule."""
 
+import copy
+import json
 import math
 
 import pytest
@@ -251,3 +253,82 @@ def test_audit_pairs_counts_precision_by_record_kind():
     assert a["all"]["chosen_verdict_wrong"] == 0.0
     with pytest.raises(ValueError, match="have no record"):
         diagnose.audit_pairs(pairs, [u])
+
+
+# --- the diagnosis run: resume and the 2x2 ------------------------------------------------------
+
+
+def test_diagnosis_resumes_and_reports_the_2x2(tmp_path, monkeypatch, capsys):
+    from dataclasses import asdict
+
+    from test_study import _fake_line
+
+    from srpo_trl.demo import study
+    from srpo_trl.demo.run import Budget
+
+    out = tmp_path / "s"
+    argv = ["--grid", "coverage=1", "seeds=1,2,3", "--out", str(out), "--no-progress", "--budget", "demo"]
+    monkeypatch.setattr(study, "run_cell", lambda out_, cell, s: _fake_line(cell, s, 10.0 * cell.seed))
+    assert study.main(argv) == 0  # the study's lines: srpo = 10 seed + 1, no srpo_lambda_0 arm in the fake ...
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    for line in lines:  # ... so add it: lambda 0 = nll's, 10 seed + 2
+        line["models"]["srpo_lambda_0"] = copy.deepcopy(line["models"]["nll"])
+    (out / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    metric = lambda pct: {"pct": pct}  # noqa: E731
+    ran = []
+
+    def fake_cell(out_, cell, settings, study_line, arms=diagnose.ARMS):
+        ran.append(cell.seed)
+        probe = [
+            {
+                "step": s,
+                "grad_norm/reference": 1.0,
+                "grad_norm/align": 2.0,
+                "grad_norm/align_scaled": 0.6,
+                "grad_cosine": -0.5,
+                "grad_norm/total": 1.2,
+                "clip_factor": 1 / 1.2,
+                "loss/reference": 0.1,
+                "loss/align": 0.5,
+            }
+            for s in (0, 5)
+        ]
+        ms = lambda v: {k: metric(v) for k in ("attack_success", "over_refusal", "safe_and_effective")}  # noqa: E731
+        return {
+            "cell": asdict(cell),
+            "key": cell.key,
+            "settings": study._jsonable(asdict(settings)),
+            "arms": {
+                "srpo": {
+                    "probe": probe,
+                    "probe_vs_trainer_grad_norm": 1e-7,
+                    "replay_last_loss": {"study": 1, "probed": 1},
+                },
+                "srpo_unsafe": {
+                    "probe": probe,
+                    "probe_vs_trainer_grad_norm": 2e-7,
+                    "models": ms(10.0 * cell.seed - 4),
+                },
+                "srpo_unsafe_lambda_0": {
+                    "probe": [],
+                    "probe_vs_trainer_grad_norm": None,
+                    "models": ms(10.0 * cell.seed),
+                },
+            },
+        }
+
+    monkeypatch.setattr(diagnose, "run_diagnosis_cell", fake_cell)
+    monkeypatch.setattr(diagnose, "cell_audit", lambda out_, cell, s: diagnose.audit_pairs([], [_record(0, 0, "u")]))
+    settings = study.Settings(budget=asdict(Budget()), ablation_coverages=(1.0, 0.1))
+    first = study.grid_cells(study.parse_grid(argv[1:3], False))[0]
+    (out / "diagnosis.jsonl").write_text(json.dumps(fake_cell(out, first, settings, None)) + "\n")  # seed 1 done
+    ran.clear()
+    assert study.main(argv + ["--diagnose"]) == 0
+    assert ran == [2, 3]  # seed 1 was in diagnosis.jsonl already
+    text = (out / "diagnosis.md").read_text()
+    # all pairs: srpo (10 s + 1) - lambda 0 (10 s + 2) = -1; unsafe-only: (10 s - 4) - 10 s = -4; interaction -3
+    row = next(x for x in text.splitlines() if x.startswith("| 1 | attack_success"))
+    assert "| -1.0 [-1.0, -1.0] | -4.0 [-4.0, -4.0] | -3.0 [-3.0, -3.0] | 3 |" in row
+    assert "| 1 | srpo | all | 0.100 | 0.500 | 1.000 | 2.000 | 0.600 | -0.500 | 1.200 | 0.833 | 3 |" in text
+    assert (out / "chart_gradient_norms.png").read_bytes()[:4] == b"\x89PNG"

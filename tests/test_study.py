@@ -357,3 +357,28 @@ def test_a_grid_over_noise_gets_one_chart_per_metric_and_noise(tmp_path, monkeyp
     assert {(c["coverage"], c["noise"]) for c in cells} == {(1.0, 0.0), (1.0, 0.2), (0.5, 0.0), (0.5, 0.2)}
     noisy = next(c for c in cells if c["noise"] == 0.2 and c["coverage"] == 1.0)
     assert noisy["metrics"]["attack_success"]["stats"]["warm"]["values"] == [3.0, 4.0]  # 10 * 0.2 + seed
+
+
+def test_budget_demo_is_the_preregistrations_own(tmp_path, monkeypatch):
+    """--budget demo: the demo's defaults (60 steps, 400 warm-start steps on 10 paths, 2 renders explored, 4
+    test renders) and the ablation arms at coverage 1 and 0.1; the default stays the first run's budget."""
+    from dataclasses import asdict
+
+    from srpo_trl.demo import study
+    from srpo_trl.demo.run import Budget
+
+    seen = []
+    monkeypatch.setattr(study, "run_cell", lambda out_, cell, s: seen.append(s) or _fake_line(cell, s, 1.0))
+    argv = ["--grid", "coverage=1", "seeds=1", "--no-progress"]
+    assert study.main(argv + ["--out", str(tmp_path / "a"), "--budget", "demo"]) == 0
+    assert seen[-1].budget == asdict(Budget())
+    assert (seen[-1].budget["train_steps"], seen[-1].budget["warm_steps"], seen[-1].budget["eval_renders"]) == (
+        60,
+        400,
+        4,
+    )
+    assert tuple(seen[-1].ablation_coverages) == (1.0, 0.1) and tuple(seen[-1].ablation_lambdas) == (0.0, 0.9)
+    assert study.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    assert seen[-1].budget == asdict(Budget(**study.STUDY_BUDGET)) and tuple(seen[-1].ablation_coverages) == (0.1,)
+    with pytest.raises(SystemExit, match="other settings"):  # the two budgets never share a results file
+        study.main(argv + ["--out", str(tmp_path / "a")])
