@@ -273,12 +273,13 @@ def test_diagnosis_resumes_and_reports_the_2x2(tmp_path, monkeypatch, capsys):
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     for line in lines:  # ... so add it: lambda 0 = nll's, 10 seed + 2
         line["models"]["srpo_lambda_0"] = copy.deepcopy(line["models"]["nll"])
+        line["train"] = {"srpo": {"last": {"loss": 0.5}}}
     (out / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
     metric = lambda pct: {"pct": pct}  # noqa: E731
     ran = []
 
-    def fake_cell(out_, cell, settings, study_line, arms=diagnose.ARMS):
+    def fake_cell(out_, cell, settings, arms=diagnose.ARMS):
         ran.append(cell.seed)
         probe = [
             {
@@ -303,7 +304,7 @@ def test_diagnosis_resumes_and_reports_the_2x2(tmp_path, monkeypatch, capsys):
                 "srpo": {
                     "probe": probe,
                     "probe_vs_trainer_grad_norm": 1e-7,
-                    "replay_last_loss": {"study": 1, "probed": 1},
+                    "train": {"last": {"loss": 0.5 if cell.seed != 3 else 0.7}},  # seed 3: not the study's run
                 },
                 "srpo_unsafe": {
                     "probe": probe,
@@ -322,7 +323,7 @@ def test_diagnosis_resumes_and_reports_the_2x2(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(diagnose, "cell_audit", lambda out_, cell, s: diagnose.audit_pairs([], [_record(0, 0, "u")]))
     settings = study.Settings(budget=asdict(Budget()), ablation_coverages=(1.0, 0.1))
     first = study.grid_cells(study.parse_grid(argv[1:3], False))[0]
-    (out / "diagnosis.jsonl").write_text(json.dumps(fake_cell(out, first, settings, None)) + "\n")  # seed 1 done
+    (out / "diagnosis.jsonl").write_text(json.dumps(fake_cell(out, first, settings)) + "\n")  # seed 1 done
     ran.clear()
     assert study.main(argv + ["--diagnose"]) == 0
     assert ran == [2, 3]  # seed 1 was in diagnosis.jsonl already
@@ -331,4 +332,5 @@ def test_diagnosis_resumes_and_reports_the_2x2(tmp_path, monkeypatch, capsys):
     row = next(x for x in text.splitlines() if x.startswith("| 1 | attack_success"))
     assert "| -1.0 [-1.0, -1.0] | -4.0 [-4.0, -4.0] | -3.0 [-3.0, -3.0] | 3 |" in row
     assert "| 1 | srpo | all | 0.100 | 0.500 | 1.000 | 2.000 | 0.600 | -0.500 | 1.200 | 0.833 | 3 |" in text
+    assert "3 runs, 2 with the study's last logged loss to the last digit; seed=3 coverage=1" in text
     assert (out / "chart_gradient_norms.png").read_bytes()[:4] == b"\x89PNG"

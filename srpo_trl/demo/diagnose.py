@@ -331,7 +331,7 @@ def _rows(inputs: dict, which: str, unsafe: set):
     raise ValueError(f"unknown rows {which!r}")
 
 
-def run_diagnosis_cell(out: Path, cell, settings, study_line: dict | None, arms=ARMS) -> dict[str, Any]:
+def run_diagnosis_cell(out: Path, cell, settings, arms=ARMS) -> dict[str, Any]:
     """The audit, the probed arms and the unsafe-only arms of one cell; returns its line."""
     import torch
 
@@ -372,11 +372,6 @@ def run_diagnosis_cell(out: Path, cell, settings, study_line: dict | None, arms=
             entry["models"] = run.summarize_run(
                 run.evaluate_model(model, processor, items, name, work, budget, cell.seed, False)
             )
-        elif study_line is not None and name in study_line.get("train", {}):
-            # the replay must be the study's run: same last logged loss (else the probe changed training)
-            theirs = study_line["train"][name]["last"].get("loss")
-            ours = summary["last"].get("loss")
-            entry["replay_last_loss"] = {"study": theirs, "probed": ours}
         result[name] = entry
         del model
     return {
@@ -556,6 +551,19 @@ def plot_gradient_norms(lines: list[dict], path: Path) -> Path:
     return path
 
 
+def replay_check(lines: list[dict], study_lines: dict[str, dict]) -> list[dict]:
+    """The probed replays of the study's own arms against the study's runs: the same last logged loss
+    means the probe (its extra forward and gradients) left training unchanged."""
+    out = []
+    for g in lines:
+        study_train = study_lines.get(g["key"], {}).get("train", {})
+        for name, arm in g["arms"].items():
+            if name in study_train and "train" in arm and not arm.get("models"):
+                theirs, ours = study_train[name]["last"].get("loss"), arm["train"]["last"].get("loss")
+                out.append({"key": g["key"], "arm": name, "study": theirs, "probed": ours, "same": theirs == ours})
+    return out
+
+
 def write_diagnosis(out: Path, lines: list[dict], audits: dict[str, dict], study_lines: dict[str, dict]) -> Path:
     (out / "pair_audit.json").write_text(json.dumps(audits, indent=1), encoding="utf-8")
     parts = [
@@ -569,18 +577,19 @@ def write_diagnosis(out: Path, lines: list[dict], audits: dict[str, dict], study
         parts += ["", "## Per-term gradient norms (means over seeds)", "", gradient_table(lines)]
         gaps = [a["probe_vs_trainer_grad_norm"] for g in lines for a in g["arms"].values()]
         gaps = [x for x in gaps if x is not None]
-        replays = [
-            (g["key"], name, a["replay_last_loss"])
-            for g in lines
-            for name, a in g["arms"].items()
-            if "replay_last_loss" in a
-        ]
+        replays = replay_check(lines, study_lines)
         parts += [
             "",
             f"Probe vs the Trainer's logged grad_norm: largest relative gap {max(gaps) if gaps else float('nan'):.2e} "
             f"over {len(gaps)} probed runs.",
-            "Replayed arms, last logged loss (study vs probed): "
-            + "; ".join(f"{k} {n}: {r['study']} vs {r['probed']}" for k, n, r in replays),
+            f"Replayed arms (the study's SRPO and NLL, retrained with the probe): {len(replays)} runs, "
+            f"{sum(r['same'] for r in replays)} with the study's last logged loss to the last digit"
+            + "".join(
+                f"; {r['key']} {r['arm']}: study {r['study']!r} vs probed {r['probed']!r}"
+                for r in replays
+                if not r["same"]
+            )
+            + ".",
         ]
         parts += [
             "",
@@ -612,7 +621,7 @@ def main(out: Path, cells: list, settings, audit_only: bool, progress: bool) -> 
             todo = [c for c in cells if c.key not in done]
             print(f"diagnosis: {len(cells)} cells, {len(cells) - len(todo)} already in {results}", flush=True)
             for cell in tqdm(todo, desc="diagnosis cells", unit="cell", disable=not progress):
-                line = run_diagnosis_cell(out, cell, settings, study_lines.get(cell.key))
+                line = run_diagnosis_cell(out, cell, settings)
                 study.append_result(results, line)
     keys = {c.key for c in cells}
     lines = [line for line in study.read_results(results, settings) if line["key"] in keys] if results.exists() else []
