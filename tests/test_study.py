@@ -3,6 +3,7 @@ branch point), the rejection-sampling baseline, and `srpo-trl study` (grid, resu
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -382,3 +383,23 @@ def test_budget_demo_is_the_preregistrations_own(tmp_path, monkeypatch):
     assert seen[-1].budget == asdict(Budget(**study.STUDY_BUDGET)) and tuple(seen[-1].ablation_coverages) == (0.1,)
     with pytest.raises(SystemExit, match="other settings"):  # the two budgets never share a results file
         study.main(argv + ["--out", str(tmp_path / "a")])
+
+
+def test_record_images_are_rewritten_only_when_they_change(tmp_path):
+    """Processes of one study share a seed's image folder: an unchanged image is not rewritten (a reader
+    never sees it half-written), a changed one is replaced whole."""
+    import os
+
+    from PIL import Image
+
+    recs = T.make_records([(0, 0), (1, 2)], renders=2, image_dir=tmp_path, seed=3)
+    paths = [r["images"][0] for r in recs]
+    stamps = {p: os.stat(p).st_mtime_ns for p in paths}
+    inodes = {p: os.stat(p).st_ino for p in paths}
+    Path(paths[0]).write_bytes(b"not a png")  # a stale or broken file is replaced
+    again = T.make_records([(0, 0), (1, 2)], renders=2, image_dir=tmp_path, seed=3)
+    assert [r["images"] for r in again] == [r["images"] for r in recs]
+    for p in paths[1:]:
+        assert os.stat(p).st_mtime_ns == stamps[p] and os.stat(p).st_ino == inodes[p]  # untouched
+    assert Image.open(paths[0]).size == (28, 28)
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(os.path.basename(p) for p in paths)  # no temp files
