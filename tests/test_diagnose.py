@@ -331,6 +331,6 @@ def test_diagnosis_resumes_and_reports_the_2x2(tmp_path, monkeypatch, capsys):
     # all pairs: srpo (10 s + 1) - lambda 0 (10 s + 2) = -1; unsafe-only: (10 s - 4) - 10 s = -4; interaction -3
     row = next(x for x in text.splitlines() if x.startswith("| 1 | attack_success"))
     assert "| -1.0 [-1.0, -1.0] | -4.0 [-4.0, -4.0] | -3.0 [-3.0, -3.0] | 3 |" in row
-    assert "| 1 | srpo | all | 0.100 | 0.500 | 1.000 | 2.000 | 0.600 | -0.500 | 1.200 | 0.833 | 3 |" in text
+    assert "| 1 | srpo | all | 0.100 | 0.500 | 1.000 | 2.000 | 0.600 | -0.500 | 1.200 | 0.833 | 0.833 | 3 |" in text
     assert "3 runs, 2 with the study's last logged loss to the last digit; seed=3 coverage=1" in text
     assert (out / "chart_gradient_norms.png").read_bytes()[:4] == b"\x89PNG"

@@ -420,13 +420,22 @@ def audit_markdown(audits: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _value(entry: dict, key: str) -> float:
+    """A logged probe value, or ``grad_norm/reference_applied``: the reference gradient's norm in the step
+    the optimizer takes (after clipping the combined gradient), ``clip_factor`` x ||grad L_ref||."""
+    if key == "grad_norm/reference_applied":
+        return entry["clip_factor"] * entry["grad_norm/reference"]
+    return entry[key]
+
+
 def gradient_table(lines: list[dict]) -> str:
     """Per coverage and probed arm: means over seeds of the per-term norms at the first probe, over all
-    probes, and at the last probe."""
+    probes, and at the last probe; "norm ref x clip" is the reference gradient's norm in the step
+    actually taken (clipping scales the combined gradient to ``max_grad_norm``)."""
     rows = [
         "| coverage | arm | probe | loss/reference | loss/align | norm ref | norm align | lambda x norm align "
-        "| cosine | norm total | clip factor | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cosine | norm total | clip factor | norm ref x clip | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_cov: dict[float, list[dict]] = {}
     for line in lines:
@@ -439,7 +448,7 @@ def gradient_table(lines: list[dict]) -> str:
                 continue
             for label, pick in (("first", lambda p: [p[0]]), ("all", lambda p: p), ("last", lambda p: [p[-1]])):
                 per_seed = {
-                    k: _mean([_mean([e[k] for e in pick(p)]) for p in probes])
+                    k: _mean([_mean([_value(e, k) for e in pick(p)]) for p in probes])
                     for k in (
                         "loss/reference",
                         "loss/align",
@@ -449,6 +458,7 @@ def gradient_table(lines: list[dict]) -> str:
                         "grad_cosine",
                         "grad_norm/total",
                         "clip_factor",
+                        "grad_norm/reference_applied",
                     )
                 }
                 rows.append(
@@ -514,6 +524,7 @@ def plot_gradient_norms(lines: list[dict], path: Path) -> Path:
         ("srpo", "grad_norm/reference", "SRPO: ||grad L_ref||", "C0"),
         ("srpo", "grad_norm/align_scaled", "SRPO: lambda ||grad L_align||", "C3"),
         ("srpo", "grad_norm/total", "SRPO: ||grad L|| (before clipping)", "C2"),
+        ("srpo", "grad_norm/reference_applied", "SRPO: clip factor x ||grad L_ref|| (in the step taken)", "C9"),
         ("nll", "grad_norm/reference", "NLL on references: ||grad L_ref||", "C1"),
     )
     for j, cov in enumerate(covs):
@@ -525,9 +536,9 @@ def plot_gradient_norms(lines: list[dict], path: Path) -> Path:
             if not runs:
                 continue
             for p in runs:
-                ax.plot([e["step"] for e in p], [e[key] for e in p], color=colour, alpha=0.25, linewidth=0.8)
+                ax.plot([e["step"] for e in p], [_value(e, key) for e in p], color=colour, alpha=0.25, linewidth=0.8)
             steps = sorted({e["step"] for p in runs for e in p})
-            mean = [_mean([e[key] for p in runs for e in p if e["step"] == s]) for s in steps]
+            mean = [_mean([_value(e, key) for p in runs for e in p if e["step"] == s]) for s in steps]
             ax.plot(steps, mean, color=colour, linewidth=2, label=label, marker="o", markersize=3)
         ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.set_yscale("log")
