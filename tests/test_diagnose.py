@@ -334,3 +334,33 @@ def test_diagnosis_resumes_and_reports_the_2x2(tmp_path, monkeypatch, capsys):
     assert "| 1 | srpo | all | 0.100 | 0.500 | 1.000 | 2.000 | 0.600 | -0.500 | 1.200 | 0.833 | 0.833 | 3 |" in text
     assert "3 runs, 2 with the study's last logged loss to the last digit; seed=3 coverage=1" in text
     assert (out / "chart_gradient_norms.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diagnosis_arms_complete_the_2x2_and_prefer_their_own_evaluation():
+    from dataclasses import asdict
+
+    from srpo_trl.demo import study
+    from srpo_trl.demo.run import Budget
+
+    demo = study.Settings(budget=asdict(Budget()), ablation_coverages=(1.0, 0.1))
+    amended = study.Settings(budget=asdict(Budget(**study.STUDY_BUDGET)))  # ablation arms at 0.1 only
+    full = study.Cell(101, 1.0, 0.0, 8)
+    assert diagnose.diagnosis_arms(full, demo) == list(diagnose.ARMS)  # the study has lambda 0 at coverage 1
+    arms = diagnose.diagnosis_arms(full, amended, evaluate_replays=True)
+    assert arms[-1] == ("srpo_lambda_0", "srpo", "pairs", 0.0, True) and all(a[4] for a in arms)
+    # the 2x2 takes the diagnosis's own evaluation of an arm over the study's
+    ms = lambda v: {k: {"pct": v} for k in ("attack_success", "over_refusal", "safe_and_effective")}  # noqa: E731
+    study_lines = {full.key: {"models": {"srpo": ms(50.0), "nll": ms(40.0)}}}
+    line = {
+        "cell": asdict(full),
+        "key": full.key,
+        "arms": {
+            "srpo": {"models": ms(30.0)},
+            "srpo_lambda_0": {"models": ms(20.0)},
+            "srpo_unsafe": {"models": ms(10.0)},
+            "srpo_unsafe_lambda_0": {"models": ms(10.0)},
+        },
+    }
+    row = next(x for x in diagnose.arms_table([line], study_lines).splitlines() if "attack_success" in x)
+    assert row.startswith("| 1 | attack_success | 30.0 [30.0, 30.0] | 20.0 [20.0, 20.0] | 10.0")
+    assert "| +10.0 [+10.0, +10.0] | +0.0 [+0.0, +0.0] | -10.0 [-10.0, -10.0] | 1 |" in row

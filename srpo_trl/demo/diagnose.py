@@ -331,6 +331,16 @@ def _rows(inputs: dict, which: str, unsafe: set):
     raise ValueError(f"unknown rows {which!r}")
 
 
+def diagnosis_arms(cell, settings, evaluate_replays: bool = False) -> list[tuple]:
+    """:data:`ARMS`, with the replayed arms evaluated too when ``evaluate_replays`` (when the study's
+    runs cannot be reproduced, e.g. made by older code), and SRPO lambda 0 on all pairs (evaluated)
+    where the study has no such ablation arm: the 2x2 needs it."""
+    arms = [(n, m, w, lam, ev or evaluate_replays) for n, m, w, lam, ev in ARMS]
+    if cell.coverage not in tuple(settings.ablation_coverages) or 0.0 not in tuple(settings.ablation_lambdas):
+        arms.append(("srpo_lambda_0", "srpo", "pairs", 0.0, True))
+    return arms
+
+
 def run_diagnosis_cell(out: Path, cell, settings, arms=ARMS) -> dict[str, Any]:
     """The audit, the probed arms and the unsafe-only arms of one cell; returns its line."""
     import torch
@@ -490,7 +500,8 @@ def arms_table(lines: list[dict], study_lines: dict[str, dict]) -> str:
         for m in metrics:
             vals: dict[str, list[float]] = {k: [] for k in ("a", "a0", "u", "u0")}
             for g in group:
-                s = study_lines[g["key"]]["models"]
+                # the diagnosis's own evaluation of an arm where it has one, else the study's
+                s = study_lines[g["key"]]["models"] | {k: a["models"] for k, a in g["arms"].items() if a.get("models")}
                 if "srpo_lambda_0" not in s:
                     continue
                 vals["a"].append(s["srpo"][m]["pct"])
@@ -614,7 +625,7 @@ def write_diagnosis(out: Path, lines: list[dict], audits: dict[str, dict], study
     return path
 
 
-def main(out: Path, cells: list, settings, audit_only: bool, progress: bool) -> int:
+def main(out: Path, cells: list, settings, audit_only: bool, progress: bool, evaluate_replays: bool = False) -> int:
     """``srpo-trl study --diagnose`` / ``--audit-only`` over ``cells`` (called by :func:`study.main`)."""
     from tqdm.auto import tqdm
 
@@ -632,7 +643,7 @@ def main(out: Path, cells: list, settings, audit_only: bool, progress: bool) -> 
             todo = [c for c in cells if c.key not in done]
             print(f"diagnosis: {len(cells)} cells, {len(cells) - len(todo)} already in {results}", flush=True)
             for cell in tqdm(todo, desc="diagnosis cells", unit="cell", disable=not progress):
-                line = run_diagnosis_cell(out, cell, settings)
+                line = run_diagnosis_cell(out, cell, settings, diagnosis_arms(cell, settings, evaluate_replays))
                 study.append_result(results, line)
     keys = {c.key for c in cells}
     lines = [line for line in study.read_results(results, settings) if line["key"] in keys] if results.exists() else []

@@ -664,6 +664,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--audit-only", action="store_true", help="with --diagnose's outputs: only the pair audit (no training)"
     )
+    parser.add_argument(
+        "--evaluate-replays",
+        action="store_true",
+        help="with --diagnose: evaluate the probed replays of the study's SRPO and NLL too (when the study's runs "
+        "were made by other code and may not be reproduced exactly)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"srpo-trl study: --jobs must be at least 1, got {args.jobs}")
@@ -690,7 +696,7 @@ def main(argv=None) -> int:
     if args.diagnose or args.audit_only:
         from . import diagnose
 
-        return diagnose.main(out, cells, settings, args.audit_only, not args.no_progress)
+        return diagnose.main(out, cells, settings, args.audit_only, not args.no_progress, args.evaluate_replays)
     done = read_results(results, settings, repair=not args.summarize)
     done_keys = {line["key"] for line in done}
     todo = [c for c in cells if c.key not in done_keys]
