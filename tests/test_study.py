@@ -3,6 +3,7 @@ branch point), the rejection-sampling baseline, and `srpo-trl study` (grid, resu
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -357,3 +358,48 @@ def test_a_grid_over_noise_gets_one_chart_per_metric_and_noise(tmp_path, monkeyp
     assert {(c["coverage"], c["noise"]) for c in cells} == {(1.0, 0.0), (1.0, 0.2), (0.5, 0.0), (0.5, 0.2)}
     noisy = next(c for c in cells if c["noise"] == 0.2 and c["coverage"] == 1.0)
     assert noisy["metrics"]["attack_success"]["stats"]["warm"]["values"] == [3.0, 4.0]  # 10 * 0.2 + seed
+
+
+def test_budget_demo_is_the_preregistrations_own(tmp_path, monkeypatch):
+    """--budget demo: the demo's defaults (60 steps, 400 warm-start steps on 10 paths, 2 renders explored, 4
+    test renders) and the ablation arms at coverage 1 and 0.1; the default stays the first run's budget."""
+    from dataclasses import asdict
+
+    from srpo_trl.demo import study
+    from srpo_trl.demo.run import Budget
+
+    seen = []
+    monkeypatch.setattr(study, "run_cell", lambda out_, cell, s: seen.append(s) or _fake_line(cell, s, 1.0))
+    argv = ["--grid", "coverage=1", "seeds=1", "--no-progress"]
+    assert study.main(argv + ["--out", str(tmp_path / "a"), "--budget", "demo"]) == 0
+    assert seen[-1].budget == asdict(Budget())
+    assert (seen[-1].budget["train_steps"], seen[-1].budget["warm_steps"], seen[-1].budget["eval_renders"]) == (
+        60,
+        400,
+        4,
+    )
+    assert tuple(seen[-1].ablation_coverages) == (1.0, 0.1) and tuple(seen[-1].ablation_lambdas) == (0.0, 0.9)
+    assert study.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    assert seen[-1].budget == asdict(Budget(**study.STUDY_BUDGET)) and tuple(seen[-1].ablation_coverages) == (0.1,)
+    with pytest.raises(SystemExit, match="other settings"):  # the two budgets never share a results file
+        study.main(argv + ["--out", str(tmp_path / "a")])
+
+
+def test_record_images_are_rewritten_only_when_they_change(tmp_path):
+    """Processes of one study share a seed's image folder: an unchanged image is not rewritten (a reader
+    never sees it half-written), a changed one is replaced whole."""
+    import os
+
+    from PIL import Image
+
+    recs = T.make_records([(0, 0), (1, 2)], renders=2, image_dir=tmp_path, seed=3)
+    paths = [r["images"][0] for r in recs]
+    stamps = {p: os.stat(p).st_mtime_ns for p in paths}
+    inodes = {p: os.stat(p).st_ino for p in paths}
+    Path(paths[0]).write_bytes(b"not a png")  # a stale or broken file is replaced
+    again = T.make_records([(0, 0), (1, 2)], renders=2, image_dir=tmp_path, seed=3)
+    assert [r["images"] for r in again] == [r["images"] for r in recs]
+    for p in paths[1:]:
+        assert os.stat(p).st_mtime_ns == stamps[p] and os.stat(p).st_ino == inodes[p]  # untouched
+    assert Image.open(paths[0]).size == (28, 28)
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(os.path.basename(p) for p in paths)  # no temp files

@@ -299,9 +299,11 @@ def train_method(
     progress: bool,
     srpo_lambda: float = 0.3,
     name: str | None = None,
+    trainer_cls=None,
 ):
     """A copy of the warm model trained with ``method`` on ``pairs`` (for ``nll`` and ``rft`` the rows of
-    :func:`method_datasets`); returns (model, summary)."""
+    :func:`method_datasets`); returns (model, summary). ``trainer_cls``: a subclass of SRPOTrainer to
+    train the SRPO-family methods with (the diagnosis's gradient probe, :mod:`srpo_trl.demo.diagnose`)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -329,7 +331,9 @@ def train_method(
         elif method == "step_dpo":
             extra.update(align_loss="sigmoid", beta=budget.beta, precompute_ref_log_probs=True, ref_logps_cache_dir="")
         config = SRPOConfig(**_srpo_args(out, name, budget.train_steps, budget.train_lr, budget, seed, **extra))
-        trainer = SRPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=processor)
+        trainer = (trainer_cls or SRPOTrainer)(
+            model=model, args=config, train_dataset=pairs, processing_class=processor
+        )
     _fit(trainer, name, progress)
     model.eval()
     summary = _train_summary(trainer, time.time() - start)

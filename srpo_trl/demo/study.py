@@ -51,6 +51,13 @@ QUICK_GRID = {"coverage": [0.25], "noise": [0.0], "samples": [4], "seeds": [0]} 
 # render per train combination explored, 30 training steps (a budget the demo's validation runs
 # tried), half the test renders.
 STUDY_BUDGET = dict(warm_renders=6, warm_steps=250, explore_renders=1, train_steps=30, eval_renders=2)
+# The pre-registration's own budget (docs/study.md, commit cd73081), run as the study's second run
+# (issue 25): the demo's defaults (warm start 400 steps on 10 paths, 2 renders explored, 60 training
+# steps, 4 test renders) and the ablation arms at coverage 1.0 and 0.1.
+BUDGETS = {  # --budget NAME -> (overrides of the demo's defaults, coverages with the ablation arms)
+    "amended": (STUDY_BUDGET, ABLATION_COVERAGES),
+    "demo": ({}, (1.0, 0.1)),
+}
 # The quick cell's budget: CI only (a 64-wide model, fewer warm-start steps than the demo's --quick): about 80 s of CPU
 QUICK_BUDGET = dict(
     hidden_size=64, warm_renders=6, warm_steps=160, explore_renders=1, num_samples=4, train_steps=10, eval_renders=1
@@ -263,37 +270,63 @@ def _seed_state(out: Path, cell: Cell, budget, quick: bool) -> dict[str, Any]:
     return {"data": data, "model": model, "processor": processor, "warm_summary": warm_summary, "explored": explored}
 
 
-def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
-    """Train and evaluate every method of one cell; returns its result line."""
-    import torch
-
+def cell_data(out: Path, cell: Cell, settings: Settings) -> dict[str, Any]:
+    """What every arm of ``cell`` trains on: the budget, the seed's cached state (data, warm model,
+    explorations), the cell's exploration lines (given reference for the covered records, own path
+    for the others), its step pairs and each method's rows. Shared by :func:`run_cell` and the
+    diagnosis (:mod:`srpo_trl.demo.diagnose`), so both see the same rows."""
     from .. import StepPairDataset
-    from . import regime, run, task
+    from . import regime, run
 
-    start = time.time()
-    torch.set_num_threads(1)
     budget = run.Budget(**settings.budget)
     budget.reference_coverage, budget.verifier_noise, budget.num_samples = cell.coverage, cell.noise, cell.samples
     state = _seed_state(out, cell, budget, settings.quick)
-    data, warm, processor = state["data"], state["model"], state["processor"]
     covered = {
-        r["id"] for r in regime.cover_references(data["explore_records"], cell.coverage, cell.seed) if "reference" in r
+        r["id"]
+        for r in regime.cover_references(state["data"]["explore_records"], cell.coverage, cell.seed)
+        if "reference" in r
     }
     explored = [
         g if g["id"] in covered else o
         for g, o in zip(state["explored"]["given"], state["explored"]["own"], strict=True)
     ]
     assert all(g["id"] == o["id"] for g, o in zip(state["explored"]["given"], state["explored"]["own"]))
-    cell_dir = out / "work" / "cells" / cell.key.replace(" ", "_").replace("=", "")
-    shutil.rmtree(cell_dir, ignore_errors=True)  # a cell killed half-way starts over (no stale evaluation state)
     pairs = StepPairDataset.from_exploration(explored, max_pairs_per_point=budget.max_pairs_per_point, seed=cell.seed)
     datasets, rows_info = run.method_datasets(explored, pairs, settings.methods)
+    return {
+        "budget": budget,
+        "state": state,
+        "explored": explored,
+        "pairs": pairs,
+        "datasets": datasets,
+        "rows_info": rows_info,
+    }
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "work" / "cells" / cell.key.replace(" ", "_").replace("=", "")
+
+
+def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
+    """Train and evaluate every method of one cell; returns its result line."""
+    import torch
+
+    from . import run, task
+
+    start = time.time()
+    torch.set_num_threads(1)
+    inputs = cell_data(out, cell, settings)
+    budget, state, explored, pairs = inputs["budget"], inputs["state"], inputs["explored"], inputs["pairs"]
+    datasets, rows_info = inputs["datasets"], inputs["rows_info"]
+    data, warm, processor = state["data"], state["model"], state["processor"]
+    work = cell_dir(out, cell)
+    shutil.rmtree(work, ignore_errors=True)  # a cell killed half-way starts over (no stale evaluation state)
     arms = [(m, m, 0.3) for m in settings.methods]
     if cell.coverage in settings.ablation_coverages:
         arms += [("srpo", f"srpo_lambda_{lam:g}", lam) for lam in settings.ablation_lambdas]
     items = task.to_eval_items(data["eval_records"])
     models, train = {}, {}
-    run_ = run.evaluate_model(warm, processor, items, "warm", cell_dir, budget, cell.seed, False)
+    run_ = run.evaluate_model(warm, processor, items, "warm", work, budget, cell.seed, False)
     models["warm"] = run.summarize_run(run_)
     for method, name, lam in arms:
         torch.manual_seed(cell.seed)
@@ -303,7 +336,7 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
             processor,
             datasets.get(method, pairs),
             budget,
-            cell_dir,
+            work,
             cell.seed,
             False,
             srpo_lambda=lam,
@@ -311,7 +344,7 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
         )
         train[name] = {k: summary[k] for k in ("steps", "rows", "seconds")} | {"last": summary["last"]}
         models[name] = run.summarize_run(
-            run.evaluate_model(model, processor, items, name, cell_dir, budget, cell.seed, False)
+            run.evaluate_model(model, processor, items, name, work, budget, cell.seed, False)
         )
         del model
     unsafe = {r["id"] for r in data["explore_records"] if r["unsafe"]}
@@ -610,10 +643,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default="study_out", help="output folder (default study_out); rerun with it to resume"
     )
+    parser.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="amended",
+        help="amended: the first run's budget (30 training steps; default, so that run resumes); "
+        "demo: the pre-registration's own, the demo's defaults (60 steps; the second run)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--summarize", action="store_true", help="only write summary and charts from OUT/results.jsonl"
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="the diagnosis of docs/study.md on the grid's cells (from OUT's cache): the pairs against the task's "
+        "hidden rule, per-term gradient norms of SRPO and NLL, SRPO on pairs from unsafe records only "
+        "(srpo_trl/demo/diagnose.py); resumes from OUT/diagnosis.jsonl",
+    )
+    parser.add_argument(
+        "--audit-only", action="store_true", help="with --diagnose's outputs: only the pair audit (no training)"
+    )
+    parser.add_argument(
+        "--evaluate-replays",
+        action="store_true",
+        help="with --diagnose: evaluate the probed replays of the study's SRPO and NLL too (when the study's runs "
+        "were made by other code and may not be reproduced exactly)",
     )
     return parser
 
@@ -629,14 +685,24 @@ def main(argv=None) -> int:
     from .run import Budget
 
     grid = parse_grid(args.grid, args.quick)
-    budget = Budget(**(QUICK_BUDGET if args.quick else STUDY_BUDGET))
+    overrides, ablation_coverages = BUDGETS[args.budget]
+    if args.quick:
+        overrides = QUICK_BUDGET
+    budget = Budget(**overrides)
     settings = Settings(
-        quick=args.quick, budget=asdict(budget), ablation_lambdas=() if args.quick else ABLATION_LAMBDAS
+        quick=args.quick,
+        budget=asdict(budget),
+        ablation_lambdas=() if args.quick else ABLATION_LAMBDAS,
+        ablation_coverages=tuple(ablation_coverages),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     cells = grid_cells(grid)
+    if args.diagnose or args.audit_only:
+        from . import diagnose
+
+        return diagnose.main(out, cells, settings, args.audit_only, not args.no_progress, args.evaluate_replays)
     done = read_results(results, settings, repair=not args.summarize)
     done_keys = {line["key"] for line in done}
     todo = [c for c in cells if c.key not in done_keys]
@@ -646,8 +712,8 @@ def main(argv=None) -> int:
     )
     print(
         f"study: {len(cells)} cells ({len(done_keys & {c.key for c in cells})} already in {results}), "
-        f"{len(todo)} to run with {args.jobs} process(es); budget: {QUICK_BUDGET if args.quick else STUDY_BUDGET} "
-        "over the demo's defaults",
+        f"{len(todo)} to run with {args.jobs} process(es); budget: {overrides or 'none'} "
+        f"over the demo's defaults, ablation arms at coverage {', '.join(f'{c:g}' for c in settings.ablation_coverages)}",
         flush=True,
     )
     if not args.summarize and todo:

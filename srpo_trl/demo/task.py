@@ -378,7 +378,7 @@ def make_records(
             img = render_image(o, seed=zlib.crc32(f"{seed}/{rid}".encode()), size=image_size)
             if image_dir is not None:
                 name = f"{rid}.png"
-                img.save(Path(image_dir) / name)
+                _write_png(img, Path(image_dir) / name)
                 img = str(Path(image_dir) / name)
             out.append(
                 {
@@ -394,6 +394,22 @@ def make_records(
                 }
             )
     return out
+
+
+def _write_png(img, path: Path) -> None:
+    """Writes ``img`` unless the file already holds exactly these bytes, and then atomically (a temporary
+    file renamed over it): the study's processes share a seed's image folder, and a process reading an
+    image must never see one half-written by another."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    if path.exists() and path.read_bytes() == data:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def write_records(records: list[dict], path: str | os.PathLike) -> Path:
