@@ -208,10 +208,14 @@ def _head_modifiers(config) -> list[str]:
 
 class _Decoder:
     """One decode step: the whole model, or, once checked equal on a first step, its text decoder and
-    output head directly. A decode step of a small model is mostly Python overhead, and the
-    wrapper of a vision-language model (vision inputs, position bookkeeping) is a good part of it;
-    a model whose head does more than a linear layer (soft-capping, scaling) fails the check and
-    keeps the whole model."""
+    output head directly, or (a step without a mask, every layer full attention) the decoder's own
+    parts in its order: embedding, rotary embedding, layers, norm. A decode step of a small model is
+    mostly Python overhead: the wrapper of a vision-language model (vision inputs, position
+    bookkeeping) and the decoder's (mask creation, output capturing, argument checks) are a good part
+    of it. A model whose head does more than a linear layer (soft-capping, scaling) or whose decoder
+    does more than its parts (Gemma's embedding scale) fails its check and keeps the longer way.
+    Sliding-window or hybrid layers never take the shortest way: what they attend to changes with the
+    position, which a check on one step cannot see."""
 
     def __init__(self, model, state: dict | None):
         self.model = model
@@ -228,6 +232,47 @@ class _Decoder:
             self.decoder_cache_kw = "cache" if "cache" in params else "past_key_values"
         if not usable:
             self.state["direct"] = False
+        self.layers = self._layers_plan()
+        if self.layers is None:
+            self.state["layers"] = False
+
+    def _layers_plan(self):
+        """The decoder's layers and the cache keyword they take, when its forward is only
+        embedding -> rotary embedding -> full-attention layers -> norm (the parts exist, no layer
+        slides or keeps a recurrent state); else None."""
+        dec = self.decoder
+        if dec is None or not all(hasattr(dec, n) for n in ("embed_tokens", "rotary_emb", "layers", "norm")):
+            return None
+        config = getattr(dec, "config", None)
+        types = getattr(config, "layer_types", None)
+        if types is not None and any(t != "full_attention" for t in types):
+            return None
+        # Without layer_types (Mistral, Mixtral), a set window slides on every layer.
+        if types is None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            return None
+        layers = list(dec.layers)
+        params = inspect.signature(type(layers[0]).forward).parameters if layers else {}
+        if not layers or "position_embeddings" not in params:
+            return None
+        return layers, ("cache" if "cache" in params else "past_key_values")
+
+    def _by_layers(self, inputs: dict, cache):
+        layers, cache_kw = self.layers
+        dec, pos = self.decoder, inputs["position_ids"]
+        hidden = dec.embed_tokens(inputs["input_ids"])
+        rotary = dec.rotary_emb(hidden, pos)
+        layer_pos = None if pos.ndim == 3 else pos  # 3-D (M-RoPE) positions stay with the rotary embedding
+        for layer in layers:
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_embeddings=rotary,
+                position_ids=layer_pos,
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.head(dec.norm(hidden)[:, -1, :]).float(), cache
 
     def _full(self, inputs: dict, cache):
         out = self.model(**inputs, use_cache=True, **{self.cache_kw: cache})
@@ -239,17 +284,27 @@ class _Decoder:
         return self.head(out.last_hidden_state[:, -1, :]).float(), new_cache
 
     def __call__(self, inputs: dict, cache):
+        import copy
+
         direct = self.state.get("direct")
         if direct is None:  # first step ever: both ways, on copies of the cache, must agree
-            import copy
-
             want, full_cache = self._full(inputs, copy.deepcopy(cache))
             got, _ = self._direct(inputs, copy.deepcopy(cache))
             # The same kernels in the same order: equal up to float32 rounding (~1e-6 of logits of
             # size ~10); anything a head adds (soft-capping, scaling) differs by far more than 1e-4.
             self.state["direct"] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4))
             return want, full_cache
-        return self._direct(inputs, cache) if direct else self._full(inputs, cache)
+        if not direct:
+            return self._full(inputs, cache)
+        if inputs.get("attention_mask") is not None:  # left padding: the decoder builds the mask
+            return self._direct(inputs, cache)
+        layers = self.state.get("layers")
+        if layers is None:  # first step without a mask: the decoder and its parts must agree
+            want, direct_cache = self._direct(inputs, copy.deepcopy(cache))
+            got, _ = self._by_layers(inputs, copy.deepcopy(cache))
+            self.state["layers"] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4))
+            return want, direct_cache
+        return self._by_layers(inputs, cache) if layers else self._direct(inputs, cache)
 
 
 def _processors(generation_config, do_sample: bool) -> list:

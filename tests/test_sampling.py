@@ -219,7 +219,7 @@ def test_decode_steps_skip_the_wrapper_only_when_it_adds_nothing(tok, lm, monkey
     assert shared.generate(reqs, temperature=0, max_new_tokens=8) == plain.generate(
         reqs, temperature=0, max_new_tokens=8
     )
-    assert shared._decode_state == {"direct": True}
+    assert shared._decode_state == {"direct": True}  # every batch padded: the decoder builds the masks
 
     bias = torch.randn(lm.config.vocab_size, generator=torch.Generator().manual_seed(0))
     forward = type(lm).forward
@@ -234,6 +234,63 @@ def test_decode_steps_skip_the_wrapper_only_when_it_adds_nothing(tok, lm, monkey
     got = shared.generate(reqs, temperature=0, max_new_tokens=8)
     assert shared._decode_state == {"direct": False}
     assert got == plain.generate(reqs, temperature=0, max_new_tokens=8)
+
+
+@pytest.mark.parametrize(
+    "family,by_layers",
+    [("qwen2", True), ("gemma", True), ("tiny_qwen2_5_vl", True), ("tiny_qwen3_vl", True), ("mistral", False)],
+)
+def test_unpadded_decode_steps_run_the_decoder_parts_only_where_exact(tok, family, by_layers):
+    """Steps without padding (one request per batch) run the decoder's parts (embedding, rotary
+    embedding, layers, norm) once a first step agreed with the decoder: sampled tokens identical to
+    the decoder's way (the same kernels in the same order) and greedy ones equal to generate's.
+    Mistral's layers slide (never tried: what a step attends to changes with its position)."""
+    from arch_models import tiny_model
+
+    from srpo_trl import tiny
+
+    reqs = _requests()[:3]
+    if family.startswith("tiny_"):
+        model, processing_class = getattr(tiny, family)(0)
+        image = tiny.make_image(3, size=(56, 56))
+        reqs.append(GenerationRequest([{"role": "user", "content": "What is this?"}], images=[image]))
+    else:
+        model, processing_class = tiny_model(family, tok), tok
+    settings = dict(num_samples=4, temperature=0.8, max_new_tokens=12, seed=3)
+    parts = TransformersBackend(model, processing_class, batch_size=4, show_progress=False)
+    sampled = parts.generate(reqs, **settings)
+    assert parts._decode_state == {"direct": True, "layers": by_layers}
+    decoder = TransformersBackend(model, processing_class, batch_size=4, show_progress=False)
+    decoder._decode_state.update(direct=True, layers=False)
+    assert decoder.generate(reqs, **settings) == sampled
+    assert len({t for r in sampled for t in r}) > len(reqs)  # sampled, not one continuation per request
+    plain = TransformersBackend(model, processing_class, batch_size=1, show_progress=False, shared_prefix=False)
+    greedy = dict(temperature=0, max_new_tokens=12)
+    assert parts.generate(reqs, **greedy) == plain.generate(reqs, **greedy)
+
+
+def test_a_decoder_that_does_more_than_its_parts_keeps_its_forward(tok, monkeypatch):
+    """A decoder whose forward adds to what its parts compute (here it scales the last hidden state)
+    fails the first unpadded step's check: decode steps keep calling it, and greedy outputs still
+    equal generate's."""
+    from arch_models import tiny_model
+
+    model = tiny_model("qwen2", tok)
+    decoder_cls = type(model.get_decoder())
+    forward = decoder_cls.forward
+
+    def scaled(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.last_hidden_state = out.last_hidden_state * 1.5
+        return out
+
+    monkeypatch.setattr(decoder_cls, "forward", scaled)
+    reqs = _requests()[:3]
+    shared = TransformersBackend(model, tok, batch_size=1, show_progress=False)
+    plain = TransformersBackend(model, tok, batch_size=1, show_progress=False, shared_prefix=False)
+    greedy = dict(temperature=0, max_new_tokens=12)
+    assert shared.generate(reqs, **greedy) == plain.generate(reqs, **greedy)
+    assert shared._decode_state == {"direct": True, "layers": False}
 
 
 @pytest.mark.parametrize(
@@ -265,4 +322,4 @@ def test_other_families_greedy_equals_generate(tok, family):
     got = shared.generate(reqs, num_samples=2, temperature=0, max_new_tokens=10)
     assert got == plain.generate(reqs, num_samples=2, temperature=0, max_new_tokens=10)
     assert len({len(t) for r in got for t in r}) > 1
-    assert shared._decode_state == {"direct": family != "gemma2"}
+    assert shared._decode_state["direct"] == (family != "gemma2")
