@@ -256,11 +256,26 @@ class _Decoder:
             return None
         return layers, ("cache" if "cache" in params else "past_key_values")
 
-    def _by_layers(self, inputs: dict, cache):
+    def rotary_table(self, positions: torch.Tensor):
+        """(cos, sin) of a batch's every decode position at once ([rows, steps, dim]), for the
+        layers' way to slice per step; None where that way is off, or where the rotary embedding is
+        not the plain one (dynamic or long-context scaling depends on the positions seen). Each
+        entry is one product and a cos / sin, as a step computes it alone."""
+        if self.layers is None or self.state.get("direct") is False or self.state.get("layers") is False:
+            return None
+        rotary = self.decoder.rotary_emb
+        if getattr(rotary, "rope_type", "default") != "default":
+            return None
+        with torch.no_grad():
+            cos, sin = rotary(self.decoder.embed_tokens.weight[:0], positions)
+        rows, steps = positions.shape[-2:]
+        return (cos, sin) if cos.shape[:2] == (rows, steps) and sin.shape == cos.shape else None
+
+    def _by_layers(self, inputs: dict, cache, rotary=None):
         layers, cache_kw = self.layers
         dec, pos = self.decoder, inputs["position_ids"]
         hidden = dec.embed_tokens(inputs["input_ids"])
-        rotary = dec.rotary_emb(hidden, pos)
+        rotary = rotary if rotary is not None else dec.rotary_emb(hidden, pos)
         layer_pos = None if pos.ndim == 3 else pos  # 3-D (M-RoPE) positions stay with the rotary embedding
         for layer in layers:
             out = layer(
@@ -283,7 +298,8 @@ class _Decoder:
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return self.head(out.last_hidden_state[:, -1, :]).float(), new_cache
 
-    def __call__(self, inputs: dict, cache):
+    def __call__(self, inputs: dict, cache, rotary=None):
+        """``rotary``: this step's slice of :meth:`rotary_table`, used by the layers' way only."""
         import copy
 
         direct = self.state.get("direct")
@@ -301,10 +317,10 @@ class _Decoder:
         layers = self.state.get("layers")
         if layers is None:  # first step without a mask: the decoder and its parts must agree
             want, direct_cache = self._direct(inputs, copy.deepcopy(cache))
-            got, _ = self._by_layers(inputs, copy.deepcopy(cache))
+            got, _ = self._by_layers(inputs, copy.deepcopy(cache), rotary)
             self.state["layers"] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4))
             return want, direct_cache
-        return self._by_layers(inputs, cache) if layers else self._direct(inputs, cache)
+        return self._by_layers(inputs, cache, rotary) if layers else self._direct(inputs, cache)
 
 
 def _processors(generation_config, do_sample: bool) -> list:
@@ -412,6 +428,14 @@ def sample_shared_prefix(
         # needs no mask: building one every step costs as much as a small model's layer.
         padded = bool((mask == 0).any())
 
+        # Every decode step's positions (a step's own: real length + step, plus the row's M-RoPE
+        # delta) and, for the layers' way, their rotary embedding at once.
+        steps = torch.arange(max_new_tokens, device=device)
+        table = real.unsqueeze(-1) + steps
+        if rope is not None:
+            table = (table + deltas.unsqueeze(-1)).unsqueeze(0).expand(3, -1, -1)
+        rotary = step_fn.rotary_table(table)
+
         # Each row's uniforms for every step at once (a hash per row and step: see `uniforms`).
         draws = np.stack([_step_uniforms(keys, t) for t in range(max_new_tokens)], axis=1) if do_sample else None
         for step in range(max_new_tokens):
@@ -441,20 +465,19 @@ def sample_shared_prefix(
                 index = torch.tensor(keep_rows, device=device)
                 cache.reorder_cache(index)
                 mask, real, history, chosen = (t.index_select(0, index) for t in (mask, real, history, chosen))
-                deltas = deltas.index_select(0, index) if deltas is not None else None
+                table = table.index_select(-2, index)
+                rotary = tuple(t.index_select(0, index) for t in rotary) if rotary is not None else None
                 alive = [alive[i] for i in keep_rows]
                 padded = padded and bool((mask == 0).any())
             if padded:  # without padding no mask is passed (see above): nothing to extend
                 mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
             if needs_history:  # only the repetition penalty reads the history
                 history = torch.cat([history, chosen.unsqueeze(-1)], dim=1)
-            pos = (real + step).unsqueeze(-1)
-            if rope is not None:
-                pos = (pos + deltas.unsqueeze(-1)).unsqueeze(0).expand(3, -1, -1)
             inputs = {"input_ids": chosen.unsqueeze(-1), "attention_mask": mask if padded else None}
-            inputs["position_ids"] = pos
+            inputs["position_ids"] = table[..., step : step + 1]
+            here = tuple(t[:, step : step + 1] for t in rotary) if rotary is not None else None
             with torch.no_grad():
-                logits, cache = step_fn(inputs, cache)
+                logits, cache = step_fn(inputs, cache, here)
         del cache
         if on_batch is not None:
             on_batch()
