@@ -264,9 +264,21 @@ def test_unpadded_decode_steps_run_the_decoder_parts_only_where_exact(tok, famil
     decoder._decode_state.update(direct=True, layers=False)
     assert decoder.generate(reqs, **settings) == sampled
     assert len({t for r in sampled for t in r}) > len(reqs)  # sampled, not one continuation per request
+
+    # Samples stopping at different steps leave the batch (their rows of the rotary table with them).
+    ids = [parts.tokenizer(t, add_special_tokens=False)["input_ids"] for r in sampled for t in r]
+    stops = sorted({row[min(1 + i % 6, len(row) - 1)] for i, row in enumerate(ids) if row})
+    for backend in (parts, decoder):
+        backend._stop_ids = lambda req, images: stops
+    got = parts.generate(reqs, **settings)
+    assert got == decoder.generate(reqs, **settings)
+    assert any(len({len(t) for t in r}) > 1 for r in got)  # one request's samples stopped at different steps
+
+    one = TransformersBackend(model, processing_class, batch_size=1, show_progress=False)  # unpadded
     plain = TransformersBackend(model, processing_class, batch_size=1, show_progress=False, shared_prefix=False)
     greedy = dict(temperature=0, max_new_tokens=12)
-    assert parts.generate(reqs, **greedy) == plain.generate(reqs, **greedy)
+    assert one.generate(reqs, **greedy) == plain.generate(reqs, **greedy)
+    assert one._decode_state == {"direct": True, "layers": by_layers}
 
 
 def test_a_decoder_that_does_more_than_its_parts_keeps_its_forward(tok, monkeypatch):
