@@ -85,7 +85,25 @@ class SRPOConfig(DPOConfig):
             machine), said once in the log. `True` where the accelerator has no bf16 raises, unless
             `use_cpu=True` asks for bf16 autocast on the CPU. (TRL's `DPOConfig` defaults to `True` everywhere
             and fails on a CPU-only machine.)
+        activation_checkpointing (`bool`, *optional*): recompute activations in the backward pass to save
+            memory (about 20% slower). Unset, `True`: TRL's default, as `DPOConfig`'s
+            `gradient_checkpointing=True`, without the deprecation warning transformers 5 gives every
+            config built with the old name's default. Passing `gradient_checkpointing` still works (and warns).
     """
+
+    # TRL's configs default the old name to True, so transformers 5 warned on every SRPOConfig(); the
+    # old name defaults to unset here and the new one takes TRL's default in __post_init__.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass to save memory (about 20%% slower). "
+            "Unset: True (TRL's default)."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5); unset, that one decides."},
+    )
 
     srpo_lambda: float = field(
         default=0.3,
@@ -198,6 +216,8 @@ class SRPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         self.bf16 = self._resolve_bf16()
         if self.ref_logps_cache_dir is None:
             self.ref_logps_cache_dir = default_ref_logps_cache_dir()

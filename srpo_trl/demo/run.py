@@ -189,7 +189,7 @@ def _train_args(out: Path, name: str, steps: int, lr: float, budget: Budget, see
         max_length=None,
         seed=seed,
         data_seed=seed,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
