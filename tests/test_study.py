@@ -403,3 +403,48 @@ def test_record_images_are_rewritten_only_when_they_change(tmp_path):
         assert os.stat(p).st_mtime_ns == stamps[p] and os.stat(p).st_ino == inodes[p]  # untouched
     assert Image.open(paths[0]).size == (28, 28)
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(os.path.basename(p) for p in paths)  # no temp files
+
+
+def test_a_method_left_without_rows_is_named_not_trained_on_other_rows():
+    """Coverage 0.1 with 4 samples can leave no pair on a record with a reference (seed 104 of the
+    second run): the demo refuses, the study gets no NLL dataset and the reason, never the pairs."""
+    from srpo_trl import StepPairDataset
+    from srpo_trl.demo import run
+
+    explored = _explored()
+    explored[0]["reference_source"] = "sampled"  # no record keeps a given reference
+    explored[0]["points"][0]["continuations"] = [c for c in explored[0]["points"][0]["continuations"] if c["verified"]]
+    from srpo_trl.demo import regime
+
+    explored = regime.anchor_rows(explored)
+    pairs = StepPairDataset.from_exploration(explored, seed=0)
+    assert len(pairs) > 0 and not regime.reference_rows(pairs)
+    with pytest.raises(ValueError, match="no step pair carries a reference path"):
+        run.method_datasets(explored, pairs, ["srpo", "nll"])
+    datasets, info = run.method_datasets(explored, pairs, ["srpo", "nll"], allow_empty=True)
+    assert set(datasets) == {"srpo"} and info["nll_rows"] == 0
+    assert "no step pair carries a reference path" in info["empty"]["nll"]
+
+
+def test_summary_counts_an_arm_over_the_seeds_it_has_and_names_the_others(tmp_path, monkeypatch):
+    from srpo_trl.demo import study
+
+    def line(out_, cell, settings):
+        out = _fake_line(cell, settings, float(cell.seed))
+        if cell.seed == 2:  # this seed's cell had no NLL rows
+            del out["models"]["nll"]
+            out["train"] = {"nll": {"steps": 0, "rows": 0, "seconds": 0.0, "skipped": "NLL on references: no rows"}}
+        return out
+
+    monkeypatch.setattr(study, "run_cell", line)
+    out = tmp_path / "s"
+    assert study.main(["--grid", "coverage=0.1", "seeds=1-3", "--out", str(out), "--no-progress"]) == 0
+    cell = json.loads((out / "summary.json").read_text())["cells"][0]
+    nll = cell["metrics"]["attack_success"]["stats"]["nll"]
+    assert nll["n"] == 2 and nll["values"] == [3.0, 5.0]  # seeds 1 and 3: asr = seed + 2
+    assert cell["metrics"]["attack_success"]["stats"]["srpo"]["n"] == 3
+    assert cell["metrics"]["attack_success"]["srpo_minus"]["nll"]["n"] == 2  # paired on the seeds both have
+    assert cell["skipped"] == {"nll": {"seeds": [2], "reason": "NLL on references: no rows"}}
+    text = (out / "summary.md").read_text()
+    assert "(2 seeds)" in text
+    assert "NLL on reference paths (lambda 0) not trained in seed(s) 2: NLL on references: no rows" in text

@@ -322,6 +322,8 @@ def _rows(inputs: dict, which: str, unsafe: set):
     if which == "pairs":
         return inputs["pairs"]
     if which == "nll":
+        if "nll" not in inputs["datasets"]:
+            raise ValueError(inputs["rows_info"]["empty"]["nll"])
         return inputs["datasets"]["nll"]
     if which == "unsafe_pairs":
         rows = [dict(r) for r in inputs["pairs"] if r["id"] in unsafe]

@@ -359,27 +359,38 @@ def read_explored(path: Path) -> list[dict]:
     return regime.anchor_rows(_read_jsonl(path))
 
 
-def method_datasets(explored: list[dict], pairs, methods) -> tuple[dict[str, Any], dict[str, Any]]:
+def method_datasets(
+    explored: list[dict], pairs, methods, allow_empty: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each method's training rows from the same exploration: SRPO, Step-DPO and DPO the step pairs,
     NLL the pair rows that carry a reference, RFT every verifier-passed path and given reference.
-    Returns the datasets and what was built (counts)."""
+    Returns the datasets and what was built (counts). A method left without rows raises, or with
+    ``allow_empty`` (the study: one cell's data may leave one method nothing) has no dataset and its
+    reason under ``info["empty"][method]``."""
     from .. import StepPairDataset
     from . import regime
 
     datasets: dict[str, Any] = {m: pairs for m in methods if m in ("srpo", "dpo", "step_dpo")}
     info: dict[str, Any] = {}
+    empty: dict[str, str] = {}
     if "nll" in methods:
         rows = regime.reference_rows(pairs)
-        if not rows:
-            raise ValueError("NLL on references: no step pair carries a reference path; raise --reference-coverage")
-        datasets["nll"] = StepPairDataset.from_list(rows)
         info["nll_rows"] = len(rows)
+        if rows:
+            datasets["nll"] = StepPairDataset.from_list(rows)
+        else:
+            empty["nll"] = "NLL on references: no step pair carries a reference path; raise --reference-coverage"
     if "rft" in methods:
         rows, counts = regime.rft_rows(explored, other_answer)
-        if not rows:
-            raise ValueError(f"rejection-sampling fine-tuning: no verifier-passed path in the exploration ({counts})")
-        datasets["rft"] = StepPairDataset.from_list(rows)
         info["rft"] = {"rows": len(rows), **counts}
+        if rows:
+            datasets["rft"] = StepPairDataset.from_list(rows)
+        else:
+            empty["rft"] = f"rejection-sampling fine-tuning: no verifier-passed path in the exploration ({counts})"
+    if empty and not allow_empty:
+        raise ValueError("; ".join(empty.values()))
+    if empty:
+        info["empty"] = empty
     return datasets, info
 
 

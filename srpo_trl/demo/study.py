@@ -292,7 +292,7 @@ def cell_data(out: Path, cell: Cell, settings: Settings) -> dict[str, Any]:
     ]
     assert all(g["id"] == o["id"] for g, o in zip(state["explored"]["given"], state["explored"]["own"]))
     pairs = StepPairDataset.from_exploration(explored, max_pairs_per_point=budget.max_pairs_per_point, seed=cell.seed)
-    datasets, rows_info = run.method_datasets(explored, pairs, settings.methods)
+    datasets, rows_info = run.method_datasets(explored, pairs, settings.methods, allow_empty=True)
     return {
         "budget": budget,
         "state": state,
@@ -328,7 +328,13 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
     models, train = {}, {}
     run_ = run.evaluate_model(warm, processor, items, "warm", work, budget, cell.seed, False)
     models["warm"] = run.summarize_run(run_)
+    empty = rows_info.get("empty", {})
     for method, name, lam in arms:
+        if (
+            method in empty
+        ):  # reported in the line (train[name]["skipped"]) and the summary, never trained on other rows
+            train[name] = {"steps": 0, "rows": 0, "seconds": 0.0, "skipped": empty[method]}
+            continue
         torch.manual_seed(cell.seed)
         model, summary = run.train_method(
             method,
@@ -447,10 +453,28 @@ def summarize(lines: list[dict], methods: list[str]) -> dict[str, Any]:
             "seeds": sorted(g["cell"]["seed"] for g in group),
             "metrics": {},
         }
+        # An arm that had no rows in a seed's cell (train[name]["skipped"]) has no model there: its
+        # statistics are over the seeds it has, and the summary names the seeds it lacks.
+        entry["skipped"] = {
+            name: {
+                "seeds": [
+                    g["cell"]["seed"] for g in group if name in g.get("train", {}) and "skipped" in g["train"][name]
+                ],
+                "reason": next(
+                    g["train"][name]["skipped"] for g in group if "skipped" in g.get("train", {}).get(name, {})
+                ),
+            }
+            for name in dict.fromkeys(n for g in group for n, t in g.get("train", {}).items() if "skipped" in t)
+        }
+        names = list(dict.fromkeys(n for g in group for n in g["models"]))
         for key, _, lower in METRICS:
             stats = {}
-            for name in group[0]["models"]:
-                values = [g["models"][name][key]["pct"] for g in group if g["models"][name][key]["pct"] is not None]
+            for name in names:
+                values = [
+                    g["models"][name][key]["pct"]
+                    for g in group
+                    if name in g["models"] and g["models"][name][key]["pct"] is not None
+                ]
                 if values:
                     stats[name] = interval(values) | {"values": values}
             ranked = {m: stats[m] for m in methods if m in stats}
@@ -524,10 +548,12 @@ def summary_markdown(summary: dict) -> str:
                 s = c["metrics"][key]["stats"].get(name)
                 d = c["metrics"][key]["decision"]
                 text = "n/a" if s is None else f"{s['mean']:.1f} [{s['low']:.1f}, {s['high']:.1f}]"
+                if s is not None and s["n"] < len(c["seeds"]):
+                    text += f" ({s['n']} seeds)"
                 row.append(f"**{text}**" if d and d["winner"] == name else text)
             lines.append(f"| {_label(name)} | " + " | ".join(row) + " |")
         lines.append("")
-        for c in cells:
+        for c, label in zip(cells, head):
             d = c["metrics"][key]["decision"]
             if d:
                 verdict = (
@@ -536,14 +562,17 @@ def summary_markdown(summary: dict) -> str:
                     else f"no winner: {', '.join(_label(m) for m in d['tied'])} tie"
                 )
                 lines.append(
-                    f"- coverage {c['coverage']:g}: {verdict}; SRPO {c['metrics'][key]['srpo']} "
-                    f"(seeds {', '.join(map(str, c['seeds']))})"
+                    f"- {label}: {verdict}; SRPO {c['metrics'][key]['srpo']} (seeds {', '.join(map(str, c['seeds']))})"
+                )
+            for name, skip in c.get("skipped", {}).items():
+                lines.append(
+                    f"- {label}: {_label(name)} not trained in seed(s) {', '.join(map(str, skip['seeds']))}: {skip['reason']}"
                 )
         lines.append("")
         lines += [
             "SRPO minus each method, paired by seed (exploratory, not part of the rule): mean [95% interval]",
             "",
-            "| SRPO minus | " + " | ".join(f"coverage {c['coverage']:g}" for c in cells) + " |",
+            "| SRPO minus | " + " | ".join(head) + " |",
             "|---" * (len(cells) + 1) + "|",
         ]
         for m in summary["methods"]:
