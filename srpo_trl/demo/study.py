@@ -364,7 +364,7 @@ def run_cell(out: Path, cell: Cell, settings: Settings) -> dict:
             "records_own_path": sum(1 for e in explored if e.get("reference_source") == "sampled"),
             "records_no_path": sum(1 for e in explored if e.get("status") == "no_reference"),
             "pairs": len(pairs),
-            "pairs_with_reference": sum(1 for r in pairs if r["reference"]),
+            "pairs_with_reference": sum(1 for r in pairs if r.get("reference")),
             "pairs_from_unsafe": sum(1 for i in pairs["id"] if i in unsafe),
             "pair_report": pairs.report,
             "method_rows": rows_info,
