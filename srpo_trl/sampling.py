@@ -131,8 +131,9 @@ def _stream_keys(seed: int, request: np.ndarray, sample: np.ndarray) -> np.ndarr
     return _splitmix(h ^ np.asarray(sample, dtype=np.uint64))
 
 
-def _step_uniforms(keys: np.ndarray, step: int) -> np.ndarray:
-    h = _splitmix(keys ^ np.uint64(step))
+def _step_uniforms(keys: np.ndarray, step) -> np.ndarray:
+    """``step``: an int, or an array broadcasting against ``keys`` (every step of every key at once)."""
+    h = _splitmix(keys ^ np.asarray(step, dtype=np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
 
 
@@ -350,6 +351,7 @@ def _processors(generation_config, do_sample: bool) -> list:
     return out
 
 
+@torch.no_grad()
 def sample_shared_prefix(
     model: Any,
     encoded: list[dict],
@@ -399,8 +401,7 @@ def sample_shared_prefix(
             rope.rope_deltas = None  # never a stale value of an earlier call
         if not (rope is not None and has_vision):  # 3-D RoPE with images: the model computes its positions
             kwargs["position_ids"] = positions
-        with torch.no_grad():
-            out = model(**kwargs, use_cache=True, **keep)
+        out = model(**kwargs, use_cache=True, **keep)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         deltas = None
         if rope is not None:
@@ -437,14 +438,15 @@ def sample_shared_prefix(
         rotary = step_fn.rotary_table(table)
 
         # Each row's uniforms for every step at once (a hash per row and step: see `uniforms`).
-        draws = np.stack([_step_uniforms(keys, t) for t in range(max_new_tokens)], axis=1) if do_sample else None
+        steps_u = np.arange(max_new_tokens, dtype=np.uint64)
+        draws = torch.from_numpy(_step_uniforms(keys[:, None], steps_u[None, :])) if do_sample else None
         for step in range(max_new_tokens):
             scores = logits
             for processor in processors:
                 scores = processor(history, scores)
             if do_sample:
                 probs = torch.softmax(scores, dim=-1)
-                u = torch.from_numpy(draws[alive, step])
+                u = draws[:, step]  # the rows still decoding (draws leaves the batch with them)
                 chosen = inverse_cdf(probs, u)
             else:
                 chosen = scores.argmax(dim=-1)
@@ -466,6 +468,7 @@ def sample_shared_prefix(
                 cache.reorder_cache(index)
                 mask, real, history, chosen = (t.index_select(0, index) for t in (mask, real, history, chosen))
                 table = table.index_select(-2, index)
+                draws = draws[keep_rows] if draws is not None else None  # on the CPU, as the hash made them
                 rotary = tuple(t.index_select(0, index) for t in rotary) if rotary is not None else None
                 alive = [alive[i] for i in keep_rows]
                 padded = padded and bool((mask == 0).any())
@@ -476,8 +479,7 @@ def sample_shared_prefix(
             inputs = {"input_ids": chosen.unsqueeze(-1), "attention_mask": mask if padded else None}
             inputs["position_ids"] = table[..., step : step + 1]
             here = tuple(t[:, step : step + 1] for t in rotary) if rotary is not None else None
-            with torch.no_grad():
-                logits, cache = step_fn(inputs, cache, here)
+            logits, cache = step_fn(inputs, cache, here)
         del cache
         if on_batch is not None:
             on_batch()
