@@ -448,3 +448,12 @@ def test_summary_counts_an_arm_over_the_seeds_it_has_and_names_the_others(tmp_pa
     text = (out / "summary.md").read_text()
     assert "(2 seeds)" in text
     assert "NLL on reference paths (lambda 0) not trained in seed(s) 2: NLL on references: no rows" in text
+
+
+def test_a_summary_without_finished_cells_says_so_instead_of_empty_tables(tmp_path):
+    from srpo_trl.demo import study
+
+    study.write_summary(tmp_path, [], ["srpo", "nll"], expected_cells=1)
+    text = (tmp_path / "summary.md").read_text()
+    assert text.startswith("# Study results (PARTIAL: 0 of 1 cells)")
+    assert "No cell has finished yet" in text and "| model |" not in text

@@ -637,7 +637,10 @@ def write_summary(
         if expected_cells is None or len(lines) >= expected_cells
         else f"PARTIAL: {len(lines)} of {expected_cells} cells"
     )
-    md = f"# Study results ({status})\n\n" + summary_markdown(summary)
+    body = (
+        summary_markdown(summary) if lines else "No cell has finished yet (see failures.jsonl for any that failed).\n"
+    )
+    md = f"# Study results ({status})\n\n" + body
     (out / "summary.md").write_text(md, encoding="utf-8")
     paths = {"summary": out / "summary.md", "summary_json": out / "summary.json"}
     combos = sorted({(c["noise"], c["samples"]) for c in summary["cells"]})
