@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import ROWS, hand_ids, make_trainer
 
+from srpo_trl.cli import study as cli_study
 from srpo_trl.demo import diagnose
 from srpo_trl.demo import task as T
 from srpo_trl.demo.run import clone_model  # a deepcopy would keep TRL's forward closure (the original's)
@@ -325,7 +326,7 @@ def test_diagnosis_resumes_and_reports_the_2x2(tmp_path, monkeypatch, capsys):
     first = study.grid_cells(study.parse_grid(argv[1:3], False))[0]
     (out / "diagnosis.jsonl").write_text(json.dumps(fake_cell(out, first, settings)) + "\n")  # seed 1 done
     ran.clear()
-    assert study.main(argv + ["--diagnose"]) == 0
+    assert cli_study.main(argv + ["--diagnose"]) == 0  # srpo-trl study --diagnose
     assert ran == [2, 3]  # seed 1 was in diagnosis.jsonl already
     text = (out / "diagnosis.md").read_text()
     # all pairs: srpo (10 s + 1) - lambda 0 (10 s + 2) = -1; unsafe-only: (10 s - 4) - 10 s = -4; interaction -3
@@ -364,3 +365,17 @@ def test_diagnosis_arms_complete_the_2x2_and_prefer_their_own_evaluation():
     row = next(x for x in diagnose.arms_table([line], study_lines).splitlines() if "attack_success" in x)
     assert row.startswith("| 1 | attack_success | 30.0 [30.0, 30.0] | 20.0 [20.0, 20.0] | 10.0")
     assert "| +10.0 [+10.0, +10.0] | +0.0 [+0.0, +0.0] | -10.0 [-10.0, -10.0] | 1 |" in row
+
+
+def test_srpo_trl_study_routes_the_diagnosis_flags_to_the_diagnosis(monkeypatch, tmp_path):
+    """The diagnosis imports the study, not the reverse (tests/test_packaging.py forbids cycles):
+    `srpo-trl study --diagnose / --audit-only` dispatches in srpo_trl.cli.study, and the study's
+    own main refuses them with a message instead of running the grid."""
+    from srpo_trl.demo import study
+
+    seen = []
+    monkeypatch.setattr(diagnose, "cli", lambda argv: seen.append(argv) or 0)
+    argv = ["--out", str(tmp_path / "s"), "--audit-only", "--grid", "coverage=1", "seeds=1"]
+    assert cli_study.main(argv) == 0 and seen == [argv]
+    with pytest.raises(SystemExit, match="diagnose"):
+        study.main(argv)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
+    if {"--diagnose", "--audit-only"} & set(argv or []):  # the diagnosis imports the study, not the reverse
+        from ..demo import diagnose
+
+        return int(diagnose.cli(argv) or 0)
     from ..demo import study
 
     return int(study.main(argv) or 0)

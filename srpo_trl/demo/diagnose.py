@@ -627,8 +627,17 @@ def write_diagnosis(out: Path, lines: list[dict], audits: dict[str, dict], study
     return path
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``srpo-trl study --diagnose`` / ``--audit-only``: the study's arguments, then :func:`main`."""
+    from . import study
+
+    args = study.build_parser().parse_args(argv)
+    out, cells, settings, _ = study.setup(args)
+    return main(out, cells, settings, args.audit_only, not args.no_progress, args.evaluate_replays)
+
+
 def main(out: Path, cells: list, settings, audit_only: bool, progress: bool, evaluate_replays: bool = False) -> int:
-    """``srpo-trl study --diagnose`` / ``--audit-only`` over ``cells`` (called by :func:`study.main`)."""
+    """The diagnosis (or with ``audit_only`` the pair audit alone) over ``cells`` of the study in ``out``."""
     from tqdm.auto import tqdm
 
     from . import study

@@ -706,9 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def setup(args: argparse.Namespace) -> tuple[Path, list[Cell], Settings, dict]:
+    """The output folder (created), the grid's cells, the settings and the grid of parsed
+    ``srpo-trl study`` arguments: the study's and the diagnosis's (srpo_trl/demo/diagnose.py) start."""
     if args.jobs < 1:
         raise SystemExit(f"srpo-trl study: --jobs must be at least 1, got {args.jobs}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -729,12 +729,20 @@ def main(argv=None) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    cells = grid_cells(grid)
-    if args.diagnose or args.audit_only:
-        from . import diagnose
+    return out, grid_cells(grid), settings, grid
 
-        return diagnose.main(out, cells, settings, args.audit_only, not args.no_progress, args.evaluate_replays)
+
+def main(argv=None) -> int:
+    """The grid (``--diagnose`` and ``--audit-only`` are the diagnosis's, which ``srpo-trl study``
+    dispatches to srpo_trl/demo/diagnose.py: this module does not import it)."""
+    args = build_parser().parse_args(argv)
+    if args.diagnose or args.audit_only:
+        raise SystemExit(
+            "srpo-trl study: --diagnose / --audit-only run through srpo_trl.demo.diagnose.cli (srpo-trl study)"
+        )
+    out, cells, settings, grid = setup(args)
+    overrides = QUICK_BUDGET if args.quick else BUDGETS[args.budget][0]
+    results = out / "results.jsonl"
     done = read_results(results, settings, repair=not args.summarize)
     done_keys = {line["key"] for line in done}
     todo = [c for c in cells if c.key not in done_keys]
