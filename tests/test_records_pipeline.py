@@ -424,6 +424,25 @@ def test_second_run_on_the_same_files_is_refused(openai_server, images, tmp_path
     assert not out.exists()
 
 
+def test_a_symlink_to_the_output_is_the_same_output(openai_server, images, tmp_path):
+    """A run on a symlink to records.jsonl takes the real file's lock and side files (before: its
+    own lock beside the link, so two runs at once both wrote every id)."""
+    import fcntl
+
+    openai_server.handler = Agents()
+    out = tmp_path / "records.jsonl"
+    out.touch()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    assert output_paths(link) == output_paths(out)
+    with open(output_paths(out)["lock"], "w") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # a run on the file holds it
+        with pytest.raises(RuntimeError, match="another generate-records run"):
+            run(openai_server, images, link)
+    run(openai_server, images, link)
+    assert link.is_symlink() and read_lines(out) and not (tmp_path / "link.journal.jsonl").exists()
+
+
 def test_workers_process_images_concurrently_without_duplicates(openai_server, images, tmp_path):
     from PIL import Image
 

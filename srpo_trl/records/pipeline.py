@@ -157,7 +157,9 @@ def plan_items(images: list[Path], images_dir: str | os.PathLike, per_image: int
 
 
 def output_paths(out: str | os.PathLike) -> dict[str, Path]:
-    out = Path(out)
+    """The records file and its side files (failed items, journal, summary, lock), beside the file a
+    symlink points to: one output, one lock, whatever the spelling (as `explore`)."""
+    out = store.real_path(out)
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
     return {
         "records": out,
