@@ -34,8 +34,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from . import collectives, cost, store
 from . import contract as _contract
-from . import cost, store
 from .backends import BackendError, GenerationRequest, load_image
 from .contract import RecordError
 from .endpoint import PreflightError
@@ -636,7 +636,7 @@ def explore(
         fingerprint_extra,
     )
     multi = world_size > 1
-    group = _process_group() if multi and not simulated else None
+    group = collectives.gloo_group() if multi and not simulated else None
     my_file = shard_path(out, rank, world_size) if multi else out
     real = store.real_path(out)  # a symlink to the output is the same output: one lock, one fingerprint
     with contextlib.ExitStack() as locks:
@@ -768,7 +768,7 @@ def _explore_into(
         if rank != 0:
             if group is not None:  # wait for rank 0's merge, so that `out` is complete when we return
                 _wait_for(lambda: _marker_token(merged_marker) == token, "the merge by rank 0", merge_poll_s)
-                _barrier(group)  # rank 0 removes the marker once every rank has seen it
+                collectives.barrier(group)  # rank 0 removes the marker once every rank has seen it
             return {"rank": rank, **counts, "shard": str(my_file)}
         shards = [shard_path(out, r, world_size) for r in range(world_size)]
         _wait_for(
@@ -784,7 +784,7 @@ def _explore_into(
         merge_shards(out, order=[rec["id"] for rec in recs])
         if group is not None:  # the other ranks wait for this marker, then meet rank 0 at a barrier
             merged_marker.write_text(token)
-            _barrier(group)
+            collectives.barrier(group)
             merged_marker.unlink(missing_ok=True)
 
     results = _read_output(out, repair=False)
@@ -825,30 +825,6 @@ def _marker_token(path: Path) -> str | None:
         except ValueError:
             return None
     return text
-
-
-def _barrier(group) -> None:
-    import torch.distributed as dist
-
-    dist.barrier(group=group)
-
-
-def _process_group():
-    """A gloo process group for the few collectives exploration needs (works beside NCCL), or None
-    when the processes were not started by a launcher (no MASTER_ADDR)."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return None
-    if not dist.is_initialized():
-        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-            return None
-        from datetime import timedelta
-
-        dist.init_process_group(backend="gloo", timeout=timedelta(hours=12))
-    if dist.get_backend() == "gloo":
-        return dist.group.WORLD
-    return dist.new_group(backend="gloo")
 
 
 def _broadcast_token(group) -> str:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import store
+from .. import collectives, store
 from .judges import Judge
 from .schema import EvalItem, EvalVerdict, ItemResult, RunResult
 
@@ -175,30 +175,6 @@ def launch_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _process_group():
-    """A gloo group for the two barriers of a sharded evaluation (beside NCCL, if any), or None when
-    no launcher set MASTER_ADDR / MASTER_PORT (ranks given by hand, run one after the other)."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return None
-    if not dist.is_initialized():
-        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-            return None
-        from datetime import timedelta
-
-        # the other ranks wait at the barrier while the slowest one generates: hours, not the 30 min default
-        dist.init_process_group(backend="gloo", timeout=timedelta(hours=12))
-    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-
-def _barrier(group) -> None:
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.barrier(group=group)
-
-
 def run_settings(
     items: Sequence[EvalItem], judge: Judge, config: EvalConfig, label: str, model_info: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -287,7 +263,7 @@ def evaluate(
         raise ValueError("several processes need a state folder (state_dir / --out) to share the items")
     # several processes, or one that finishes what several left in their shards
     if world_size > 1 or (state_dir is not None and _shards(Path(state_dir))):
-        group = None if given or world_size == 1 else _process_group()
+        group = None if given or world_size == 1 else collectives.gloo_group()
         return _run_sharded(
             items,
             backend,
@@ -320,7 +296,7 @@ def _run_sharded(
     if rank == 0 and overwrite:
         for path in [merged, *_shards(state_dir)]:
             path.unlink(missing_ok=True)
-    _barrier(group)  # nobody reads before rank 0 has cleared an --overwrite
+    collectives.barrier(group)  # nobody reads before rank 0 has cleared an --overwrite
     with contextlib.ExitStack() as locks:
         if rank == 0:
             locks.enter_context(store.output_lock(lock_path(state_dir), "evaluate", merged))
@@ -335,10 +311,10 @@ def _run_sharded(
         run = _run(
             items, backend, judge, config, label, settings, state, progress, owned=lambda b: b % world_size == rank
         )
-        _barrier(group)  # every shard is complete
+        collectives.barrier(group)  # every shard is complete
         if rank == 0:
             run = _merge(state_dir, items, settings, label)
-        _barrier(group)  # the merged file is written: every rank may return
+        collectives.barrier(group)  # the merged file is written: every rank may return
     return run
 
 
