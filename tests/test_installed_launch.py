@@ -14,10 +14,10 @@ import os
 import subprocess
 import sys
 import sysconfig
-import tarfile
 from pathlib import Path
 
 import pytest
+from test_packaging import _build, unpacked_sdist
 
 from srpo_trl.tiny import build_tokenizer, tiny_causal_lm
 
@@ -36,21 +36,11 @@ ROWS = [
 ]
 
 
-def _build(kind: str, source: Path, out: Path) -> Path:
-    code = f"import sys; from setuptools import build_meta; print(build_meta.build_{kind}(sys.argv[1]))"
-    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=source, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out / done.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict:
     """A fresh venv holding the wheel (and only the wheel) of srpo-trl: its paths."""
     root = tmp_path_factory.mktemp("installed")
-    sdist = _build("sdist", REPO, root)
-    with tarfile.open(sdist) as tar:
-        tar.extractall(root / "src", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    (source,) = (root / "src").iterdir()
+    source = unpacked_sdist(root)
     wheel = _build("wheel", source, root)
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

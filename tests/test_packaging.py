@@ -183,15 +183,19 @@ def _build(kind: str, source: Path, out: Path) -> Path:
     return out / done.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
-def sdist(tmp_path_factory) -> Path:
-    """The sdist built from this checkout, unpacked: its root folder."""
-    out = tmp_path_factory.mktemp("dist")
+def unpacked_sdist(out: Path) -> Path:
+    """The sdist of this checkout, built into ``out`` and unpacked there: its root folder."""
     archive = _build("sdist", REPO, out)
     with tarfile.open(archive) as tar:
         tar.extractall(out / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     (root,) = (out / "unpacked").iterdir()
     return root
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory) -> Path:
+    """The sdist built from this checkout, unpacked: its root folder."""
+    return unpacked_sdist(tmp_path_factory.mktemp("dist"))
 
 
 def _files(root: Path, folder: str) -> set[str]:
