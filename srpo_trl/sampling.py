@@ -252,8 +252,10 @@ class _Decoder:
         if types is None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
             return None
         layers = list(dec.layers)
-        params = inspect.signature(type(layers[0]).forward).parameters if layers else {}
-        if not layers or "position_embeddings" not in params:
+        if not layers:
+            return None
+        params = inspect.signature(type(layers[0]).forward).parameters
+        if "position_embeddings" not in params:
             return None
         return layers, ("cache" if "cache" in params else "past_key_values")
 
@@ -267,8 +269,7 @@ class _Decoder:
         rotary = self.decoder.rotary_emb
         if getattr(rotary, "rope_type", "default") != "default":
             return None
-        with torch.no_grad():
-            cos, sin = rotary(self.decoder.embed_tokens.weight[:0], positions)
+        cos, sin = rotary(self.decoder.embed_tokens.weight[:0], positions)  # under sample_shared_prefix's no_grad
         rows, steps = positions.shape[-2:]
         return (cos, sin) if cos.shape[:2] == (rows, steps) and sin.shape == cos.shape else None
 
@@ -299,28 +300,31 @@ class _Decoder:
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return self.head(out.last_hidden_state[:, -1, :]).float(), new_cache
 
-    def __call__(self, inputs: dict, cache, rotary=None):
-        """``rotary``: this step's slice of :meth:`rotary_table`, used by the layers' way only."""
+    def _check(self, key: str, longer, shorter, cache):
+        """Run a step both ways on copies of the cache; ``state[key]``: whether they agree. The same
+        kernels in the same order agree up to float32 rounding (~1e-6 of logits of size ~10); anything
+        the skipped code adds (soft-capping, scaling) differs by far more than 1e-4."""
         import copy
 
+        want, new_cache = longer(copy.deepcopy(cache))
+        got, _ = shorter(copy.deepcopy(cache))
+        self.state[key] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4))
+        return want, new_cache
+
+    def __call__(self, inputs: dict, cache, rotary=None):
+        """``rotary``: this step's slice of :meth:`rotary_table`, used by the layers' way only."""
         direct = self.state.get("direct")
-        if direct is None:  # first step ever: both ways, on copies of the cache, must agree
-            want, full_cache = self._full(inputs, copy.deepcopy(cache))
-            got, _ = self._direct(inputs, copy.deepcopy(cache))
-            # The same kernels in the same order: equal up to float32 rounding (~1e-6 of logits of
-            # size ~10); anything a head adds (soft-capping, scaling) differs by far more than 1e-4.
-            self.state["direct"] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4))
-            return want, full_cache
+        if direct is None:  # first step ever: the model and its decoder + head must agree
+            return self._check("direct", lambda c: self._full(inputs, c), lambda c: self._direct(inputs, c), cache)
         if not direct:
             return self._full(inputs, cache)
         if inputs.get("attention_mask") is not None:  # left padding: the decoder builds the mask
             return self._direct(inputs, cache)
         layers = self.state.get("layers")
         if layers is None:  # first step without a mask: the decoder and its parts must agree
-            want, direct_cache = self._direct(inputs, copy.deepcopy(cache))
-            got, _ = self._by_layers(inputs, copy.deepcopy(cache), rotary)
-            self.state["layers"] = bool(torch.allclose(want, got, rtol=1e-4, atol=1e-4))
-            return want, direct_cache
+            return self._check(
+                "layers", lambda c: self._direct(inputs, c), lambda c: self._by_layers(inputs, c, rotary), cache
+            )
         return self._by_layers(inputs, cache, rotary) if layers else self._direct(inputs, cache)
 
 
@@ -466,7 +470,7 @@ def sample_shared_prefix(
             if len(keep_rows) < len(alive):  # finished rows leave the batch
                 index = torch.tensor(keep_rows, device=device)
                 cache.reorder_cache(index)
-                mask, real, history, chosen = (t.index_select(0, index) for t in (mask, real, history, chosen))
+                mask, history, chosen = (t.index_select(0, index) for t in (mask, history, chosen))
                 table = table.index_select(-2, index)
                 draws = draws[keep_rows] if draws is not None else None  # on the CPU, as the hash made them
                 rotary = tuple(t.index_select(0, index) for t in rotary) if rotary is not None else None
