@@ -455,17 +455,12 @@ def summarize(lines: list[dict], methods: list[str]) -> dict[str, Any]:
         }
         # An arm that had no rows in a seed's cell (train[name]["skipped"]) has no model there: its
         # statistics are over the seeds it has, and the summary names the seeds it lacks.
-        entry["skipped"] = {
-            name: {
-                "seeds": [
-                    g["cell"]["seed"] for g in group if name in g.get("train", {}) and "skipped" in g["train"][name]
-                ],
-                "reason": next(
-                    g["train"][name]["skipped"] for g in group if "skipped" in g.get("train", {}).get(name, {})
-                ),
-            }
-            for name in dict.fromkeys(n for g in group for n, t in g.get("train", {}).items() if "skipped" in t)
-        }
+        entry["skipped"] = {}
+        for g in group:  # seed order
+            for name, trained in g.get("train", {}).items():
+                if "skipped" in trained:
+                    skip = entry["skipped"].setdefault(name, {"seeds": [], "reason": trained["skipped"]})
+                    skip["seeds"].append(g["cell"]["seed"])
         names = list(dict.fromkeys(n for g in group for n in g["models"]))
         for key, _, lower in METRICS:
             stats = {}
